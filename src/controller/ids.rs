@@ -1,0 +1,138 @@
+//! Subscription ids: cluster-unique integers, never reused, reserved in blocks from one
+//! counter ConfigMap with optimistic concurrency (the write carries the resourceVersion
+//! that was read, so two allocators can never reserve the same block).
+
+use super::Error;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, PostParams};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use tokio::sync::Mutex;
+
+/// Key of the counter ConfigMap holding the next id that no allocator has reserved.
+pub const NEXT_ID_KEY: &str = "next";
+
+pub struct IdAllocator {
+    api: Api<ConfigMap>,
+    name: String,
+    block_size: i64,
+    state: Mutex<Reserved>,
+}
+
+#[derive(Default)]
+struct Reserved {
+    block: Range<i64>,
+    /// Ids handed out but never written (their status write lost a race); safe to hand
+    /// out again because the counter reserved them for this allocator alone.
+    returned: Vec<i64>,
+}
+
+/// The block `[start, start + block_size)` to reserve and the counter's new value, given
+/// the counter's current value (absent when the counter does not exist yet) and `floor`,
+/// one above the highest id seen on any subscription: a deleted or rolled-back counter
+/// can then never hand out an id again.
+pub fn next_block(current: Option<&str>, floor: i64, block_size: i64) -> Result<(i64, i64), String> {
+    let next = match current {
+        None => 1,
+        Some(text) => text
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| format!("{NEXT_ID_KEY}={text:?} is not a positive integer"))?,
+    };
+    let start = next.max(floor).max(1);
+    Ok((start, start + block_size))
+}
+
+impl IdAllocator {
+    pub fn new(api: Api<ConfigMap>, name: String, block_size: u32) -> Self {
+        IdAllocator { api, name, block_size: i64::from(block_size.max(1)), state: Mutex::default() }
+    }
+
+    /// A fresh id, at least `floor`.
+    pub async fn next_id(&self, floor: i64) -> Result<i64, Error> {
+        let mut state = self.state.lock().await;
+        if let Some(id) = state.returned.pop() {
+            return Ok(id);
+        }
+        if state.block.is_empty() || state.block.start < floor {
+            state.block = self.reserve(floor).await?;
+        }
+        let id = state.block.start;
+        state.block.start += 1;
+        Ok(id)
+    }
+
+    /// Takes back an id whose status write did not happen.
+    pub async fn give_back(&self, id: i64) {
+        self.state.lock().await.returned.push(id);
+    }
+
+    async fn reserve(&self, floor: i64) -> Result<Range<i64>, Error> {
+        let name = &self.name;
+        loop {
+            let current = self
+                .api
+                .get_opt(name)
+                .await
+                .map_err(|source| Error::ReadIdCounter { name: name.clone(), source })?;
+            let value = current.as_ref().and_then(|cm| cm.data.as_ref()?.get(NEXT_ID_KEY).cloned());
+            let (start, next) = next_block(value.as_deref(), floor, self.block_size)
+                .map_err(|reason| Error::CorruptIdCounter { name: name.clone(), reason })?;
+            let data = BTreeMap::from([(NEXT_ID_KEY.to_string(), next.to_string())]);
+            let written = match current {
+                None => {
+                    let counter = ConfigMap {
+                        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                        data: Some(data),
+                        ..Default::default()
+                    };
+                    self.api.create(&PostParams::default(), &counter).await
+                }
+                Some(mut counter) => {
+                    // `replace` sends the resourceVersion we read: a concurrent reservation
+                    // makes this fail with 409 and we read again.
+                    counter.data = Some(data);
+                    self.api.replace(name, &PostParams::default(), &counter).await
+                }
+            };
+            match written {
+                Ok(_) => {
+                    tracing::debug!(counter = %name, start, end = next, "reserved subscription ids");
+                    return Ok(start..next);
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(source) => return Err(Error::ReserveIds { name: name.clone(), source }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_block;
+
+    #[test]
+    fn first_block_starts_at_one() {
+        assert_eq!(next_block(None, 0, 10), Ok((1, 11)));
+    }
+
+    #[test]
+    fn block_follows_the_counter() {
+        assert_eq!(next_block(Some("41"), 0, 10), Ok((41, 51)));
+    }
+
+    #[test]
+    fn floor_wins_over_a_counter_that_went_back() {
+        // Ids up to 99 exist on subscriptions; a recreated counter says 1.
+        assert_eq!(next_block(Some("1"), 100, 5), Ok((100, 105)));
+        assert_eq!(next_block(None, 100, 5), Ok((100, 105)));
+    }
+
+    #[test]
+    fn a_corrupt_counter_is_an_error_not_a_restart_from_one() {
+        assert!(next_block(Some("banana"), 0, 10).is_err());
+        assert!(next_block(Some("-4"), 0, 10).is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! The EventSubscription controller: validates each subscription, decides its id once,
+//! mirrors the id label, and writes `Ready` and the other status fields by server-side
+//! apply, only when they changed.
+
+pub mod ids;
+pub mod status;
+pub mod verdict;
+
+use crate::FIELD_MANAGER;
+use crate::config::Config;
+use crate::crd::{EventSubscription, EventSubscriptionStatus, SUBSCRIPTION_ID_LABEL};
+use crate::effective::{Effective, Invalid};
+use futures::{StreamExt, future::BoxFuture};
+use ids::IdAllocator;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading id counter {name}: {source}")]
+    ReadIdCounter { name: String, source: kube::Error },
+    #[error("id counter {name} is corrupt: {reason}")]
+    CorruptIdCounter { name: String, reason: String },
+    #[error("reserving ids from counter {name}: {source}")]
+    ReserveIds { name: String, source: kube::Error },
+    #[error("writing status of {name}: {source}")]
+    WriteStatus { name: String, source: kube::Error },
+    #[error("re-reading {name} after a conflicting status write: {source}")]
+    Reread { name: String, source: kube::Error },
+    #[error("writing the id label of {name}: {source}")]
+    WriteLabel { name: String, source: kube::Error },
+    #[error("the namespace cache stopped")]
+    NamespaceCacheStopped,
+}
+
+impl Error {
+    /// Short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::ReadIdCounter { .. } => "read_id_counter",
+            Error::CorruptIdCounter { .. } => "corrupt_id_counter",
+            Error::ReserveIds { .. } => "reserve_ids",
+            Error::WriteStatus { .. } => "write_status",
+            Error::Reread { .. } => "reread",
+            Error::WriteLabel { .. } => "write_label",
+            Error::NamespaceCacheStopped => "namespace_cache_stopped",
+        }
+    }
+}
+
+/// Everything reconcile needs; tests build their own.
+pub struct Context {
+    pub client: Client,
+    pub config: Arc<Config>,
+    /// Every EventSubscription in the cluster (the controller's own cache).
+    pub subscriptions: Store<EventSubscription>,
+    /// Every Namespace, for the tenancy label.
+    pub namespaces: Store<Namespace>,
+    pub ids: IdAllocator,
+    pub recorder: Recorder,
+    /// Consecutive reconcile failures per object, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<EventSubscription>, u32>>,
+}
+
+/// Builds the controller. Returns its context (whose caches the HTTP API reads too) and
+/// the future that runs it until `shutdown` is cancelled.
+pub fn build(client: Client, config: Arc<Config>, shutdown: CancellationToken) -> (Arc<Context>, BoxFuture<'static, ()>) {
+    let subscriptions_api = Api::<EventSubscription>::all(client.clone());
+    let controller = Controller::new(subscriptions_api.clone(), watcher::Config::default().any_semantic());
+    let subscriptions = controller.store();
+
+    // Namespace labels decide tenancy: one cache, and a change re-reconciles the
+    // subscriptions in that namespace.
+    let (namespaces, namespace_writer) = reflector::store::<Namespace>();
+    let by_namespace = subscriptions.clone();
+    let namespace_triggers = reflector::reflector(
+        namespace_writer,
+        watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default().any_semantic()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|ns| async move { ns.ok() })
+    .flat_map(move |ns| {
+        let name = ns.name_any();
+        let refs: Vec<_> = by_namespace
+            .state()
+            .iter()
+            .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect();
+        futures::stream::iter(refs)
+    });
+
+    // A change to one subscription can free or take a name another one wants.
+    let by_name = subscriptions.clone();
+    let controller = controller
+        .reconcile_on(namespace_triggers)
+        .watches(subscriptions_api, watcher::Config::default().any_semantic(), move |changed| {
+            name_contenders(&by_name, &changed)
+        });
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.instance.clone()) },
+    );
+    let ids = IdAllocator::new(
+        Api::<ConfigMap>::namespaced(client.clone(), &config.namespace),
+        config.controller.id_counter.clone(),
+        config.controller.id_block_size,
+    );
+    let ctx = Arc::new(Context {
+        client,
+        config,
+        subscriptions,
+        namespaces,
+        ids,
+        recorder,
+        failures: Mutex::default(),
+    });
+    let run_ctx = ctx.clone();
+    let run = async move {
+        controller
+            .graceful_shutdown_on(async move { shutdown.cancelled().await })
+            .run(reconcile, error_policy, run_ctx)
+            .for_each(|result| async move {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "reconcile did not complete");
+                }
+            })
+            .await;
+        tracing::info!("controller stopped");
+    };
+    (ctx, Box::pin(run))
+}
+
+/// Subscriptions whose name verdict may change because `changed` changed: those sharing
+/// its (account, name), and those currently refused as duplicates (the changed one may
+/// have been renamed away from their name).
+fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription) -> Vec<ObjectRef<EventSubscription>> {
+    let effective = Effective::from_spec(&changed.spec);
+    store
+        .state()
+        .iter()
+        .filter(|s| s.uid() != changed.uid())
+        .filter(|s| {
+            ready_reason(s) == Some(verdict::REASON_DUPLICATE_NAME)
+                || Effective::from_spec(&s.spec).name_key() == effective.name_key()
+        })
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}
+
+fn ready_reason(sub: &EventSubscription) -> Option<&str> {
+    sub.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::CONDITION_READY)
+        .map(|c| c.reason.as_str())
+}
+
+/// Waits until `store` has its initial list. `Store::wait_until_ready` wakes only the
+/// last of several concurrent waiters (its oneshot keeps one waker), so poll again
+/// every 100 ms rather than trust one wake-up.
+pub async fn cache_ready<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) = tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            return result;
+        }
+    }
+}
+
+/// Seconds-precision "now": the API server stores times to the second, and a desired
+/// status built with nanoseconds would never equal what it read back.
+fn now() -> jiff::Timestamp {
+    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if sub.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    cache_ready(&ctx.namespaces).await.map_err(|_| Error::NamespaceCacheStopped)?;
+    let namespace = sub.namespace().unwrap_or_default();
+    let api = Api::<EventSubscription>::namespaced(ctx.client.clone(), &namespace);
+    let sub = ensure_status(&api, sub, &ctx).await?;
+    mirror_id_label(&api, &sub).await?;
+    if let Ok(mut failures) = ctx.failures.lock() {
+        failures.remove(&ObjectRef::from_obj(sub.as_ref()));
+    }
+    Ok(Action::requeue(Duration::from_secs(ctx.config.controller.resync_seconds)))
+}
+
+fn verdict_of(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
+    let effective = Effective::from_spec(&sub.spec);
+    let namespace = sub.namespace().unwrap_or_default();
+    let ns = ctx.namespaces.get(&ObjectRef::new(&namespace));
+    let others = ctx.subscriptions.state();
+    verdict::check(
+        sub,
+        &effective,
+        &ctx.config.namespace,
+        ctx.config.controller.enforce_tenancy,
+        ns.as_deref(),
+        others.iter().map(AsRef::as_ref),
+    )
+}
+
+/// Writes the desired status when it differs from the current one. The first write of
+/// an object's id carries the resourceVersion it was decided on: if another allocator
+/// wrote an id first, the write fails with 409, and we re-read and keep the winner's id.
+async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscription>, ctx: &Context) -> Result<Arc<EventSubscription>, Error> {
+    let name = sub.name_any();
+    loop {
+        let decided = sub.status.as_ref().and_then(|s| s.subscription_id);
+        let id = match decided {
+            Some(id) => id,
+            None => ctx.ids.next_id(highest_known_id(&ctx.subscriptions) + 1).await?,
+        };
+        let verdict = verdict_of(&sub, ctx);
+        let desired = status::desired(&sub, id, &verdict, now());
+        if sub.status.as_ref() == Some(&desired) {
+            return Ok(sub);
+        }
+        let precondition = if decided.is_none() { sub.resource_version() } else { None };
+        match apply_status(api, &name, &desired, precondition).await {
+            Ok(written) => {
+                announce_verdict(ctx, &sub, &verdict).await;
+                return Ok(Arc::new(written));
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 && decided.is_none() => {
+                ctx.ids.give_back(id).await;
+                let fresh = api.get(&name).await.map_err(|source| Error::Reread { name: name.clone(), source })?;
+                if let Some(winner) = fresh.status.as_ref().and_then(|s| s.subscription_id) {
+                    tracing::info!(%name, id = winner, "another allocator decided the id first; keeping it");
+                }
+                sub = Arc::new(fresh);
+            }
+            Err(source) => {
+                if decided.is_none() {
+                    ctx.ids.give_back(id).await;
+                }
+                return Err(Error::WriteStatus { name, source });
+            }
+        }
+    }
+}
+
+fn highest_known_id(store: &Store<EventSubscription>) -> i64 {
+    store
+        .state()
+        .iter()
+        .filter_map(|s| s.status.as_ref()?.subscription_id)
+        .max()
+        .unwrap_or(0)
+}
+
+async fn apply_status(
+    api: &Api<EventSubscription>,
+    name: &str,
+    status: &EventSubscriptionStatus,
+    resource_version: Option<String>,
+) -> Result<EventSubscription, kube::Error> {
+    let mut metadata = serde_json::json!({ "name": name });
+    if let Some(rv) = resource_version {
+        metadata["resourceVersion"] = rv.into();
+    }
+    let patch = serde_json::json!({
+        "apiVersion": EventSubscription::api_version(&()),
+        "kind": EventSubscription::kind(&()),
+        "metadata": metadata,
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+}
+
+/// A Warning Event when a subscription becomes (or, after a spec change, stays) invalid.
+async fn announce_verdict(ctx: &Context, before: &EventSubscription, verdict: &Result<(), Invalid>) {
+    let Err(invalid) = verdict else { return };
+    let same_generation = before.status.as_ref().and_then(|s| s.observed_generation) == before.metadata.generation;
+    if same_generation && ready_reason(before) == Some(invalid.reason) {
+        return;
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: invalid.reason.into(),
+        note: Some(invalid.message.chars().take(1000).collect()),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &before.object_ref(&())).await {
+        tracing::warn!(%error, name = %before.name_any(), "could not record Warning event");
+    }
+}
+
+/// The id label is a mirror for `kubectl get -l`; a missing or forged value is corrected.
+async fn mirror_id_label(api: &Api<EventSubscription>, sub: &EventSubscription) -> Result<(), Error> {
+    let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id) else { return Ok(()) };
+    let id = id.to_string();
+    if sub.labels().get(SUBSCRIPTION_ID_LABEL) == Some(&id) {
+        return Ok(());
+    }
+    let name = sub.name_any();
+    let patch = serde_json::json!({
+        "apiVersion": EventSubscription::api_version(&()),
+        "kind": EventSubscription::kind(&()),
+        "metadata": { "name": name, "labels": { SUBSCRIPTION_ID_LABEL: id } },
+    });
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::WriteLabel { name, source })
+}
+
+/// Exponential backoff per object: 1 s doubling to 5 minutes.
+fn error_policy(sub: Arc<EventSubscription>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut failures| {
+            let n = failures.entry(ObjectRef::from_obj(sub.as_ref())).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = backoff_delay(failures);
+    tracing::warn!(name = %sub.name_any(), namespace = ?sub.namespace(), error = %error, kind = error.label(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub fn backoff_delay(consecutive_failures: u32) -> Duration {
+    let exponent = consecutive_failures.saturating_sub(1).min(16);
+    Duration::from_secs((1u64 << exponent).min(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes() {
+        assert_eq!(backoff_delay(1), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2), Duration::from_secs(2));
+        assert_eq!(backoff_delay(5), Duration::from_secs(16));
+        assert_eq!(backoff_delay(40), Duration::from_secs(300));
+    }
+}

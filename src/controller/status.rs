@@ -1,0 +1,161 @@
+//! The status herald wants an EventSubscription to have, built from observation. Pure, so
+//! that "nothing changed, write nothing" is a plain equality check.
+
+use crate::crd::{EventSubscription, EventSubscriptionStatus, OPERATOR_ANNOTATION};
+use crate::effective::Invalid;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+pub const CONDITION_READY: &str = "Ready";
+pub const REASON_ACTIVE: &str = "Active";
+
+/// Sets `new` in `conditions` (keyed by type), keeping `lastTransitionTime` when the
+/// condition's status did not change.
+pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(existing) => {
+            if existing.status == new.status {
+                new.last_transition_time = existing.last_transition_time.clone();
+            }
+            *existing = new;
+        }
+        None => conditions.push(new),
+    }
+}
+
+pub fn ready_condition(verdict: &Result<(), Invalid>, generation: Option<i64>, now: jiff::Timestamp) -> Condition {
+    let (status, reason, message) = match verdict {
+        Ok(()) => ("True", REASON_ACTIVE, "the subscription receives matching events".to_string()),
+        Err(invalid) => ("False", invalid.reason, invalid.message.clone()),
+    };
+    Condition {
+        type_: CONDITION_READY.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    }
+}
+
+/// Who made the last spec change: the REST API's operator annotation, otherwise the
+/// field manager whose managedFields entry touching `spec` is the most recent.
+pub fn operator(sub: &EventSubscription) -> Option<String> {
+    if let Some(op) = sub.annotations().get(OPERATOR_ANNOTATION).filter(|op| !op.is_empty()) {
+        return Some(op.clone());
+    }
+    sub.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| entry.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter(|entry| entry.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").is_some()))
+        .max_by_key(|entry| entry.time.as_ref().map(|t| t.0))
+        .and_then(|entry| entry.manager.clone())
+}
+
+/// The desired status: `id` decided, Ready from `verdict`, `lastTime` moved only when the
+/// spec's generation changed, fields owned by delivery (statistics, CallbackHealthy) kept.
+pub fn desired(sub: &EventSubscription, id: i64, verdict: &Result<(), Invalid>, now: jiff::Timestamp) -> EventSubscriptionStatus {
+    let current = sub.status.clone().unwrap_or_default();
+    let generation = sub.metadata.generation;
+    let spec_unchanged = current.observed_generation.is_some() && current.observed_generation == generation;
+    let last_time = match current.last_time {
+        Some(t) if spec_unchanged => Some(t),
+        _ => Some(now.to_string()),
+    };
+    let mut conditions = current.conditions;
+    set_condition(&mut conditions, ready_condition(verdict, generation, now));
+    EventSubscriptionStatus {
+        subscription_id: Some(id),
+        observed_generation: generation,
+        conditions,
+        operator: operator(sub),
+        last_time,
+        statistics: current.statistics,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EventSubscriptionSpec;
+    use crate::effective::Invalid;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    fn sub(generation: i64) -> EventSubscription {
+        let mut s = EventSubscription::new("s", EventSubscriptionSpec::default());
+        s.metadata.generation = Some(generation);
+        s
+    }
+
+    fn entry(manager: &str, time: i64, spec: bool, subresource: Option<&str>) -> ManagedFieldsEntry {
+        let fields = if spec { serde_json::json!({"f:spec": {}}) } else { serde_json::json!({"f:metadata": {}}) };
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            time: Some(Time(at(time))),
+            fields_v1: Some(FieldsV1(fields)),
+            subresource: subresource.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn first_status_carries_id_ready_and_times() {
+        let status = desired(&sub(1), 7, &Ok(()), at(100));
+        assert_eq!(status.subscription_id, Some(7));
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(status.last_time.as_deref(), Some("1970-01-01T00:01:40Z"));
+        let ready = &status.conditions[0];
+        assert_eq!((ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()), ("Ready", "True", "Active"));
+        assert_eq!(ready.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn unchanged_object_gives_identical_status_later() {
+        let mut s = sub(1);
+        s.status = Some(desired(&s, 7, &Ok(()), at(100)));
+        assert_eq!(Some(desired(&s, 7, &Ok(()), at(5000))), s.status);
+    }
+
+    #[test]
+    fn spec_change_moves_generation_and_last_time_but_not_transition_time() {
+        let mut s = sub(1);
+        s.status = Some(desired(&s, 7, &Ok(()), at(100)));
+        s.metadata.generation = Some(2);
+        let next = desired(&s, 7, &Ok(()), at(200));
+        assert_eq!(next.observed_generation, Some(2));
+        assert_eq!(next.last_time.as_deref(), Some("1970-01-01T00:03:20Z"));
+        assert_eq!(next.conditions[0].last_transition_time, Time(at(100)));
+        assert_eq!(next.conditions[0].observed_generation, Some(2));
+    }
+
+    #[test]
+    fn a_failed_check_flips_ready_with_its_reason() {
+        let mut s = sub(1);
+        s.status = Some(desired(&s, 7, &Ok(()), at(100)));
+        let invalid = Invalid { reason: "InvalidPattern", message: "bad".into() };
+        let next = desired(&s, 7, &Err(invalid), at(200));
+        let ready = &next.conditions[0];
+        assert_eq!((ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()), ("False", "InvalidPattern", "bad"));
+        assert_eq!(ready.last_transition_time, Time(at(200)));
+    }
+
+    #[test]
+    fn operator_is_the_annotation_or_the_last_spec_writer() {
+        let mut s = sub(1);
+        s.metadata.managed_fields = Some(vec![
+            entry("kubectl-client-side-apply", 10, true, None),
+            entry("herald", 30, false, None),
+            entry("herald", 40, true, Some("status")),
+            entry("argocd", 20, true, None),
+        ]);
+        assert_eq!(operator(&s).as_deref(), Some("argocd"));
+        s.metadata.annotations = Some([(OPERATOR_ANNOTATION.to_string(), "admin".to_string())].into());
+        assert_eq!(operator(&s).as_deref(), Some("admin"));
+    }
+}

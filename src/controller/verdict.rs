@@ -1,0 +1,177 @@
+//! Whether a subscription may receive events, beyond what the schema checks: its regex
+//! compiles, its namespace is allowed for its supplier account (tenancy, DESIGN.md §7),
+//! and no older subscription uses its (supplier account, name). Pure functions over
+//! what the caches hold, so they are unit-tested without a cluster.
+
+use crate::crd::{EventSubscription, SUPPLIER_ACCOUNTS_LABEL};
+use crate::effective::{Effective, Invalid};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::ResourceExt;
+
+pub const REASON_DUPLICATE_NAME: &str = "DuplicateName";
+pub const REASON_NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+
+/// The accounts a namespace's `herald.dev/supplier-accounts` label allows.
+pub fn allowed_accounts(namespace: &Namespace) -> impl Iterator<Item = &str> {
+    namespace
+        .labels()
+        .get(SUPPLIER_ACCOUNTS_LABEL)
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|account| !account.is_empty())
+}
+
+/// herald's own namespace serves every account; any other must list the account in its
+/// label. (Label values cannot hold spaces or most punctuation; accounts that need them
+/// must use herald's namespace.)
+pub fn namespace_allows(account: &str, namespace: &str, herald_namespace: &str, labels: Option<&Namespace>) -> bool {
+    namespace == herald_namespace || labels.is_some_and(|ns| allowed_accounts(ns).any(|a| a == account))
+}
+
+/// Order of age: the older subscription keeps a contested name. Ties on the
+/// (second-granular) creation time are broken by namespace and name, so every herald
+/// instance decides the same way.
+fn age_key(sub: &EventSubscription) -> (Option<jiff::Timestamp>, String, String) {
+    (
+        sub.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        sub.namespace().unwrap_or_default(),
+        sub.name_any(),
+    )
+}
+
+/// The older live subscription that holds `effective`'s name, if any.
+pub fn older_holder<'a>(
+    sub: &EventSubscription,
+    effective: &Effective,
+    others: impl IntoIterator<Item = &'a EventSubscription>,
+) -> Option<&'a EventSubscription> {
+    let key = effective.name_key();
+    let mine = age_key(sub);
+    others
+        .into_iter()
+        .filter(|other| other.uid() != sub.uid() && other.metadata.deletion_timestamp.is_none())
+        .filter(|other| Effective::from_spec(&other.spec).name_key() == key)
+        .filter(|other| age_key(other) < mine)
+        .min_by_key(|other| age_key(other))
+}
+
+/// The first reason, in order of checks, that keeps `sub` from receiving events.
+pub fn check<'a>(
+    sub: &EventSubscription,
+    effective: &Effective,
+    herald_namespace: &str,
+    enforce_tenancy: bool,
+    namespace: Option<&Namespace>,
+    others: impl IntoIterator<Item = &'a EventSubscription>,
+) -> Result<(), Invalid> {
+    effective.validate()?;
+    let ns = sub.namespace().unwrap_or_default();
+    if enforce_tenancy && !namespace_allows(&effective.supplier_account, &ns, herald_namespace, namespace) {
+        return Err(Invalid {
+            reason: REASON_NAMESPACE_NOT_ALLOWED,
+            message: format!(
+                "namespace {ns} is not allowed for supplier account {:?}: use namespace {herald_namespace} or have a cluster admin add the account to the namespace label {SUPPLIER_ACCOUNTS_LABEL}",
+                effective.supplier_account
+            ),
+        });
+    }
+    if let Some(holder) = older_holder(sub, effective, others) {
+        return Err(Invalid {
+            reason: REASON_DUPLICATE_NAME,
+            message: format!(
+                "subscription name {:?} of supplier account {:?} is already used by {}/{}",
+                effective.subscription_name,
+                effective.supplier_account,
+                holder.namespace().unwrap_or_default(),
+                holder.name_any()
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EventSubscriptionSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn sub(ns: &str, name: &str, uid: &str, created: i64, account: Option<&str>, sub_name: &str) -> EventSubscription {
+        let mut s = EventSubscription::new(
+            name,
+            EventSubscriptionSpec {
+                supplier_account: account.map(Into::into),
+                subscription_name: sub_name.into(),
+                callback_url: "http://127.0.0.1/cb".into(),
+                events: vec!["hostcreate".into()],
+                ..Default::default()
+            },
+        );
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.uid = Some(uid.into());
+        s.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(created).unwrap()));
+        s
+    }
+
+    fn namespace(label: Option<&str>) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some("team".into()),
+                labels: label.map(|l| BTreeMap::from([(SUPPLIER_ACCOUNTS_LABEL.to_string(), l.to_string())])),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tenancy_follows_the_namespace_label() {
+        assert!(namespace_allows("0", "herald-system", "herald-system", None));
+        assert!(!namespace_allows("0", "team", "herald-system", None));
+        assert!(!namespace_allows("0", "team", "herald-system", Some(&namespace(None))));
+        assert!(namespace_allows("7", "team", "herald-system", Some(&namespace(Some("0, 7")))));
+        assert!(!namespace_allows("70", "team", "herald-system", Some(&namespace(Some("0,7")))));
+    }
+
+    #[test]
+    fn the_older_subscription_keeps_the_name() {
+        let old = sub("a", "old", "u1", 100, None, "hosts");
+        let new = sub("b", "new", "u2", 200, Some("0"), " hosts");
+        let other_account = sub("c", "x", "u3", 50, Some("9"), "hosts");
+        let all = [old.clone(), new.clone(), other_account];
+        let eff_new = Effective::from_spec(&new.spec);
+        let err = check(&new, &eff_new, "a", false, None, &all).unwrap_err();
+        assert_eq!(err.reason, REASON_DUPLICATE_NAME);
+        assert!(err.message.contains("a/old"), "{}", err.message);
+        let eff_old = Effective::from_spec(&old.spec);
+        assert_eq!(check(&old, &eff_old, "a", false, None, &all), Ok(()));
+    }
+
+    #[test]
+    fn same_second_ties_break_by_namespace_and_name() {
+        let a = sub("ns", "a", "u1", 100, None, "hosts");
+        let b = sub("ns", "b", "u2", 100, None, "hosts");
+        let all = [a.clone(), b.clone()];
+        assert!(older_holder(&a, &Effective::from_spec(&a.spec), &all).is_none());
+        assert_eq!(older_holder(&b, &Effective::from_spec(&b.spec), &all).map(|s| s.name_any()), Some("a".into()));
+    }
+
+    #[test]
+    fn a_subscription_being_deleted_frees_its_name() {
+        let mut old = sub("ns", "old", "u1", 100, None, "hosts");
+        old.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(300).unwrap()));
+        let new = sub("ns", "new", "u2", 200, None, "hosts");
+        assert!(older_holder(&new, &Effective::from_spec(&new.spec), [&old]).is_none());
+    }
+
+    #[test]
+    fn namespace_check_comes_before_the_name_check() {
+        let s = sub("team", "s", "u1", 100, Some("5"), "hosts");
+        let err = check(&s, &Effective::from_spec(&s.spec), "herald-system", true, Some(&namespace(Some("0"))), []).unwrap_err();
+        assert_eq!(err.reason, REASON_NAMESPACE_NOT_ALLOWED);
+    }
+}

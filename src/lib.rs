@@ -1,0 +1,18 @@
+//! herald: BlueKing CMDB event subscriptions as Kubernetes resources.
+//!
+//! One module per concern: `crd` (resource types and schema), `effective` (the normalised
+//! view of a subscription and its validation), `controller` (reconcile, ids, conditions),
+//! `config`, `telemetry`, `api` (HTTP server), `app` (wiring for `herald run`).
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod effective;
+pub mod telemetry;
+
+pub use controller::Error;
+
+/// Field manager of every write herald makes to the API server.
+pub const FIELD_MANAGER: &str = "herald";

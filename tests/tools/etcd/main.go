@@ -1,0 +1,11 @@
+// The etcd server for the test control plane (DESIGN.md §8), built from the
+// go.etcd.io/etcd/server/v3 module because no release download is reachable.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
