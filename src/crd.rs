@@ -17,8 +17,8 @@ pub const GROUP: &str = "herald.dev";
 pub const SUBSCRIPTION_ID_LABEL: &str = "herald.dev/subscription-id";
 /// Annotation carrying the operator (bk-cmdb `BK_User`) of the last REST change.
 pub const OPERATOR_ANNOTATION: &str = "herald.dev/operator";
-/// Namespace label listing (comma separated) the supplier accounts whose events may reach
-/// subscriptions in that namespace.
+/// Namespace label (accounts separated by `.`) and annotation (separated by `,`) listing
+/// the supplier accounts whose events may reach subscriptions in that namespace.
 pub const SUPPLIER_ACCOUNTS_LABEL: &str = "herald.dev/supplier-accounts";
 
 /// A subscription to BlueKing CMDB events: herald POSTs each matching event to

@@ -206,17 +206,13 @@ async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Act
 
 fn verdict_of(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
     let effective = Effective::from_spec(&sub.spec);
-    let namespace = sub.namespace().unwrap_or_default();
-    let ns = ctx.namespaces.get(&ObjectRef::new(&namespace));
+    let herald_namespace = &ctx.config.namespace;
+    let allowed = |account: &str, namespace: &str| {
+        !ctx.config.controller.enforce_tenancy
+            || verdict::namespace_allows(account, namespace, herald_namespace, ctx.namespaces.get(&ObjectRef::new(namespace)).as_deref())
+    };
     let others = ctx.subscriptions.state();
-    verdict::check(
-        sub,
-        &effective,
-        &ctx.config.namespace,
-        ctx.config.controller.enforce_tenancy,
-        ns.as_deref(),
-        others.iter().map(AsRef::as_ref),
-    )
+    verdict::check(sub, &effective, others.iter().map(AsRef::as_ref), herald_namespace, allowed)
 }
 
 /// Writes the desired status when it differs from the current one. The first write of

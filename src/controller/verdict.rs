@@ -2,30 +2,36 @@
 //! compiles, its namespace is allowed for its supplier account (tenancy, DESIGN.md §7),
 //! and no older subscription uses its (supplier account, name). Pure functions over
 //! what the caches hold, so they are unit-tested without a cluster.
+//!
+//! Label values cannot hold commas, so the namespace label lists accounts separated by
+//! `.`; the annotation of the same key takes a comma list for account names that a label
+//! value cannot carry. An account is allowed when either lists it.
 
 use crate::crd::{EventSubscription, SUPPLIER_ACCOUNTS_LABEL};
 use crate::effective::{Effective, Invalid};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
+use std::collections::BTreeMap;
 
 pub const REASON_DUPLICATE_NAME: &str = "DuplicateName";
 pub const REASON_NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
 
-/// The accounts a namespace's `herald.dev/supplier-accounts` label allows.
+/// The accounts a namespace allows: its `herald.dev/supplier-accounts` label
+/// (`.`-separated) and annotation (comma-separated).
 pub fn allowed_accounts(namespace: &Namespace) -> impl Iterator<Item = &str> {
-    namespace
-        .labels()
-        .get(SUPPLIER_ACCOUNTS_LABEL)
+    listed(namespace.metadata.labels.as_ref(), '.').chain(listed(namespace.metadata.annotations.as_ref(), ','))
+}
+
+fn listed(map: Option<&BTreeMap<String, String>>, separator: char) -> impl Iterator<Item = &str> {
+    map.and_then(|m| m.get(SUPPLIER_ACCOUNTS_LABEL))
         .map(String::as_str)
         .unwrap_or_default()
-        .split(',')
+        .split(separator)
         .map(str::trim)
         .filter(|account| !account.is_empty())
 }
 
-/// herald's own namespace serves every account; any other must list the account in its
-/// label. (Label values cannot hold spaces or most punctuation; accounts that need them
-/// must use herald's namespace.)
+/// herald's own namespace serves every account; any other must list the account.
 pub fn namespace_allows(account: &str, namespace: &str, herald_namespace: &str, labels: Option<&Namespace>) -> bool {
     namespace == herald_namespace || labels.is_some_and(|ns| allowed_accounts(ns).any(|a| a == account))
 }
@@ -41,34 +47,40 @@ fn age_key(sub: &EventSubscription) -> (Option<jiff::Timestamp>, String, String)
     )
 }
 
-/// The older live subscription that holds `effective`'s name, if any.
+/// The older live subscription that holds `effective`'s name, if any. Only a
+/// subscription in a namespace allowed for the account holds a name: otherwise anyone
+/// could squat another account's names from their own namespace.
 pub fn older_holder<'a>(
     sub: &EventSubscription,
     effective: &Effective,
     others: impl IntoIterator<Item = &'a EventSubscription>,
+    allowed: impl Fn(&str, &str) -> bool,
 ) -> Option<&'a EventSubscription> {
     let key = effective.name_key();
     let mine = age_key(sub);
     others
         .into_iter()
         .filter(|other| other.uid() != sub.uid() && other.metadata.deletion_timestamp.is_none())
-        .filter(|other| Effective::from_spec(&other.spec).name_key() == key)
         .filter(|other| age_key(other) < mine)
+        .filter(|other| {
+            let theirs = Effective::from_spec(&other.spec);
+            theirs.name_key() == key && allowed(&theirs.supplier_account, &other.namespace().unwrap_or_default())
+        })
         .min_by_key(|other| age_key(other))
 }
 
 /// The first reason, in order of checks, that keeps `sub` from receiving events.
+/// `allowed(account, namespace)` is the tenancy rule.
 pub fn check<'a>(
     sub: &EventSubscription,
     effective: &Effective,
-    herald_namespace: &str,
-    enforce_tenancy: bool,
-    namespace: Option<&Namespace>,
     others: impl IntoIterator<Item = &'a EventSubscription>,
+    herald_namespace: &str,
+    allowed: impl Fn(&str, &str) -> bool,
 ) -> Result<(), Invalid> {
     effective.validate()?;
     let ns = sub.namespace().unwrap_or_default();
-    if enforce_tenancy && !namespace_allows(&effective.supplier_account, &ns, herald_namespace, namespace) {
+    if !allowed(&effective.supplier_account, &ns) {
         return Err(Invalid {
             reason: REASON_NAMESPACE_NOT_ALLOWED,
             message: format!(
@@ -77,7 +89,7 @@ pub fn check<'a>(
             ),
         });
     }
-    if let Some(holder) = older_holder(sub, effective, others) {
+    if let Some(holder) = older_holder(sub, effective, others, allowed) {
         return Err(Invalid {
             reason: REASON_DUPLICATE_NAME,
             message: format!(
@@ -98,7 +110,6 @@ mod tests {
     use crate::crd::EventSubscriptionSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::ObjectMeta;
-    use std::collections::BTreeMap;
 
     fn sub(ns: &str, name: &str, uid: &str, created: i64, account: Option<&str>, sub_name: &str) -> EventSubscription {
         let mut s = EventSubscription::new(
@@ -117,24 +128,42 @@ mod tests {
         s
     }
 
-    fn namespace(label: Option<&str>) -> Namespace {
+    fn namespace(label: Option<&str>, annotation: Option<&str>) -> Namespace {
+        let entry = |v: Option<&str>| v.map(|v| BTreeMap::from([(SUPPLIER_ACCOUNTS_LABEL.to_string(), v.to_string())]));
         Namespace {
             metadata: ObjectMeta {
                 name: Some("team".into()),
-                labels: label.map(|l| BTreeMap::from([(SUPPLIER_ACCOUNTS_LABEL.to_string(), l.to_string())])),
+                labels: entry(label),
+                annotations: entry(annotation),
                 ..Default::default()
             },
             ..Default::default()
         }
     }
 
+    fn anywhere(_: &str, _: &str) -> bool {
+        true
+    }
+
     #[test]
-    fn tenancy_follows_the_namespace_label() {
+    fn tenancy_follows_the_namespace_label_and_annotation() {
         assert!(namespace_allows("0", "herald-system", "herald-system", None));
         assert!(!namespace_allows("0", "team", "herald-system", None));
-        assert!(!namespace_allows("0", "team", "herald-system", Some(&namespace(None))));
-        assert!(namespace_allows("7", "team", "herald-system", Some(&namespace(Some("0, 7")))));
-        assert!(!namespace_allows("70", "team", "herald-system", Some(&namespace(Some("0,7")))));
+        assert!(!namespace_allows("0", "team", "herald-system", Some(&namespace(None, None))));
+        assert!(namespace_allows("7", "team", "herald-system", Some(&namespace(Some("0.7"), None))));
+        assert!(!namespace_allows("70", "team", "herald-system", Some(&namespace(Some("0.7"), None))));
+        assert!(namespace_allows("acme corp", "team", "herald-system", Some(&namespace(None, Some("0, acme corp")))));
+        assert!(!namespace_allows("acme", "team", "herald-system", Some(&namespace(None, Some("0, acme corp")))));
+    }
+
+    #[test]
+    fn a_subscription_outside_its_allowed_namespaces_holds_no_name() {
+        let squatter = sub("other", "squat", "u1", 100, None, "hosts");
+        let owner = sub("herald-system", "real", "u2", 200, None, "hosts");
+        let only_herald_ns = |_: &str, ns: &str| ns == "herald-system";
+        let eff = Effective::from_spec(&owner.spec);
+        assert_eq!(check(&owner, &eff, [&squatter], "herald-system", only_herald_ns), Ok(()));
+        assert!(older_holder(&owner, &eff, [&squatter], anywhere).is_some());
     }
 
     #[test]
@@ -144,11 +173,11 @@ mod tests {
         let other_account = sub("c", "x", "u3", 50, Some("9"), "hosts");
         let all = [old.clone(), new.clone(), other_account];
         let eff_new = Effective::from_spec(&new.spec);
-        let err = check(&new, &eff_new, "a", false, None, &all).unwrap_err();
+        let err = check(&new, &eff_new, &all, "a", anywhere).unwrap_err();
         assert_eq!(err.reason, REASON_DUPLICATE_NAME);
         assert!(err.message.contains("a/old"), "{}", err.message);
         let eff_old = Effective::from_spec(&old.spec);
-        assert_eq!(check(&old, &eff_old, "a", false, None, &all), Ok(()));
+        assert_eq!(check(&old, &eff_old, &all, "a", anywhere), Ok(()));
     }
 
     #[test]
@@ -156,8 +185,8 @@ mod tests {
         let a = sub("ns", "a", "u1", 100, None, "hosts");
         let b = sub("ns", "b", "u2", 100, None, "hosts");
         let all = [a.clone(), b.clone()];
-        assert!(older_holder(&a, &Effective::from_spec(&a.spec), &all).is_none());
-        assert_eq!(older_holder(&b, &Effective::from_spec(&b.spec), &all).map(|s| s.name_any()), Some("a".into()));
+        assert!(older_holder(&a, &Effective::from_spec(&a.spec), &all, anywhere).is_none());
+        assert_eq!(older_holder(&b, &Effective::from_spec(&b.spec), &all, anywhere).map(|s| s.name_any()), Some("a".into()));
     }
 
     #[test]
@@ -165,13 +194,15 @@ mod tests {
         let mut old = sub("ns", "old", "u1", 100, None, "hosts");
         old.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::from_second(300).unwrap()));
         let new = sub("ns", "new", "u2", 200, None, "hosts");
-        assert!(older_holder(&new, &Effective::from_spec(&new.spec), [&old]).is_none());
+        assert!(older_holder(&new, &Effective::from_spec(&new.spec), [&old], anywhere).is_none());
     }
 
     #[test]
     fn namespace_check_comes_before_the_name_check() {
         let s = sub("team", "s", "u1", 100, Some("5"), "hosts");
-        let err = check(&s, &Effective::from_spec(&s.spec), "herald-system", true, Some(&namespace(Some("0"))), []).unwrap_err();
+        let ns = namespace(Some("0"), None);
+        let allowed = |account: &str, namespace: &str| namespace_allows(account, namespace, "herald-system", Some(&ns));
+        let err = check(&s, &Effective::from_spec(&s.spec), [], "herald-system", allowed).unwrap_err();
         assert_eq!(err.reason, REASON_NAMESPACE_NOT_ALLOWED);
     }
 }

@@ -1,0 +1,269 @@
+//! Test harness for the integration tests: the real control plane started by
+//! `tests/run.sh`, per-test namespaces, and herald as a real child process.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use herald::crd::EventSubscription;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::await_condition;
+use kube::{Client, ResourceExt};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The control plane of `tests/run.sh`. Tests that need it fail (never skip) without it.
+pub struct Cluster {
+    pub client: Client,
+    pub kubeconfig: PathBuf,
+    pub tools: PathBuf,
+}
+
+pub async fn cluster() -> Cluster {
+    let kubeconfig = PathBuf::from(std::env::var("HERALD_TEST_KUBECONFIG").unwrap_or_else(|_| {
+        panic!("HERALD_TEST_KUBECONFIG is not set: run the integration tests with tests/run.sh, which starts the control plane")
+    }));
+    let tools = PathBuf::from(std::env::var("HERALD_TOOLS_BIN").expect("HERALD_TOOLS_BIN is set by tests/run.sh"));
+    let kc = Kubeconfig::read_from(&kubeconfig).expect("readable kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("valid kubeconfig");
+    let client = Client::try_from(config).expect("kube client");
+    Cluster { client, kubeconfig, tools }
+}
+
+static HERALD_PROCESSES: Mutex<()> = Mutex::new(());
+
+/// Herald watches the whole cluster, so tests that run herald processes take turns.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    HERALD_PROCESSES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    format!("{prefix}-{:x}{:04x}", std::process::id() & 0xffff, nanos & 0xffff)
+}
+
+impl Cluster {
+    /// A fresh namespace, deleted when the returned guard drops (even when the test
+    /// fails) unless HERALD_TEST_KEEP is set, with extra labels (for example the
+    /// tenancy label `herald.dev/supplier-accounts`).
+    pub async fn namespace(&self, prefix: &str, labels: &[(&str, &str)]) -> TestNamespace {
+        let name = unique(prefix);
+        let mut all = BTreeMap::from([("herald.dev/test".to_string(), "true".to_string())]);
+        all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let ns = Namespace {
+            metadata: ObjectMeta { name: Some(name.clone()), labels: Some(all), ..Default::default() },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
+        TestNamespace { name, kubectl: self.tools.join("kubectl"), kubeconfig: self.kubeconfig.clone() }
+    }
+
+    /// Creates an object from raw JSON, bypassing the Rust types (which would refuse
+    /// the invalid specs the API server must refuse).
+    pub async fn create_raw(&self, namespace: &str, object: serde_json::Value) -> Result<DynamicObject, kube::Error> {
+        let resource = ApiResource::erase::<EventSubscription>(&());
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), namespace, &resource);
+        let object: DynamicObject = serde_json::from_value(object).expect("object JSON");
+        api.create(&PostParams::default(), &object).await
+    }
+
+    pub fn subscriptions(&self, namespace: &str) -> Api<EventSubscription> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Runs the test control plane's kubectl; returns (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(self.tools.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+pub struct TestNamespace {
+    pub name: String,
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl std::ops::Deref for TestNamespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::env::var_os("HERALD_TEST_KEEP").is_none() {
+            let _ = Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(["delete", "namespace", &self.name, "--wait=false"])
+                .output();
+        }
+    }
+}
+
+/// A herald process (`herald run`) against the test cluster.
+pub struct Herald {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+impl Herald {
+    /// Starts herald with `namespace` as its own namespace and `config_yaml` as its
+    /// config file, and waits until /readyz answers 200.
+    pub async fn start(cluster: &Cluster, namespace: &str, config_yaml: &str) -> Herald {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("herald-test"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, config_yaml).expect("write config");
+        let log = dir.join("herald.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--namespace", namespace, "--instance", &unique("herald"), "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::from(std::fs::File::create(&log).expect("log file")))
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).expect("log file")))
+            .spawn()
+            .expect("spawn herald");
+        let mut herald = Herald { child, port, log };
+        herald.wait_ready(Duration::from_secs(60)).await;
+        herald
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn wait_ready(&mut self, within: Duration) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("herald exited with {status}; log:\n{}", self.log_text());
+            }
+            if let Ok(resp) = client.get(self.url("/readyz")).send().await {
+                if resp.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("herald not ready within {within:?}; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; returns the exit status and how long the shutdown took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = self.child.wait().expect("wait herald");
+        (status, started.elapsed())
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `Ready` condition's (status, reason), if any.
+pub fn ready(sub: &EventSubscription) -> Option<(String, String)> {
+    sub.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+pub fn id(sub: &EventSubscription) -> Option<i64> {
+    sub.status.as_ref()?.subscription_id
+}
+
+/// Waits until `name` satisfies `condition`, failing the test after `within`.
+pub async fn wait_for(
+    api: &Api<EventSubscription>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    condition: impl Fn(&EventSubscription) -> bool,
+) -> EventSubscription {
+    let cond = move |obj: Option<&EventSubscription>| obj.is_some_and(&condition);
+    match tokio::time::timeout(within, await_condition(api.clone(), name, cond)).await {
+        Ok(Ok(Some(obj))) => obj,
+        other => {
+            let current = api.get_opt(name).await.ok().flatten();
+            panic!("{name}: not {what} within {within:?} ({:?}); last seen: {:#?}", other.map(|r| r.map(|o| o.map(|o| o.name_any()))), current.map(|c| c.status))
+        }
+    }
+}
+
+pub async fn wait_ready(api: &Api<EventSubscription>, name: &str) -> EventSubscription {
+    wait_for(api, name, Duration::from_secs(30), "Ready=True", |s| {
+        ready(s).is_some_and(|(status, _)| status == "True")
+    })
+    .await
+}
+
+pub async fn wait_reason(api: &Api<EventSubscription>, name: &str, reason: &str) -> EventSubscription {
+    wait_for(api, name, Duration::from_secs(30), reason, |s| {
+        ready(s).is_some_and(|(status, r)| status == "False" && r == reason)
+    })
+    .await
+}
+
+/// An EventSubscription from YAML-like JSON.
+pub fn subscription(name: &str, spec: serde_json::Value) -> EventSubscription {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "herald.dev/v1alpha1",
+        "kind": "EventSubscription",
+        "metadata": { "name": name },
+        "spec": spec,
+    }))
+    .expect("valid EventSubscription")
+}
+
+pub fn basic_spec(subscription_name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "subscriptionName": subscription_name,
+        "callbackUrl": "http://127.0.0.1:9/events",
+        "events": ["hostcreate"],
+    })
+}
