@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod app;
+pub mod compat;
 pub mod config;
 pub mod controller;
 pub mod crd;
