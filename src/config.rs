@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -17,6 +17,131 @@ pub struct Config {
     /// Address of the HTTP server (REST API, health, metrics).
     pub listen: SocketAddr,
     pub controller: ControllerConfig,
+    pub store: StoreConfig,
+    pub delivery: DeliveryConfig,
+    pub callback_guard: CallbackGuardConfig,
+    pub leader_election: LeaderElectionConfig,
+    pub metrics: MetricsConfig,
+    pub api: ApiConfig,
+    /// Time zone of bk-cmdb time strings (`last_time`, `action_time`): `UTC`, an offset
+    /// such as `+08:00`, or an IANA name such as `Asia/Shanghai`.
+    pub time_zone: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub auth: AuthConfig,
+    /// Largest request body accepted; larger ones answer 413.
+    pub max_body_bytes: usize,
+    /// BlueKing ESB app credentials: `apps: [{appCode, appSecret, accounts: [...]}]`, from a
+    /// file or from key `apps.yaml` of a Secret in herald's namespace.
+    pub esb_credentials_file: Option<PathBuf>,
+    pub esb_credentials_secret: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Development only: accept requests without credentials, allowed everything.
+    pub anonymous: bool,
+    /// Audience that Kubernetes tokens must be issued for.
+    pub audience: String,
+    /// How long TokenReview and SubjectAccessReview answers are reused.
+    pub cache_seconds: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { auth: AuthConfig::default(), max_body_bytes: 4 << 20, esb_credentials_file: None, esb_credentials_secret: None }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { anonymous: false, audience: "herald".into(), cache_seconds: 5 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory of the embedded store (a PersistentVolume in Kubernetes).
+    pub path: PathBuf,
+    /// Publishes answer 503 while the store is larger than this.
+    pub quota_bytes: u64,
+    /// Pending deliveries per subscription beyond which new events are dead-lettered.
+    pub backlog_cap: i64,
+    /// Dead letters are deleted after this long.
+    pub dead_letter_retention_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Most of a callback's response body that is read (and matched by `regular`).
+    pub body_cap_bytes: usize,
+    /// Longest wait a 429's Retry-After can impose.
+    pub retry_after_cap_seconds: u64,
+    /// A delivery still pending after this long is dead-lettered (reason Expired).
+    pub max_age_seconds: u64,
+    /// Budget of status writes per second across all subscriptions.
+    pub status_writes_per_second: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CallbackGuardConfig {
+    /// CIDRs allowed although they are in a refused range (loopback, private, ...).
+    pub allow_cidrs: Vec<String>,
+    /// Proxy for callbacks; environment proxies are ignored unless this is set.
+    pub proxy: Option<String>,
+    /// PEM file of extra CA certificates trusted for https callbacks.
+    pub ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    /// One active herald per namespace: hold a Lease before serving.
+    pub enabled: bool,
+    pub lease_name: String,
+    pub lease_duration_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Label delivery metrics with the subscription id (one series per subscription).
+    pub per_subscription: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("herald-data"),
+            quota_bytes: 8 << 30,
+            backlog_cap: 100_000,
+            dead_letter_retention_seconds: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            body_cap_bytes: 1 << 20,
+            retry_after_cap_seconds: 300,
+            max_age_seconds: 7 * 24 * 3600,
+            status_writes_per_second: 20.0,
+        }
+    }
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        LeaderElectionConfig { enabled: true, lease_name: "herald-leader".into(), lease_duration_seconds: 15 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -39,6 +164,13 @@ impl Default for Config {
             instance: "herald".into(),
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             controller: ControllerConfig::default(),
+            store: StoreConfig::default(),
+            delivery: DeliveryConfig::default(),
+            callback_guard: CallbackGuardConfig::default(),
+            leader_election: LeaderElectionConfig::default(),
+            metrics: MetricsConfig::default(),
+            api: ApiConfig::default(),
+            time_zone: "UTC".into(),
         }
     }
 }
@@ -106,6 +238,12 @@ impl Config {
         if self.namespace.is_empty() {
             return Err(ConfigError::Invalid("namespace must not be empty".into()));
         }
+        for cidr in &self.callback_guard.allow_cidrs {
+            cidr.parse::<crate::delivery::guard::Cidr>().map_err(|e| ConfigError::Invalid(format!("callbackGuard.allowCidrs: {e}")))?;
+        }
+        self.time_zone
+            .parse::<crate::compat::time::TimeZoneSetting>()
+            .map_err(|e| ConfigError::Invalid(format!("timeZone: {e}")))?;
         if self.controller.id_block_size == 0 {
             return Err(ConfigError::Invalid("controller.idBlockSize must be at least 1".into()));
         }

@@ -10,7 +10,11 @@ pub mod compat;
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod delivery;
 pub mod effective;
+pub mod event;
+pub mod leader;
+pub mod store;
 pub mod telemetry;
 
 pub use controller::Error;

@@ -13,3 +13,69 @@ pub fn init() {
         registry.with(fmt::layer()).init();
     }
 }
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Label of delivery metrics: the outcome, and the subscription only when per-subscription
+/// series are enabled (`metrics.perSubscription`), so 10,000 subscriptions do not make
+/// 10,000 series by default.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub result: &'static str,
+    pub subscription: String,
+}
+
+/// Every metric herald exports on `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    per_subscription: bool,
+    pub attempts: Family<DeliveryLabels, Counter>,
+    pub attempt_seconds: Histogram,
+    pub events_published: Counter,
+    pub deliveries_queued: Counter,
+    pub queue_depth: Gauge,
+    pub store_bytes: Gauge<u64, AtomicU64>,
+    pub status_writes: Counter,
+}
+
+impl Metrics {
+    pub fn new(per_subscription: bool) -> Self {
+        let mut registry = Registry::with_prefix("herald");
+        let attempts = Family::<DeliveryLabels, Counter>::default();
+        let attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let events_published = Counter::default();
+        let deliveries_queued = Counter::default();
+        let queue_depth = Gauge::default();
+        let store_bytes = Gauge::<u64, AtomicU64>::default();
+        let status_writes = Counter::default();
+        registry.register("delivery_attempts", "Callback delivery attempts by result", attempts.clone());
+        registry.register("delivery_attempt_seconds", "Duration of a callback attempt", attempt_seconds.clone());
+        registry.register("events_published", "Events accepted by publish", events_published.clone());
+        registry.register("deliveries_queued", "Deliveries queued by publish (events times matching subscriptions)", deliveries_queued.clone());
+        registry.register("queue_depth", "Deliveries pending across all subscriptions", queue_depth.clone());
+        registry.register("store_bytes", "Size of the embedded store on disk", store_bytes.clone());
+        registry.register("status_writes", "Status writes to the Kubernetes API by delivery", status_writes.clone());
+        Metrics { registry, per_subscription, attempts, attempt_seconds, events_published, deliveries_queued, queue_depth, store_bytes, status_writes }
+    }
+
+    pub fn attempt(&self, result: &'static str, subscription_id: i64, seconds: f64) {
+        let subscription = if self.per_subscription { subscription_id.to_string() } else { String::new() };
+        self.attempts.get_or_create(&DeliveryLabels { result, subscription }).inc();
+        self.attempt_seconds.observe(seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

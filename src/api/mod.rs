@@ -1,32 +1,207 @@
-//! The HTTP server: health and readiness now; the bk-cmdb REST API, the ESB flavour and
-//! event publishing mount here too.
+//! The HTTP server: the bk-cmdb REST API (`cmdb`), its ESB gateway flavour (`esb`),
+//! event publishing (`publish`), dead letters (`admin`), health, readiness and metrics.
+//! Authentication and authorisation live in `auth`.
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
-use std::sync::Arc;
+pub mod admin;
+pub mod auth;
+pub mod publish;
+
+use crate::compat::time::TimeZoneSetting;
+use crate::compat::{ApiError, ErrorCode, Lang, envelope};
+use crate::config::Config;
+use crate::controller::Context as ControllerContext;
+use crate::delivery::Delivery;
+use crate::telemetry::Metrics;
+use auth::{Action, Authenticator, Identity};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Shared state of the HTTP handlers.
-#[derive(Clone, Default)]
-pub struct ApiState {
-    /// Set once the controller's caches are synced.
-    pub ready: Arc<AtomicBool>,
+/// What the handlers need once herald is leader and its caches are synced.
+pub struct Services {
+    pub controller: Arc<ControllerContext>,
+    pub delivery: Arc<Delivery>,
+    pub auth: Arc<Authenticator>,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    /// Leader, store open, caches synced.
+    pub ready: AtomicBool,
+    pub services: OnceLock<Services>,
+    pub time_zone: TimeZoneSetting,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let time_zone = config.time_zone.parse().unwrap_or_default();
+        Arc::new(AppState { config, metrics, ready: AtomicBool::new(false), services: OnceLock::new(), time_zone })
+    }
+
+    /// The services, or 503 while herald is not ready (not leader or starting).
+    pub fn services(&self) -> Result<&Services, Refusal> {
+        match self.services.get() {
+            Some(services) if self.ready.load(Ordering::Acquire) => Ok(services),
+            _ => Err(Refusal::unavailable("herald is not ready (starting, or not the leader)")),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(publish::routes())
+        .merge(admin::routes())
+        .fallback(unknown_route)
         .with_state(state)
 }
 
-async fn readyz(State(state): State<ApiState>) -> (StatusCode, &'static str) {
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
     if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for leadership, the store or the caches")
     }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if let Some(services) = state.services.get() {
+        state.metrics.store_bytes.set(services.delivery.store.size_bytes());
+    }
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}
+
+async fn unknown_route(headers: HeaderMap) -> Response {
+    let call = Call::from_headers(&headers);
+    call.direct_error(StatusCode::NOT_FOUND, &ApiError::invalid("path"), None)
+}
+
+/// Looks a header up under its underscore and hyphen spellings (common proxies drop
+/// underscored names, so clients may send either).
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let lower = name.to_ascii_lowercase();
+    let hyphen = lower.replace('_', "-");
+    [lower.as_str(), hyphen.as_str()]
+        .into_iter()
+        .find_map(|n| headers.get(n))
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+pub const REQUEST_ID_HEADER: &str = "Cc_Request_Id";
+
+/// Per-request facts from the headers.
+pub struct Call {
+    pub request_id: String,
+    pub lang: Lang,
+    /// `BK_User`.
+    pub user: Option<String>,
+    /// `HTTP_BK_SUPPLIER_ACCOUNT`, else `HTTP_BLUEKING_SUPPLIER_ID`.
+    pub owner: Option<String>,
+    pub authorization: Option<String>,
+}
+
+impl Call {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let request_id = header(headers, REQUEST_ID_HEADER).map(str::to_string).unwrap_or_else(new_request_id);
+        Call {
+            request_id,
+            lang: Lang::from_header(header(headers, "HTTP_BLUEKING_LANGUAGE")),
+            user: header(headers, "BK_User").map(str::to_string),
+            owner: header(headers, "HTTP_BK_SUPPLIER_ACCOUNT")
+                .or_else(|| header(headers, "HTTP_BLUEKING_SUPPLIER_ID"))
+                .map(str::to_string),
+            authorization: headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string),
+        }
+    }
+
+    /// A direct-path answer with the request id echoed.
+    pub fn direct(&self, status: StatusCode, body: serde_json::Value) -> Response {
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Ok(value) = HeaderValue::from_str(&self.request_id) {
+            response.headers_mut().insert(HeaderName::from_static("cc_request_id"), value);
+        }
+        response
+    }
+
+    pub fn direct_ok(&self, data: serde_json::Value) -> Response {
+        self.direct(StatusCode::OK, envelope::direct_ok(data))
+    }
+
+    pub fn direct_error(&self, status: StatusCode, error: &ApiError, permission: Option<serde_json::Value>) -> Response {
+        self.direct(status, envelope::direct_err(error, self.lang, permission))
+    }
+
+    pub fn refuse(&self, refusal: Refusal) -> Response {
+        let status = refusal.status.unwrap_or_else(|| StatusCode::from_u16(refusal.error.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST));
+        let mut response = self.direct_error(status, &refusal.error, refusal.permission);
+        if let Some(seconds) = refusal.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+fn new_request_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// An error answer: the bk-cmdb error, and an HTTP status when it differs from the
+/// code's usual one.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: ApiError,
+    pub status: Option<StatusCode>,
+    pub permission: Option<serde_json::Value>,
+    pub retry_after: Option<u64>,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Refusal { error, status: None, permission: None, retry_after: None }
+    }
+}
+
+impl Refusal {
+    pub fn unavailable(detail: &str) -> Self {
+        Refusal {
+            error: ApiError::new(ErrorCode::Internal).with_detail(detail),
+            status: Some(StatusCode::SERVICE_UNAVAILABLE),
+            permission: None,
+            retry_after: Some(1),
+        }
+    }
+}
+
+impl From<auth::AuthError> for Refusal {
+    fn from(error: auth::AuthError) -> Self {
+        let (error, permission) = error.to_api();
+        Refusal { error, status: None, permission, retry_after: None }
+    }
+}
+
+/// Authenticates the caller's bearer token and authorises `action` on `account`.
+pub async fn authorize(services: &Services, call: &Call, account: &str, action: Action) -> Result<Identity, Refusal> {
+    let identity = services.auth.bearer(call.authorization.as_deref()).await?;
+    services.auth.authorize(&identity, account, action).await?;
+    Ok(identity)
+}
+
+/// Parses a JSON body, answering 1199000 for anything that is not the expected shape.
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| Refusal::from(ApiError::new(ErrorCode::JsonDecode).with_detail(e.to_string())))
 }
 
 /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.

@@ -8,7 +8,8 @@ pub mod verdict;
 
 use crate::FIELD_MANAGER;
 use crate::config::Config;
-use crate::crd::{EventSubscription, EventSubscriptionStatus, SUBSCRIPTION_ID_LABEL};
+use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL};
+use crate::delivery::index::{SubscriptionIndex, Subscriber};
 use crate::effective::{Effective, Invalid};
 use futures::{StreamExt, future::BoxFuture};
 use ids::IdAllocator;
@@ -67,13 +68,20 @@ pub struct Context {
     pub namespaces: Store<Namespace>,
     pub ids: IdAllocator,
     pub recorder: Recorder,
+    /// Delivery's view of subscriptions, fed with every verdict.
+    pub index: Arc<SubscriptionIndex>,
     /// Consecutive reconcile failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<EventSubscription>, u32>>,
 }
 
 /// Builds the controller. Returns its context (whose caches the HTTP API reads too) and
 /// the future that runs it until `shutdown` is cancelled.
-pub fn build(client: Client, config: Arc<Config>, shutdown: CancellationToken) -> (Arc<Context>, BoxFuture<'static, ()>) {
+pub fn build(
+    client: Client,
+    config: Arc<Config>,
+    index: Arc<SubscriptionIndex>,
+    shutdown: CancellationToken,
+) -> (Arc<Context>, BoxFuture<'static, ()>) {
     let subscriptions_api = Api::<EventSubscription>::all(client.clone());
     let controller = Controller::new(subscriptions_api.clone(), watcher::Config::default().any_semantic());
     let subscriptions = controller.store();
@@ -124,6 +132,7 @@ pub fn build(client: Client, config: Arc<Config>, shutdown: CancellationToken) -
         namespaces,
         ids,
         recorder,
+        index,
         failures: Mutex::default(),
     });
     let run_ctx = ctx.clone();
@@ -228,13 +237,15 @@ async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscript
         };
         let verdict = verdict_of(&sub, ctx);
         let desired = status::desired(&sub, id, &verdict, now());
-        if sub.status.as_ref() == Some(&desired) {
+        if status::ControllerStatus::current(&sub).as_ref() == Some(&desired) {
+            publish_to_delivery(ctx, &sub, id, verdict.is_ok());
             return Ok(sub);
         }
         let precondition = if decided.is_none() { sub.resource_version() } else { None };
         match apply_status(api, &name, &desired, precondition).await {
             Ok(written) => {
                 announce_verdict(ctx, &sub, &verdict).await;
+                publish_to_delivery(ctx, &written, id, verdict.is_ok());
                 return Ok(Arc::new(written));
             }
             Err(kube::Error::Api(status)) if status.code == 409 && decided.is_none() => {
@@ -264,10 +275,24 @@ fn highest_known_id(store: &Store<EventSubscription>) -> i64 {
         .unwrap_or(0)
 }
 
+/// Tells delivery the subscription's current effective spec and readiness.
+fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, id: i64, ready: bool) {
+    ctx.index.upsert(Subscriber {
+        id,
+        uid: sub.uid().unwrap_or_default(),
+        namespace: sub.namespace().unwrap_or_default(),
+        name: sub.name_any(),
+        generation: sub.metadata.generation.unwrap_or_default(),
+        ready,
+        effective: Arc::new(Effective::from_spec(&sub.spec)),
+        signing: sub.spec.signing.as_ref().map(|s| s.secret_ref.clone()),
+    });
+}
+
 async fn apply_status(
     api: &Api<EventSubscription>,
     name: &str,
-    status: &EventSubscriptionStatus,
+    status: &status::ControllerStatus,
     resource_version: Option<String>,
 ) -> Result<EventSubscription, kube::Error> {
     let mut metadata = serde_json::json!({ "name": name });
@@ -278,7 +303,7 @@ async fn apply_status(
         "apiVersion": EventSubscription::api_version(&()),
         "kind": EventSubscription::kind(&()),
         "metadata": metadata,
-        "status": status,
+        "status": status.to_patch(),
     });
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
 }

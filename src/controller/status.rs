@@ -54,9 +54,47 @@ pub fn operator(sub: &EventSubscription) -> Option<String> {
         .and_then(|entry| entry.manager.clone())
 }
 
-/// The desired status: `id` decided, Ready from `verdict`, `lastTime` moved only when the
-/// spec's generation changed, fields owned by delivery (statistics, CallbackHealthy) kept.
-pub fn desired(sub: &EventSubscription, id: i64, verdict: &Result<(), Invalid>, now: jiff::Timestamp) -> EventSubscriptionStatus {
+/// The part of the status the controller owns (field manager `herald`); delivery owns
+/// `statistics` and the `CallbackHealthy` condition under its own field manager, so
+/// neither writer can roll back the other's fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControllerStatus {
+    pub subscription_id: i64,
+    pub observed_generation: Option<i64>,
+    pub ready: Condition,
+    pub operator: Option<String>,
+    pub last_time: Option<String>,
+}
+
+impl ControllerStatus {
+    /// What the object's status currently says about the controller's fields.
+    pub fn current(sub: &EventSubscription) -> Option<Self> {
+        let status = sub.status.as_ref()?;
+        Some(ControllerStatus {
+            subscription_id: status.subscription_id?,
+            observed_generation: status.observed_generation,
+            ready: status.conditions.iter().find(|c| c.type_ == CONDITION_READY)?.clone(),
+            operator: status.operator.clone(),
+            last_time: status.last_time.clone(),
+        })
+    }
+
+    /// The server-side apply body's `status`.
+    pub fn to_patch(&self) -> EventSubscriptionStatus {
+        EventSubscriptionStatus {
+            subscription_id: Some(self.subscription_id),
+            observed_generation: self.observed_generation,
+            conditions: vec![self.ready.clone()],
+            operator: self.operator.clone(),
+            last_time: self.last_time.clone(),
+            statistics: None,
+        }
+    }
+}
+
+/// The desired controller status: `id` decided, Ready from `verdict`, `lastTime` moved
+/// only when the spec's generation changed.
+pub fn desired(sub: &EventSubscription, id: i64, verdict: &Result<(), Invalid>, now: jiff::Timestamp) -> ControllerStatus {
     let current = sub.status.clone().unwrap_or_default();
     let generation = sub.metadata.generation;
     let spec_unchanged = current.observed_generation.is_some() && current.observed_generation == generation;
@@ -66,14 +104,8 @@ pub fn desired(sub: &EventSubscription, id: i64, verdict: &Result<(), Invalid>, 
     };
     let mut conditions = current.conditions;
     set_condition(&mut conditions, ready_condition(verdict, generation, now));
-    EventSubscriptionStatus {
-        subscription_id: Some(id),
-        observed_generation: generation,
-        conditions,
-        operator: operator(sub),
-        last_time,
-        statistics: current.statistics,
-    }
+    let ready = conditions.into_iter().find(|c| c.type_ == CONDITION_READY).unwrap_or_else(|| ready_condition(verdict, generation, now));
+    ControllerStatus { subscription_id: id, observed_generation: generation, ready, operator: operator(sub), last_time }
 }
 
 #[cfg(test)]
@@ -107,10 +139,10 @@ mod tests {
     #[test]
     fn first_status_carries_id_ready_and_times() {
         let status = desired(&sub(1), 7, &Ok(()), at(100));
-        assert_eq!(status.subscription_id, Some(7));
+        assert_eq!(status.subscription_id, 7);
         assert_eq!(status.observed_generation, Some(1));
         assert_eq!(status.last_time.as_deref(), Some("1970-01-01T00:01:40Z"));
-        let ready = &status.conditions[0];
+        let ready = &status.ready;
         assert_eq!((ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()), ("Ready", "True", "Active"));
         assert_eq!(ready.observed_generation, Some(1));
     }
@@ -118,31 +150,44 @@ mod tests {
     #[test]
     fn unchanged_object_gives_identical_status_later() {
         let mut s = sub(1);
-        s.status = Some(desired(&s, 7, &Ok(()), at(100)));
-        assert_eq!(Some(desired(&s, 7, &Ok(()), at(5000))), s.status);
+        s.status = Some(desired(&s, 7, &Ok(()), at(100)).to_patch());
+        assert_eq!(Some(desired(&s, 7, &Ok(()), at(5000))), ControllerStatus::current(&s));
     }
 
     #[test]
     fn spec_change_moves_generation_and_last_time_but_not_transition_time() {
         let mut s = sub(1);
-        s.status = Some(desired(&s, 7, &Ok(()), at(100)));
+        s.status = Some(desired(&s, 7, &Ok(()), at(100)).to_patch());
         s.metadata.generation = Some(2);
         let next = desired(&s, 7, &Ok(()), at(200));
         assert_eq!(next.observed_generation, Some(2));
         assert_eq!(next.last_time.as_deref(), Some("1970-01-01T00:03:20Z"));
-        assert_eq!(next.conditions[0].last_transition_time, Time(at(100)));
-        assert_eq!(next.conditions[0].observed_generation, Some(2));
+        assert_eq!(next.ready.last_transition_time, Time(at(100)));
+        assert_eq!(next.ready.observed_generation, Some(2));
     }
 
     #[test]
     fn a_failed_check_flips_ready_with_its_reason() {
         let mut s = sub(1);
-        s.status = Some(desired(&s, 7, &Ok(()), at(100)));
+        s.status = Some(desired(&s, 7, &Ok(()), at(100)).to_patch());
         let invalid = Invalid { reason: "InvalidPattern", message: "bad".into() };
         let next = desired(&s, 7, &Err(invalid), at(200));
-        let ready = &next.conditions[0];
+        let ready = &next.ready;
         assert_eq!((ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()), ("False", "InvalidPattern", "bad"));
         assert_eq!(ready.last_transition_time, Time(at(200)));
+    }
+
+    #[test]
+    fn delivery_fields_are_not_the_controllers() {
+        let mut s = sub(1);
+        let mut status = desired(&s, 7, &Ok(()), at(100)).to_patch();
+        status.statistics = Some(crate::crd::Statistics { total: 5, ..Default::default() });
+        status.conditions.push(Condition { type_: "CallbackHealthy".into(), status: "True".into(), ..ready_condition(&Ok(()), Some(1), at(100)) });
+        s.status = Some(status);
+        let patch = desired(&s, 7, &Ok(()), at(200)).to_patch();
+        assert_eq!(patch.statistics, None);
+        assert_eq!(patch.conditions.len(), 1);
+        assert_eq!(Some(desired(&s, 7, &Ok(()), at(200))), ControllerStatus::current(&s));
     }
 
     #[test]

@@ -1,0 +1,108 @@
+//! Dead letters: list a subscription's and replay them to the tail of its queue
+//! (`GET /api/v3/herald/dead_letters/{subscription_id}`,
+//! `POST /api/v3/herald/dead_letters/{subscription_id}/replay` with an optional
+//! `{"distribution_ids": [...]}`). Authorised on the subscription's supplier account
+//! (`list`, `replay`).
+
+use super::auth::Action;
+use super::{AppState, Call, Refusal, authorize};
+use crate::compat::{ApiError, ErrorCode};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{get, post};
+use std::sync::Arc;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/{version}/herald/dead_letters/{subscription_id}", get(list))
+        .route("/api/{version}/herald/dead_letters/{subscription_id}/replay", post(replay))
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    #[serde(default)]
+    distribution_ids: Option<Vec<i64>>,
+}
+
+fn subscription_id(raw: &str) -> Result<i64, Refusal> {
+    raw.parse().map_err(|_| ApiError::invalid("subscription_id").into())
+}
+
+/// The subscription's supplier account, or 1103002 when herald does not know it.
+fn account_of(state: &AppState, id: i64) -> Result<String, Refusal> {
+    let services = state.services()?;
+    services
+        .delivery
+        .index
+        .get(id)
+        .map(|s| s.effective.supplier_account.clone())
+        .ok_or_else(|| ApiError::new(ErrorCode::QueryFailed).with_detail(format!("subscription {id} not found")).into())
+}
+
+async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, raw_id)): Path<(String, String)>, Query(query): Query<ListQuery>) -> Response {
+    let call = Call::from_headers(&headers);
+    let result = async {
+        let id = subscription_id(&raw_id)?;
+        let services = state.services()?;
+        authorize(services, &call, &account_of(&state, id)?, Action::List).await?;
+        let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+        let letters = services
+            .delivery
+            .store
+            .dead_letters(id, limit)
+            .await
+            .map_err(|e| Refusal::from(ApiError::new(ErrorCode::QueryFailed).with_detail(e.to_string())))?;
+        let info: Vec<serde_json::Value> = letters
+            .into_iter()
+            .map(|l| {
+                serde_json::json!({
+                    "subscription_id": l.subscription_id,
+                    "distribution_id": l.distribution_id,
+                    "attempts": l.attempts,
+                    "reason": l.reason,
+                    "error": l.error,
+                    "dead_at": crate::compat::time::format_cmdb(jiff::Timestamp::from_millisecond(l.dead_at).unwrap_or_default(), &state.time_zone),
+                    "event": serde_json::from_str::<serde_json::Value>(&l.body).unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok::<_, Refusal>(serde_json::json!({ "count": info.len(), "info": info }))
+    }
+    .await;
+    match result {
+        Ok(data) => call.direct_ok(data),
+        Err(refusal) => call.refuse(refusal),
+    }
+}
+
+async fn replay(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, raw_id)): Path<(String, String)>, body: Result<Bytes, BytesRejection>) -> Response {
+    let call = Call::from_headers(&headers);
+    let result = async {
+        let id = subscription_id(&raw_id)?;
+        let services = state.services()?;
+        authorize(services, &call, &account_of(&state, id)?, Action::Replay).await?;
+        let body = super::publish::read_body(body)?;
+        let request: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) { ReplayBody::default() } else { super::json_body(&body)? };
+        let replayed = services
+            .delivery
+            .replay(id, request.distribution_ids)
+            .await
+            .map_err(|e| Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(e.to_string())))?;
+        Ok::<_, Refusal>(serde_json::json!({ "replayed": replayed }))
+    }
+    .await;
+    match result {
+        Ok(data) => call.direct_ok(data),
+        Err(refusal) => call.refuse(refusal),
+    }
+}

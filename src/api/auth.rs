@@ -1,0 +1,277 @@
+//! Authentication and authorisation (DESIGN.md §7).
+//!
+//! Kubernetes bearer tokens are checked with a TokenReview for herald's audience, and
+//! each (identity, supplier account, action) with a SubjectAccessReview on the virtual
+//! resource `supplieraccounts.herald.dev` named after the account, so plain RBAC grants
+//! access per account. ESB apps are checked against their configured accounts. Answers
+//! are cached for a few seconds. The anonymous switch is for development only.
+
+use crate::compat::{ApiError, ErrorCode};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use kube::api::{Api, PostParams};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Identity {
+    /// Only with `api.auth.anonymous: true`.
+    Anonymous,
+    /// A Kubernetes user or ServiceAccount, from a TokenReview.
+    Kubernetes { username: String, uid: Option<String>, groups: Vec<String>, extra: BTreeMap<String, Vec<String>> },
+    /// A BlueKing ESB app, from its app code and secret.
+    EsbApp { app_code: String, username: Option<String> },
+}
+
+impl Identity {
+    /// The name used as the operator when no `BK_User` header is given.
+    pub fn name(&self) -> String {
+        match self {
+            Identity::Anonymous => "anonymous".into(),
+            Identity::Kubernetes { username, .. } => username.clone(),
+            Identity::EsbApp { app_code, username } => username.clone().unwrap_or_else(|| app_code.clone()),
+        }
+    }
+}
+
+/// Actions on a supplier account: the SubjectAccessReview verbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Get,
+    List,
+    Create,
+    Update,
+    Delete,
+    Publish,
+    Replay,
+}
+
+impl Action {
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Get => "get",
+            Action::List => "list",
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Publish => "publish",
+            Action::Replay => "replay",
+        }
+    }
+}
+
+/// One ESB app: its code, secret and the supplier accounts it may use (`*` for all).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EsbApp {
+    pub app_code: String,
+    pub app_secret: String,
+    #[serde(default)]
+    pub accounts: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EsbApps {
+    #[serde(default)]
+    pub apps: Vec<EsbApp>,
+}
+
+impl EsbApps {
+    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
+        serde_yaml::from_str(text)
+    }
+
+    /// The app whose code and secret match. Secrets are compared as digests, byte by
+    /// byte without an early exit, so timing does not reveal how much of one matched.
+    pub fn verify(&self, app_code: &str, app_secret: &str) -> Option<&EsbApp> {
+        let digest = |text: &str| ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let offered = digest(app_secret);
+        self.apps.iter().find(|app| {
+            let expected = digest(&app.app_secret);
+            let difference = expected.as_ref().iter().zip(offered.as_ref()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            app.app_code == app_code && difference == 0
+        })
+    }
+
+    pub fn allows(&self, app_code: &str, account: &str) -> bool {
+        self.apps
+            .iter()
+            .any(|app| app.app_code == app_code && app.accounts.iter().any(|a| a == "*" || a == account))
+    }
+}
+
+/// The permission details of a 9900403 answer, in bk-cmdb's shape.
+pub fn permission_detail(identity: &Identity, account: &str, action: Action) -> serde_json::Value {
+    serde_json::json!({
+        "system_id": "herald",
+        "system_name": "herald",
+        "actions": [{
+            "id": action.verb(),
+            "name": action.verb(),
+            "related_resource_types": [{
+                "system_id": "herald",
+                "type": "supplieraccounts",
+                "type_name": "supplier account",
+                "instances": [[{ "type": "supplieraccounts", "id": account, "name": account }]],
+            }],
+        }],
+        "user": identity.name(),
+    })
+}
+
+pub struct Authenticator {
+    client: kube::Client,
+    audience: String,
+    anonymous: bool,
+    ttl: Duration,
+    tokens: Mutex<HashMap<Vec<u8>, (Instant, Option<Identity>)>>,
+    decisions: Mutex<HashMap<(String, String, Action), (Instant, bool)>>,
+    pub esb: EsbApps,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no usable credentials")]
+    Unauthenticated,
+    #[error("not allowed")]
+    Forbidden(serde_json::Value),
+    #[error("{0}")]
+    Review(String),
+}
+
+impl AuthError {
+    pub fn to_api(&self) -> (ApiError, Option<serde_json::Value>) {
+        match self {
+            AuthError::Unauthenticated => (ApiError::new(ErrorCode::IdentityMissing), None),
+            AuthError::Forbidden(permission) => (ApiError::new(ErrorCode::NoPermission), Some(permission.clone())),
+            AuthError::Review(detail) => (ApiError::new(ErrorCode::Internal).with_detail(detail.clone()), None),
+        }
+    }
+}
+
+impl Authenticator {
+    pub fn new(client: kube::Client, audience: String, anonymous: bool, ttl: Duration, esb: EsbApps) -> Self {
+        Authenticator { client, audience, anonymous, ttl, tokens: Mutex::default(), decisions: Mutex::default(), esb }
+    }
+
+    /// Identity from a bearer token (`Authorization: Bearer …`), or anonymous when the
+    /// development switch is on and no token was sent.
+    pub async fn bearer(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+        let token = authorization
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
+            return if self.anonymous { Ok(Identity::Anonymous) } else { Err(AuthError::Unauthenticated) };
+        };
+        // Cache by digest: raw tokens are never kept.
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec();
+        if let Some((at, identity)) = self.tokens.lock().ok().and_then(|c| c.get(&digest).cloned()) {
+            if at.elapsed() < self.ttl {
+                return identity.ok_or(AuthError::Unauthenticated);
+            }
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![self.audience.clone()]) },
+            ..Default::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Review(format!("TokenReview failed: {}", short(&e))))?;
+        let identity = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|user| Identity::Kubernetes {
+            username: user.username.unwrap_or_default(),
+            uid: user.uid,
+            groups: user.groups.unwrap_or_default(),
+            extra: user.extra.unwrap_or_default(),
+        });
+        if let Ok(mut cache) = self.tokens.lock() {
+            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            cache.insert(digest, (Instant::now(), identity.clone()));
+        }
+        identity.ok_or(AuthError::Unauthenticated)
+    }
+
+    /// Whether `identity` may do `action` on supplier `account`.
+    pub async fn authorize(&self, identity: &Identity, account: &str, action: Action) -> Result<(), AuthError> {
+        let allowed = match identity {
+            Identity::Anonymous => true,
+            Identity::EsbApp { app_code, .. } => self.esb.allows(app_code, account),
+            Identity::Kubernetes { username, uid, groups, extra } => {
+                let key = (username.clone(), account.to_string(), action);
+                let cached = self.decisions.lock().ok().and_then(|c| c.get(&key).copied());
+                match cached {
+                    Some((at, allowed)) if at.elapsed() < self.ttl => allowed,
+                    _ => {
+                        let allowed = self.review_access(username, uid, groups, extra, account, action).await?;
+                        if let Ok(mut cache) = self.decisions.lock() {
+                            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
+                            cache.insert(key, (Instant::now(), allowed));
+                        }
+                        allowed
+                    }
+                }
+            }
+        };
+        if allowed { Ok(()) } else { Err(AuthError::Forbidden(permission_detail(identity, account, action))) }
+    }
+
+    async fn review_access(
+        &self,
+        username: &str,
+        uid: &Option<String>,
+        groups: &[String],
+        extra: &BTreeMap<String, Vec<String>>,
+        account: &str,
+        action: Action,
+    ) -> Result<bool, AuthError> {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(username.to_string()),
+                uid: uid.clone(),
+                groups: Some(groups.to_vec()),
+                extra: Some(extra.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(crate::crd::GROUP.into()),
+                    resource: Some("supplieraccounts".into()),
+                    name: Some(account.to_string()),
+                    verb: Some(action.verb().into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Review(format!("SubjectAccessReview failed: {}", short(&e))))?;
+        Ok(answer.status.is_some_and(|s| s.allowed))
+    }
+}
+
+fn short(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} {}", status.code, status.reason),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn esb_apps_verify_secrets_and_accounts() {
+        let apps = EsbApps::from_yaml("apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts: ['0', '7']\n- appCode: ops\n  appSecret: x\n  accounts: ['*']\n").unwrap();
+        assert!(apps.verify("cmdb", "s3cret").is_some());
+        assert!(apps.verify("cmdb", "wrong").is_none());
+        assert!(apps.verify("nobody", "s3cret").is_none());
+        assert!(apps.allows("cmdb", "7"));
+        assert!(!apps.allows("cmdb", "8"));
+        assert!(apps.allows("ops", "anything"));
+    }
+}

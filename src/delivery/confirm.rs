@@ -1,0 +1,88 @@
+//! Whether a callback's answer confirms the delivery (DESIGN.md §5).
+
+use crate::crd::ConfirmMode;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Confirmed,
+    /// A failed attempt; retry later.
+    Failed(String),
+    /// 429: a failed attempt whose next try waits at least `retry_after`.
+    Throttled { retry_after: Option<Duration> },
+    /// 410: the receiver is gone for good; stop until the spec changes.
+    Gone,
+}
+
+/// `httpstatus`: the status code as a decimal string equals the pattern exactly.
+/// `regular`: the regex matches anywhere in the body as read (status ignored).
+/// In both modes 429 and 410 mean what HTTP says.
+pub fn judge(mode: ConfirmMode, pattern: &str, regex: Option<&regex::Regex>, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Verdict {
+    match status {
+        410 => return Verdict::Gone,
+        429 => return Verdict::Throttled { retry_after },
+        _ => {}
+    }
+    match mode {
+        ConfirmMode::Httpstatus if status.to_string() == pattern => Verdict::Confirmed,
+        ConfirmMode::Httpstatus => Verdict::Failed(format!("status {status}, expected {pattern}")),
+        ConfirmMode::Regular => match regex {
+            Some(regex) if regex.is_match(&String::from_utf8_lossy(body)) => Verdict::Confirmed,
+            Some(_) => Verdict::Failed(format!("status {status}: response body does not match the confirm pattern")),
+            None => Verdict::Failed("confirm pattern does not compile".into()),
+        },
+    }
+}
+
+/// `Retry-After` in seconds or as an HTTP date, capped.
+pub fn retry_after(value: &str, now: jiff::Timestamp, cap: Duration) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+            Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn httpstatus_compares_the_code_exactly() {
+        assert_eq!(judge(ConfirmMode::Httpstatus, "200", None, 200, None, b""), Verdict::Confirmed);
+        assert!(matches!(judge(ConfirmMode::Httpstatus, "201", None, 200, None, b""), Verdict::Failed(_)));
+        assert_eq!(judge(ConfirmMode::Httpstatus, "201", None, 201, None, b""), Verdict::Confirmed);
+        assert!(matches!(judge(ConfirmMode::Httpstatus, "200", None, 500, None, b"ok"), Verdict::Failed(_)));
+    }
+
+    #[test]
+    fn regular_matches_anywhere_and_ignores_status() {
+        let regex = regex::Regex::new(r#""result":\s*true"#).unwrap();
+        let body = br#"{"code": 0, "result": true}"#;
+        assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 500, None, body), Verdict::Confirmed);
+        assert!(matches!(judge(ConfirmMode::Regular, "", Some(&regex), 200, None, b"{\"result\": false}"), Verdict::Failed(_)));
+    }
+
+    #[test]
+    fn gone_and_throttled_win_in_both_modes() {
+        let regex = regex::Regex::new("").unwrap();
+        assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 410, None, b""), Verdict::Gone);
+        assert_eq!(judge(ConfirmMode::Httpstatus, "410", None, 410, None, b""), Verdict::Gone);
+        let wait = Some(Duration::from_secs(3));
+        assert_eq!(judge(ConfirmMode::Httpstatus, "429", None, 429, wait, b""), Verdict::Throttled { retry_after: wait });
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_dates_and_is_capped() {
+        let now = jiff::Timestamp::from_second(784_111_777).unwrap(); // Sun, 06 Nov 1994 08:49:37 GMT
+        let cap = Duration::from_secs(300);
+        assert_eq!(retry_after("7", now, cap), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after("100000", now, cap), Some(cap));
+        assert_eq!(retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now, cap), Some(Duration::from_secs(10)));
+        assert_eq!(retry_after("soon", now, cap), None);
+    }
+}

@@ -1,0 +1,212 @@
+//! Statistics in status as a projection of the store: written by server-side apply under
+//! the field manager `herald-delivery` (which owns `statistics` and the
+//! `CallbackHealthy` condition), only when changed, within a global budget of writes
+//! per second, oldest change first. API-server writes therefore follow the number of
+//! changed subscriptions, never the event rate.
+
+use super::index::SubscriptionIndex;
+use crate::controller::status::set_condition;
+use crate::crd::{EventSubscription, Statistics};
+use crate::store::{Counters, EventStore};
+use crate::telemetry::Metrics;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const FIELD_MANAGER: &str = "herald-delivery";
+pub const CONDITION_CALLBACK_HEALTHY: &str = "CallbackHealthy";
+
+#[derive(Default)]
+struct Marks {
+    /// Subscriptions whose counters changed, with when they first did.
+    dirty: HashMap<i64, Instant>,
+    gone: HashSet<i64>,
+}
+
+pub struct StatusProjector {
+    marks: Mutex<Marks>,
+    /// Writes per second across all subscriptions.
+    budget: f64,
+}
+
+impl StatusProjector {
+    pub fn new(writes_per_second: f64) -> Self {
+        StatusProjector { marks: Mutex::default(), budget: writes_per_second.max(0.1) }
+    }
+
+    pub fn touch(&self, id: i64) {
+        if let Ok(mut marks) = self.marks.lock() {
+            marks.dirty.entry(id).or_insert_with(Instant::now);
+        }
+    }
+
+    pub fn set_gone(&self, id: i64, gone: bool) {
+        if let Ok(mut marks) = self.marks.lock() {
+            let changed = if gone { marks.gone.insert(id) } else { marks.gone.remove(&id) };
+            if changed {
+                marks.dirty.entry(id).or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    fn take_oldest(&self) -> Option<(i64, bool)> {
+        let mut marks = self.marks.lock().ok()?;
+        let id = marks.dirty.iter().min_by_key(|(_, since)| **since).map(|(id, _)| *id)?;
+        marks.dirty.remove(&id);
+        Some((id, marks.gone.contains(&id)))
+    }
+
+    /// Writes changed statuses until `shutdown`, at most `budget` per second.
+    pub async fn run(
+        self: Arc<Self>,
+        client: Client,
+        store: Arc<dyn EventStore>,
+        index: Arc<SubscriptionIndex>,
+        subscriptions: Store<EventSubscription>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / self.budget));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            // Skipping an unchanged status costs no budget: look further in this tick.
+            for _ in 0..64 {
+                let Some((id, gone)) = self.take_oldest() else { break };
+                let Some(sub) = index.get(id) else { continue };
+                let Some(object) = subscriptions.get(&ObjectRef::new(&sub.name).within(&sub.namespace)) else { continue };
+                let counters = match store.counters(id).await {
+                    Ok(counters) => counters,
+                    Err(error) => {
+                        tracing::warn!(%error, subscription = id, "reading counters failed");
+                        self.touch(id);
+                        break;
+                    }
+                };
+                let Some(patch) = projection(&object, &counters, gone, now()) else { continue };
+                let api = Api::<EventSubscription>::namespaced(client.clone(), &sub.namespace);
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                match api.patch_status(&sub.name, &params, &Patch::Apply(&patch)).await {
+                    Ok(_) => {
+                        metrics.status_writes.inc();
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, subscription = id, "writing delivery status failed; will retry");
+                        self.touch(id);
+                    }
+                };
+                break;
+            }
+        }
+    }
+}
+
+fn now() -> jiff::Timestamp {
+    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+fn millis_to_rfc3339(millis: i64) -> Option<String> {
+    jiff::Timestamp::from_second(millis / 1000).ok().map(|t| t.to_string())
+}
+
+pub fn statistics(counters: &Counters) -> Statistics {
+    Statistics {
+        total: counters.total,
+        failure: counters.failure,
+        delivered: counters.delivered,
+        dead_lettered: counters.dead_lettered,
+        pending: counters.pending,
+        last_delivery_time: counters.last_delivery_at.and_then(millis_to_rfc3339),
+        last_error: counters.last_error.clone(),
+        consecutive_failures: counters.consecutive_failures,
+    }
+}
+
+/// `CallbackHealthy`: absent before the first attempt; False with reason `Gone` after
+/// a 410, `Failing` while attempts fail; True once deliveries are confirmed.
+pub fn callback_healthy(counters: &Counters, gone: bool, generation: Option<i64>, now: jiff::Timestamp) -> Option<Condition> {
+    let (status, reason, message) = if gone {
+        ("False", "Gone", "the callback answered 410 Gone; delivery resumes when the spec changes".to_string())
+    } else if counters.total == 0 {
+        return None;
+    } else if counters.consecutive_failures > 0 {
+        let error = counters.last_error.clone().unwrap_or_default();
+        ("False", "Failing", format!("{} consecutive failed attempts; last: {error}", counters.consecutive_failures))
+    } else {
+        ("True", "Delivering", "the callback confirms deliveries".to_string())
+    };
+    Some(Condition {
+        type_: CONDITION_CALLBACK_HEALTHY.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    })
+}
+
+/// The status apply body, or None when the object already shows it.
+pub fn projection(object: &EventSubscription, counters: &Counters, gone: bool, now: jiff::Timestamp) -> Option<serde_json::Value> {
+    let statistics = statistics(counters);
+    let current = object.status.clone().unwrap_or_default();
+    let mut conditions = current.conditions.clone();
+    let healthy = callback_healthy(counters, gone, object.metadata.generation, now);
+    if let Some(condition) = healthy.clone() {
+        set_condition(&mut conditions, condition);
+    }
+    let condition = conditions.into_iter().find(|c| Some(&c.type_) == healthy.as_ref().map(|h| &h.type_));
+    let current_condition = current.conditions.iter().find(|c| c.type_ == CONDITION_CALLBACK_HEALTHY);
+    if current.statistics.as_ref() == Some(&statistics) && current_condition == condition.as_ref() {
+        return None;
+    }
+    Some(serde_json::json!({
+        "apiVersion": EventSubscription::api_version(&()),
+        "kind": EventSubscription::kind(&()),
+        "metadata": { "name": object.metadata.name },
+        "status": { "statistics": statistics, "conditions": condition.into_iter().collect::<Vec<_>>() },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EventSubscriptionSpec;
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn health_follows_the_counters() {
+        let none = Counters::default();
+        assert!(callback_healthy(&none, false, Some(1), at(1)).is_none());
+        let failing = Counters { total: 3, failure: 3, consecutive_failures: 3, last_error: Some("status 500".into()), ..Default::default() };
+        let c = callback_healthy(&failing, false, Some(1), at(1)).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Failing"));
+        assert!(c.message.contains("status 500"));
+        let ok = Counters { total: 4, failure: 3, delivered: 1, ..Default::default() };
+        assert_eq!(callback_healthy(&ok, false, Some(1), at(1)).unwrap().status, "True");
+        assert_eq!(callback_healthy(&ok, true, Some(1), at(1)).unwrap().reason, "Gone");
+    }
+
+    #[test]
+    fn an_unchanged_projection_is_not_written() {
+        let mut object = EventSubscription::new("s", EventSubscriptionSpec::default());
+        let counters = Counters { total: 2, delivered: 2, ..Default::default() };
+        let patch = projection(&object, &counters, false, at(10)).expect("first write");
+        object.status = Some(serde_json::from_value(patch["status"].clone()).unwrap());
+        assert!(projection(&object, &counters, false, at(20)).is_none());
+        let more = Counters { total: 3, delivered: 3, ..Default::default() };
+        let next = projection(&object, &more, false, at(30)).expect("changed counters");
+        // The condition did not flip, so its transition time stays.
+        assert_eq!(next["status"]["conditions"][0]["lastTransitionTime"], "1970-01-01T00:00:10Z");
+    }
+}

@@ -1,0 +1,253 @@
+//! The per-subscription worker: delivers the subscription's queue in order,
+//! `maxInFlight` at a time, retries with backoff, dead-letters, and stops for deletion,
+//! pause, 410 Gone and shutdown. One slow callback only ever holds its own worker.
+
+use super::Delivery;
+use super::callback::{self, Request};
+use super::confirm::{Verdict, judge};
+use super::index::Subscriber;
+use super::retry::backoff;
+use crate::effective::compile_confirm_regex;
+use crate::store::sqlite::UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION;
+use crate::store::{Attempt, Outcome, Queued, now_millis};
+use futures::StreamExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Queue entries fetched at once.
+const PAGE: usize = 256;
+
+pub struct WorkerHandle {
+    pub wake: Notify,
+    pub stop: CancellationToken,
+    /// Outcomes recorded since the last wait for a commit, and the newest ticket.
+    uncommitted: AtomicU64,
+    last_ticket: AtomicU64,
+    /// Generation whose callback answered 410: delivery waits for a spec change.
+    gone_generation: AtomicI64,
+}
+
+impl WorkerHandle {
+    pub fn new(stop: CancellationToken) -> Self {
+        WorkerHandle {
+            wake: Notify::new(),
+            stop,
+            uncommitted: AtomicU64::new(0),
+            last_ticket: AtomicU64::new(0),
+            gone_generation: AtomicI64::new(-1),
+        }
+    }
+}
+
+/// How handling one queue entry ended.
+enum Handled {
+    /// Delivered or dead-lettered: the entry is done.
+    Done,
+    /// Not done and not to be retried now (deleted, paused, gone, shutting down).
+    Interrupted,
+}
+
+pub async fn run(delivery: Arc<Delivery>, id: i64, handle: Arc<WorkerHandle>) {
+    let mut cursor = 0;
+    loop {
+        if handle.stop.is_cancelled() {
+            return;
+        }
+        let Some(sub) = delivery.index.get(id) else {
+            idle(&handle).await;
+            continue;
+        };
+        if !delivery.exists(&sub) {
+            delivery.forget(id).await;
+            return;
+        }
+        let gone = handle.gone_generation.load(Ordering::Acquire);
+        if gone != -1 && gone != sub.generation {
+            // The spec changed since the callback answered 410: try again.
+            handle.gone_generation.store(-1, Ordering::Release);
+            delivery.status.set_gone(id, false);
+        }
+        if !deliverable(&sub, &handle) {
+            idle(&handle).await;
+            continue;
+        }
+        let page = match delivery.store.queued(id, cursor, PAGE).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::error!(%error, subscription = id, "reading the queue failed");
+                idle(&handle).await;
+                continue;
+            }
+        };
+        if page.is_empty() {
+            idle(&handle).await;
+            continue;
+        }
+        let in_flight = usize::try_from(sub.effective.max_in_flight).unwrap_or(1).max(1);
+        let results: Vec<(i64, Handled)> = futures::stream::iter(page)
+            .map(|item| {
+                let delivery = delivery.clone();
+                let handle = handle.clone();
+                async move {
+                    let position = item.position;
+                    (position, deliver(&delivery, &handle, item).await)
+                }
+            })
+            .buffered(in_flight)
+            .collect()
+            .await;
+        // Advance past the entries done in order; an interrupted one is fetched again.
+        for (position, handled) in results {
+            match handled {
+                Handled::Done => cursor = position,
+                Handled::Interrupted => break,
+            }
+        }
+    }
+}
+
+/// Waits for a wake-up (publish, spec change, replay), at most a few seconds.
+async fn idle(handle: &WorkerHandle) {
+    tokio::select! {
+        _ = handle.wake.notified() => {}
+        _ = handle.stop.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+}
+
+fn deliverable(sub: &Subscriber, handle: &WorkerHandle) -> bool {
+    sub.ready && !sub.effective.paused && handle.gone_generation.load(Ordering::Acquire) != sub.generation
+}
+
+/// Attempts one entry until it is delivered, dead-lettered or interrupted. The spec is
+/// read again before every attempt, so an update applies from the next attempt.
+async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -> Handled {
+    let id = item.subscription_id;
+    let mut regex: Option<(String, regex::Regex)> = None;
+    loop {
+        if handle.stop.is_cancelled() {
+            return Handled::Interrupted;
+        }
+        let Some(sub) = delivery.index.get(id) else { return Handled::Interrupted };
+        if !deliverable(&sub, handle) || !delivery.exists(&sub) {
+            return Handled::Interrupted;
+        }
+        let effective = &sub.effective;
+        if now_millis().saturating_sub(item.enqueued_at) > delivery.config.max_age_millis() {
+            let error = format!("not delivered within {} s", delivery.config.max_age_seconds);
+            record(delivery, handle, &item, Outcome::DeadLettered { error, reason: "Expired".into(), attempted: false }).await;
+            return Handled::Done;
+        }
+        if regex.as_ref().is_none_or(|(pattern, _)| pattern != &effective.confirm_pattern) {
+            regex = match effective.confirm_mode {
+                crate::crd::ConfirmMode::Regular => compile_confirm_regex(&effective.confirm_pattern).ok().map(|r| (effective.confirm_pattern.clone(), r)),
+                crate::crd::ConfirmMode::Httpstatus => None,
+            };
+        }
+        let signing_key = match &sub.signing {
+            Some(secret) => match delivery.secrets.key(&sub.namespace, secret).await {
+                Ok(key) => Some(key),
+                Err(error) => {
+                    if fail(delivery, handle, &sub, &mut item, error, None).await {
+                        return Handled::Done;
+                    }
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let attempt = item.attempts + 1;
+        let started = Instant::now();
+        let answer = callback::send(
+            &delivery.http,
+            Request {
+                url: &effective.callback_url,
+                item: &item,
+                attempt,
+                timeout: effective.timeout,
+                signing_key: signing_key.as_deref(),
+                body_cap: delivery.config.body_cap_bytes,
+                retry_after_cap: Duration::from_secs(delivery.config.retry_after_cap_seconds),
+            },
+        )
+        .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let verdict = match answer {
+            Ok(answer) => judge(
+                effective.confirm_mode,
+                &effective.confirm_pattern,
+                regex.as_ref().map(|(_, r)| r),
+                answer.status,
+                answer.retry_after,
+                &answer.body,
+            ),
+            Err(error) => Verdict::Failed(error.to_string()),
+        };
+        match verdict {
+            Verdict::Confirmed => {
+                delivery.metrics.attempt("delivered", id, elapsed);
+                record(delivery, handle, &item, Outcome::Delivered).await;
+                return Handled::Done;
+            }
+            Verdict::Gone => {
+                delivery.metrics.attempt("gone", id, elapsed);
+                record(delivery, handle, &item, Outcome::Failed { error: "410 Gone".into() }).await;
+                handle.gone_generation.store(sub.generation, Ordering::Release);
+                delivery.status.set_gone(id, true);
+                tracing::warn!(subscription = id, "callback answered 410 Gone; delivery stops until the spec changes");
+                return Handled::Interrupted;
+            }
+            Verdict::Throttled { retry_after } => {
+                delivery.metrics.attempt("throttled", id, elapsed);
+                if fail(delivery, handle, &sub, &mut item, "429 Too Many Requests".into(), retry_after).await {
+                    return Handled::Done;
+                }
+            }
+            Verdict::Failed(error) => {
+                delivery.metrics.attempt("failed", id, elapsed);
+                if fail(delivery, handle, &sub, &mut item, error, None).await {
+                    return Handled::Done;
+                }
+            }
+        }
+    }
+}
+
+/// Records a failed attempt; dead-letters the entry when it was the last allowed one
+/// (returns true), otherwise waits out the backoff (at least `retry_after`).
+async fn fail(delivery: &Delivery, handle: &WorkerHandle, sub: &Subscriber, item: &mut Queued, error: String, retry_after: Option<Duration>) -> bool {
+    let attempt = item.attempts + 1;
+    if attempt >= sub.effective.retry.max_attempts {
+        let reason = "MaxAttempts".to_string();
+        record(delivery, handle, item, Outcome::DeadLettered { error, reason, attempted: true }).await;
+        return true;
+    }
+    record(delivery, handle, item, Outcome::Failed { error }).await;
+    item.attempts = attempt;
+    let wait = backoff(&sub.effective.retry, attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = handle.stop.cancelled() => {}
+    }
+    false
+}
+
+/// Hands an outcome to the store; once this worker has enough uncommitted outcomes, waits
+/// for them to be durable, bounding what a crash can redeliver.
+async fn record(delivery: &Delivery, handle: &WorkerHandle, item: &Queued, outcome: Outcome) {
+    let attempt = Attempt { subscription_id: item.subscription_id, position: item.position, outcome, at: now_millis() };
+    match delivery.store.record(attempt) {
+        Ok(ticket) => {
+            handle.last_ticket.fetch_max(ticket, Ordering::AcqRel);
+            if handle.uncommitted.fetch_add(1, Ordering::AcqRel) + 1 >= UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION {
+                let _ = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire)).await;
+                handle.uncommitted.store(0, Ordering::Release);
+            }
+        }
+        Err(error) => tracing::error!(%error, subscription = item.subscription_id, "recording an attempt failed"),
+    }
+    delivery.status.touch(item.subscription_id);
+}

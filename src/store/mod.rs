@@ -1,0 +1,152 @@
+//! The event store: accepted events, per-subscription queues, dead letters and delivery
+//! counters. One small trait so that a distributed engine can replace the embedded
+//! SQLite implementation (`sqlite`) when one pod is not enough (DESIGN.md §6).
+
+pub mod sqlite;
+
+use futures::future::BoxFuture;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// One accepted event and the subscriptions it was matched to at publish time.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    /// The event as stored (crate::event::StoredEvent serialised).
+    pub body: String,
+    pub subscriptions: Vec<i64>,
+}
+
+/// Where one event went for one subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fanout {
+    pub subscription_id: i64,
+    pub distribution_id: i64,
+    /// False when the subscription's backlog was full and the event went straight to
+    /// its dead letters.
+    pub queued: bool,
+}
+
+/// A queued delivery of one event to one subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub subscription_id: i64,
+    /// Queue position: delivery order within the subscription.
+    pub position: i64,
+    pub event_id: i64,
+    pub distribution_id: i64,
+    /// Attempts already made (and counted) for this delivery.
+    pub attempts: u32,
+    pub enqueued_at: Millis,
+    pub body: String,
+}
+
+/// The result of one delivery attempt, recorded with its counters in one transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Confirmed by the callback: the queue entry goes, `delivered` grows.
+    Delivered,
+    /// Failed; the entry stays for another attempt.
+    Failed { error: String },
+    /// Failed for the last time (or never attempted, when `attempted` is false, as for an
+    /// expired entry): the entry moves to the dead letters.
+    DeadLettered { error: String, reason: String, attempted: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub subscription_id: i64,
+    pub position: i64,
+    pub outcome: Outcome,
+    pub at: Millis,
+}
+
+/// Delivery counters of one subscription (status `statistics`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub total: i64,
+    pub failure: i64,
+    pub delivered: i64,
+    pub dead_lettered: i64,
+    pub pending: i64,
+    pub consecutive_failures: i64,
+    pub last_error: Option<String>,
+    pub last_delivery_at: Option<Millis>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub subscription_id: i64,
+    pub distribution_id: i64,
+    pub event_id: i64,
+    pub attempts: u32,
+    pub reason: String,
+    pub error: String,
+    pub dead_at: Millis,
+    pub body: String,
+}
+
+/// Limits the store enforces.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Publishes are refused (503) while the database is larger than this.
+    pub quota_bytes: u64,
+    /// Events beyond this many pending per subscription go to its dead letters.
+    pub backlog_cap: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening store at {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("creating store directory {path}: {source}")]
+    CreateDir { path: String, source: std::io::Error },
+    #[error("store directory {path} is locked by another herald process")]
+    Locked { path: String },
+    #[error("locking store directory {path}: {source}")]
+    Lock { path: String, source: std::io::Error },
+    #[error("store schema version {found} is newer than this herald supports ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("migrating store schema to version {version}: {source}")]
+    Migrate { version: i64, source: rusqlite::Error },
+    #[error("store is over its quota ({size} of {quota} bytes)")]
+    OverQuota { size: u64, quota: u64 },
+    #[error("store query failed: {0}")]
+    Query(#[from] rusqlite::Error),
+    #[error("store commit failed: {0}")]
+    Commit(String),
+    #[error("the store writer stopped")]
+    WriterStopped,
+}
+
+/// The operations herald needs from a store. Writes that answer a caller (publish,
+/// replay, drop) are durable when they return; `record` is batched (see `sqlite`).
+pub trait EventStore: Send + Sync {
+    /// Stores events and their fan-out atomically and durably.
+    fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>>;
+    /// Up to `limit` queued deliveries of a subscription after `after_position`, in order.
+    fn queued(&self, subscription_id: i64, after_position: i64, limit: usize) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>>;
+    /// Records an attempt; returns a ticket that `committed` resolves once it is durable.
+    fn record(&self, attempt: Attempt) -> Result<u64, StoreError>;
+    /// Resolves when every record up to `ticket` is durable.
+    fn committed(&self, ticket: u64) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>>;
+    fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>>;
+    /// Moves dead letters (all, or the given distribution ids) to the queue's tail.
+    fn replay(&self, subscription_id: i64, distribution_ids: Option<Vec<i64>>) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Forgets a deleted subscription: its queue, dead letters and counters.
+    fn drop_subscription(&self, subscription_id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Every subscription the store holds anything for.
+    fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>>;
+    /// Deletes dead letters older than `before`.
+    fn expire_dead_letters(&self, before: Millis) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Size of the store on disk.
+    fn size_bytes(&self) -> u64;
+}
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

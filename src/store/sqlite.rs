@@ -1,0 +1,746 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`, so a commit is on disk
+//! (fsync'd) before it returns.
+//!
+//! One writer thread owns the write connection. It takes every write waiting in its
+//! channel, applies them in one transaction and commits once: concurrent publishes share
+//! one fsync (group commit), and delivery outcomes are committed in the same batches.
+//! Outcomes are not awaited by the workers; instead each worker waits for its own
+//! records to commit once it has `UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION` of them in
+//! flight, which bounds what a crash can make a subscription see again.
+//!
+//! Reads go through a second connection (WAL readers never block the writer).
+//! An exclusive lock on `herald.lock` in the store directory keeps a second herald out.
+
+use super::{Attempt, Counters, DeadLetter, EventStore, Fanout, Limits, Millis, NewEvent, Outcome, Queued, StoreError, now_millis};
+use futures::future::BoxFuture;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use tokio::sync::{oneshot, watch};
+
+/// Outcomes a subscription may have recorded but not yet committed before its worker
+/// waits for the writer: with `maxInFlight`, the bound on redeliveries after a crash.
+pub const UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION: u64 = 64;
+
+/// Most writes the writer folds into one transaction.
+const MAX_BATCH: usize = 4096;
+
+const DATABASE_FILE: &str = "herald.db";
+const LOCK_FILE: &str = "herald.lock";
+
+/// Schema migrations; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    refs INTEGER NOT NULL,
+    published_at INTEGER NOT NULL
+);
+CREATE TABLE subscriptions (
+    subscription_id INTEGER PRIMARY KEY,
+    next_distribution_id INTEGER NOT NULL DEFAULT 1,
+    next_position INTEGER NOT NULL DEFAULT 1,
+    pending INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    failure INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    last_delivery_at INTEGER
+);
+CREATE TABLE queue (
+    subscription_id INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    event_id INTEGER NOT NULL,
+    distribution_id INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    enqueued_at INTEGER NOT NULL,
+    PRIMARY KEY (subscription_id, position)
+) WITHOUT ROWID;
+CREATE TABLE dead_letters (
+    subscription_id INTEGER NOT NULL,
+    distribution_id INTEGER NOT NULL,
+    event_id INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    dead_at INTEGER NOT NULL,
+    PRIMARY KEY (subscription_id, distribution_id)
+) WITHOUT ROWID;
+CREATE INDEX dead_letters_by_age ON dead_letters (dead_at);
+"#];
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Write {
+    Publish { events: Vec<NewEvent>, reply: Reply<Vec<Vec<Fanout>>> },
+    Record { ticket: u64, attempt: Attempt },
+    Replay { subscription_id: i64, distribution_ids: Option<Vec<i64>>, reply: Reply<usize> },
+    Drop { subscription_id: i64, reply: Reply<()> },
+    Expire { before: Millis, reply: Reply<usize> },
+}
+
+pub struct SqliteStore {
+    writes: mpsc::Sender<Write>,
+    reader: Arc<Mutex<Connection>>,
+    next_ticket: AtomicU64,
+    committed: watch::Receiver<u64>,
+    size: Arc<AtomicU64>,
+    directory: PathBuf,
+    durability: (String, i64),
+    _lock: File,
+}
+
+fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let shown = path.display().to_string();
+    let open_error = |source| StoreError::Open { path: shown.clone(), source };
+    let conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(open_error)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > supported {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+        let version = i64::try_from(index + 1).unwrap_or(i64::MAX);
+        let migrate_error = |source| StoreError::Migrate { version, source };
+        let tx = conn.transaction().map_err(migrate_error)?;
+        tx.execute_batch(sql).map_err(migrate_error)?;
+        tx.pragma_update(None, "user_version", version).map_err(migrate_error)?;
+        tx.commit().map_err(migrate_error)?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `directory` and starts its writer thread.
+    pub fn open(directory: &Path, limits: Limits) -> Result<Self, StoreError> {
+        let shown = directory.display().to_string();
+        std::fs::create_dir_all(directory).map_err(|source| StoreError::CreateDir { path: shown.clone(), source })?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(directory.join(LOCK_FILE))
+            .map_err(|source| StoreError::Lock { path: shown.clone(), source })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path: shown }),
+            Err(std::fs::TryLockError::Error(source)) => return Err(StoreError::Lock { path: shown, source }),
+        }
+
+        let db = directory.join(DATABASE_FILE);
+        let mut writer = open_connection(&db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
+        // WAL + FULL: every commit fsyncs the WAL before returning.
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        migrate(&mut writer)?;
+        let durability = (
+            writer.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))?,
+            writer.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?,
+        );
+        let reader = open_connection(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+
+        let (writes, queue) = mpsc::channel();
+        let (committed_tx, committed) = watch::channel(0);
+        let size = Arc::new(AtomicU64::new(0));
+        let mut writer_state = Writer { conn: writer, limits, size: size.clone(), directory: directory.to_path_buf() };
+        writer_state.measure();
+        std::thread::Builder::new()
+            .name("herald-store-writer".into())
+            .spawn(move || writer_state.run(&queue, &committed_tx))
+            .map_err(|source| StoreError::Lock { path: shown, source })?;
+
+        Ok(SqliteStore {
+            writes,
+            reader: Arc::new(Mutex::new(reader)),
+            next_ticket: AtomicU64::new(1),
+            committed,
+            size,
+            directory: directory.to_path_buf(),
+            durability,
+            _lock: lock,
+        })
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// The writer connection's journal mode and `synchronous` level, read back after
+    /// opening: ("wal", 2 = FULL) is what makes a commit durable when it returns.
+    pub fn durability(&self) -> (&str, i64) {
+        (&self.durability.0, self.durability.1)
+    }
+
+    async fn ask<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes.send(make(reply)).map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    async fn read<T: Send + 'static>(&self, query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| StoreError::WriterStopped)?;
+            query(&conn).map_err(StoreError::from)
+        })
+        .await
+        .map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+impl EventStore for SqliteStore {
+    fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
+        Box::pin(self.ask(|reply| Write::Publish { events, reply }))
+    }
+
+    fn queued(&self, subscription_id: i64, after_position: i64, limit: usize) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT q.position, q.event_id, q.distribution_id, q.attempts, q.enqueued_at, e.body
+                 FROM queue q JOIN events e ON e.id = q.event_id
+                 WHERE q.subscription_id = ?1 AND q.position > ?2 ORDER BY q.position LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![subscription_id, after_position, limit], |r| {
+                Ok(Queued {
+                    subscription_id,
+                    position: r.get(0)?,
+                    event_id: r.get(1)?,
+                    distribution_id: r.get(2)?,
+                    attempts: r.get(3)?,
+                    enqueued_at: r.get(4)?,
+                    body: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn record(&self, attempt: Attempt) -> Result<u64, StoreError> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        self.writes.send(Write::Record { ticket, attempt }).map_err(|_| StoreError::WriterStopped)?;
+        Ok(ticket)
+    }
+
+    fn committed(&self, ticket: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut committed = self.committed.clone();
+        Box::pin(async move {
+            committed.wait_for(|done| *done >= ticket).await.map(|_| ()).map_err(|_| StoreError::WriterStopped)
+        })
+    }
+
+    fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {
+        Box::pin(self.read(move |conn| {
+            conn.query_row(
+                "SELECT total, failure, delivered, dead_lettered, pending, consecutive_failures, last_error, last_delivery_at
+                 FROM subscriptions WHERE subscription_id = ?1",
+                [subscription_id],
+                |r| {
+                    Ok(Counters {
+                        total: r.get(0)?,
+                        failure: r.get(1)?,
+                        delivered: r.get(2)?,
+                        dead_lettered: r.get(3)?,
+                        pending: r.get(4)?,
+                        consecutive_failures: r.get(5)?,
+                        last_error: r.get(6)?,
+                        last_delivery_at: r.get(7)?,
+                    })
+                },
+            )
+            .optional()
+            .map(Option::unwrap_or_default)
+        }))
+    }
+
+    fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT d.distribution_id, d.event_id, d.attempts, d.reason, d.error, d.dead_at, e.body
+                 FROM dead_letters d JOIN events e ON e.id = d.event_id
+                 WHERE d.subscription_id = ?1 ORDER BY d.distribution_id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![subscription_id, limit], |r| {
+                Ok(DeadLetter {
+                    subscription_id,
+                    distribution_id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    attempts: r.get(2)?,
+                    reason: r.get(3)?,
+                    error: r.get(4)?,
+                    dead_at: r.get(5)?,
+                    body: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn replay(&self, subscription_id: i64, distribution_ids: Option<Vec<i64>>) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(self.ask(move |reply| Write::Replay { subscription_id, distribution_ids, reply }))
+    }
+
+    fn drop_subscription(&self, subscription_id: i64) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.ask(move |reply| Write::Drop { subscription_id, reply }))
+    }
+
+    fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
+        Box::pin(self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT subscription_id FROM subscriptions ORDER BY subscription_id")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        }))
+    }
+
+    fn expire_dead_letters(&self, before: Millis) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(self.ask(move |reply| Write::Expire { before, reply }))
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    limits: Limits,
+    size: Arc<AtomicU64>,
+    directory: PathBuf,
+}
+
+/// An answer to send once the transaction it belongs to has committed.
+enum Pending {
+    Published(Reply<Vec<Vec<Fanout>>>, Result<Vec<Vec<Fanout>>, StoreError>),
+    Replayed(Reply<usize>, Result<usize, StoreError>),
+    Dropped(Reply<()>, Result<(), StoreError>),
+    Expired(Reply<usize>, Result<usize, StoreError>),
+}
+
+impl Pending {
+    /// Sends the answer, or `failure` for every success when the commit failed.
+    fn send(self, commit_failed: Option<&str>) {
+        fn answer<T>(reply: Reply<T>, result: Result<T, StoreError>, failed: Option<&str>) {
+            let result = match (result, failed) {
+                (Ok(_), Some(error)) => Err(StoreError::Commit(error.to_string())),
+                (result, _) => result,
+            };
+            let _ = reply.send(result);
+        }
+        match self {
+            Pending::Published(reply, result) => answer(reply, result, commit_failed),
+            Pending::Replayed(reply, result) => answer(reply, result, commit_failed),
+            Pending::Dropped(reply, result) => answer(reply, result, commit_failed),
+            Pending::Expired(reply, result) => answer(reply, result, commit_failed),
+        }
+    }
+}
+
+impl Writer {
+    fn run(&mut self, queue: &mpsc::Receiver<Write>, committed: &watch::Sender<u64>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(write) => batch.push(write),
+                    Err(_) => break,
+                }
+            }
+            let (answers, highest_ticket, result) = self.apply_batch(batch);
+            let failure = result.err().map(|e| e.to_string());
+            if let Some(error) = &failure {
+                tracing::error!(%error, "store commit failed; the batch is not durable");
+            }
+            for pending in answers {
+                pending.send(failure.as_deref());
+            }
+            if failure.is_none() && highest_ticket > 0 {
+                committed.send_if_modified(|done| {
+                    let moved = highest_ticket > *done;
+                    *done = (*done).max(highest_ticket);
+                    moved
+                });
+            }
+            self.measure();
+        }
+    }
+
+    fn apply_batch(&mut self, batch: Vec<Write>) -> (Vec<Pending>, u64, Result<(), rusqlite::Error>) {
+        let over_quota = self.over_quota();
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut highest_ticket = 0;
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(error) => {
+                let message = error.to_string();
+                for write in batch {
+                    fail_write(write, &message);
+                }
+                return (answers, 0, Err(error));
+            }
+        };
+        let now = now_millis();
+        for write in batch {
+            match write {
+                Write::Publish { events, reply } => {
+                    let result = match over_quota {
+                        Some((size, quota)) => Err(StoreError::OverQuota { size, quota }),
+                        None => in_savepoint(&tx, |sp| publish(sp, &events, self.limits.backlog_cap, now)),
+                    };
+                    answers.push(Pending::Published(reply, result));
+                }
+                Write::Record { ticket, attempt } => {
+                    highest_ticket = highest_ticket.max(ticket);
+                    if let Err(error) = in_savepoint(&tx, |sp| record(sp, &attempt)) {
+                        tracing::error!(%error, subscription = attempt.subscription_id, "recording a delivery attempt failed");
+                    }
+                }
+                Write::Replay { subscription_id, distribution_ids, reply } => {
+                    let result = in_savepoint(&tx, |sp| replay(sp, subscription_id, distribution_ids.as_deref(), now));
+                    answers.push(Pending::Replayed(reply, result));
+                }
+                Write::Drop { subscription_id, reply } => {
+                    answers.push(Pending::Dropped(reply, in_savepoint(&tx, |sp| drop_subscription(sp, subscription_id))));
+                }
+                Write::Expire { before, reply } => {
+                    answers.push(Pending::Expired(reply, in_savepoint(&tx, |sp| expire(sp, before))));
+                }
+            }
+        }
+        let result = tx.commit();
+        (answers, highest_ticket, result)
+    }
+
+    /// (size, quota) when the store is over its quota.
+    fn over_quota(&self) -> Option<(u64, u64)> {
+        let size = self.size.load(Ordering::Relaxed);
+        (size > self.limits.quota_bytes).then_some((size, self.limits.quota_bytes))
+    }
+
+    /// Database plus WAL size on disk.
+    fn measure(&self) {
+        let file_size = |name: &str| std::fs::metadata(self.directory.join(name)).map(|m| m.len()).unwrap_or(0);
+        let wal = format!("{DATABASE_FILE}-wal");
+        self.size.store(file_size(DATABASE_FILE) + file_size(&wal), Ordering::Relaxed);
+    }
+}
+
+fn fail_write(write: Write, message: &str) {
+    let error = || StoreError::Commit(message.to_string());
+    match write {
+        Write::Publish { reply, .. } => drop(reply.send(Err(error()))),
+        Write::Replay { reply, .. } => drop(reply.send(Err(error()))),
+        Write::Drop { reply, .. } => drop(reply.send(Err(error()))),
+        Write::Expire { reply, .. } => drop(reply.send(Err(error()))),
+        Write::Record { .. } => {}
+    }
+}
+
+/// Runs `f` in a savepoint: a failing write is undone alone and the batch goes on.
+fn in_savepoint<T>(tx: &Transaction<'_>, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    tx.execute_batch("SAVEPOINT write")?;
+    match f(tx) {
+        Ok(value) => {
+            tx.execute_batch("RELEASE write")?;
+            Ok(value)
+        }
+        Err(error) => {
+            tx.execute_batch("ROLLBACK TO write; RELEASE write")?;
+            Err(error)
+        }
+    }
+}
+
+fn publish(conn: &Connection, events: &[NewEvent], backlog_cap: i64, now: Millis) -> Result<Vec<Vec<Fanout>>, StoreError> {
+    let mut fanouts = Vec::with_capacity(events.len());
+    for event in events {
+        if event.subscriptions.is_empty() {
+            fanouts.push(Vec::new());
+            continue;
+        }
+        conn.prepare_cached("INSERT INTO events (body, refs, published_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![event.body, event.subscriptions.len(), now])?;
+        let event_id = conn.last_insert_rowid();
+        let mut fanout = Vec::with_capacity(event.subscriptions.len());
+        for &subscription_id in &event.subscriptions {
+            conn.prepare_cached("INSERT OR IGNORE INTO subscriptions (subscription_id) VALUES (?1)")?
+                .execute([subscription_id])?;
+            let (distribution_id, position, pending): (i64, i64, i64) = conn
+                .prepare_cached("SELECT next_distribution_id, next_position, pending FROM subscriptions WHERE subscription_id = ?1")?
+                .query_row([subscription_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let queued = pending < backlog_cap;
+            if queued {
+                conn.prepare_cached(
+                    "INSERT INTO queue (subscription_id, position, event_id, distribution_id, attempts, enqueued_at) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                )?
+                .execute(params![subscription_id, position, event_id, distribution_id, now])?;
+                conn.prepare_cached(
+                    "UPDATE subscriptions SET next_distribution_id = next_distribution_id + 1, next_position = next_position + 1, pending = pending + 1 WHERE subscription_id = ?1",
+                )?
+                .execute([subscription_id])?;
+            } else {
+                conn.prepare_cached(
+                    "INSERT INTO dead_letters (subscription_id, distribution_id, event_id, attempts, reason, error, dead_at) VALUES (?1, ?2, ?3, 0, 'BacklogFull', ?4, ?5)",
+                )?
+                .execute(params![subscription_id, distribution_id, event_id, format!("backlog of {backlog_cap} pending events is full"), now])?;
+                conn.prepare_cached(
+                    "UPDATE subscriptions SET next_distribution_id = next_distribution_id + 1, dead_lettered = dead_lettered + 1 WHERE subscription_id = ?1",
+                )?
+                .execute([subscription_id])?;
+            }
+            fanout.push(Fanout { subscription_id, distribution_id, queued });
+        }
+        fanouts.push(fanout);
+    }
+    Ok(fanouts)
+}
+
+fn release_event(conn: &Connection, event_id: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE events SET refs = refs - 1 WHERE id = ?1")?.execute([event_id])?;
+    conn.prepare_cached("DELETE FROM events WHERE id = ?1 AND refs <= 0")?.execute([event_id])?;
+    Ok(())
+}
+
+fn record(conn: &Connection, attempt: &Attempt) -> Result<(), StoreError> {
+    let key = params![attempt.subscription_id, attempt.position];
+    match &attempt.outcome {
+        Outcome::Delivered => {
+            let Some(event_id) = conn
+                .prepare_cached("DELETE FROM queue WHERE subscription_id = ?1 AND position = ?2 RETURNING event_id")?
+                .query_row(key, |r| r.get::<_, i64>(0))
+                .optional()?
+            else {
+                return Ok(());
+            };
+            release_event(conn, event_id)?;
+            conn.prepare_cached(
+                "UPDATE subscriptions SET total = total + 1, delivered = delivered + 1, pending = pending - 1, consecutive_failures = 0, last_delivery_at = ?2 WHERE subscription_id = ?1",
+            )?
+            .execute(params![attempt.subscription_id, attempt.at])?;
+        }
+        Outcome::Failed { error } => {
+            let updated = conn
+                .prepare_cached("UPDATE queue SET attempts = attempts + 1 WHERE subscription_id = ?1 AND position = ?2")?
+                .execute(key)?;
+            if updated == 0 {
+                return Ok(());
+            }
+            conn.prepare_cached(
+                "UPDATE subscriptions SET total = total + 1, failure = failure + 1, consecutive_failures = consecutive_failures + 1, last_error = ?2 WHERE subscription_id = ?1",
+            )?
+            .execute(params![attempt.subscription_id, error])?;
+        }
+        Outcome::DeadLettered { error, reason, attempted } => {
+            let Some((event_id, distribution_id, attempts)) = conn
+                .prepare_cached("DELETE FROM queue WHERE subscription_id = ?1 AND position = ?2 RETURNING event_id, distribution_id, attempts")?
+                .query_row(key, |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                .optional()?
+            else {
+                return Ok(());
+            };
+            let attempted = i64::from(*attempted);
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters (subscription_id, distribution_id, event_id, attempts, reason, error, dead_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![attempt.subscription_id, distribution_id, event_id, attempts + attempted, reason, error, attempt.at])?;
+            conn.prepare_cached(
+                "UPDATE subscriptions SET total = total + ?2, failure = failure + ?2, consecutive_failures = consecutive_failures + ?2, last_error = ?3, dead_lettered = dead_lettered + 1, pending = pending - 1 WHERE subscription_id = ?1",
+            )?
+            .execute(params![attempt.subscription_id, attempted, error])?;
+        }
+    }
+    Ok(())
+}
+
+fn replay(conn: &Connection, subscription_id: i64, distribution_ids: Option<&[i64]>, now: Millis) -> Result<usize, StoreError> {
+    let letters: Vec<(i64, i64)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT distribution_id, event_id FROM dead_letters WHERE subscription_id = ?1 ORDER BY distribution_id",
+        )?;
+        let rows = stmt.query_map([subscription_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut moved = 0;
+    for (distribution_id, event_id) in letters {
+        if distribution_ids.is_some_and(|wanted| !wanted.contains(&distribution_id)) {
+            continue;
+        }
+        let position: i64 = conn
+            .prepare_cached("SELECT next_position FROM subscriptions WHERE subscription_id = ?1")?
+            .query_row([subscription_id], |r| r.get(0))?;
+        conn.prepare_cached("DELETE FROM dead_letters WHERE subscription_id = ?1 AND distribution_id = ?2")?
+            .execute([subscription_id, distribution_id])?;
+        conn.prepare_cached(
+            "INSERT INTO queue (subscription_id, position, event_id, distribution_id, attempts, enqueued_at) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+        )?
+        .execute(params![subscription_id, position, event_id, distribution_id, now])?;
+        conn.prepare_cached("UPDATE subscriptions SET next_position = next_position + 1, pending = pending + 1 WHERE subscription_id = ?1")?
+            .execute([subscription_id])?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+fn drop_subscription(conn: &Connection, subscription_id: i64) -> Result<(), StoreError> {
+    let events: Vec<i64> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT event_id FROM queue WHERE subscription_id = ?1 UNION ALL SELECT event_id FROM dead_letters WHERE subscription_id = ?1",
+        )?;
+        let rows = stmt.query_map([subscription_id], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for event_id in events {
+        release_event(conn, event_id)?;
+    }
+    for table in ["queue", "dead_letters", "subscriptions"] {
+        conn.execute(&format!("DELETE FROM {table} WHERE subscription_id = ?1"), [subscription_id])?;
+    }
+    Ok(())
+}
+
+fn expire(conn: &Connection, before: Millis) -> Result<usize, StoreError> {
+    let expired: Vec<(i64, i64, i64)> = {
+        let mut stmt = conn.prepare_cached("SELECT subscription_id, distribution_id, event_id FROM dead_letters WHERE dead_at < ?1")?;
+        let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (subscription_id, distribution_id, event_id) in &expired {
+        conn.prepare_cached("DELETE FROM dead_letters WHERE subscription_id = ?1 AND distribution_id = ?2")?
+            .execute([subscription_id, distribution_id])?;
+        release_event(conn, *event_id)?;
+    }
+    Ok(expired.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { quota_bytes: u64::MAX, backlog_cap: 1000 }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("herald-store-{name}-{}-{}", std::process::id(), now_millis()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn event(body: &str, subscriptions: &[i64]) -> NewEvent {
+        NewEvent { body: body.into(), subscriptions: subscriptions.to_vec() }
+    }
+
+    async fn attempt(store: &SqliteStore, subscription_id: i64, position: i64, outcome: Outcome) {
+        let ticket = store.record(Attempt { subscription_id, position, outcome, at: 1 }).unwrap();
+        store.committed(ticket).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn commits_are_durable_wal_with_full_sync() {
+        let dir = temp_dir("durability");
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        assert_eq!(store.durability(), ("wal", 2));
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = temp_dir("lock");
+        let _first = SqliteStore::open(&dir, limits()).unwrap();
+        assert!(matches!(SqliteStore::open(&dir, limits()), Err(StoreError::Locked { .. })));
+    }
+
+    #[tokio::test]
+    async fn fan_out_assigns_distribution_ids_per_subscription_and_keeps_order() {
+        let dir = temp_dir("fanout");
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        let out = store.publish(vec![event("a", &[1, 2]), event("b", &[2]), event("none", &[])]).await.unwrap();
+        assert_eq!(out[0], vec![
+            Fanout { subscription_id: 1, distribution_id: 1, queued: true },
+            Fanout { subscription_id: 2, distribution_id: 1, queued: true }
+        ]);
+        assert_eq!(out[1], vec![Fanout { subscription_id: 2, distribution_id: 2, queued: true }]);
+        assert!(out[2].is_empty());
+        let queued = store.queued(2, 0, 10).await.unwrap();
+        assert_eq!(queued.iter().map(|q| (q.distribution_id, q.body.as_str())).collect::<Vec<_>>(), [(1, "a"), (2, "b")]);
+        assert_eq!(store.counters(2).await.unwrap().pending, 2);
+    }
+
+    #[tokio::test]
+    async fn attempts_move_counters_with_the_queue_and_dead_letters_replay_to_the_tail() {
+        let dir = temp_dir("attempts");
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        store.publish(vec![event("a", &[7]), event("b", &[7])]).await.unwrap();
+        attempt(&store, 7, 1, Outcome::Failed { error: "500".into() }).await;
+        attempt(&store, 7, 1, Outcome::DeadLettered { error: "500".into(), reason: "MaxAttempts".into(), attempted: true }).await;
+        attempt(&store, 7, 2, Outcome::Delivered).await;
+        let counters = store.counters(7).await.unwrap();
+        assert_eq!((counters.total, counters.failure, counters.delivered, counters.dead_lettered, counters.pending), (3, 2, 1, 1, 0));
+        let letters = store.dead_letters(7, 10).await.unwrap();
+        assert_eq!((letters[0].distribution_id, letters[0].attempts, letters[0].body.as_str()), (1, 2, "a"));
+
+        assert_eq!(store.replay(7, None).await.unwrap(), 1);
+        let queued = store.queued(7, 0, 10).await.unwrap();
+        assert_eq!(queued.len(), 1);
+        assert_eq!((queued[0].position, queued[0].distribution_id, queued[0].attempts), (3, 1, 0));
+        assert!(store.dead_letters(7, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_sends_new_events_to_dead_letters() {
+        let dir = temp_dir("backlog");
+        let store = SqliteStore::open(&dir, Limits { quota_bytes: u64::MAX, backlog_cap: 1 }).unwrap();
+        let out = store.publish(vec![event("a", &[1]), event("b", &[1])]).await.unwrap();
+        assert!(out[0][0].queued);
+        assert!(!out[1][0].queued);
+        assert_eq!(store.dead_letters(1, 10).await.unwrap()[0].reason, "BacklogFull");
+    }
+
+    #[tokio::test]
+    async fn over_quota_publishes_are_refused_whole() {
+        let dir = temp_dir("quota");
+        let store = SqliteStore::open(&dir, Limits { quota_bytes: 1, backlog_cap: 10 }).unwrap();
+        assert!(matches!(store.publish(vec![event("a", &[1])]).await, Err(StoreError::OverQuota { .. })));
+        assert!(store.queued(1, 0, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscription_releases_events_no_one_else_needs() {
+        let dir = temp_dir("drop");
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        store.publish(vec![event("shared", &[1, 2]), event("own", &[1])]).await.unwrap();
+        store.drop_subscription(1).await.unwrap();
+        assert_eq!(store.subscriptions().await.unwrap(), vec![2]);
+        assert_eq!(store.queued(2, 0, 10).await.unwrap()[0].body, "shared");
+        let events: i64 = store.read(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))).await.unwrap();
+        assert_eq!(events, 1);
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_everything_committed() {
+        let dir = temp_dir("reopen");
+        {
+            let store = SqliteStore::open(&dir, limits()).unwrap();
+            store.publish(vec![event("a", &[3])]).await.unwrap();
+            attempt(&store, 3, 1, Outcome::Failed { error: "timeout".into() }).await;
+        }
+        // The writer thread of the first store may still hold its connection briefly.
+        let store = loop {
+            match SqliteStore::open(&dir, limits()) {
+                Ok(store) => break store,
+                Err(StoreError::Locked { .. }) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                Err(other) => panic!("{other}"),
+            }
+        };
+        let queued = store.queued(3, 0, 10).await.unwrap();
+        assert_eq!((queued[0].attempts, queued[0].body.as_str()), (1, "a"));
+    }
+}
