@@ -53,9 +53,9 @@ async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
     let cluster = cluster().await;
     let ns = cluster.namespace("race", &[]).await;
     // Blocks of one id force the allocators to contend on the counter for every id.
-    let config = "controller:\n  idBlockSize: 1\n";
+    let config = "controller:\n  idBlockSize: 1\nleaderElection:\n  enabled: false\n";
     let first = Herald::start(&cluster, &ns, config).await;
-    let second = Herald::start(&cluster, &ns, config).await;
+    let second = Herald::start_in(&cluster, &ns, config, &std::env::temp_dir().join(format!("{}-second", ns.name))).await;
     let api = cluster.subscriptions(&ns);
 
     // Record every id each object ever shows, from before the first create.

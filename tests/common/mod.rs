@@ -2,6 +2,8 @@
 //! `tests/run.sh`, per-test namespaces, and herald as a real child process.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod callback;
+
 use herald::crd::EventSubscription;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta, PostParams};
@@ -128,19 +130,32 @@ pub fn free_port() -> u16 {
 }
 
 impl Herald {
-    /// Starts herald with `namespace` as its own namespace and `config_yaml` as its
-    /// config file, and waits until /readyz answers 200.
+    /// Starts herald with `namespace` as its own namespace and `config_yaml` merged over
+    /// the test defaults (a store of its own, loopback callbacks allowed, anonymous API),
+    /// and waits until /readyz answers 200. The instance name follows the namespace, so
+    /// a restarted herald takes its predecessor's Lease at once.
     pub async fn start(cluster: &Cluster, namespace: &str, config_yaml: &str) -> Herald {
-        let port = free_port();
         let dir = std::env::temp_dir().join(unique("herald-test"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        Herald::start_in(cluster, namespace, config_yaml, &dir).await
+    }
+
+    /// Like `start`, with the store and logs in `dir` (reuse it to restart on the same store).
+    pub async fn start_in(cluster: &Cluster, namespace: &str, config_yaml: &str, dir: &std::path::Path) -> Herald {
+        let port = free_port();
+        std::fs::create_dir_all(dir).expect("temp dir");
+        let mut config_value: serde_yaml::Value = serde_yaml::from_str(&format!(
+            "store: {{path: {}}}\ncallbackGuard: {{allowCidrs: ['127.0.0.0/8']}}\napi: {{auth: {{anonymous: true}}}}\nleaderElection: {{leaseDurationSeconds: 5}}\n",
+            dir.join("store").display()
+        ))
+        .expect("default test config");
+        merge(&mut config_value, serde_yaml::from_str(config_yaml).expect("test config YAML"));
         let config = dir.join("config.yaml");
-        std::fs::write(&config, config_yaml).expect("write config");
-        let log = dir.join("herald.log");
+        std::fs::write(&config, serde_yaml::to_string(&config_value).expect("config YAML")).expect("write config");
+        let log = dir.join(format!("herald-{}.log", unique("run")));
         let child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(["run", "--config"])
             .arg(&config)
-            .args(["--namespace", namespace, "--instance", &unique("herald"), "--listen"])
+            .args(["--namespace", namespace, "--instance", &format!("herald-{namespace}"), "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
@@ -200,6 +215,24 @@ impl Herald {
 impl Drop for Herald {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Deep-merges `overlay` into `base` (maps key by key, anything else replaced).
+fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
+    match (base, overlay) {
+        (serde_yaml::Value::Mapping(base), serde_yaml::Value::Mapping(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (_, serde_yaml::Value::Null) => {}
+        (base, overlay) => *base = overlay,
     }
 }
 

@@ -1,0 +1,524 @@
+//! The Helm chart and the plain manifests against the real control plane: lint, values
+//! schema, server-side dry runs, drift of the chart's CRD copy and of deploy/herald.yaml,
+//! install/upgrade/uninstall, aggregation of the user roles into view/edit, and herald
+//! running with exactly the chart's permissions. Run through tests/run.sh (helm and
+//! kubectl come from $HERALD_TOOLS_BIN). Pods never start (there is no kubelet), so nothing
+//! here waits for them.
+
+mod common;
+
+use common::*;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/herald");
+
+/// What a finished command said.
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "success={}\nstdout:\n{}\nstderr:\n{}", self.ok, self.stdout, self.stderr)
+    }
+}
+
+fn run(command: &mut Command) -> Output {
+    let out = command.output().unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn tools() -> PathBuf {
+    PathBuf::from(std::env::var("HERALD_TOOLS_BIN").unwrap_or_else(|_| {
+        panic!("HERALD_TOOLS_BIN is not set: run the chart tests with tests/run.sh, which builds helm and kubectl")
+    }))
+}
+
+/// helm from the tools directory, talking to the cluster of `kubeconfig`.
+fn helm(kubeconfig: &Path, args: &[&str]) -> Output {
+    run(Command::new(tools().join("helm")).arg("--kubeconfig").arg(kubeconfig).args(args))
+}
+
+/// kubectl as whoever `kubeconfig` names.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
+    run(Command::new(tools().join("kubectl")).arg("--kubeconfig").arg(kubeconfig).args(args))
+}
+
+/// Polls `attempt` every half second until it returns Ok, failing the test after `within`
+/// with the last Err.
+async fn eventually<T>(within: Duration, what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => panic!("{what}: not within {within:?}; last: {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// A Helm release of the chart in a test namespace, uninstalled when dropped (unless
+/// HERALD_TEST_KEEP is set): its cluster-scoped roles would outlive the namespace.
+struct Release {
+    name: String,
+    namespace: String,
+    kubeconfig: PathBuf,
+}
+
+impl Release {
+    /// `helm install` without --wait. The release is named after the namespace, which
+    /// contains "herald", so the fullname (object name prefix) is the release name and
+    /// every test's ClusterRoles have names of their own.
+    fn install(cluster: &Cluster, namespace: &str, values: &[&str]) -> Release {
+        assert!(namespace.contains("herald"), "the fullname is the release name only when it contains the chart name");
+        let mut args = vec!["install", namespace, CHART, "--namespace", namespace];
+        args.extend(values);
+        let out = helm(&cluster.kubeconfig, &args);
+        assert!(out.ok, "helm install: {out}");
+        Release { name: namespace.to_string(), namespace: namespace.to_string(), kubeconfig: cluster.kubeconfig.clone() }
+    }
+
+    fn upgrade(&self, values: &[&str]) -> Output {
+        let mut args = vec!["upgrade", self.name.as_str(), CHART, "--namespace", self.namespace.as_str()];
+        args.extend(values);
+        helm(&self.kubeconfig, &args)
+    }
+
+    fn uninstall(&self) -> Output {
+        helm(&self.kubeconfig, &["uninstall", &self.name, "--namespace", &self.namespace])
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if std::env::var_os("HERALD_TEST_KEEP").is_none() {
+            // Already gone after a successful uninstall test; nothing to report then.
+            let _ = self.uninstall();
+        }
+    }
+}
+
+/// A cluster-scoped object a test created, deleted when dropped (unless HERALD_TEST_KEEP is
+/// set): deleting the test namespace would leave it behind.
+struct ClusterScoped {
+    kind: &'static str,
+    name: String,
+    kubeconfig: PathBuf,
+}
+
+impl Drop for ClusterScoped {
+    fn drop(&mut self) {
+        if std::env::var_os("HERALD_TEST_KEEP").is_none() {
+            let _ = kubectl(&self.kubeconfig, &["delete", self.kind, &self.name, "--ignore-not-found"]);
+        }
+    }
+}
+
+/// A kubeconfig for the test cluster (server and CA of $HERALD_TEST_KUBECONFIG) that
+/// authenticates with `token` only.
+fn kubeconfig_with_token(cluster: &Cluster, file: &Path, token: &str) -> PathBuf {
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&cluster.kubeconfig).expect("read kubeconfig")).expect("kubeconfig YAML");
+    let context_name = admin["current-context"].as_str().expect("current-context");
+    let contexts = admin["contexts"].as_sequence().expect("contexts");
+    let context = contexts.iter().find(|c| c["name"].as_str() == Some(context_name)).expect("current context");
+    let cluster_name = context["context"]["cluster"].as_str().expect("context cluster");
+    let clusters = admin["clusters"].as_sequence().expect("clusters");
+    let entry = clusters.iter().find(|c| c["name"].as_str() == Some(cluster_name)).expect("cluster entry");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {
+            "server": entry["cluster"]["server"].as_str().expect("server"),
+            "certificate-authority": entry["cluster"]["certificate-authority"].as_str().expect("certificate-authority path"),
+        }}],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "token"}}],
+        "current-context": "test",
+    });
+    std::fs::write(file, serde_yaml::to_string(&config).expect("kubeconfig YAML")).expect("write kubeconfig");
+    file.to_path_buf()
+}
+
+/// A ServiceAccount token from the TokenRequest API.
+fn token(cluster: &Cluster, namespace: &str, service_account: &str) -> String {
+    let (ok, out, err) = cluster.kubectl(&["create", "token", service_account, "-n", namespace, "--duration", "1h"]);
+    assert!(ok, "kubectl create token {service_account}: {err}");
+    out.trim().to_string()
+}
+
+fn temp_file(namespace: &str, name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{namespace}-{name}"))
+}
+
+fn write_subscription(namespace: &str, name: &str) -> PathBuf {
+    let file = temp_file(namespace, &format!("{name}.yaml"));
+    let yaml = format!(
+        "apiVersion: herald.dev/v1alpha1\nkind: EventSubscription\nmetadata: {{name: {name}}}\n\
+         spec: {{subscriptionName: {name}, callbackUrl: 'http://127.0.0.1:9/events', events: [hostcreate]}}\n"
+    );
+    std::fs::write(&file, yaml).expect("write subscription");
+    file
+}
+
+#[test]
+fn the_chart_passes_helm_lint_strict() {
+    for strict in [false, true] {
+        let mut args = vec!["lint", CHART];
+        if strict {
+            args.push("--strict");
+        }
+        let out = run(Command::new(tools().join("helm")).args(&args));
+        assert!(out.ok, "helm {args:?}: {out}");
+    }
+}
+
+#[test]
+fn the_values_schema_rejects_wrong_types() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--set", "replicaCount=two"], "/replicaCount"),
+        (&["--set", "replicaCount=2"], "/replicaCount"),
+        (&["--set", "resources=5"], "/resources"),
+        (&["--set", "persistence.enabled=yes"], "/persistence/enabled"),
+        (&["--set", "tls.enabled=true"], "/tls/secretName"),
+    ];
+    for (values, field) in cases {
+        let out = run(Command::new(tools().join("helm")).args(["template", "herald", CHART]).args(values));
+        assert!(!out.ok, "{values:?} must be refused: {out}");
+        assert!(out.stderr.contains("schema") && out.stderr.contains(field), "{values:?}: the error should name {field}: {out}");
+    }
+    let typo = run(Command::new(tools().join("helm")).args(["template", "herald", CHART, "--set", "replicas=1"]));
+    assert!(!typo.ok && typo.stderr.contains("replicas"), "an unknown top-level key is refused: {typo}");
+}
+
+#[test]
+fn the_charts_crd_and_deploy_manifests_are_not_stale() {
+    let committed = std::fs::read_to_string(format!("{ROOT}/crds/eventsubscriptions.herald.dev.yaml")).expect("crds/");
+    let chart_copy = std::fs::read_to_string(format!("{CHART}/crds/eventsubscriptions.herald.dev.yaml")).expect("chart crds/");
+    let generated = run(Command::new(env!("CARGO_BIN_EXE_herald")).arg("crd"));
+    assert!(generated.ok, "herald crd: {generated}");
+    assert!(
+        chart_copy == committed && chart_copy == generated.stdout,
+        "charts/herald/crds/ is stale: run `cargo run -- crd > crds/eventsubscriptions.herald.dev.yaml` and copy it to charts/herald/crds/"
+    );
+
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/Chart.yaml")).expect("Chart.yaml")).expect("Chart.yaml YAML");
+    assert_eq!(chart["appVersion"].as_str(), Some(env!("CARGO_PKG_VERSION")), "Chart.yaml appVersion is the crate version");
+
+    let fresh = std::env::temp_dir().join(format!("herald-render-{}.yaml", std::process::id()));
+    let path = format!("{}:{}", tools().display(), std::env::var("PATH").unwrap_or_default());
+    let out = run(Command::new(format!("{ROOT}/deploy/render.sh")).arg(&fresh).env("PATH", path));
+    assert!(out.ok, "deploy/render.sh: {out}");
+    let rendered = std::fs::read_to_string(&fresh).expect("rendered manifests");
+    let _ = std::fs::remove_file(&fresh);
+    let committed = std::fs::read_to_string(format!("{ROOT}/deploy/herald.yaml")).expect("deploy/herald.yaml");
+    assert!(rendered == committed, "deploy/herald.yaml is stale: run deploy/render.sh");
+}
+
+/// The config file the chart's ConfigMap holds, rendered with `values`.
+fn chart_config(values: &[&str]) -> String {
+    let out = run(Command::new(tools().join("helm"))
+        .args(["template", "herald", CHART, "--show-only", "templates/configmap.yaml"])
+        .args(values));
+    assert!(out.ok, "helm template {values:?}: {out}");
+    let configmap: ConfigMap = serde_yaml::from_str(&out.stdout).expect("ConfigMap YAML");
+    configmap.data.expect("data")["config.yaml"].clone()
+}
+
+/// herald refuses unknown config keys, so a key the chart writes and herald does not know
+/// would stop the pod at start-up.
+#[test]
+fn herald_accepts_the_config_the_chart_writes() {
+    let variants: [&[&str]; 2] = [&[], &["--set", "tls.enabled=true", "--set", "tls.secretName=herald-tls"]];
+    for values in variants {
+        let file = chart_config(values);
+        if let Err(error) = herald::config::Config::from_yaml(&file) {
+            panic!("herald refuses the chart's config ({values:?}): {error}\n{file}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn rendered_and_plain_manifests_pass_a_server_side_dry_run() {
+    let cluster = cluster().await;
+    let ns = cluster.namespace("herald-dryrun", &[]).await;
+    let rendered = helm(&cluster.kubeconfig, &["template", "herald", CHART, "--namespace", &ns]);
+    assert!(rendered.ok, "helm template: {rendered}");
+    let file = temp_file(&ns, "rendered.yaml");
+    std::fs::write(&file, &rendered.stdout).expect("write rendered chart");
+    let (ok, out, err) = cluster.kubectl(&["apply", "--dry-run=server", "-f", file.to_str().unwrap()]);
+    assert!(ok, "helm template | kubectl apply --dry-run=server: {out}{err}");
+
+    // A dry run creates no Namespace, so the plain manifests' herald-system must exist.
+    let (exists, _, _) = cluster.kubectl(&["get", "namespace", "herald-system"]);
+    if !exists {
+        let (ok, _, err) = cluster.kubectl(&["create", "namespace", "herald-system"]);
+        assert!(ok || err.contains("AlreadyExists"), "create herald-system: {err}");
+    }
+    let plain = format!("{ROOT}/deploy/herald.yaml");
+    let (ok, out, err) = cluster.kubectl(&["apply", "--dry-run=server", "--server-side", "-f", &plain]);
+    if !exists {
+        cluster.kubectl(&["delete", "namespace", "herald-system", "--wait=false"]);
+    }
+    assert!(ok, "kubectl apply --dry-run=server --server-side -f deploy/herald.yaml: {out}{err}");
+    for kind in ["namespace/herald-system", "customresourcedefinition", "deployment.apps/herald", "clusterrole.rbac.authorization.k8s.io/herald-view"] {
+        assert!(out.contains(kind), "deploy/herald.yaml should contain {kind}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn install_upgrade_and_uninstall_leave_nothing_behind() {
+    let cluster = cluster().await;
+    // The pod must pass the restricted Pod Security Standard to be created at all.
+    let ns = cluster.namespace("herald-install", &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    // Installing at all also shows that the default render has no ServiceMonitor: this
+    // cluster has no monitoring.coreos.com CRDs.
+    let release = Release::install(&cluster, &ns, &[]);
+    let full = release.name.as_str();
+    let view = format!("{full}-view");
+    let edit = format!("{full}-edit");
+    let namespaced = ["serviceaccount", "role", "rolebinding", "configmap", "persistentvolumeclaim", "service", "deployment"];
+    let cluster_scoped = [("clusterrole", full), ("clusterrolebinding", full), ("clusterrole", &view), ("clusterrole", &edit)];
+    for kind in namespaced {
+        let (ok, _, err) = cluster.kubectl(&["get", kind, full, "-n", &ns]);
+        assert!(ok, "{kind}/{full} after install: {err}");
+    }
+    for (kind, name) in cluster_scoped {
+        let (ok, _, err) = cluster.kubectl(&["get", kind, name]);
+        assert!(ok, "{kind}/{name} after install: {err}");
+    }
+
+    // The ReplicaSet controller creates the pod only if Pod Security admission lets it in.
+    let selector = format!("app.kubernetes.io/instance={full}");
+    eventually(Duration::from_secs(30), "a pod admitted under the restricted policy", || {
+        let (_, pods, _) = cluster.kubectl(&["get", "pods", "-n", &ns, "-l", &selector, "-o", "name"]);
+        if pods.trim().is_empty() {
+            let (_, events, _) = cluster.kubectl(&["get", "events", "-n", &ns]);
+            Err(events)
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
+    let jsonpath = |kind: &str, path: &str| {
+        let (ok, out, err) = cluster.kubectl(&["get", kind, full, "-n", &ns, "-o", &format!("jsonpath={path}")]);
+        assert!(ok, "{kind} {path}: {err}");
+        out
+    };
+    let checksum = "{.spec.template.metadata.annotations.checksum/config}";
+    assert_eq!(jsonpath("deployment", "{.spec.strategy.type}"), "Recreate");
+    assert_eq!(jsonpath("deployment", "{.spec.template.spec.containers[0].resources.limits.memory}"), "512Mi");
+    let checksum_before = jsonpath("deployment", checksum);
+    let rules = jsonpath("clusterrole", "{.rules[*].resources}");
+    assert!(rules.contains("tokenreviews") && rules.contains("subjectaccessreviews"), "{rules}");
+
+    let out = release.upgrade(&[
+        "--set",
+        "resources.limits.memory=1Gi",
+        "--set",
+        "config.controller.resyncSeconds=60",
+        "--set",
+        "api.auth.kubernetes=false",
+    ]);
+    assert!(out.ok, "helm upgrade: {out}");
+    assert_eq!(jsonpath("deployment", "{.spec.template.spec.containers[0].resources.limits.memory}"), "1Gi");
+    assert!(jsonpath("configmap", "{.data.config\\.yaml}").contains("resyncSeconds: 60"));
+    assert_ne!(jsonpath("deployment", checksum), checksum_before, "a config change rolls the pod");
+    let rules = jsonpath("clusterrole", "{.rules[*].resources}");
+    assert!(!rules.contains("tokenreviews") && !rules.contains("subjectaccessreviews"), "{rules}");
+
+    let out = release.uninstall();
+    assert!(out.ok, "helm uninstall: {out}");
+    eventually(Duration::from_secs(60), "every object gone after uninstall", || {
+        let mut left = Vec::new();
+        for kind in namespaced {
+            if cluster.kubectl(&["get", kind, full, "-n", &ns]).0 {
+                left.push(format!("{kind}/{full}"));
+            }
+        }
+        for (kind, name) in cluster_scoped {
+            if cluster.kubectl(&["get", kind, name]).0 {
+                left.push(format!("{kind}/{name}"));
+            }
+        }
+        let (_, pods, _) = cluster.kubectl(&["get", "pods", "-n", &ns, "-l", &selector, "-o", "name"]);
+        left.extend(pods.lines().map(str::to_string));
+        let (_, history, _) = cluster.kubectl(&["get", "secrets", "-n", &ns, "-l", "owner=helm", "-o", "name"]);
+        left.extend(history.lines().map(str::to_string));
+        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_user_roles_aggregate_into_view_and_edit() {
+    let cluster = cluster().await;
+    let ns = cluster.namespace("herald-roles", &[]).await;
+    let _release = Release::install(&cluster, &ns, &[]);
+    let mut users = Vec::new();
+    for (user, role) in [("alice", "view"), ("bob", "edit")] {
+        let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", user, "-n", &ns]);
+        assert!(ok, "{err}");
+        let subject = format!("--serviceaccount={}:{user}", ns.name);
+        let (ok, _, err) = cluster.kubectl(&["create", "rolebinding", user, "-n", &ns, &format!("--clusterrole={role}"), &subject]);
+        assert!(ok, "{err}");
+        let token = token(&cluster, &ns, user);
+        users.push(kubeconfig_with_token(&cluster, &temp_file(&ns, &format!("{user}.kubeconfig")), &token));
+    }
+    let (alice, bob) = (&users[0], &users[1]);
+
+    // kube-controller-manager folds herald-view into view and herald-edit into edit.
+    eventually(Duration::from_secs(30), "alice (view) lists subscriptions", || {
+        let out = kubectl(alice, &["get", "esub", "-n", &ns]);
+        if out.ok { Ok(()) } else { Err(out.to_string()) }
+    })
+    .await;
+    let subscription = write_subscription(&ns, "by-alice");
+    let out = kubectl(alice, &["create", "-n", &ns, "-f", subscription.to_str().unwrap()]);
+    assert!(
+        !out.ok && out.stderr.contains("cannot create resource \"eventsubscriptions\""),
+        "alice (view) must not create subscriptions: {out}"
+    );
+
+    let subscription = write_subscription(&ns, "by-bob");
+    eventually(Duration::from_secs(30), "bob (edit) creates a subscription", || {
+        let out = kubectl(bob, &["create", "-n", &ns, "-f", subscription.to_str().unwrap()]);
+        if out.ok { Ok(()) } else { Err(out.to_string()) }
+    })
+    .await;
+    let out = kubectl(bob, &["delete", "esub", "by-bob", "-n", &ns]);
+    assert!(out.ok, "bob (edit) deletes a subscription: {out}");
+
+    // The virtual resource herald authorises REST calls against (supplier account "0").
+    // `kubectl auth can-i` cannot name the group of a resource the server does not serve,
+    // hence a SelfSubjectAccessReview; client-side validation would need to list CRDs.
+    let can = |who: &Path, verb: &str| {
+        let review = serde_json::json!({
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {
+                "group": "herald.dev", "resource": "supplieraccounts", "name": "0", "verb": verb, "namespace": ns.name,
+            }},
+        });
+        let file = temp_file(&ns, "review.json");
+        std::fs::write(&file, review.to_string()).expect("write review");
+        let out = kubectl(who, &["create", "--validate=false", "-f", file.to_str().unwrap(), "-o", "jsonpath={.status.allowed}"]);
+        assert!(out.ok, "SelfSubjectAccessReview: {out}");
+        out.stdout == "true"
+    };
+    assert!(can(alice, "get") && can(alice, "list"));
+    assert!(!can(alice, "create") && !can(alice, "publish") && !can(alice, "replay"));
+    for verb in ["get", "list", "create", "update", "delete", "publish", "replay"] {
+        assert!(can(bob, verb), "bob (edit) may {verb} supplieraccounts");
+    }
+}
+
+#[tokio::test]
+async fn herald_runs_with_exactly_the_charts_permissions() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("herald-sa", &[]).await;
+    let release = Release::install(&cluster, &ns, &[]);
+    let service_account = release.name.clone();
+    let token = token(&cluster, &ns, &service_account);
+    let kubeconfig = kubeconfig_with_token(&cluster, &temp_file(&ns, "herald.kubeconfig"), &token);
+    let whoami = kubectl(&kubeconfig, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(whoami.stdout, format!("system:serviceaccount:{}:{service_account}", ns.name), "{whoami}");
+
+    // The chart's own config file, with the store in a temporary directory instead of the
+    // pod's volume (the harness sets the listen address). The harness runs herald with the
+    // kubeconfig of the Cluster it is given.
+    let store = temp_file(&ns, "store");
+    // Anonymous access is off, as in the chart, so REST calls need a token.
+    let config = chart_config(&["--set", &format!("config.store.path={}", store.display()), "--set", "config.api.auth.anonymous=false"]);
+    let as_chart = Cluster { client: cluster.client.clone(), kubeconfig: kubeconfig.clone(), tools: cluster.tools.clone() };
+    let herald = Herald::start(&as_chart, &ns, &config).await;
+
+    // Leadership: herald is ready only while it holds the Lease.
+    let (ok, holder, err) = cluster.kubectl(&["get", "lease", "herald-leader", "-n", &ns, "-o", "jsonpath={.spec.holderIdentity}"]);
+    assert!(ok && !holder.is_empty(), "herald holds the leader Lease: {holder}{err}");
+
+    // Watch, id counter, status and label writes.
+    let api = cluster.subscriptions(&ns);
+    api.create(&PostParams::default(), &subscription("ok", basic_spec("chart-sa"))).await.expect("create subscription");
+    let sub = wait_ready(&api, "ok").await;
+    let id = id(&sub).expect("a subscription id in status");
+    wait_for(&api, "ok", Duration::from_secs(30), "labelled with its id", |s| {
+        s.labels().get(herald::crd::SUBSCRIPTION_ID_LABEL) == Some(&id.to_string())
+    })
+    .await;
+    let counter = Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns).get("herald-subscription-ids").await;
+    assert!(counter.is_ok(), "the id counter ConfigMap was created: {counter:?}");
+
+    // Warning Events.
+    let mut spec = basic_spec("chart-sa-bad");
+    spec["confirm"] = serde_json::json!({"mode": "regular", "pattern": "result(true"});
+    api.create(&PostParams::default(), &subscription("bad", spec)).await.expect("create subscription");
+    wait_reason(&api, "bad", "InvalidPattern").await;
+    eventually(Duration::from_secs(30), "an InvalidPattern Event", || {
+        let (_, reasons, err) = cluster.kubectl(&["get", "events.events.k8s.io", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]);
+        if reasons.contains("InvalidPattern") { Ok(()) } else { Err(format!("{reasons}{err}\n{}", herald.log_text())) }
+    })
+    .await;
+
+    // The REST API's TokenReview and SubjectAccessReview: a producer bound to <fullname>-edit
+    // may publish, one bound to <fullname>-view is refused by the review (not by an error).
+    // Cluster-wide bindings, because herald's review names no namespace.
+    let event = serde_json::json!({
+        "event_type": "instdata", "action": "create", "obj_type": "host",
+        "data": [{"cur_data": {"bk_host_id": 1}}], "bk_supplier_account": "0",
+    });
+    let http = reqwest::Client::new();
+    let mut bindings = Vec::new();
+    for (client, role, expected) in [("producer", "edit", 200), ("viewer", "view", 403)] {
+        let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", client, "-n", &ns]);
+        assert!(ok, "{err}");
+        let binding = format!("{}-{client}", ns.name);
+        let subject = format!("--serviceaccount={}:{client}", ns.name);
+        let (ok, _, err) = cluster.kubectl(&["create", "clusterrolebinding", &binding, &format!("--clusterrole={service_account}-{role}"), &subject]);
+        assert!(ok, "{err}");
+        bindings.push(ClusterScoped { kind: "clusterrolebinding", name: binding, kubeconfig: cluster.kubeconfig.clone() });
+        let (ok, token, err) = cluster.kubectl(&["create", "token", client, "-n", &ns, "--audience", "herald", "--duration", "1h"]);
+        assert!(ok, "{err}");
+        // herald caches review answers for a few seconds; RBAC caches take a moment too.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = http.post(herald.url("/api/v3/event/publish")).bearer_auth(token.trim()).json(&event).send().await.expect("publish");
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            if status == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{client} ({role}) publishing: {status} {body}\n{}", herald.log_text());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // RBAC denials read `<resource> "<name>" is forbidden: User "<user>" cannot <verb> ...`.
+    let log = herald.log_text();
+    assert!(!log.contains("is forbidden: User"), "herald hit an RBAC refusal:\n{log}");
+
+    // Outside the chart's rules: other namespaces' Secrets, listing its own Secrets and
+    // ConfigMaps (it reads them by name only).
+    for (args, what) in [
+        (["get", "secrets", "-n", "kube-system"], "Secrets in kube-system"),
+        (["get", "secrets", "-n", ns.name.as_str()], "listing Secrets"),
+        (["get", "configmaps", "-n", ns.name.as_str()], "listing ConfigMaps"),
+    ] {
+        let out = kubectl(&kubeconfig, &args);
+        assert!(!out.ok && out.stderr.contains("Forbidden"), "{what} must be refused: {out}");
+    }
+}

@@ -1,0 +1,382 @@
+//! Event delivery end to end: herald as a real process, the real kube-apiserver, and
+//! real callback servers on 127.0.0.1 recording what they receive. Run by tests/run.sh.
+
+mod common;
+
+use common::callback::CallbackServer;
+use common::*;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+fn host_event(account: &str, seq: i64) -> serde_json::Value {
+    serde_json::json!({
+        "event_type": "instdata", "action": "create", "obj_type": "host",
+        "data": [{"cur_data": {"bk_host_id": seq}, "pre_data": null}],
+        "bk_supplier_account": account,
+    })
+}
+
+async fn publish(herald: &Herald, events: serde_json::Value) -> serde_json::Value {
+    let response = reqwest::Client::new().post(herald.url("/api/v3/event/publish")).json(&events).send().await.expect("publish");
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.expect("publish answer");
+    assert!(status.is_success() && body["result"] == true, "publish: {status} {body}");
+    body
+}
+
+/// Creates a subscription in `ns` (herald's namespace) and waits until it is Ready;
+/// returns its id.
+async fn subscribe(api: &Api<herald::crd::EventSubscription>, name: &str, url: &str, extra: serde_json::Value) -> i64 {
+    let mut spec = serde_json::json!({ "subscriptionName": name, "callbackUrl": url, "events": ["hostcreate"] });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    api.create(&PostParams::default(), &subscription(name, spec)).await.expect("create subscription");
+    id(&wait_ready(api, name).await).expect("id")
+}
+
+fn statistics(sub: &herald::crd::EventSubscription) -> (i64, i64) {
+    sub.status.as_ref().and_then(|s| s.statistics.as_ref()).map(|s| (s.total, s.failure)).unwrap_or_default()
+}
+
+async fn wait_statistics(api: &Api<herald::crd::EventSubscription>, name: &str, total: i64, failure: i64) -> herald::crd::EventSubscription {
+    wait_for(api, name, Duration::from_secs(60), &format!("total {total} failure {failure}"), |s| statistics(s) == (total, failure)).await
+}
+
+#[tokio::test]
+async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("fanout", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    let a = subscribe(&api, "a", &server.url("ok", "a"), serde_json::json!({"events": ["hostcreate", "hostupdate"]})).await;
+    let b = subscribe(&api, "b", &server.url("ok", "b"), serde_json::json!({})).await;
+    subscribe(&api, "other-event", &server.url("ok", "other-event"), serde_json::json!({"events": ["setcreate"]})).await;
+    subscribe(&api, "other-account", &server.url("ok", "other-account"), serde_json::json!({"supplierAccount": "7"})).await;
+    // Not Ready: its regex does not compile.
+    let mut broken = basic_spec("broken");
+    broken["callbackUrl"] = server.url("ok", "broken").into();
+    broken["confirm"] = serde_json::json!({"mode": "regular", "pattern": "("});
+    api.create(&PostParams::default(), &subscription("broken", broken)).await.unwrap();
+    wait_reason(&api, "broken", "InvalidPattern").await;
+
+    let events: Vec<serde_json::Value> = (1..=5).map(|i| host_event("0", i)).collect();
+    let answer = publish(&herald, serde_json::Value::Array(events)).await;
+    assert_eq!(answer["data"]["accepted"], 5);
+    assert_eq!(answer["data"]["queued"], 10);
+
+    for (key, id) in [("a", a), ("b", b)] {
+        let got = server.wait_for(key, 5, Duration::from_secs(30)).await;
+        let ids: Vec<i64> = got.iter().map(|r| r.distribution_id()).collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5], "{key}: contiguous from 1, in order");
+        let first = &got[0];
+        assert_eq!(first.body["subscription_id"], id);
+        assert_eq!(first.body["event_type"], "instdata");
+        assert_eq!(first.body["action"], "create");
+        assert_eq!(first.body["obj_type"], "host");
+        assert_eq!(first.body["bk_supplier_account"], "0");
+        assert_eq!(first.body["data"][0]["cur_data"]["bk_host_id"], 1);
+        for field in ["txn_id", "action_time", "request_id", "request_time"] {
+            assert!(first.body[field].is_string(), "{field} in {}", first.body);
+        }
+        assert_eq!(first.header("content-type"), "application/json");
+        assert_eq!(first.header("webhook-id"), format!("msg_herald_{id}_1"));
+        assert!(first.header("webhook-timestamp").parse::<i64>().is_ok());
+        assert_eq!(first.header("herald-attempt"), "1");
+        assert!(first.headers.get("webhook-signature").is_none(), "unsigned without signing.secretRef");
+    }
+    // Give stray deliveries a moment to show up before asserting there are none.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for key in ["other-event", "other-account", "broken"] {
+        assert!(server.received(key).is_empty(), "{key} must receive nothing");
+    }
+    let a_status = wait_statistics(&api, "a", 5, 0).await;
+    assert_eq!(a_status.status.unwrap().statistics.unwrap().delivered, 5);
+}
+
+#[tokio::test]
+async fn confirm_modes_gone_and_throttling() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("confirm", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    let one_attempt = serde_json::json!({"retry": {"maxAttempts": 1}});
+    let want_201 = serde_json::json!({"confirm": {"mode": "httpstatus", "pattern": "201"}, "retry": {"maxAttempts": 1}});
+    subscribe(&api, "s200", &server.url("status-200", "s200"), want_201.clone()).await;
+    subscribe(&api, "s201", &server.url("status-201", "s201"), want_201).await;
+    let regular = |url: String| (url, serde_json::json!({"confirm": {"mode": "regular", "pattern": "\"result\":\\s*true"}, "retry": {"maxAttempts": 1}}));
+    let (url, spec) = regular(server.url("body-ok", "body-ok"));
+    subscribe(&api, "body-ok", &url, spec).await;
+    let (url, spec) = regular(server.url("body-no", "body-no"));
+    subscribe(&api, "body-no", &url, spec).await;
+    subscribe(&api, "gone", &server.url("gone", "gone"), one_attempt).await;
+    subscribe(&api, "throttled", &server.url("throttle-3", "throttled"), serde_json::json!({"retry": {"maxAttempts": 3, "initialBackoffSeconds": 1}})).await;
+
+    publish(&herald, host_event("0", 1)).await;
+    wait_statistics(&api, "s200", 1, 1).await;
+    wait_statistics(&api, "s201", 1, 0).await;
+    wait_statistics(&api, "body-ok", 1, 0).await;
+    wait_statistics(&api, "body-no", 1, 1).await;
+
+    let gone = wait_for(&api, "gone", Duration::from_secs(30), "CallbackHealthy=False Gone", |s| {
+        s.status.as_ref().is_some_and(|st| st.conditions.iter().any(|c| c.type_ == "CallbackHealthy" && c.status == "False" && c.reason == "Gone"))
+    })
+    .await;
+    assert_eq!(statistics(&gone), (1, 1));
+    // Delivery stopped: a second event is queued, not attempted.
+    publish(&herald, host_event("0", 2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(server.received("gone").len(), 1, "no attempt after 410 until the spec changes");
+    assert!(wait_for(&api, "gone", Duration::from_secs(30), "pending 2", |s| {
+        s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.pending == 2)
+    })
+    .await
+    .status
+    .is_some());
+
+    let throttled = server.wait_for("throttled", 2, Duration::from_secs(30)).await;
+    let waited = throttled[1].at - throttled[0].at;
+    assert!(waited >= Duration::from_secs(3), "Retry-After 3 honoured, waited {waited:?}");
+    assert_eq!(throttled[1].header("herald-attempt"), "2");
+    assert_eq!(throttled[0].header("webhook-id"), throttled[1].header("webhook-id"), "stable across attempts");
+}
+
+#[tokio::test]
+async fn retries_dead_letters_and_replay() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("retry", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    let fast = serde_json::json!({"retry": {"maxAttempts": 3, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1, "jitterPercent": 0}});
+    subscribe(&api, "flaky", &server.url("fail-2", "flaky"), fast.clone()).await;
+    let dead_id = subscribe(&api, "dead", &server.url("status-500", "dead"), fast).await;
+
+    publish(&herald, host_event("0", 1)).await;
+    let flaky = server.wait_for("flaky", 3, Duration::from_secs(30)).await;
+    assert_eq!(flaky[2].header("herald-attempt"), "3", "delivered on attempt 3");
+    wait_statistics(&api, "flaky", 3, 2).await;
+
+    // Always failing: dead letter after 3 attempts; later events are still delivered in order.
+    wait_statistics(&api, "dead", 3, 3).await;
+    let patch = serde_json::json!({"spec": {"callbackUrl": server.url("ok", "dead")}});
+    api.patch("dead", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish(&herald, serde_json::json!([host_event("0", 2), host_event("0", 3)])).await;
+    let dead = server.wait_for("dead", 5, Duration::from_secs(30)).await;
+    assert_eq!(dead.iter().map(|r| r.distribution_id()).collect::<Vec<_>>(), [1, 1, 1, 2, 3]);
+
+    let client = reqwest::Client::new();
+    let letters: serde_json::Value = client.get(herald.url(&format!("/api/v3/herald/dead_letters/{dead_id}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(letters["data"]["count"], 1, "{letters}");
+    assert_eq!(letters["data"]["info"][0]["distribution_id"], 1);
+    assert_eq!(letters["data"]["info"][0]["reason"], "MaxAttempts");
+    let replayed: serde_json::Value = client.post(herald.url(&format!("/api/v3/herald/dead_letters/{dead_id}/replay"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(replayed["data"]["replayed"], 1, "{replayed}");
+    let dead = server.wait_for("dead", 6, Duration::from_secs(30)).await;
+    let replay = &dead[5];
+    assert_eq!(replay.distribution_id(), 1, "the original distribution_id");
+    assert_eq!(replay.header("webhook-id"), dead[0].header("webhook-id"), "the original webhook-id");
+    assert_eq!(replay.header("herald-attempt"), "1");
+}
+
+#[tokio::test]
+async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("timeout", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    subscribe(&api, "slow", &server.url("hang", "slow"), serde_json::json!({"timeoutSeconds": 2, "retry": {"maxAttempts": 1}})).await;
+    let started = Instant::now();
+    publish(&herald, host_event("0", 1)).await;
+    let sub = wait_statistics(&api, "slow", 1, 1).await;
+    let observed = started.elapsed();
+    // Bound: timeoutSeconds plus 2 s for the attempt, plus the status write budget's
+    // scheduling and the watch that shows it.
+    assert!(observed < Duration::from_secs(2 + 2 + 3), "observed after {observed:?}");
+    let error = sub.status.unwrap().statistics.unwrap().last_error.unwrap_or_default();
+    assert!(error.contains("timed out"), "{error}");
+}
+
+#[tokio::test]
+async fn a_hanging_callback_never_delays_another_subscription() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("isolation", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    subscribe(&api, "fast", &server.url("ok", "fast"), serde_json::json!({})).await;
+    subscribe(&api, "hung", &server.url("hang", "hung"), serde_json::json!({"timeoutSeconds": 30})).await;
+    let started = Instant::now();
+    for chunk in 0..10 {
+        let events: Vec<serde_json::Value> = (1..=100).map(|i| host_event("0", chunk * 100 + i)).collect();
+        publish(&herald, serde_json::Value::Array(events)).await;
+    }
+    let fast = server.wait_for("fast", 1000, Duration::from_secs(29)).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "A got all 1,000 events before B's first attempt could time out ({took:?})");
+    assert_eq!(fast.iter().map(|r| r.distribution_id()).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>());
+    assert_eq!(server.received("hung").len(), 1, "B is still on its first attempt");
+}
+
+#[tokio::test]
+async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("crash", &[]).await;
+    let server = CallbackServer::start().await;
+    let dir = std::env::temp_dir().join(format!("{}-herald", ns.name));
+    let mut herald = Herald::start_in(&cluster, &ns, "", &dir).await;
+    let api = cluster.subscriptions(&ns);
+    const SUBSCRIPTIONS: usize = 10;
+    const EVENTS: i64 = 10_000;
+    for i in 0..SUBSCRIPTIONS {
+        subscribe(&api, &format!("s{i}"), &server.url("ok", &format!("s{i}")), serde_json::json!({})).await;
+    }
+    // A producer publishes batches of 100 every 40 ms; the kill lands mid-stream.
+    let target = std::sync::Arc::new(std::sync::Mutex::new(herald.url("/api/v3/event/publish")));
+    let producer_target = target.clone();
+    let producer = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut acknowledged: Vec<i64> = Vec::new();
+        for start in (0..EVENTS).step_by(100) {
+            let batch: Vec<serde_json::Value> = (start + 1..=start + 100).map(|i| host_event("0", i)).collect();
+            let url = producer_target.lock().unwrap().clone();
+            let answer = client.post(url).json(&batch).send().await;
+            if answer.is_ok_and(|a| a.status().is_success()) {
+                acknowledged.extend(start + 1..=start + 100);
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        acknowledged
+    });
+    server.wait_for("s0", 1000, Duration::from_secs(120)).await;
+    herald.kill();
+    herald = Herald::start_in(&cluster, &ns, "", &dir).await;
+    *target.lock().unwrap() = herald.url("/api/v3/event/publish");
+    let acknowledged = producer.await.unwrap();
+    println!("{} of {EVENTS} events acknowledged at publish", acknowledged.len());
+    assert!(acknowledged.len() as i64 > EVENTS / 2);
+    assert!((acknowledged.len() as i64) < EVENTS, "some publishes met the dead process: the kill was mid-stream");
+    // Every acknowledged event reaches every subscription; first receipts are in order.
+    let mut duplicates = BTreeMap::new();
+    for i in 0..SUBSCRIPTIONS {
+        let key = format!("s{i}");
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let got = loop {
+            let got = server.received(&key);
+            let seen: HashSet<i64> = got.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap_or(-1)).collect();
+            if acknowledged.iter().all(|s| seen.contains(s)) {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "{key}: {} of {} acknowledged events", seen.len(), acknowledged.len());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut seen = HashSet::new();
+        let mut last = 0;
+        let mut dup = 0;
+        for r in &got {
+            let d = r.distribution_id();
+            if seen.insert(d) {
+                assert!(d > last, "{key}: distribution_id {d} after {last}: out of order");
+                last = d;
+            } else {
+                dup += 1;
+            }
+        }
+        assert!(dup <= 1 + 64, "{key}: {dup} duplicates exceed maxInFlight + one commit batch");
+        duplicates.insert(key, dup);
+    }
+    println!("duplicates per subscription after SIGKILL: {duplicates:?}");
+    // Status statistics equal what the callbacks counted.
+    for i in 0..SUBSCRIPTIONS {
+        let key = format!("s{i}");
+        let received = i64::try_from(server.received(&key).len()).unwrap();
+        let sub = wait_for(&api, &key, Duration::from_secs(60), "statistics caught up", |s| {
+            s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.pending == 0)
+        })
+        .await;
+        let stats = sub.status.unwrap().statistics.unwrap();
+        assert_eq!(stats.failure, 0);
+        // Attempts whose outcome the crash lost are delivered again but counted once.
+        assert!(stats.total <= received && stats.total >= received - duplicates[&key], "{key}: total {} vs received {received}", stats.total);
+    }
+}
+
+#[tokio::test]
+async fn status_writes_stay_within_the_budget_whatever_the_event_rate() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("budget", &[]).await;
+    let server = CallbackServer::start().await;
+    // A small budget makes the bound visible against a high event rate.
+    let herald = Herald::start(&cluster, &ns, "delivery:\n  statusWritesPerSecond: 2\n").await;
+    let api = cluster.subscriptions(&ns);
+    for i in 0..5 {
+        subscribe(&api, &format!("b{i}"), &server.url("ok", &format!("b{i}")), serde_json::json!({})).await;
+    }
+    // Count status writes on the API server's side: every MODIFIED event of these objects.
+    let list = api.list(&Default::default()).await.unwrap();
+    let version = list.metadata.resource_version.unwrap();
+    let watch_api = api.clone();
+    let watcher = tokio::spawn(async move {
+        use futures::{StreamExt, TryStreamExt};
+        let mut stream = watch_api.watch(&kube::api::WatchParams::default(), &version).await.unwrap().boxed();
+        let mut writes = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Ok(Some(event))) = tokio::time::timeout_at(deadline, stream.try_next()).await {
+            if matches!(event, kube::api::WatchEvent::Modified(_)) {
+                writes += 1;
+            }
+        }
+        writes
+    });
+    let started = Instant::now();
+    let mut events = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let batch: Vec<serde_json::Value> = (0..50).map(|i| host_event("0", i)).collect();
+        publish(&herald, serde_json::Value::Array(batch)).await;
+        events += 50;
+    }
+    let writes = watcher.await.unwrap();
+    println!("{events} events x 5 subscriptions in 8 s; {writes} status writes in 10 s (budget 2/s)");
+    assert!(events >= 500, "the event rate was high ({events} events)");
+    assert!(writes <= 2 * 10 + 2, "{writes} status writes in 10 s exceed the budget of 2/s");
+    assert!(writes >= 1, "status was written at all");
+}
+
+#[tokio::test]
+async fn a_100_mb_response_body_costs_at_most_the_body_cap_in_memory() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("bigbody", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    subscribe(&api, "big", &server.url("big-100", "big"), serde_json::json!({"retry": {"maxAttempts": 1}, "confirm": {"mode": "regular", "pattern": "nomatch"}})).await;
+    let before = vm_hwm_kb(herald.pid());
+    publish(&herald, host_event("0", 1)).await;
+    wait_statistics(&api, "big", 1, 1).await;
+    let after = vm_hwm_kb(herald.pid());
+    let grown_mb = (after.saturating_sub(before)) as f64 / 1024.0;
+    println!("VmHWM {before} kB -> {after} kB (+{grown_mb:.1} MB) for a 100 MB body; cap 1 MB");
+    assert!(grown_mb < 1.0 + 32.0, "peak RSS grew {grown_mb:.1} MB");
+}
+
+fn vm_hwm_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
