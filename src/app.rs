@@ -135,7 +135,7 @@ async fn serve(config: &Arc<Config>, client: kube::Client, state: Arc<AppState>,
         if controller::cache_ready(&ctx.subscriptions).await.is_err() || controller::cache_ready(&ctx.namespaces).await.is_err() {
             return None;
         }
-        let _ = state.services.set(Services { controller: ctx.clone(), delivery: delivery.clone(), auth });
+        let _ = state.services.set(Arc::new(Services { controller: ctx.clone(), delivery: delivery.clone(), auth, names: Default::default() }));
         let delivery_task = tokio::spawn(delivery.clone().run(changes, client.clone()));
         state.ready.store(true, Ordering::Release);
         tracing::info!("caches synced; ready");

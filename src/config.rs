@@ -38,6 +38,14 @@ pub struct ApiConfig {
     /// file or from key `apps.yaml` of a Secret in herald's namespace.
     pub esb_credentials_file: Option<PathBuf>,
     pub esb_credentials_secret: Option<String>,
+    /// Timeout of the ping and telnet probes.
+    pub probe_timeout_seconds: u64,
+}
+
+impl ApiConfig {
+    pub fn probe_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.probe_timeout_seconds.max(1))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -53,7 +61,13 @@ pub struct AuthConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { auth: AuthConfig::default(), max_body_bytes: 4 << 20, esb_credentials_file: None, esb_credentials_secret: None }
+        ApiConfig {
+            auth: AuthConfig::default(),
+            max_body_bytes: 4 << 20,
+            esb_credentials_file: None,
+            esb_credentials_secret: None,
+            probe_timeout_seconds: 10,
+        }
     }
 }
 

@@ -40,8 +40,8 @@ fn subscription_id(raw: &str) -> Result<i64, Refusal> {
 
 /// The subscription's supplier account, or 1103002 when herald does not know it.
 fn account_of(state: &AppState, id: i64) -> Result<String, Refusal> {
-    let services = state.services()?;
-    services
+    state
+        .services()?
         .delivery
         .index
         .get(id)
@@ -54,7 +54,7 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, r
     let result = async {
         let id = subscription_id(&raw_id)?;
         let services = state.services()?;
-        authorize(services, &call, &account_of(&state, id)?, Action::List).await?;
+        authorize(&services, &call, &account_of(&state, id)?, Action::List).await?;
         let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
         let letters = services
             .delivery
@@ -90,7 +90,7 @@ async fn replay(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_,
     let result = async {
         let id = subscription_id(&raw_id)?;
         let services = state.services()?;
-        authorize(services, &call, &account_of(&state, id)?, Action::Replay).await?;
+        authorize(&services, &call, &account_of(&state, id)?, Action::Replay).await?;
         let body = super::publish::read_body(body)?;
         let request: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) { ReplayBody::default() } else { super::json_body(&body)? };
         let replayed = services

@@ -4,7 +4,10 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cmdb;
+pub mod esb;
 pub mod publish;
+pub mod subscriptions;
 
 use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode, Lang, envelope};
@@ -29,6 +32,7 @@ pub struct Services {
     pub controller: Arc<ControllerContext>,
     pub delivery: Arc<Delivery>,
     pub auth: Arc<Authenticator>,
+    pub names: subscriptions::NameClaims,
 }
 
 /// Shared state of the HTTP handlers.
@@ -37,7 +41,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Leader, store open, caches synced.
     pub ready: AtomicBool,
-    pub services: OnceLock<Services>,
+    pub services: OnceLock<Arc<Services>>,
     pub time_zone: TimeZoneSetting,
 }
 
@@ -48,9 +52,9 @@ impl AppState {
     }
 
     /// The services, or 503 while herald is not ready (not leader or starting).
-    pub fn services(&self) -> Result<&Services, Refusal> {
+    pub fn services(&self) -> Result<Arc<Services>, Refusal> {
         match self.services.get() {
-            Some(services) if self.ready.load(Ordering::Acquire) => Ok(services),
+            Some(services) if self.ready.load(Ordering::Acquire) => Ok(services.clone()),
             _ => Err(Refusal::unavailable("herald is not ready (starting, or not the leader)")),
         }
     }
@@ -61,6 +65,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .merge(cmdb::routes())
+        .merge(esb::routes())
         .merge(publish::routes())
         .merge(admin::routes())
         .fallback(unknown_route)
@@ -80,6 +87,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.metrics.store_bytes.set(services.delivery.store.size_bytes());
     }
     ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}
+
+/// The committed OpenAPI document of every route (a test checks it lists them all).
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn unknown_route(headers: HeaderMap) -> Response {

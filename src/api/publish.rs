@@ -60,7 +60,7 @@ async fn accept(state: &AppState, call: &Call, body: Result<Bytes, BytesRejectio
     let events = parse_events(&read_body(body)?)?;
     let accounts: BTreeSet<String> = events.iter().map(|e| supplier_account(e.bk_supplier_account.as_deref())).collect();
     for account in &accounts {
-        authorize(services, call, account, Action::Publish).await?;
+        authorize(&services, call, account, Action::Publish).await?;
     }
     let now = crate::compat::time::format_cmdb(jiff::Timestamp::now(), &state.time_zone);
     let mut named = Vec::with_capacity(events.len());

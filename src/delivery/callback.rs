@@ -46,7 +46,7 @@ pub enum CallbackError {
 
 /// Error text without secrets: reqwest errors name the URL, which may carry
 /// credentials in its user-info or query; keep only the cause chain.
-fn describe(error: &reqwest::Error) -> String {
+pub fn describe(error: &reqwest::Error) -> String {
     let mut text = String::new();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {

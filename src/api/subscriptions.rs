@@ -1,0 +1,258 @@
+//! The subscription operations behind both REST flavours (direct bk-cmdb paths and ESB
+//! paths): create, update, delete and search EventSubscription resources, and the ping
+//! and telnet probes. Writes are server-side applies with the field manager
+//! `herald-api`, in herald's own namespace; reads come from the controller's cache, so
+//! kubectl-made subscriptions appear too.
+
+use super::auth::{Action, Identity};
+use super::{Refusal, Services};
+use crate::compat::input::{DialTarget, PingInput, SubscriptionInput};
+use crate::compat::search::{SearchRequest, search};
+use crate::compat::time::TimeZoneSetting;
+use crate::compat::{ApiError, ErrorCode, record};
+use crate::controller::verdict::namespace_allows;
+use crate::delivery::callback::describe;
+use crate::crd::{EventSubscription, OPERATOR_ANNOTATION};
+use crate::effective::Effective;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+pub const FIELD_MANAGER: &str = "herald-api";
+/// How long a REST create waits for the controller to decide the new object's id.
+const ID_WAIT: Duration = Duration::from_secs(20);
+/// A name claimed by a REST write stays claimed this long, until the cache shows it.
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// Serialises REST creates and renames so that `subscription_name` stays unique per
+/// account under concurrency: the check and the claim happen under one lock, and a
+/// claim covers the moment before the controller's cache shows the new object.
+#[derive(Default)]
+pub struct NameClaims {
+    claims: Mutex<Claims>,
+}
+
+/// (account, subscription name) → (namespace, object name) of the claimant, and when.
+type Claims = HashMap<(String, String), ((String, String), Instant)>;
+
+fn kube_detail(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} {}: {}", status.code, status.reason, status.message),
+        other => other.to_string(),
+    }
+}
+
+impl Services {
+    fn live_subscriptions(&self) -> Vec<Arc<EventSubscription>> {
+        self.controller.subscriptions.state().into_iter().filter(|s| s.metadata.deletion_timestamp.is_none()).collect()
+    }
+
+    /// Whether `sub` counts for `account`: its namespace is allowed for the account.
+    fn visible(&self, sub: &EventSubscription, effective: &Effective) -> bool {
+        let namespace = sub.namespace().unwrap_or_default();
+        let ns = self.controller.namespaces.get(&ObjectRef::new(&namespace));
+        !self.controller.config.controller.enforce_tenancy
+            || namespace_allows(&effective.supplier_account, &namespace, &self.controller.config.namespace, ns.as_deref())
+    }
+
+    /// The live subscription with `id` of `account`.
+    fn find(&self, account: &str, id: i64) -> Option<Arc<EventSubscription>> {
+        self.live_subscriptions().into_iter().find(|s| {
+            s.status.as_ref().and_then(|st| st.subscription_id) == Some(id) && Effective::from_spec(&s.spec).supplier_account == account
+        })
+    }
+
+    /// The (namespace, object name) holding (`account`, `name`), if any.
+    fn name_holder(&self, claims: &mut Claims, account: &str, name: &str) -> Option<(String, String)> {
+        claims.retain(|_, (_, at)| at.elapsed() < CLAIM_TTL);
+        if let Some((holder, _)) = claims.get(&(account.to_string(), name.to_string())) {
+            return Some(holder.clone());
+        }
+        self.live_subscriptions()
+            .into_iter()
+            .find(|s| {
+                let effective = Effective::from_spec(&s.spec);
+                effective.supplier_account == account && effective.subscription_name == name && self.visible(s, &effective)
+            })
+            .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
+    }
+
+    async fn apply(&self, object_name: &str, input: &SubscriptionInput, operator: &str) -> Result<EventSubscription, kube::Error> {
+        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), &self.controller.config.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": EventSubscription::api_version(&()),
+            "kind": EventSubscription::kind(&()),
+            "metadata": { "name": object_name, "annotations": { OPERATOR_ANNOTATION: operator } },
+            "spec": input.to_spec(),
+        });
+        api.patch(object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+    }
+
+    /// Creates a subscription; answers the id the object ends up with.
+    pub async fn create(&self, identity: &Identity, operator: Option<&str>, input: SubscriptionInput) -> Result<i64, Refusal> {
+        let account = input.supplier_account.clone();
+        self.auth.authorize(identity, &account, Action::Create).await?;
+        let operator = operator.map(str::to_string).unwrap_or_else(|| identity.name());
+        let object_name = format!("cmdb-{:016x}", fastrand::u64(..));
+        {
+            let mut claims = self.names.claims.lock().await;
+            if self.name_holder(&mut claims, &account, &input.subscription_name).is_some() {
+                return Err(ApiError::duplicated("subscription_name").into());
+            }
+            self.apply(&object_name, &input, &operator).await.map_err(|e| {
+                Refusal::from(ApiError::new(ErrorCode::CreateFailed).with_detail(kube_detail(&e)))
+            })?;
+            let holder = (self.controller.config.namespace.clone(), object_name.clone());
+            claims.insert((account, input.subscription_name.clone()), (holder, Instant::now()));
+        }
+        self.wait_for_id(&object_name).await
+    }
+
+    async fn wait_for_id(&self, object_name: &str) -> Result<i64, Refusal> {
+        let key = ObjectRef::new(object_name).within(&self.controller.config.namespace);
+        let deadline = Instant::now() + ID_WAIT;
+        while Instant::now() < deadline {
+            if let Some(id) = self.controller.subscriptions.get(&key).and_then(|s| s.status.as_ref()?.subscription_id) {
+                return Ok(id);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(ApiError::new(ErrorCode::CreateFailed).with_detail("the subscription was stored but got no id in time; search for it by name").into())
+    }
+
+    /// Replaces a subscription's spec as bk-cmdb does, keeping its id and statistics.
+    pub async fn update(&self, identity: &Identity, operator: Option<&str>, id: i64, input: SubscriptionInput) -> Result<(), Refusal> {
+        let account = input.supplier_account.clone();
+        self.auth.authorize(identity, &account, Action::Update).await?;
+        let not_found = || Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(format!("subscription {id} not found")));
+        let sub = self.find(&account, id).ok_or_else(not_found)?;
+        let object_name = sub.name_any();
+        let namespace = sub.namespace().unwrap_or_default();
+        let operator = operator.map(str::to_string).unwrap_or_else(|| identity.name());
+        let mut claims = self.names.claims.lock().await;
+        let this = (namespace.clone(), object_name.clone());
+        if self.name_holder(&mut claims, &account, &input.subscription_name).is_some_and(|holder| holder != this) {
+            return Err(ApiError::duplicated("subscription_name").into());
+        }
+        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), &namespace);
+        let patch = serde_json::json!({
+            "apiVersion": EventSubscription::api_version(&()),
+            "kind": EventSubscription::kind(&()),
+            "metadata": { "name": object_name, "annotations": { OPERATOR_ANNOTATION: operator } },
+            "spec": input.to_spec(),
+        });
+        api.patch(&object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(status) if status.code == 404 => not_found(),
+                other => Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(kube_detail(&other))),
+            })?;
+        claims.insert((account, input.subscription_name), (this, Instant::now()));
+        Ok(())
+    }
+
+    pub async fn delete(&self, identity: &Identity, account: &str, id: i64) -> Result<(), Refusal> {
+        self.auth.authorize(identity, account, Action::Delete).await?;
+        let not_found = || Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(format!("subscription {id} not found")));
+        let sub = self.find(account, id).ok_or_else(not_found)?;
+        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), &sub.namespace().unwrap_or_default());
+        api.delete(&sub.name_any(), &DeleteParams::default()).await.map_err(|e| match e {
+            kube::Error::Api(status) if status.code == 404 => not_found(),
+            other => Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(kube_detail(&other))),
+        })?;
+        let this = (sub.namespace().unwrap_or_default(), sub.name_any());
+        self.names.claims.lock().await.retain(|_, (holder, _)| *holder != this);
+        Ok(())
+    }
+
+    /// `{count, info}` over the account's subscriptions.
+    pub async fn search(&self, identity: &Identity, account: &str, request: SearchRequest, max_limit: Option<usize>, tz: &TimeZoneSetting) -> Result<serde_json::Value, Refusal> {
+        self.auth.authorize(identity, account, Action::List).await?;
+        let mut request = request;
+        request.condition.force_owner(account);
+        // Read from the API server, not the cache: a search sees every write that
+        // answered before it, and a failing API server is a query failure (1103002).
+        let api = Api::<EventSubscription>::all(self.controller.client.clone());
+        let listed = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| Refusal::from(ApiError::new(ErrorCode::QueryFailed).with_detail(kube_detail(&e))))?;
+        let records: Vec<serde_json::Value> = listed
+            .items
+            .into_iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .filter(|s| {
+                let effective = Effective::from_spec(&s.spec);
+                effective.supplier_account == account && self.visible(s, &effective)
+            })
+            .map(|s| record::record(&s, tz))
+            .collect();
+        let (count, info) = search(records, &request, max_limit);
+        Ok(serde_json::json!({ "count": count, "info": info }))
+    }
+
+    /// POSTs `data` verbatim to the URL; any HTTP answer is a result, only a transport
+    /// failure is an error (1103004).
+    pub async fn ping(&self, identity: &Identity, account: &str, input: PingInput, timeout: Duration, body_cap: usize) -> Result<serde_json::Value, Refusal> {
+        self.auth.authorize(identity, account, Action::Create).await?;
+        self.check_destination(&input.callback_url).await?;
+        let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::PingFailed).with_detail(detail));
+        let exchange = async {
+            let mut response = self
+                .delivery
+                .http
+                .post(&input.callback_url)
+                .timeout(timeout)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(input.data)
+                .send()
+                .await
+                .map_err(|e| failed(describe(&e)))?;
+            let status = response.status().as_u16();
+            let mut body = Vec::new();
+            while body.len() < body_cap {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(body_cap - body.len())]),
+                    Ok(None) => break,
+                    Err(e) => return Err(failed(describe(&e))),
+                }
+            }
+            Ok(serde_json::json!({ "http_status": status, "response_body": String::from_utf8_lossy(&body) }))
+        };
+        tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| Err(failed(format!("timed out after {timeout:?}"))))
+    }
+
+    /// Dials the callback's host and port and closes; sends nothing.
+    pub async fn telnet(&self, identity: &Identity, account: &str, target: DialTarget, timeout: Duration) -> Result<(), Refusal> {
+        self.auth.authorize(identity, account, Action::Create).await?;
+        let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::TelnetFailed).with_detail(detail));
+        let addrs = self.delivery.guard.resolve(&target.host, target.port).await.map_err(|e| match e {
+            crate::delivery::guard::GuardError::Refused(refused) => Refusal::from(ApiError::invalid("callback_url").with_detail(refused.to_string())),
+            other => failed(other.to_string()),
+        })?;
+        let dial = tokio::net::TcpStream::connect(addrs.as_slice());
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(Ok(_stream)) => Ok(()),
+            Ok(Err(e)) => Err(failed(format!("connect {}:{}: {e}", target.host, target.port))),
+            Err(_) => Err(failed(format!("connect {}:{}: timed out after {timeout:?}", target.host, target.port))),
+        }
+    }
+
+    /// Refuses a ping target in a refused range before any connection (the resolver
+    /// repeats the check for host names at connect time).
+    async fn check_destination(&self, url: &str) -> Result<(), Refusal> {
+        let Ok(parsed) = reqwest::Url::parse(url) else { return Err(ApiError::invalid("callback_url").into()) };
+        let host = parsed.host_str().unwrap_or_default();
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        match self.delivery.guard.resolve(host, port).await {
+            Ok(_) => Ok(()),
+            Err(crate::delivery::guard::GuardError::Refused(refused)) => Err(ApiError::invalid("callback_url").with_detail(refused.to_string()).into()),
+            Err(other) => Err(ApiError::new(ErrorCode::PingFailed).with_detail(other.to_string()).into()),
+        }
+    }
+}
+
