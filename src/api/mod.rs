@@ -71,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(publish::routes())
         .merge(admin::routes())
         .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -99,6 +100,11 @@ async fn openapi() -> impl IntoResponse {
 async fn unknown_route(headers: HeaderMap) -> Response {
     let call = Call::from_headers(&headers);
     call.direct_error(StatusCode::NOT_FOUND, &ApiError::invalid("path"), None)
+}
+
+async fn wrong_method(headers: HeaderMap) -> Response {
+    let call = Call::from_headers(&headers);
+    call.direct_error(StatusCode::METHOD_NOT_ALLOWED, &ApiError::invalid("method"), None)
 }
 
 /// Looks a header up under its underscore and hyphen spellings (common proxies drop

@@ -79,7 +79,12 @@ impl CallbackServer {
     }
 }
 
-async fn answer(State(log): State<Arc<Mutex<Log>>>, Path((behaviour, key)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+async fn answer(
+    State(log): State<Arc<Mutex<Log>>>,
+    Path((behaviour, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let count = {
         let mut log = log.lock().unwrap();
         let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string())).collect();

@@ -29,9 +29,7 @@ pub async fn cluster() -> Cluster {
     }));
     let tools = PathBuf::from(std::env::var("HERALD_TOOLS_BIN").expect("HERALD_TOOLS_BIN is set by tests/run.sh"));
     let kc = Kubeconfig::read_from(&kubeconfig).expect("readable kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");
     let client = Client::try_from(config).expect("kube client");
     Cluster { client, kubeconfig, tools }
 }
@@ -56,10 +54,8 @@ impl Cluster {
         let name = unique(prefix);
         let mut all = BTreeMap::from([("herald.dev/test".to_string(), "true".to_string())]);
         all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let ns = Namespace {
-            metadata: ObjectMeta { name: Some(name.clone()), labels: Some(all), ..Default::default() },
-            ..Default::default()
-        };
+        let ns =
+            Namespace { metadata: ObjectMeta { name: Some(name.clone()), labels: Some(all), ..Default::default() }, ..Default::default() };
         Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
         TestNamespace { name, kubectl: self.tools.join("kubectl"), kubeconfig: self.kubeconfig.clone() }
     }
@@ -73,23 +69,87 @@ impl Cluster {
         api.create(&PostParams::default(), &object).await
     }
 
+    /// A ServiceAccount in `namespace` and a token for it with `audience`.
+    pub fn service_account_token(&self, namespace: &str, name: &str, audience: &str) -> String {
+        let _ = self.kubectl(&["create", "serviceaccount", name, "-n", namespace]);
+        let (ok, token, err) = self.kubectl(&["create", "token", name, "-n", namespace, "--audience", audience, "--duration", "1h"]);
+        assert!(ok, "create token: {err}");
+        token.trim().to_string()
+    }
+
+    /// Grants a ServiceAccount `verbs` on the virtual `supplieraccounts` resource for
+    /// `accounts` (cluster-scoped objects named after the namespace, so tests do not clash).
+    pub fn grant_accounts(&self, namespace: &str, service_account: &str, verbs: &[&str], accounts: &[&str]) {
+        let role = format!("{namespace}-{service_account}");
+        let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": role},
+             "rules": [{"apiGroups": ["herald.dev"], "resources": ["supplieraccounts"], "resourceNames": accounts, "verbs": verbs}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": role},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+             "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]},
+        ]});
+        let file = std::env::temp_dir().join(format!("{role}-grant.json"));
+        std::fs::write(&file, manifest.to_string()).expect("write grant");
+        let (ok, _, err) = self.kubectl(&["apply", "-f", file.to_str().expect("path")]);
+        assert!(ok, "grant: {err}");
+    }
+
+    /// Stops one control-plane component (its PID from tests/run.sh's state directory).
+    pub fn stop_component(&self, name: &str) {
+        let state = PathBuf::from(std::env::var("HERALD_CONTROLPLANE").expect("HERALD_CONTROLPLANE"));
+        let pid = std::fs::read_to_string(state.join(format!("{name}.pid"))).expect("pid file");
+        let _ = Command::new("kill").arg(pid.trim()).status();
+        for _ in 0..100 {
+            if !Command::new("kill").args(["-0", pid.trim()]).status().is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+    }
+
+    /// Starts a stopped component again with its recorded command line, and for the
+    /// API server waits until it is ready. Blocking, so that a guard's drop can call it.
+    pub fn start_component(&self, name: &str) {
+        let state = PathBuf::from(std::env::var("HERALD_CONTROLPLANE").expect("HERALD_CONTROLPLANE"));
+        let script = format!("cd {state} && {{ eval \"exec $(cat {name}.cmd)\" >> {name}.log 2>&1 & echo $! > {name}.pid; }}", state = state.display());
+        let status = Command::new("bash").args(["-c", &script]).status().expect("restart component");
+        assert!(status.success());
+        if name == "kube-apiserver" {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !self.kubectl(&["get", "--raw", "/readyz"]).0 {
+                assert!(Instant::now() < deadline, "kube-apiserver did not come back");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+
+    /// Stops `name` until the returned guard drops (also when the test fails).
+    pub fn outage(&self, name: &'static str) -> Outage<'_> {
+        self.stop_component(name);
+        Outage { cluster: self, name }
+    }
+
     pub fn subscriptions(&self, namespace: &str) -> Api<EventSubscription> {
         Api::namespaced(self.client.clone(), namespace)
     }
 
     /// Runs the test control plane's kubectl; returns (success, stdout, stderr).
     pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(self.tools.join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .expect("run kubectl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let out =
+            Command::new(self.tools.join("kubectl")).arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().expect("run kubectl");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+pub struct Outage<'a> {
+    cluster: &'a Cluster,
+    name: &'static str,
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        self.cluster.start_component(self.name);
     }
 }
 
@@ -238,12 +298,7 @@ fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
 
 /// The `Ready` condition's (status, reason), if any.
 pub fn ready(sub: &EventSubscription) -> Option<(String, String)> {
-    sub.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| (c.status.clone(), c.reason.clone()))
+    sub.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready").map(|c| (c.status.clone(), c.reason.clone()))
 }
 
 pub fn id(sub: &EventSubscription) -> Option<i64> {
@@ -263,23 +318,21 @@ pub async fn wait_for(
         Ok(Ok(Some(obj))) => obj,
         other => {
             let current = api.get_opt(name).await.ok().flatten();
-            panic!("{name}: not {what} within {within:?} ({:?}); last seen: {:#?}", other.map(|r| r.map(|o| o.map(|o| o.name_any()))), current.map(|c| c.status))
+            panic!(
+                "{name}: not {what} within {within:?} ({:?}); last seen: {:#?}",
+                other.map(|r| r.map(|o| o.map(|o| o.name_any()))),
+                current.map(|c| c.status)
+            )
         }
     }
 }
 
 pub async fn wait_ready(api: &Api<EventSubscription>, name: &str) -> EventSubscription {
-    wait_for(api, name, Duration::from_secs(30), "Ready=True", |s| {
-        ready(s).is_some_and(|(status, _)| status == "True")
-    })
-    .await
+    wait_for(api, name, Duration::from_secs(30), "Ready=True", |s| ready(s).is_some_and(|(status, _)| status == "True")).await
 }
 
 pub async fn wait_reason(api: &Api<EventSubscription>, name: &str, reason: &str) -> EventSubscription {
-    wait_for(api, name, Duration::from_secs(30), reason, |s| {
-        ready(s).is_some_and(|(status, r)| status == "False" && r == reason)
-    })
-    .await
+    wait_for(api, name, Duration::from_secs(30), reason, |s| ready(s).is_some_and(|(status, r)| status == "False" && r == reason)).await
 }
 
 /// An EventSubscription from YAML-like JSON.
