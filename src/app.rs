@@ -70,7 +70,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // Health answers from the start; readiness waits for leadership, store and caches.
     let state = AppState::new(config.clone(), metrics.clone());
     let router = api::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(config.api.max_body_bytes));
-    let server = tokio::spawn(api::serve(listener, router, shutdown.clone()));
+    let server = tokio::spawn(api::serve(listener, router, config.api.tls.clone(), shutdown.clone()));
 
     let result = serve(&config, client, state, metrics, shutdown.clone()).await;
     shutdown.cancel();
@@ -114,13 +114,7 @@ async fn serve(config: &Arc<Config>, client: kube::Client, state: Arc<AppState>,
         metrics,
         shutdown.clone(),
     );
-    let auth = Arc::new(Authenticator::new(
-        client.clone(),
-        config.api.auth.audience.clone(),
-        config.api.auth.anonymous,
-        Duration::from_secs(config.api.auth.cache_seconds),
-        esb,
-    ));
+    let auth = Arc::new(Authenticator::new(client.clone(), &config.api.auth, esb));
     let controller_task = tokio::spawn(controller);
     let keep_lease = async {
         match &leadership {

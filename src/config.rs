@@ -40,6 +40,15 @@ pub struct ApiConfig {
     pub esb_credentials_secret: Option<String>,
     /// Timeout of the ping and telnet probes.
     pub probe_timeout_seconds: u64,
+    /// Serve HTTPS with this certificate and key (PEM) instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl ApiConfig {
@@ -51,6 +60,9 @@ impl ApiConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct AuthConfig {
+    /// Accept Kubernetes bearer tokens (TokenReview) and authorise them with
+    /// SubjectAccessReviews. Off: only ESB app credentials (or anonymous) are accepted.
+    pub kubernetes: bool,
     /// Development only: accept requests without credentials, allowed everything.
     pub anonymous: bool,
     /// Audience that Kubernetes tokens must be issued for.
@@ -67,13 +79,14 @@ impl Default for ApiConfig {
             esb_credentials_file: None,
             esb_credentials_secret: None,
             probe_timeout_seconds: 10,
+            tls: None,
         }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { anonymous: false, audience: "herald".into(), cache_seconds: 5 }
+        AuthConfig { kubernetes: true, anonymous: false, audience: "herald".into(), cache_seconds: 5 }
     }
 }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use std::path::{Path, PathBuf};
@@ -41,9 +41,11 @@ fn run(command: &mut Command) -> Output {
 }
 
 fn tools() -> PathBuf {
-    PathBuf::from(std::env::var("HERALD_TOOLS_BIN").unwrap_or_else(|_| {
-        panic!("HERALD_TOOLS_BIN is not set: run the chart tests with tests/run.sh, which builds helm and kubectl")
-    }))
+    PathBuf::from(
+        std::env::var("HERALD_TOOLS_BIN").unwrap_or_else(|_| {
+            panic!("HERALD_TOOLS_BIN is not set: run the chart tests with tests/run.sh, which builds helm and kubectl")
+        }),
+    )
 }
 
 /// helm from the tools directory, talking to the cluster of `kubeconfig`.
@@ -173,6 +175,21 @@ fn write_subscription(namespace: &str, name: &str) -> PathBuf {
     file
 }
 
+/// `helm template` with `values`, which must succeed.
+fn render(values: &[&str]) -> String {
+    let out = run(Command::new(tools().join("helm")).args(["template", "herald", CHART]).args(values));
+    assert!(out.ok, "helm template {values:?}: {out}");
+    out.stdout
+}
+
+/// The config file the chart's ConfigMap holds, rendered with `values`.
+fn chart_config(values: &[&str]) -> String {
+    let mut args = vec!["--show-only", "templates/configmap.yaml"];
+    args.extend(values);
+    let configmap: ConfigMap = serde_yaml::from_str(&render(&args)).expect("ConfigMap YAML");
+    configmap.data.expect("data")["config.yaml"].clone()
+}
+
 #[test]
 fn the_chart_passes_helm_lint_strict() {
     for strict in [false, true] {
@@ -228,14 +245,29 @@ fn the_charts_crd_and_deploy_manifests_are_not_stale() {
     assert!(rendered == committed, "deploy/herald.yaml is stale: run deploy/render.sh");
 }
 
-/// The config file the chart's ConfigMap holds, rendered with `values`.
-fn chart_config(values: &[&str]) -> String {
-    let out = run(Command::new(tools().join("helm"))
-        .args(["template", "herald", CHART, "--show-only", "templates/configmap.yaml"])
-        .args(values));
-    assert!(out.ok, "helm template {values:?}: {out}");
-    let configmap: ConfigMap = serde_yaml::from_str(&out.stdout).expect("ConfigMap YAML");
-    configmap.data.expect("data")["config.yaml"].clone()
+#[test]
+fn values_switch_the_optional_parts() {
+    let defaults = render(&[]);
+    assert!(!defaults.contains("kind: ServiceMonitor") && !defaults.contains("/etc/herald/tls"), "{defaults}");
+    assert!(defaults.contains("kind: PersistentVolumeClaim") && defaults.contains("claimName: herald"), "{defaults}");
+
+    let monitored = render(&["--set", "serviceMonitor.enabled=true"]);
+    assert!(monitored.contains("kind: ServiceMonitor") && monitored.contains("path: /metrics"), "{monitored}");
+
+    let tls = render(&["--set", "tls.enabled=true", "--set", "tls.secretName=herald-tls"]);
+    for wanted in ["secretName: herald-tls", "mountPath: /etc/herald/tls", "certFile: /etc/herald/tls/tls.crt", "scheme: HTTPS"] {
+        assert!(tls.contains(wanted), "TLS render lacks {wanted}: {tls}");
+    }
+
+    let existing = render(&["--set", "persistence.existingClaim=store"]);
+    assert!(!existing.contains("kind: PersistentVolumeClaim") && existing.contains("claimName: store"), "{existing}");
+    let ephemeral = render(&["--set", "persistence.enabled=false"]);
+    assert!(!ephemeral.contains("kind: PersistentVolumeClaim") && !ephemeral.contains("claimName:"), "{ephemeral}");
+
+    let renamed = render(&["--set", "config.controller.idCounter=ids", "--set", "config.leaderElection.leaseName=leader"]);
+    assert!(renamed.contains(r#"resourceNames: ["ids"]"#) && renamed.contains(r#"resourceNames: ["leader"]"#), "{renamed}");
+    let no_token_auth = render(&["--set", "api.auth.kubernetes=false"]);
+    assert!(!no_token_auth.contains("tokenreviews") && !no_token_auth.contains("subjectaccessreviews"), "{no_token_auth}");
 }
 
 /// herald refuses unknown config keys, so a key the chart writes and herald does not know
@@ -271,10 +303,16 @@ async fn rendered_and_plain_manifests_pass_a_server_side_dry_run() {
     let plain = format!("{ROOT}/deploy/herald.yaml");
     let (ok, out, err) = cluster.kubectl(&["apply", "--dry-run=server", "--server-side", "-f", &plain]);
     if !exists {
-        cluster.kubectl(&["delete", "namespace", "herald-system", "--wait=false"]);
+        // Waits, so that a rerun against this control plane finds no terminating namespace.
+        cluster.kubectl(&["delete", "namespace", "herald-system", "--timeout=60s"]);
     }
     assert!(ok, "kubectl apply --dry-run=server --server-side -f deploy/herald.yaml: {out}{err}");
-    for kind in ["namespace/herald-system", "customresourcedefinition", "deployment.apps/herald", "clusterrole.rbac.authorization.k8s.io/herald-view"] {
+    for kind in [
+        "namespace/herald-system",
+        "customresourcedefinition",
+        "deployment.apps/herald",
+        "clusterrole.rbac.authorization.k8s.io/herald-view",
+    ] {
         assert!(out.contains(kind), "deploy/herald.yaml should contain {kind}: {out}");
     }
 }
@@ -403,9 +441,11 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
     let out = kubectl(bob, &["delete", "esub", "by-bob", "-n", &ns]);
     assert!(out.ok, "bob (edit) deletes a subscription: {out}");
 
-    // The virtual resource herald authorises REST calls against (supplier account "0").
-    // `kubectl auth can-i` cannot name the group of a resource the server does not serve,
-    // hence a SelfSubjectAccessReview; client-side validation would need to list CRDs.
+    // The aggregated rules on the virtual resource herald authorises REST calls against
+    // (supplier account "0"), here through the namespace's RoleBindings; herald's own
+    // review is cluster-wide, which the last test covers. `kubectl auth can-i` cannot name
+    // the group of a resource the server does not serve, hence a SelfSubjectAccessReview
+    // (without client-side validation, which would need to list CRDs).
     let can = |who: &Path, verb: &str| {
         let review = serde_json::json!({
             "apiVersion": "authorization.k8s.io/v1",
@@ -475,21 +515,46 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     })
     .await;
 
+    // Signing keys: a Secret read by name in herald's namespace (the publish below delivers).
+    let receiver = callback::CallbackServer::start().await;
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "webhook-key"},
+        "stringData": {"key": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"},
+    });
+    Api::<Secret>::namespaced(cluster.client.clone(), &ns)
+        .create(&PostParams::default(), &serde_json::from_value(secret).expect("Secret"))
+        .await
+        .expect("create Secret");
+    let mut spec = basic_spec("chart-sa-signed");
+    spec["callbackUrl"] = receiver.url("ok", "signed").into();
+    spec["signing"] = serde_json::json!({"secretRef": {"name": "webhook-key", "key": "key"}});
+    api.create(&PostParams::default(), &subscription("signed", spec)).await.expect("create subscription");
+    wait_ready(&api, "signed").await;
+
     // The REST API's TokenReview and SubjectAccessReview: a producer bound to <fullname>-edit
-    // may publish, one bound to <fullname>-view is refused by the review (not by an error).
+    // publishes and creates, updates and deletes a subscription (create in herald's
+    // namespace by the Role, update and delete by the ClusterRole); one bound to
+    // <fullname>-view may search but is refused publishing by the review (not by an error).
     // Cluster-wide bindings, because herald's review names no namespace.
     let event = serde_json::json!({
         "event_type": "instdata", "action": "create", "obj_type": "host",
         "data": [{"cur_data": {"bk_host_id": 1}}], "bk_supplier_account": "0",
     });
     let http = reqwest::Client::new();
+    let call = async |method: reqwest::Method, path: &str, token: &str, body: &serde_json::Value| {
+        let response = http.request(method, herald.url(path)).bearer_auth(token).json(body).send().await.expect("REST call");
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap_or_default())
+    };
     let mut bindings = Vec::new();
-    for (client, role, expected) in [("producer", "edit", 200), ("viewer", "view", 403)] {
+    let mut tokens = Vec::new();
+    for (client, role, publish_status) in [("producer", "edit", 200), ("viewer", "view", 403)] {
         let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", client, "-n", &ns]);
         assert!(ok, "{err}");
         let binding = format!("{}-{client}", ns.name);
         let subject = format!("--serviceaccount={}:{client}", ns.name);
-        let (ok, _, err) = cluster.kubectl(&["create", "clusterrolebinding", &binding, &format!("--clusterrole={service_account}-{role}"), &subject]);
+        let (ok, _, err) =
+            cluster.kubectl(&["create", "clusterrolebinding", &binding, &format!("--clusterrole={service_account}-{role}"), &subject]);
         assert!(ok, "{err}");
         bindings.push(ClusterScoped { kind: "clusterrolebinding", name: binding, kubeconfig: cluster.kubeconfig.clone() });
         let (ok, token, err) = cluster.kubectl(&["create", "token", client, "-n", &ns, "--audience", "herald", "--duration", "1h"]);
@@ -497,16 +562,33 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
         // herald caches review answers for a few seconds; RBAC caches take a moment too.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let response = http.post(herald.url("/api/v3/event/publish")).bearer_auth(token.trim()).json(&event).send().await.expect("publish");
-            let status = response.status().as_u16();
-            let body = response.text().await.unwrap_or_default();
-            if status == expected {
+            let (status, body) = call(reqwest::Method::POST, "/api/v3/event/publish", token.trim(), &event).await;
+            if status == publish_status {
                 break;
             }
             assert!(Instant::now() < deadline, "{client} ({role}) publishing: {status} {body}\n{}", herald.log_text());
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        tokens.push(token.trim().to_string());
     }
+    let (producer, viewer) = (&tokens[0], &tokens[1]);
+    let mut form =
+        serde_json::json!({"subscription_name": "rest", "callback_url": "http://127.0.0.1:9/x", "subscription_form": "hostcreate"});
+    let (status, created) = call(reqwest::Method::POST, "/api/v3/event/subscribe/0/0", producer, &form).await;
+    let rest_id = created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("REST create: {status} {created}"));
+    form["subscription_form"] = "hostcreate,hostupdate".into();
+    let path = format!("/api/v3/event/subscribe/0/0/{rest_id}");
+    let (status, updated) = call(reqwest::Method::PUT, &path, producer, &form).await;
+    assert_eq!((status, &updated["result"]), (200, &serde_json::json!(true)), "REST update: {updated}");
+    let (status, found) = call(reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", viewer, &serde_json::json!({})).await;
+    let ids: Vec<_> = found["data"]["info"].as_array().into_iter().flatten().filter_map(|r| r["subscription_id"].as_i64()).collect();
+    assert!(status == 200 && ids.contains(&rest_id), "REST search as the viewer: {status} {found}");
+    let (status, deleted) = call(reqwest::Method::DELETE, &path, producer, &serde_json::json!({})).await;
+    assert_eq!((status, &deleted["result"]), (200, &serde_json::json!(true)), "REST delete: {deleted}");
+
+    let signed = receiver.wait_for("signed", 1, Duration::from_secs(30)).await;
+    assert!(signed[0].header("webhook-signature").starts_with("v1,"), "a signed callback: {:?}", signed[0].headers);
+
     // RBAC denials read `<resource> "<name>" is forbidden: User "<user>" cannot <verb> ...`.
     let log = herald.log_text();
     assert!(!log.contains("is forbidden: User"), "herald hit an RBAC refusal:\n{log}");

@@ -486,3 +486,30 @@ async fn server_side_faults_answer_their_codes() {
     let names: BTreeSet<String> = cluster.subscriptions(&ns).list(&Default::default()).await.unwrap().items.into_iter().map(|s| s.spec.subscription_name).collect();
     assert!(names.contains("after-outage"));
 }
+
+#[tokio::test]
+async fn the_api_is_served_over_tls_when_a_certificate_is_configured() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("rest-tls", &[]).await;
+    let dir = std::env::temp_dir().join(format!("{}-tls", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A CA and a server certificate it signs (webpki refuses a CA as the end entity).
+    let script = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=herald-test-ca -keyout ca.key -out ca.crt \
+        && openssl req -newkey rsa:2048 -nodes -subj /CN=herald -keyout tls.key -out tls.csr \
+        && printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext \
+        && openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile ext -out tls.crt";
+    let status = std::process::Command::new("bash").args(["-c", script]).current_dir(&dir).stderr(std::process::Stdio::null()).status().expect("openssl");
+    assert!(status.success());
+    let config = format!("api:\n  tls:\n    certFile: {}\n    keyFile: {}\n", dir.join("tls.crt").display(), dir.join("tls.key").display());
+    let herald = Herald::start(&cluster, &ns, &config).await;
+    assert!(herald.url("/").starts_with("https://"));
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.crt")).unwrap()).unwrap();
+    let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let answer: Value = client.post(herald.url("/api/v3/event/subscribe/search/0/0")).body("{}").send().await.unwrap().json().await.unwrap();
+    assert_eq!(code(&answer), 0, "{answer}");
+    let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{}/readyz", herald.port)).send().await;
+    assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP is not served");
+    let untrusting = reqwest::Client::new().get(herald.url("/readyz")).send().await;
+    assert!(untrusting.is_err(), "an unknown certificate is refused by a verifying client");
+}

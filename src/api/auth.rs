@@ -125,6 +125,7 @@ pub fn permission_detail(identity: &Identity, account: &str, action: Action) -> 
 pub struct Authenticator {
     client: kube::Client,
     audience: String,
+    kubernetes: bool,
     anonymous: bool,
     ttl: Duration,
     tokens: Mutex<HashMap<Vec<u8>, (Instant, Option<Identity>)>>,
@@ -153,8 +154,17 @@ impl AuthError {
 }
 
 impl Authenticator {
-    pub fn new(client: kube::Client, audience: String, anonymous: bool, ttl: Duration, esb: EsbApps) -> Self {
-        Authenticator { client, audience, anonymous, ttl, tokens: Mutex::default(), decisions: Mutex::default(), esb }
+    pub fn new(client: kube::Client, config: &crate::config::AuthConfig, esb: EsbApps) -> Self {
+        Authenticator {
+            client,
+            audience: config.audience.clone(),
+            kubernetes: config.kubernetes,
+            anonymous: config.anonymous,
+            ttl: Duration::from_secs(config.cache_seconds),
+            tokens: Mutex::default(),
+            decisions: Mutex::default(),
+            esb,
+        }
     }
 
     /// Identity from a bearer token (`Authorization: Bearer …`), or anonymous when the
@@ -164,7 +174,7 @@ impl Authenticator {
             .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|t| !t.is_empty());
-        let Some(token) = token else {
+        let Some(token) = token.filter(|_| self.kubernetes) else {
             return if self.anonymous { Ok(Identity::Anonymous) } else { Err(AuthError::Unauthenticated) };
         };
         // Cache by digest: raw tokens are never kept.

@@ -11,7 +11,7 @@ pub mod subscriptions;
 
 use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode, Lang, envelope};
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::controller::Context as ControllerContext;
 use crate::delivery::Delivery;
 use crate::telemetry::Metrics;
@@ -224,9 +224,24 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refu
     serde_json::from_slice(body).map_err(|e| Refusal::from(ApiError::new(ErrorCode::JsonDecode).with_detail(e.to_string())))
 }
 
-/// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+/// How long in-flight requests may take to finish after shutdown begins.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves (HTTPS when `tls` is set) until `shutdown` is cancelled, then lets in-flight
+/// requests finish.
+pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsConfig>, shutdown: CancellationToken) -> std::io::Result<()> {
+    let Some(tls) = tls else {
+        return axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    };
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file).await?;
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        stopper.graceful_shutdown(Some(DRAIN));
+    });
+    axum_server::tls_rustls::from_tcp_rustls(listener.into_std()?, config)?
+        .handle(handle)
+        .serve(router.into_make_service())
         .await
 }

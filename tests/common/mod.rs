@@ -183,6 +183,8 @@ pub struct Herald {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// "https" when herald serves TLS.
+    pub scheme: &'static str,
 }
 
 pub fn free_port() -> u16 {
@@ -223,17 +225,19 @@ impl Herald {
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).expect("log file")))
             .spawn()
             .expect("spawn herald");
-        let mut herald = Herald { child, port, log };
+        let scheme = if config_value["api"]["tls"].is_mapping() { "https" } else { "http" };
+        let mut herald = Herald { child, port, log, scheme };
         herald.wait_ready(Duration::from_secs(60)).await;
         herald
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     async fn wait_ready(&mut self, within: Duration) {
-        let client = reqwest::Client::new();
+        // Readiness only; tests that check TLS itself verify the certificate.
+        let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("client");
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {

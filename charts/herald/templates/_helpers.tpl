@@ -1,0 +1,62 @@
+{{/* Object name prefix: <release>-herald, or the release name when it already says herald. */}}
+{{- define "herald.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "herald.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "herald.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "herald.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "herald.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "herald.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: herald
+{{- end -}}
+
+{{- define "herald.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "herald.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+herald's config file: .Values.config merged over the values the pod spec is wired to
+(listen port, data volume), plus the certificate paths when TLS is on.
+*/}}
+{{- define "herald.config" -}}
+{{- $config := mergeOverwrite (dict "listen" "0.0.0.0:8080" "store" (dict "path" "/var/lib/herald")) (deepCopy .Values.config) -}}
+{{- $config = mergeOverwrite $config (dict "api" (dict "auth" (dict "kubernetes" .Values.api.auth.kubernetes))) -}}
+{{- if .Values.tls.enabled -}}
+{{- $tls := dict "certFile" "/etc/herald/tls/tls.crt" "keyFile" "/etc/herald/tls/tls.key" -}}
+{{- $config = mergeOverwrite $config (dict "api" (dict "tls" $tls)) -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* The id counter ConfigMap herald writes (config key controller.idCounter). */}}
+{{- define "herald.idCounter" -}}
+{{- dig "controller" "idCounter" "herald-subscription-ids" (fromYaml (include "herald.config" .)) -}}
+{{- end -}}
+
+{{/* The leader Lease herald holds (config key leaderElection.leaseName). */}}
+{{- define "herald.leaseName" -}}
+{{- dig "leaderElection" "leaseName" "herald-leader" (fromYaml (include "herald.config" .)) -}}
+{{- end -}}
