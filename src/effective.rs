@@ -79,15 +79,9 @@ impl Effective {
             _ => DEFAULT_TIMEOUT_SECONDS,
         };
         Effective {
-            supplier_account: spec
-                .supplier_account
-                .as_deref()
-                .map(str::trim)
-                .filter(|a| !a.is_empty())
-                .unwrap_or(DEFAULT_SUPPLIER_ACCOUNT)
-                .to_string(),
+            supplier_account: name_key(spec).0.to_string(),
             biz_id: spec.biz_id.unwrap_or(0).max(0),
-            subscription_name: spec.subscription_name.trim().to_string(),
+            subscription_name: name_key(spec).1.to_string(),
             system_name: spec.system_name.clone().unwrap_or_default(),
             callback_url: spec.callback_url.trim().to_string(),
             confirm_mode,
@@ -125,6 +119,17 @@ impl Effective {
     pub fn name_key(&self) -> (&str, &str) {
         (&self.supplier_account, &self.subscription_name)
     }
+}
+
+/// The (supplier account, subscription name) a spec holds, normalised as the effective
+/// view does, without building the whole view: name checks compare every pair of
+/// subscriptions, so this must not allocate.
+pub fn name_key(spec: &EventSubscriptionSpec) -> (&str, &str) {
+    let account = spec.supplier_account.as_deref().map(str::trim).filter(|a| !a.is_empty()).unwrap_or(DEFAULT_SUPPLIER_ACCOUNT);
+    (account, spec.subscription_name.trim())
+}
+
+impl Effective {
 }
 
 /// Compiles a `regular` confirm pattern with a size limit, so a hostile pattern cannot

@@ -86,6 +86,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if let Some(services) = state.services.get() {
         state.metrics.store_bytes.set(services.delivery.store.size_bytes());
+        if let Ok(pending) = services.delivery.store.pending_total().await {
+            state.metrics.queue_depth.set(pending);
+        }
     }
     ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }

@@ -13,7 +13,7 @@ use crate::compat::{ApiError, ErrorCode, record};
 use crate::controller::verdict::namespace_allows;
 use crate::delivery::callback::describe;
 use crate::crd::{EventSubscription, OPERATOR_ANNOTATION};
-use crate::effective::Effective;
+use crate::effective::name_key;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -52,18 +52,18 @@ impl Services {
     }
 
     /// Whether `sub` counts for `account`: its namespace is allowed for the account.
-    fn visible(&self, sub: &EventSubscription, effective: &Effective) -> bool {
+    fn visible(&self, sub: &EventSubscription, account: &str) -> bool {
         let namespace = sub.namespace().unwrap_or_default();
         let ns = self.controller.namespaces.get(&ObjectRef::new(&namespace));
         !self.controller.config.controller.enforce_tenancy
-            || namespace_allows(&effective.supplier_account, &namespace, &self.controller.config.namespace, ns.as_deref())
+            || namespace_allows(account, &namespace, &self.controller.config.namespace, ns.as_deref())
     }
 
     /// The live subscription with `id` of `account`.
     fn find(&self, account: &str, id: i64) -> Option<Arc<EventSubscription>> {
-        self.live_subscriptions().into_iter().find(|s| {
-            s.status.as_ref().and_then(|st| st.subscription_id) == Some(id) && Effective::from_spec(&s.spec).supplier_account == account
-        })
+        self.live_subscriptions()
+            .into_iter()
+            .find(|s| s.status.as_ref().and_then(|st| st.subscription_id) == Some(id) && name_key(&s.spec).0 == account)
     }
 
     /// The (namespace, object name) holding (`account`, `name`), if any.
@@ -74,10 +74,7 @@ impl Services {
         }
         self.live_subscriptions()
             .into_iter()
-            .find(|s| {
-                let effective = Effective::from_spec(&s.spec);
-                effective.supplier_account == account && effective.subscription_name == name && self.visible(s, &effective)
-            })
+            .find(|s| name_key(&s.spec) == (account, name) && self.visible(s, account))
             .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
     }
 
@@ -185,10 +182,7 @@ impl Services {
             .items
             .into_iter()
             .filter(|s| s.metadata.deletion_timestamp.is_none())
-            .filter(|s| {
-                let effective = Effective::from_spec(&s.spec);
-                effective.supplier_account == account && self.visible(s, &effective)
-            })
+            .filter(|s| name_key(&s.spec).0 == account && self.visible(s, account))
             .map(|s| record::record(&s, tz))
             .collect();
         let (count, info) = search(records, &request, max_limit);

@@ -10,7 +10,7 @@ use crate::FIELD_MANAGER;
 use crate::config::Config;
 use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL};
 use crate::delivery::index::{SubscriptionIndex, Subscriber};
-use crate::effective::{Effective, Invalid};
+use crate::effective::{Effective, Invalid, name_key};
 use futures::{StreamExt, future::BoxFuture};
 use ids::IdAllocator;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -155,15 +155,12 @@ pub fn build(
 /// its (account, name), and those currently refused as duplicates (the changed one may
 /// have been renamed away from their name).
 fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription) -> Vec<ObjectRef<EventSubscription>> {
-    let effective = Effective::from_spec(&changed.spec);
+    let key = name_key(&changed.spec);
     store
         .state()
         .iter()
         .filter(|s| s.uid() != changed.uid())
-        .filter(|s| {
-            ready_reason(s) == Some(verdict::REASON_DUPLICATE_NAME)
-                || Effective::from_spec(&s.spec).name_key() == effective.name_key()
-        })
+        .filter(|s| ready_reason(s) == Some(verdict::REASON_DUPLICATE_NAME) || name_key(&s.spec) == key)
         .map(|s| ObjectRef::from_obj(s.as_ref()))
         .collect()
 }

@@ -8,7 +8,7 @@
 //! value cannot carry. An account is allowed when either lists it.
 
 use crate::crd::{EventSubscription, SUPPLIER_ACCOUNTS_LABEL};
-use crate::effective::{Effective, Invalid};
+use crate::effective::{Effective, Invalid, name_key};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -63,8 +63,8 @@ pub fn older_holder<'a>(
         .filter(|other| other.uid() != sub.uid() && other.metadata.deletion_timestamp.is_none())
         .filter(|other| age_key(other) < mine)
         .filter(|other| {
-            let theirs = Effective::from_spec(&other.spec);
-            theirs.name_key() == key && allowed(&theirs.supplier_account, &other.namespace().unwrap_or_default())
+            let theirs = name_key(&other.spec);
+            theirs == key && allowed(theirs.0, &other.namespace().unwrap_or_default())
         })
         .min_by_key(|other| age_key(other))
 }

@@ -161,7 +161,7 @@ impl Delivery {
             } else {
                 summary.overflowed += 1;
             }
-            self.status.touch(subscription_id);
+            self.status.touch(subscription_id, 0);
         }
         for id in woken {
             self.wake(id);
@@ -175,7 +175,7 @@ impl Delivery {
     /// tail of its queue.
     pub async fn replay(self: &Arc<Self>, id: i64, distribution_ids: Option<Vec<i64>>) -> Result<usize, StoreError> {
         let moved = self.store.replay(id, distribution_ids).await?;
-        self.status.touch(id);
+        self.status.touch(id, 0);
         self.wake(id);
         Ok(moved)
     }
@@ -271,9 +271,9 @@ impl Delivery {
         loop {
             tokio::select! {
                 Some(id) = changes.recv() => {
-                    if let Some((handle, _)) = self.workers.lock().ok().and_then(|w| w.get(&id).map(|(h, t)| (h.clone(), t.is_finished()))) {
-                        handle.wake.notify_one();
-                    } else if self.index.get(id).is_some_and(|s| s.ready) {
+                    // A running worker re-reads the spec; a Ready one without a worker gets one.
+                    let has_worker = self.workers.lock().is_ok_and(|w| w.contains_key(&id));
+                    if has_worker || self.index.get(id).is_some_and(|s| s.ready) {
                         self.wake(id);
                     }
                 }

@@ -23,8 +23,10 @@ pub const CONDITION_CALLBACK_HEALTHY: &str = "CallbackHealthy";
 
 #[derive(Default)]
 struct Marks {
-    /// Subscriptions whose counters changed, with when they first did.
-    dirty: HashMap<i64, Instant>,
+    /// Subscriptions whose counters changed: when they first did, and the store ticket
+    /// of the newest change (read only once that ticket is committed, so a status is
+    /// never built from counters older than the change that marked it).
+    dirty: HashMap<i64, (Instant, u64)>,
     gone: HashSet<i64>,
 }
 
@@ -39,9 +41,11 @@ impl StatusProjector {
         StatusProjector { marks: Mutex::default(), budget: writes_per_second.max(0.1) }
     }
 
-    pub fn touch(&self, id: i64) {
+    /// Marks `id` changed by the store write `ticket` (0 for writes already durable).
+    pub fn touch(&self, id: i64, ticket: u64) {
         if let Ok(mut marks) = self.marks.lock() {
-            marks.dirty.entry(id).or_insert_with(Instant::now);
+            let mark = marks.dirty.entry(id).or_insert((Instant::now(), ticket));
+            mark.1 = mark.1.max(ticket);
         }
     }
 
@@ -49,16 +53,17 @@ impl StatusProjector {
         if let Ok(mut marks) = self.marks.lock() {
             let changed = if gone { marks.gone.insert(id) } else { marks.gone.remove(&id) };
             if changed {
-                marks.dirty.entry(id).or_insert_with(Instant::now);
+                marks.dirty.entry(id).or_insert((Instant::now(), 0));
             }
         }
     }
 
-    fn take_oldest(&self) -> Option<(i64, bool)> {
+    /// The longest-changed subscription: (id, ticket to wait for, gone).
+    fn take_oldest(&self) -> Option<(i64, u64, bool)> {
         let mut marks = self.marks.lock().ok()?;
-        let id = marks.dirty.iter().min_by_key(|(_, since)| **since).map(|(id, _)| *id)?;
-        marks.dirty.remove(&id);
-        Some((id, marks.gone.contains(&id)))
+        let id = marks.dirty.iter().min_by_key(|(_, (since, _))| *since).map(|(id, _)| *id)?;
+        let (_, ticket) = marks.dirty.remove(&id)?;
+        Some((id, ticket, marks.gone.contains(&id)))
     }
 
     /// Writes changed statuses until `shutdown`, at most `budget` per second.
@@ -80,14 +85,17 @@ impl StatusProjector {
             }
             // Skipping an unchanged status costs no budget: look further in this tick.
             for _ in 0..64 {
-                let Some((id, gone)) = self.take_oldest() else { break };
+                let Some((id, ticket, gone)) = self.take_oldest() else { break };
                 let Some(sub) = index.get(id) else { continue };
                 let Some(object) = subscriptions.get(&ObjectRef::new(&sub.name).within(&sub.namespace)) else { continue };
-                let counters = match store.counters(id).await {
+                // Bounded: a batch whose commit failed never reaches its ticket.
+                let _ = tokio::time::timeout(Duration::from_secs(2), store.committed(ticket)).await;
+                let counters = store.counters(id).await;
+                let counters = match counters {
                     Ok(counters) => counters,
                     Err(error) => {
                         tracing::warn!(%error, subscription = id, "reading counters failed");
-                        self.touch(id);
+                        self.touch(id, ticket);
                         break;
                     }
                 };
@@ -100,7 +108,7 @@ impl StatusProjector {
                     }
                     Err(error) => {
                         tracing::warn!(%error, subscription = id, "writing delivery status failed; will retry");
-                        self.touch(id);
+                        self.touch(id, 0);
                     }
                 };
                 break;

@@ -241,6 +241,7 @@ async fn record(delivery: &Delivery, handle: &WorkerHandle, item: &Queued, outco
     let attempt = Attempt { subscription_id: item.subscription_id, position: item.position, outcome, at: now_millis() };
     match delivery.store.record(attempt) {
         Ok(ticket) => {
+            delivery.status.touch(item.subscription_id, ticket);
             handle.last_ticket.fetch_max(ticket, Ordering::AcqRel);
             if handle.uncommitted.fetch_add(1, Ordering::AcqRel) + 1 >= UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION {
                 let _ = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire)).await;
@@ -249,5 +250,4 @@ async fn record(delivery: &Delivery, handle: &WorkerHandle, item: &Queued, outco
         }
         Err(error) => tracing::error!(%error, subscription = item.subscription_id, "recording an attempt failed"),
     }
-    delivery.status.touch(item.subscription_id);
 }

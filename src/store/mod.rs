@@ -140,6 +140,8 @@ pub trait EventStore: Send + Sync {
     fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>>;
     /// Deletes dead letters older than `before`.
     fn expire_dead_letters(&self, before: Millis) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Deliveries pending across all subscriptions.
+    fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
     /// Size of the store on disk.
     fn size_bytes(&self) -> u64;
 }

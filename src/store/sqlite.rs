@@ -306,6 +306,10 @@ impl EventStore for SqliteStore {
         Box::pin(self.ask(move |reply| Write::Expire { before, reply }))
     }
 
+    fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(self.read(|conn| conn.query_row("SELECT COALESCE(SUM(pending), 0) FROM subscriptions", [], |r| r.get(0))))
+    }
+
     fn size_bytes(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
@@ -672,6 +676,7 @@ mod tests {
         let queued = store.queued(2, 0, 10).await.unwrap();
         assert_eq!(queued.iter().map(|q| (q.distribution_id, q.body.as_str())).collect::<Vec<_>>(), [(1, "a"), (2, "b")]);
         assert_eq!(store.counters(2).await.unwrap().pending, 2);
+        assert_eq!(store.pending_total().await.unwrap(), 3);
     }
 
     #[tokio::test]
