@@ -380,3 +380,23 @@ fn vm_hwm_kb(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM")
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_is_ready_and_a_successor_takes_over() {
+    let _turn = exclusive();
+    let cluster = cluster().await;
+    let ns = cluster.namespace("leader", &[]).await;
+    let server = CallbackServer::start().await;
+    let mut leader = Herald::start(&cluster, &ns, "").await;
+    let standby_dir = std::env::temp_dir().join(format!("{}-standby", ns.name));
+    let mut standby = Herald::spawn(&cluster, &ns, "", &standby_dir, "standby");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!standby.is_ready().await, "a non-leader is not ready");
+    let api = cluster.subscriptions(&ns);
+    subscribe(&api, "led", &server.url("ok", "led"), serde_json::json!({})).await;
+    leader.kill();
+    // The lease (5 s in tests) expires and the standby takes over.
+    standby.wait_ready(Duration::from_secs(30)).await;
+    publish(&standby, host_event("0", 1)).await;
+    server.wait_for("led", 1, Duration::from_secs(30)).await;
+}

@@ -203,6 +203,13 @@ impl Herald {
 
     /// Like `start`, with the store and logs in `dir` (reuse it to restart on the same store).
     pub async fn start_in(cluster: &Cluster, namespace: &str, config_yaml: &str, dir: &std::path::Path) -> Herald {
+        let mut herald = Herald::spawn(cluster, namespace, config_yaml, dir, &format!("herald-{namespace}"));
+        herald.wait_ready(Duration::from_secs(60)).await;
+        herald
+    }
+
+    /// Starts herald as instance `instance` without waiting for readiness.
+    pub fn spawn(cluster: &Cluster, namespace: &str, config_yaml: &str, dir: &std::path::Path, instance: &str) -> Herald {
         let port = free_port();
         std::fs::create_dir_all(dir).expect("temp dir");
         let mut config_value: serde_yaml::Value = serde_yaml::from_str(&format!(
@@ -217,7 +224,7 @@ impl Herald {
         let child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(["run", "--config"])
             .arg(&config)
-            .args(["--namespace", namespace, "--instance", &format!("herald-{namespace}"), "--listen"])
+            .args(["--namespace", namespace, "--instance", instance, "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
@@ -226,16 +233,20 @@ impl Herald {
             .spawn()
             .expect("spawn herald");
         let scheme = if config_value["api"]["tls"].is_mapping() { "https" } else { "http" };
-        let mut herald = Herald { child, port, log, scheme };
-        herald.wait_ready(Duration::from_secs(60)).await;
-        herald
+        Herald { child, port, log, scheme }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
-    async fn wait_ready(&mut self, within: Duration) {
+    /// Whether /readyz answers 200 now.
+    pub async fn is_ready(&self) -> bool {
+        let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("client");
+        client.get(self.url("/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+    }
+
+    pub async fn wait_ready(&mut self, within: Duration) {
         // Readiness only; tests that check TLS itself verify the certificate.
         let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().expect("client");
         let deadline = Instant::now() + within;
