@@ -221,7 +221,9 @@ impl Delivery {
     }
 
     /// Drops queues of subscriptions that no longer exist and (re)starts workers for the
-    /// rest; expires old dead letters.
+    /// rest; expires old dead letters. A subscription exists when the controller's cache
+    /// shows an object with its id, or the object delivery knows it by (its id may have
+    /// been written a moment ago, before the cache saw the status).
     async fn sweep(self: &Arc<Self>) {
         let live: HashSet<i64> = self
             .subscriptions
@@ -230,10 +232,11 @@ impl Delivery {
             .filter(|s| s.metadata.deletion_timestamp.is_none())
             .filter_map(|s| s.status.as_ref()?.subscription_id)
             .collect();
+        let exists = |id: i64| live.contains(&id) || self.index.get(id).is_some_and(|s| self.exists(&s));
         match self.store.subscriptions().await {
             Ok(stored) => {
                 for id in stored {
-                    if live.contains(&id) {
+                    if exists(id) {
                         self.wake(id);
                     } else {
                         self.forget(id).await;
@@ -243,7 +246,7 @@ impl Delivery {
             Err(error) => tracing::error!(%error, "sweep could not list the store's subscriptions"),
         }
         for id in self.index.ids() {
-            if !live.contains(&id) {
+            if !exists(id) {
                 self.forget(id).await;
             }
         }
