@@ -95,6 +95,15 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
     }
     let a_status = wait_statistics(&api, "a", 5, 0).await;
     assert_eq!(a_status.status.unwrap().statistics.unwrap().delivered, 5);
+
+    // Metrics are aggregate by default: no per-subscription series.
+    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
+    for line in ["herald_delivery_attempts_total{result=\"delivered\",subscription=\"\"} 10", "herald_events_published_total 5", "herald_deliveries_queued_total 10"] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    for family in ["herald_delivery_attempt_seconds_bucket", "herald_queue_depth", "herald_store_bytes", "herald_status_writes_total"] {
+        assert!(metrics.contains(family), "{family} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -329,10 +329,12 @@ async fn esb_paths_work_with_app_credentials_and_always_answer_200() {
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-esb", &[]).await;
     let server = CallbackServer::start().await;
-    let apps = std::env::temp_dir().join(format!("{}-apps.yaml", ns.name));
-    std::fs::write(&apps, "apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts: ['0']\n").unwrap();
-    let config = format!("api:\n  auth:\n    anonymous: false\n  esbCredentialsFile: {}\n", apps.display());
-    let herald = Herald::start(&cluster, &ns, &config).await;
+    // App credentials from a Secret in herald's namespace.
+    let apps = "apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts: ['0']\n";
+    let (ok, _, err) = cluster.kubectl(&["create", "secret", "generic", "esb-apps", "-n", &ns, &format!("--from-literal=apps.yaml={apps}")]);
+    assert!(ok, "{err}");
+    let config = "api:\n  auth:\n    anonymous: false\n  esbCredentialsSecret: esb-apps\n";
+    let herald = Herald::start(&cluster, &ns, config).await;
     let rest = Rest::new(&herald);
     let credentials = json!({"bk_app_code": "cmdb", "bk_app_secret": "s3cret", "bk_username": "bob"}).to_string();
     let esb = |name: &str, body: Value| {
