@@ -239,10 +239,15 @@ async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscript
             return Ok(sub);
         }
         let precondition = if decided.is_none() { sub.resource_version() } else { None };
+        // Delivery learns the verdict no later than clients can read it from status; an
+        // id not yet decided is only announced once its write has won.
+        if decided.is_some() {
+            publish_to_delivery(ctx, &sub, id, verdict.is_ok());
+        }
         match apply_status(api, &name, &desired, precondition).await {
             Ok(written) => {
-                announce_verdict(ctx, &sub, &verdict).await;
                 publish_to_delivery(ctx, &written, id, verdict.is_ok());
+                announce_verdict(ctx, &sub, &verdict).await;
                 return Ok(Arc::new(written));
             }
             Err(kube::Error::Api(status)) if status.code == 409 && decided.is_none() => {
