@@ -5,7 +5,7 @@
 //! (`list`, `replay`).
 
 use super::auth::Action;
-use super::{AppState, Call, Refusal, authorize};
+use super::{AppState, Call, Refusal, Services};
 use crate::compat::{ApiError, ErrorCode};
 use axum::Router;
 use axum::body::Bytes;
@@ -38,15 +38,18 @@ fn subscription_id(raw: &str) -> Result<i64, Refusal> {
     raw.parse().map_err(|_| ApiError::invalid("subscription_id").into())
 }
 
-/// The subscription's supplier account, or 1103002 when herald does not know it.
-fn account_of(state: &AppState, id: i64) -> Result<String, Refusal> {
-    state
-        .services()?
-        .delivery
-        .index
-        .get(id)
-        .map(|s| s.effective.supplier_account.clone())
-        .ok_or_else(|| ApiError::new(ErrorCode::QueryFailed).with_detail(format!("subscription {id} not found")).into())
+/// Authenticates the caller, then authorises `action` on the subscription's supplier
+/// account. For an id herald does not know, the check is on every account (an empty
+/// resource name, which only grants without `resourceNames` pass), so only callers
+/// allowed everywhere learn that the id does not exist (1199006).
+async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action) -> Result<(), Refusal> {
+    let identity = services.auth.bearer(call.authorization.as_deref()).await?;
+    let account = services.delivery.index.get(id).map(|s| s.effective.supplier_account.clone());
+    services.auth.authorize(&identity, account.as_deref().unwrap_or_default(), action).await?;
+    match account {
+        Some(_) => Ok(()),
+        None => Err(ApiError::invalid_because("subscription_id", format!("{id} not found")).into()),
+    }
 }
 
 async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, raw_id)): Path<(String, String)>, Query(query): Query<ListQuery>) -> Response {
@@ -54,7 +57,7 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, r
     let result = async {
         let id = subscription_id(&raw_id)?;
         let services = state.services()?;
-        authorize(&services, &call, &account_of(&state, id)?, Action::List).await?;
+        authorize_on(&services, &call, id, Action::List).await?;
         let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
         let letters = services
             .delivery
@@ -90,7 +93,7 @@ async fn replay(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_,
     let result = async {
         let id = subscription_id(&raw_id)?;
         let services = state.services()?;
-        authorize(&services, &call, &account_of(&state, id)?, Action::Replay).await?;
+        authorize_on(&services, &call, id, Action::Replay).await?;
         let body = super::publish::read_body(body)?;
         let request: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) { ReplayBody::default() } else { super::json_body(&body)? };
         let replayed = services

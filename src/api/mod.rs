@@ -228,7 +228,7 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refu
 }
 
 /// How long in-flight requests may take to finish after shutdown begins.
-const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves (HTTPS when `tls` is set) until `shutdown` is cancelled, then lets in-flight
 /// requests finish.

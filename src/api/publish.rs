@@ -66,7 +66,7 @@ async fn accept(state: &AppState, call: &Call, body: Result<Bytes, BytesRejectio
     let mut named = Vec::with_capacity(events.len());
     let mut skipped = 0;
     for event in events {
-        let name = event_name(&event).map_err(|invalid| Refusal::from(ApiError::invalid(invalid.field).with_detail(invalid.reason)))?;
+        let name = event_name(&event).map_err(|invalid| Refusal::from(ApiError::invalid_because(invalid.field, invalid.reason)))?;
         if is_noop_update(&event) {
             skipped += 1;
             continue;

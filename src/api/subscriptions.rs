@@ -39,6 +39,16 @@ pub struct NameClaims {
 /// (account, subscription name) → (namespace, object name) of the claimant, and when.
 type Claims = HashMap<(String, String), ((String, String), Instant)>;
 
+/// A failed subscription write: the API server's refusal of the object itself (400, 422:
+/// something input validation let through, such as control characters) is the caller's
+/// invalid input; anything else is the server-side failure `code`.
+fn write_refusal(error: kube::Error, code: ErrorCode) -> Refusal {
+    match &error {
+        kube::Error::Api(status) if status.code == 400 || status.code == 422 => ApiError::invalid_because("subscription", &status.message).into(),
+        _ => ApiError::new(code).with_detail(kube_detail(&error)).into(),
+    }
+}
+
 fn kube_detail(error: &kube::Error) -> String {
     match error {
         kube::Error::Api(status) => format!("{} {}: {}", status.code, status.reason, status.message),
@@ -100,9 +110,7 @@ impl Services {
             if self.name_holder(&mut claims, &account, &input.subscription_name).is_some() {
                 return Err(ApiError::duplicated("subscription_name").into());
             }
-            self.apply(&object_name, &input, &operator).await.map_err(|e| {
-                Refusal::from(ApiError::new(ErrorCode::CreateFailed).with_detail(kube_detail(&e)))
-            })?;
+            self.apply(&object_name, &input, &operator).await.map_err(|e| write_refusal(e, ErrorCode::CreateFailed))?;
             let holder = (self.controller.config.namespace.clone(), object_name.clone());
             claims.insert((account, input.subscription_name.clone()), (holder, Instant::now()));
         }
@@ -146,7 +154,7 @@ impl Services {
             .await
             .map_err(|e| match e {
                 kube::Error::Api(status) if status.code == 404 => not_found(),
-                other => Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(kube_detail(&other))),
+                other => write_refusal(other, ErrorCode::UpdateFailed),
             })?;
         claims.insert((account, input.subscription_name), (this, Instant::now()));
         Ok(())
@@ -225,7 +233,7 @@ impl Services {
         self.auth.authorize(identity, account, Action::Create).await?;
         let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::TelnetFailed).with_detail(detail));
         let addrs = self.delivery.guard.resolve(&target.host, target.port).await.map_err(|e| match e {
-            crate::delivery::guard::GuardError::Refused(refused) => Refusal::from(ApiError::invalid("callback_url").with_detail(refused.to_string())),
+            crate::delivery::guard::GuardError::Refused(refused) => Refusal::from(ApiError::invalid_because("callback_url", refused)),
             other => failed(other.to_string()),
         })?;
         let dial = tokio::net::TcpStream::connect(addrs.as_slice());
@@ -244,7 +252,7 @@ impl Services {
         let port = parsed.port_or_known_default().unwrap_or(80);
         match self.delivery.guard.resolve(host, port).await {
             Ok(_) => Ok(()),
-            Err(crate::delivery::guard::GuardError::Refused(refused)) => Err(ApiError::invalid("callback_url").with_detail(refused.to_string()).into()),
+            Err(crate::delivery::guard::GuardError::Refused(refused)) => Err(ApiError::invalid_because("callback_url", refused).into()),
             Err(other) => Err(ApiError::new(ErrorCode::PingFailed).with_detail(other.to_string()).into()),
         }
     }

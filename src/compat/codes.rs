@@ -161,6 +161,12 @@ impl ApiError {
         ApiError::new(ErrorCode::FieldInvalid).with_detail(field)
     }
 
+    /// 1199006 naming the field and why it fails: `with_detail` would replace the field's
+    /// name, which the field codes' messages are built from.
+    pub fn invalid_because(field: &str, reason: impl std::fmt::Display) -> Self {
+        ApiError::invalid(&format!("{field} ({reason})"))
+    }
+
     /// 1199014: a field's value is already used, such as a subscription name.
     pub fn duplicated(field: &str) -> Self {
         ApiError::new(ErrorCode::FieldDuplicated).with_detail(field)
@@ -181,6 +187,12 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_keeps_the_field_name() {
+        let error = ApiError::invalid_because("callback_url", "destination refused");
+        assert_eq!(error.message(Lang::En), "callback_url (destination refused) is invalid");
+    }
 
     #[test]
     fn codes_and_statuses_are_bk_cmdbs() {

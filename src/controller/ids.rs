@@ -19,12 +19,12 @@ pub struct IdAllocator {
     state: Mutex<Reserved>,
 }
 
+/// The block this allocator reserved and has not handed out yet. An id handed out is
+/// never handed out again, even when its status write fails: the write may have
+/// happened with only its answer lost.
 #[derive(Default)]
 struct Reserved {
     block: Range<i64>,
-    /// Ids handed out but never written (their status write lost a race); safe to hand
-    /// out again because the counter reserved them for this allocator alone.
-    returned: Vec<i64>,
 }
 
 /// The block `[start, start + block_size)` to reserve and the counter's new value, given
@@ -53,20 +53,12 @@ impl IdAllocator {
     /// A fresh id, at least `floor`.
     pub async fn next_id(&self, floor: i64) -> Result<i64, Error> {
         let mut state = self.state.lock().await;
-        if let Some(id) = state.returned.pop() {
-            return Ok(id);
-        }
         if state.block.is_empty() || state.block.start < floor {
             state.block = self.reserve(floor).await?;
         }
         let id = state.block.start;
         state.block.start += 1;
         Ok(id)
-    }
-
-    /// Takes back an id whose status write did not happen.
-    pub async fn give_back(&self, id: i64) {
-        self.state.lock().await.returned.push(id);
     }
 
     async fn reserve(&self, floor: i64) -> Result<Range<i64>, Error> {

@@ -94,7 +94,7 @@ pub fn build(
         namespace_writer,
         watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default().any_semantic()),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .touched_objects()
     .filter_map(|ns| async move { ns.ok() })
     .flat_map(move |ns| {
@@ -111,6 +111,7 @@ pub fn build(
     // A change to one subscription can free or take a name another one wants.
     let by_name = subscriptions.clone();
     let controller = controller
+        .trigger_backoff(WatchBackoff::default())
         .reconcile_on(namespace_triggers)
         .watches(subscriptions_api, watcher::Config::default().any_semantic(), move |changed| {
             name_contenders(&by_name, &changed)
@@ -149,6 +150,28 @@ pub fn build(
         tracing::info!("controller stopped");
     };
     (ctx, Box::pin(run))
+}
+
+/// Backoff of the controller's watches: kube-runtime's default grows to 30 s, so after
+/// an API-server outage changes were seen up to a minute late; cap it at 4 s.
+#[derive(Default)]
+struct WatchBackoff {
+    next: Option<Duration>,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next.unwrap_or(Duration::from_millis(500));
+        self.next = Some((delay * 2).min(Duration::from_secs(4)));
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = None;
+    }
 }
 
 /// Subscriptions whose name verdict may change because `changed` changed: those sharing
@@ -239,11 +262,9 @@ async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscript
             return Ok(sub);
         }
         let precondition = if decided.is_none() { sub.resource_version() } else { None };
-        // Delivery learns the verdict no later than clients can read it from status; an
-        // id not yet decided is only announced once its write has won.
-        if decided.is_some() {
-            publish_to_delivery(ctx, &sub, id, verdict.is_ok());
-        }
+        // Delivery learns the verdict before clients can read it from status, so a
+        // producer that sees Ready=True never publishes into a gap.
+        publish_to_delivery(ctx, &sub, id, verdict.is_ok());
         match apply_status(api, &name, &desired, precondition).await {
             Ok(written) => {
                 publish_to_delivery(ctx, &written, id, verdict.is_ok());
@@ -251,7 +272,10 @@ async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscript
                 return Ok(Arc::new(written));
             }
             Err(kube::Error::Api(status)) if status.code == 409 && decided.is_none() => {
-                ctx.ids.give_back(id).await;
+                // Our id lost: withdraw it from delivery, and never hand it out again
+                // (events may already be queued under it; the sweep drops them). Only
+                // allocators without leader election can race like this.
+                ctx.index.remove(id);
                 let fresh = api.get(&name).await.map_err(|source| Error::Reread { name: name.clone(), source })?;
                 if let Some(winner) = fresh.status.as_ref().and_then(|s| s.subscription_id) {
                     tracing::info!(%name, id = winner, "another allocator decided the id first; keeping it");
@@ -260,7 +284,7 @@ async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscript
             }
             Err(source) => {
                 if decided.is_none() {
-                    ctx.ids.give_back(id).await;
+                    ctx.index.remove(id);
                 }
                 return Err(Error::WriteStatus { name, source });
             }

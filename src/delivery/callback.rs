@@ -28,6 +28,8 @@ pub fn message_id(subscription_id: i64, distribution_id: i64) -> String {
 
 pub struct Request<'a> {
     pub url: &'a str,
+    /// Judges IP-literal hosts, which never reach the client's guarded resolver.
+    pub guard: &'a super::guard::Guard,
     pub item: &'a Queued,
     pub attempt: u32,
     pub timeout: Duration,
@@ -63,6 +65,12 @@ pub fn describe(error: &reqwest::Error) -> String {
 }
 
 pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer, CallbackError> {
+    let literal = reqwest::Url::parse(request.url).ok().and_then(|url| {
+        url.host_str().and_then(|host| host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
+    });
+    if let Some(ip) = literal {
+        request.guard.check(ip).map_err(|refused| CallbackError::Transport(refused.to_string()))?;
+    }
     let item = request.item;
     let body = callback_body(&item.body, item.distribution_id, item.subscription_id);
     let id = message_id(item.subscription_id, item.distribution_id);

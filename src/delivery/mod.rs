@@ -37,6 +37,10 @@ impl DeliveryConfig {
     }
 }
 
+/// How long shutdown waits for in-flight attempts (the chart's termination grace period
+/// leaves room for it).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
 /// How often deleted subscriptions' queues are swept and old dead letters expired.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -284,9 +288,15 @@ impl Delivery {
                 _ = self.shutdown.cancelled() => break,
             }
         }
+        // In-flight attempts may finish within the drain; the rest are dropped without an
+        // outcome and delivered again after the restart (at-least-once).
         let tasks: Vec<JoinHandle<()>> = self.workers.lock().map(|mut w| w.drain().map(|(_, (_, task))| task).collect()).unwrap_or_default();
-        for task in tasks {
-            let _ = task.await;
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(SHUTDOWN_DRAIN, futures::future::join_all(tasks)).await.is_err() {
+            tracing::warn!(drain = ?SHUTDOWN_DRAIN, "in-flight attempts did not finish; they will be delivered again after restart");
+            for abort in aborts {
+                abort.abort();
+            }
         }
         let _ = projector.await;
         tracing::info!("delivery stopped");

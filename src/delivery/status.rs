@@ -107,8 +107,13 @@ impl StatusProjector {
                         metrics.status_writes.inc();
                     }
                     Err(error) => {
+                        // Usually the API server is unreachable: retry, but slowly.
                         tracing::warn!(%error, subscription = id, "writing delivery status failed; will retry");
                         self.touch(id, 0);
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                            _ = shutdown.cancelled() => return,
+                        }
                     }
                 };
                 break;

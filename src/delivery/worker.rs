@@ -165,6 +165,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
             &delivery.http,
             Request {
                 url: &effective.callback_url,
+                guard: &delivery.guard,
                 item: &item,
                 attempt,
                 timeout: effective.timeout,
