@@ -128,31 +128,6 @@ impl Drop for ClusterScoped {
     }
 }
 
-/// A kubeconfig for the test cluster (server and CA of $HERALD_TEST_KUBECONFIG) that
-/// authenticates with `token` only.
-fn kubeconfig_with_token(cluster: &Cluster, file: &Path, token: &str) -> PathBuf {
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&cluster.kubeconfig).expect("read kubeconfig")).expect("kubeconfig YAML");
-    let context_name = admin["current-context"].as_str().expect("current-context");
-    let contexts = admin["contexts"].as_sequence().expect("contexts");
-    let context = contexts.iter().find(|c| c["name"].as_str() == Some(context_name)).expect("current context");
-    let cluster_name = context["context"]["cluster"].as_str().expect("context cluster");
-    let clusters = admin["clusters"].as_sequence().expect("clusters");
-    let entry = clusters.iter().find(|c| c["name"].as_str() == Some(cluster_name)).expect("cluster entry");
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": entry["cluster"]["server"].as_str().expect("server"),
-            "certificate-authority": entry["cluster"]["certificate-authority"].as_str().expect("certificate-authority path"),
-        }}],
-        "users": [{"name": "token", "user": {"token": token}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "token"}}],
-        "current-context": "test",
-    });
-    std::fs::write(file, serde_yaml::to_string(&config).expect("kubeconfig YAML")).expect("write kubeconfig");
-    file.to_path_buf()
-}
 
 /// A ServiceAccount token from the TokenRequest API.
 fn token(cluster: &Cluster, namespace: &str, service_account: &str) -> String {
@@ -415,7 +390,7 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
         let (ok, _, err) = cluster.kubectl(&["create", "rolebinding", user, "-n", &ns, &format!("--clusterrole={role}"), &subject]);
         assert!(ok, "{err}");
         let token = token(&cluster, &ns, user);
-        users.push(kubeconfig_with_token(&cluster, &temp_file(&ns, &format!("{user}.kubeconfig")), &token));
+        users.push(cluster.kubeconfig_with_token(&temp_file(&ns, &format!("{user}.kubeconfig")), &token));
     }
     let (alice, bob) = (&users[0], &users[1]);
 
@@ -475,7 +450,7 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     let release = Release::install(&cluster, &ns, &[]);
     let service_account = release.name.clone();
     let token = token(&cluster, &ns, &service_account);
-    let kubeconfig = kubeconfig_with_token(&cluster, &temp_file(&ns, "herald.kubeconfig"), &token);
+    let kubeconfig = cluster.kubeconfig_with_token(&temp_file(&ns, "herald.kubeconfig"), &token);
     let whoami = kubectl(&kubeconfig, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
     assert_eq!(whoami.stdout, format!("system:serviceaccount:{}:{service_account}", ns.name), "{whoami}");
 

@@ -200,31 +200,6 @@ fn granted(objects: &[Value]) -> Vec<Grant> {
     grants
 }
 
-/// A kubeconfig for the test cluster (server and CA of $HERALD_TEST_KUBECONFIG) that
-/// authenticates with `token` only (as tests/chart.rs writes it).
-fn kubeconfig_with_token(cluster: &Cluster, file: &Path, token: &str) -> PathBuf {
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&cluster.kubeconfig).expect("read kubeconfig")).expect("kubeconfig YAML");
-    let context_name = admin["current-context"].as_str().expect("current-context");
-    let contexts = admin["contexts"].as_sequence().expect("contexts");
-    let context = contexts.iter().find(|c| c["name"].as_str() == Some(context_name)).expect("current context");
-    let cluster_name = context["context"]["cluster"].as_str().expect("context cluster");
-    let clusters = admin["clusters"].as_sequence().expect("clusters");
-    let entry = clusters.iter().find(|c| c["name"].as_str() == Some(cluster_name)).expect("cluster entry");
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": entry["cluster"]["server"].as_str().expect("server"),
-            "certificate-authority": entry["cluster"]["certificate-authority"].as_str().expect("certificate-authority path"),
-        }}],
-        "users": [{"name": "token", "user": {"token": token}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "token"}}],
-        "current-context": "test",
-    });
-    std::fs::write(file, serde_yaml::to_string(&config).expect("kubeconfig YAML")).expect("write kubeconfig");
-    file.to_path_buf()
-}
 
 /// A fresh namespace with the chart's ServiceAccount and RBAC objects in it (release name =
 /// namespace name, so the cluster-scoped objects are this test's own), minus `cuts`, and a
@@ -270,7 +245,7 @@ impl Setup {
 
         let (ok, token, err) = setup.cluster.kubectl(&["create", "token", &ns, "-n", &ns, "--duration", "1h"]);
         assert!(ok, "kubectl create token: {err}");
-        setup.kubeconfig = kubeconfig_with_token(&setup.cluster, &std::env::temp_dir().join(format!("{ns}.kubeconfig")), token.trim());
+        setup.kubeconfig = setup.cluster.kubeconfig_with_token(&std::env::temp_dir().join(format!("{ns}.kubeconfig")), token.trim());
         setup
     }
 
@@ -403,23 +378,6 @@ struct HeraldRun {
     log: PathBuf,
 }
 
-/// Deep-merges `overlay` into `base` (maps key by key, anything else replaced).
-fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
-    match (base, overlay) {
-        (serde_yaml::Value::Mapping(base), serde_yaml::Value::Mapping(overlay)) => {
-            for (key, value) in overlay {
-                match base.get_mut(&key) {
-                    Some(existing) => merge(existing, value),
-                    None => {
-                        base.insert(key, value);
-                    }
-                }
-            }
-        }
-        (_, serde_yaml::Value::Null) => {}
-        (base, overlay) => *base = overlay,
-    }
-}
 
 /// Removes terminal colour sequences.
 fn plain(text: &str) -> String {

@@ -450,10 +450,7 @@ async fn server_side_faults_answer_their_codes() {
         let (ok, _, err) = cluster.kubectl(&args);
         assert!(ok, "{args:?}: {err}");
     }
-    let kubeconfig = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
-    let admin_token = kubeconfig.lines().find_map(|l| l.trim().strip_prefix("token: ")).unwrap().to_string();
-    let limited_config = std::env::temp_dir().join(format!("{}-limited.kubeconfig", ns.name));
-    std::fs::write(&limited_config, kubeconfig.replace(&admin_token, &token)).unwrap();
+    let limited_config = cluster.kubeconfig_with_token(&std::env::temp_dir().join(format!("{}-limited.kubeconfig", ns.name)), &token);
     let limited_cluster = Cluster { client: cluster.client.clone(), kubeconfig: limited_config, tools: cluster.tools.clone() };
     {
         let herald = Herald::start(&limited_cluster, &ns, "").await;

@@ -130,6 +130,32 @@ impl Cluster {
         Outage { cluster: self, name }
     }
 
+    /// A kubeconfig for the test cluster (server and CA of $HERALD_TEST_KUBECONFIG) that
+    /// authenticates with `token` only.
+    pub fn kubeconfig_with_token(&self, file: &std::path::Path, token: &str) -> PathBuf {
+        let admin: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig")).expect("kubeconfig YAML");
+        let context_name = admin["current-context"].as_str().expect("current-context");
+        let contexts = admin["contexts"].as_sequence().expect("contexts");
+        let context = contexts.iter().find(|c| c["name"].as_str() == Some(context_name)).expect("current context");
+        let cluster_name = context["context"]["cluster"].as_str().expect("context cluster");
+        let clusters = admin["clusters"].as_sequence().expect("clusters");
+        let entry = clusters.iter().find(|c| c["name"].as_str() == Some(cluster_name)).expect("cluster entry");
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": entry["cluster"]["server"].as_str().expect("server"),
+                "certificate-authority": entry["cluster"]["certificate-authority"].as_str().expect("certificate-authority path"),
+            }}],
+            "users": [{"name": "token", "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "token"}}],
+            "current-context": "test",
+        });
+        std::fs::write(file, serde_yaml::to_string(&config).expect("kubeconfig YAML")).expect("write kubeconfig");
+        file.to_path_buf()
+    }
+
     pub fn subscriptions(&self, namespace: &str) -> Api<EventSubscription> {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -294,7 +320,7 @@ impl Drop for Herald {
 }
 
 /// Deep-merges `overlay` into `base` (maps key by key, anything else replaced).
-fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
+pub fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
     match (base, overlay) {
         (serde_yaml::Value::Mapping(base), serde_yaml::Value::Mapping(overlay)) => {
             for (key, value) in overlay {
