@@ -182,8 +182,8 @@ fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription
     store
         .state()
         .iter()
-        .filter(|s| s.uid() != changed.uid())
         .filter(|s| ready_reason(s) == Some(verdict::REASON_DUPLICATE_NAME) || name_key(&s.spec) == key)
+        .filter(|s| s.metadata.uid != changed.metadata.uid)
         .map(|s| ObjectRef::from_obj(s.as_ref()))
         .collect()
 }

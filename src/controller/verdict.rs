@@ -58,14 +58,13 @@ pub fn older_holder<'a>(
 ) -> Option<&'a EventSubscription> {
     let key = effective.name_key();
     let mine = age_key(sub);
+    // The allocation-free name comparison first: this runs against every subscription.
     others
         .into_iter()
-        .filter(|other| other.uid() != sub.uid() && other.metadata.deletion_timestamp.is_none())
+        .filter(|other| name_key(&other.spec) == key)
+        .filter(|other| other.metadata.uid != sub.metadata.uid && other.metadata.deletion_timestamp.is_none())
         .filter(|other| age_key(other) < mine)
-        .filter(|other| {
-            let theirs = name_key(&other.spec);
-            theirs == key && allowed(theirs.0, &other.namespace().unwrap_or_default())
-        })
+        .filter(|other| allowed(key.0, other.metadata.namespace.as_deref().unwrap_or_default()))
         .min_by_key(|other| age_key(other))
 }
 
