@@ -21,3 +21,12 @@ pub use controller::Error;
 
 /// Field manager of every write herald makes to the API server.
 pub const FIELD_MANAGER: &str = "herald";
+
+/// A Kubernetes error for logs and answers: the API status code and reason, without the
+/// server's full message (which can echo the request).
+pub fn kube_error_summary(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} {}", status.code, status.reason),
+        other => other.to_string(),
+    }
+}

@@ -191,7 +191,7 @@ impl Authenticator {
         let answer = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| AuthError::Review(format!("TokenReview failed: {}", short(&e))))?;
+            .map_err(|e| AuthError::Review(format!("TokenReview failed: {}", crate::kube_error_summary(&e))))?;
         let identity = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|user| Identity::Kubernetes {
             username: user.username.unwrap_or_default(),
             uid: user.uid,
@@ -258,17 +258,11 @@ impl Authenticator {
         let answer = Api::<SubjectAccessReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| AuthError::Review(format!("SubjectAccessReview failed: {}", short(&e))))?;
+            .map_err(|e| AuthError::Review(format!("SubjectAccessReview failed: {}", crate::kube_error_summary(&e))))?;
         Ok(answer.status.is_some_and(|s| s.allowed))
     }
 }
 
-fn short(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) => format!("{} {}", status.code, status.reason),
-        other => other.to_string(),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@ use crate::compat::search::{SearchRequest, search};
 use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode, record};
 use crate::controller::verdict::namespace_allows;
-use crate::delivery::callback::describe;
+use crate::delivery::callback::{describe, read_capped};
 use crate::crd::{EventSubscription, OPERATOR_ANNOTATION};
 use crate::effective::name_key;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -215,14 +215,7 @@ impl Services {
                 .await
                 .map_err(|e| failed(describe(&e)))?;
             let status = response.status().as_u16();
-            let mut body = Vec::new();
-            while body.len() < body_cap {
-                match response.chunk().await {
-                    Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(body_cap - body.len())]),
-                    Ok(None) => break,
-                    Err(e) => return Err(failed(describe(&e))),
-                }
-            }
+            let body = read_capped(&mut response, body_cap).await.map_err(|e| failed(describe(&e)))?;
             Ok(serde_json::json!({ "http_status": status, "response_body": String::from_utf8_lossy(&body) }))
         };
         tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| Err(failed(format!("timed out after {timeout:?}"))))

@@ -214,7 +214,7 @@ where
 
 /// Seconds-precision "now": the API server stores times to the second, and a desired
 /// status built with nanoseconds would never equal what it read back.
-fn now() -> jiff::Timestamp {
+pub fn now() -> jiff::Timestamp {
     jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
 

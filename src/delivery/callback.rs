@@ -64,6 +64,18 @@ pub fn describe(error: &reqwest::Error) -> String {
     if error.is_connect() { format!("connect: {text}") } else { text }
 }
 
+/// Reads a response body up to `cap` bytes: a huge answer costs at most the cap.
+pub async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while body.len() < cap {
+        match response.chunk().await? {
+            Some(chunk) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
+            None => break,
+        }
+    }
+    Ok(body)
+}
+
 pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer, CallbackError> {
     let literal = reqwest::Url::parse(request.url).ok().and_then(|url| {
         url.host_str().and_then(|host| host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
@@ -93,18 +105,9 @@ pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, jiff::Timestamp::now(), request.retry_after_cap));
-        // Read no more than the cap: a huge answer costs at most the cap in memory.
-        let mut body = Vec::new();
-        while body.len() < request.body_cap {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    let room = request.body_cap - body.len();
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(CallbackError::Transport(format!("reading the response body: {}", describe(&e)))),
-            }
-        }
+        let body = read_capped(&mut response, request.body_cap)
+            .await
+            .map_err(|e| CallbackError::Transport(format!("reading the response body: {}", describe(&e))))?;
         Ok(Answer { status, retry_after, body })
     };
     // reqwest's timeout covers the exchange too; this outer one also bounds the body read.

@@ -69,7 +69,7 @@ impl SecretCache {
         let found = api
             .get(&secret.name)
             .await
-            .map_err(|e| format!("reading signing Secret {namespace}/{}: {}", secret.name, short_kube_error(&e)))?;
+            .map_err(|e| format!("reading signing Secret {namespace}/{}: {}", secret.name, crate::kube_error_summary(&e)))?;
         let value = found
             .data
             .and_then(|mut data| data.remove(&secret.key))
@@ -77,12 +77,5 @@ impl SecretCache {
         let key = signing_key(&value.0);
         entries.insert(cache_key, (std::time::Instant::now(), key.clone()));
         Ok(key)
-    }
-}
-
-fn short_kube_error(error: &kube::Error) -> String {
-    match error {
-        kube::Error::Api(status) => format!("{} {}", status.code, status.reason),
-        other => other.to_string(),
     }
 }

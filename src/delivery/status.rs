@@ -99,7 +99,7 @@ impl StatusProjector {
                         break;
                     }
                 };
-                let Some(patch) = projection(&object, &counters, gone, now()) else { continue };
+                let Some(patch) = projection(&object, &counters, gone, crate::controller::now()) else { continue };
                 let api = Api::<EventSubscription>::namespaced(client.clone(), &sub.namespace);
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 match api.patch_status(&sub.name, &params, &Patch::Apply(&patch)).await {
@@ -122,9 +122,6 @@ impl StatusProjector {
     }
 }
 
-fn now() -> jiff::Timestamp {
-    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-}
 
 fn millis_to_rfc3339(millis: i64) -> Option<String> {
     jiff::Timestamp::from_second(millis / 1000).ok().map(|t| t.to_string())
