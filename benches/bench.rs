@@ -183,7 +183,10 @@ fn loadavg() -> String {
 impl Machine {
     fn describe() -> Machine {
         let cpuinfo = read("/proc/cpuinfo");
-        let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
         let mem_kb: f64 = read("/proc/meminfo")
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -289,12 +292,21 @@ impl Receiver {
         self.child.id()
     }
     async fn count(&self) -> u64 {
-        let text = self.http.get(self.url("/count")).send().await.expect("receiver count").text().await.unwrap_or_default();
+        let text =
+            self.http.get(self.url("/count")).send().await.expect("receiver count").text().await.unwrap_or_default();
         text.trim().parse().unwrap_or(0)
     }
     /// Latencies (ms) of the samples sent at or after `since_ns`; clears the receiver's list.
     async fn latencies(&self, since_ns: u64) -> Vec<f64> {
-        let text = self.http.post(self.url("/samples")).send().await.expect("receiver samples").text().await.unwrap_or_default();
+        let text = self
+            .http
+            .post(self.url("/samples"))
+            .send()
+            .await
+            .expect("receiver samples")
+            .text()
+            .await
+            .unwrap_or_default();
         let mut out: Vec<f64> = text
             .lines()
             .filter_map(|l| {
@@ -336,7 +348,11 @@ fn event(obj_type: &str, seq: u64, sent: u64) -> serde_json::Value {
 /// The stored form herald keeps for `event` (what `callback::send` turns into the body).
 fn stored(event: serde_json::Value) -> String {
     let published: herald::event::PublishedEvent = serde_json::from_value(event).expect("event");
-    let stored = herald::event::StoredEvent::from_published(published, "2026-01-02 03:04:05", "bench-0123456789abcdef0123456789abcdef");
+    let stored = herald::event::StoredEvent::from_published(
+        published,
+        "2026-01-02 03:04:05",
+        "bench-0123456789abcdef0123456789abcdef",
+    );
     serde_json::to_string(&stored).expect("stored event")
 }
 
@@ -378,7 +394,8 @@ struct RawClient {
 
 impl RawClient {
     fn new(receiver: &Receiver) -> RawClient {
-        let guard = herald::config::CallbackGuardConfig { allow_cidrs: vec!["127.0.0.0/8".into()], ..Default::default() };
+        let guard =
+            herald::config::CallbackGuardConfig { allow_cidrs: vec!["127.0.0.0/8".into()], ..Default::default() };
         let (http, guard) = herald::delivery::http_client(&guard).expect("herald's HTTP client");
         let item = Arc::new(Queued {
             subscription_id: 1,
@@ -407,7 +424,8 @@ impl RawClient {
         let cpu = Arc::new(std::sync::Mutex::new((0.0, 0.0)));
         let workers: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (http, guard, item, url) = (self.http.clone(), self.guard.clone(), self.item.clone(), self.url.clone());
+                let (http, guard, item, url) =
+                    (self.http.clone(), self.guard.clone(), self.item.clone(), self.url.clone());
                 let (done, errors) = (done.clone(), errors.clone());
                 tokio::spawn(async move {
                     while Instant::now() < until {
@@ -462,7 +480,10 @@ async fn raw_limit(settings: &Settings, raw: &RawClient, receiver: &Receiver) ->
     let mut points = Vec::new();
     for &concurrency in &settings.concurrency {
         let point = raw.measure(concurrency, settings.raw_seconds).await;
-        eprintln!("raw: concurrency {concurrency:>3}: {:>8.0} req/s, client CPU {:.1} µs/req", point.rate, point.client_us);
+        eprintln!(
+            "raw: concurrency {concurrency:>3}: {:>8.0} req/s, client CPU {:.1} µs/req",
+            point.rate, point.client_us
+        );
         points.push(point);
     }
     let requests = receiver.count().await - count_before;
@@ -480,13 +501,15 @@ struct Cluster {
 impl Cluster {
     async fn connect(kubeconfig: &Path) -> Cluster {
         let kc = Kubeconfig::read_from(kubeconfig).expect("readable HERALD_BENCH_KUBECONFIG");
-        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");
         Cluster { client: kube::Client::try_from(config).expect("kube client") }
     }
 
     async fn namespace(&self, prefix: &str) -> String {
         let name = format!("{prefix}-{:x}", now_ns() & 0xffffff);
-        let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
+        let ns =
+            Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
         Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
         name
     }
@@ -512,7 +535,11 @@ impl Cluster {
         let text = self.client.request_text(request).await.expect("API server /metrics");
         text.lines()
             .filter(|l| l.starts_with("apiserver_request_total{"))
-            .filter(|l| l.contains("resource=\"eventsubscriptions\"") && l.contains("subresource=\"status\"") && (l.contains("verb=\"PATCH\"") || l.contains("verb=\"APPLY\"")))
+            .filter(|l| {
+                l.contains("resource=\"eventsubscriptions\"")
+                    && l.contains("subresource=\"status\"")
+                    && (l.contains("verb=\"PATCH\"") || l.contains("verb=\"APPLY\""))
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -566,7 +593,11 @@ fn track_ready(api: Api<EventSubscription>, want: usize, within: Duration) -> to
 }
 
 /// Creates subscriptions `(name, event name, callback)` with `concurrency` creates in flight.
-async fn create_subscriptions(api: &Api<EventSubscription>, specs: Vec<(String, String, String)>, concurrency: usize) -> usize {
+async fn create_subscriptions(
+    api: &Api<EventSubscription>,
+    specs: Vec<(String, String, String)>,
+    concurrency: usize,
+) -> usize {
     futures::stream::iter(specs)
         .map(|(name, event, url)| {
             let api = api.clone();
@@ -618,7 +649,10 @@ impl Herald {
         let port = free_port();
         let log = dir.join("herald.log");
         let (program, prefix) = match settings.wrap.split_first() {
-            Some((program, rest)) => (PathBuf::from(program), rest.iter().map(Into::into).chain([settings.herald_bin.clone().into_os_string()]).collect()),
+            Some((program, rest)) => (
+                PathBuf::from(program),
+                rest.iter().map(Into::into).chain([settings.herald_bin.clone().into_os_string()]).collect(),
+            ),
             None => (settings.herald_bin.clone(), Vec::new()),
         };
         let child = Command::new(program)
@@ -634,7 +668,12 @@ impl Herald {
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).expect("log file")))
             .spawn()
             .expect("start herald");
-        let mut herald = Herald { child, port, log, http: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().expect("client") };
+        let mut herald = Herald {
+            child,
+            port,
+            log,
+            http: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().expect("client"),
+        };
         let within = if settings.wrap.is_empty() { Duration::from_secs(120) } else { Duration::from_secs(900) };
         let started = Instant::now();
         loop {
@@ -755,7 +794,8 @@ async fn throughput(
     let publisher = async {
         let published: Vec<bool> = futures::stream::iter((0..events).step_by(batch))
             .map(|first| {
-                let chunk: Vec<_> = (first..(first + batch).min(events)).map(|seq| event(obj_type, seq as u64, now_ns())).collect();
+                let chunk: Vec<_> =
+                    (first..(first + batch).min(events)).map(|seq| event(obj_type, seq as u64, now_ns())).collect();
                 herald.publish(chunk)
             })
             .buffer_unordered(PUBLISHERS)
@@ -826,7 +866,14 @@ struct Latency {
 
 /// Open-loop publishing of single-event calls at `rate` per second for `seconds`; the first
 /// second is warm-up and not sampled.
-async fn latency(cluster: &Cluster, herald: &Arc<Herald>, receiver: &Receiver, obj_type: &str, rate: f64, seconds: f64) -> Latency {
+async fn latency(
+    cluster: &Cluster,
+    herald: &Arc<Herald>,
+    receiver: &Receiver,
+    obj_type: &str,
+    rate: f64,
+    seconds: f64,
+) -> Latency {
     let _ = receiver.latencies(u64::MAX).await;
     let total = (rate * seconds) as u64;
     let warm_ns = now_ns() + 1_000_000_000;
@@ -855,7 +902,9 @@ async fn latency(cluster: &Cluster, herald: &Arc<Herald>, receiver: &Receiver, o
         let _ = task.await;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while herald.delivered().await.saturating_sub(d0) < total - failures.load(Ordering::Relaxed) && Instant::now() < deadline {
+    while herald.delivered().await.saturating_sub(d0) < total - failures.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -880,7 +929,16 @@ async fn latency(cluster: &Cluster, herald: &Arc<Herald>, receiver: &Receiver, o
     };
     eprintln!(
         "latency at {rate:.0}/s (achieved {:.0}/s): n={} p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms; publish ack p50 {:.2} p99 {:.2} ms; status writes {:.1}/s; herald {:.2} cores",
-        result.achieved_rate, result.samples, result.p50, result.p99, result.p999, result.max, result.ack_p50, result.ack_p99, result.status_writes_per_s, result.herald_cpu_share
+        result.achieved_rate,
+        result.samples,
+        result.p50,
+        result.p99,
+        result.p999,
+        result.max,
+        result.ack_p50,
+        result.ack_p99,
+        result.status_writes_per_s,
+        result.herald_cpu_share
     );
     result
 }
@@ -934,9 +992,16 @@ async fn rest(herald: &Arc<Herald>, receiver: &Receiver, creates: usize, seconds
         .map(|_| {
             let (herald, done, failed, visible) = (herald.clone(), done.clone(), failed.clone(), visible.clone());
             tokio::spawn(async move {
-                let body = serde_json::json!({"condition": {}, "page": {"start": 0, "limit": 20, "sort": "subscription_id"}});
+                let body =
+                    serde_json::json!({"condition": {}, "page": {"start": 0, "limit": 20, "sort": "subscription_id"}});
                 while Instant::now() < until {
-                    let answer: Option<serde_json::Value> = match herald.http.post(herald.url("/api/v3/event/subscribe/search/0/0")).json(&body).send().await {
+                    let answer: Option<serde_json::Value> = match herald
+                        .http
+                        .post(herald.url("/api/v3/event/subscribe/search/0/0"))
+                        .json(&body)
+                        .send()
+                        .await
+                    {
                         Ok(response) => response.json().await.ok(),
                         Err(_) => None,
                     };
@@ -998,7 +1063,9 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     let rss_mb = vm_hwm_mb(herald.pid());
     let herald_cpu_seconds = cpu_seconds(herald.pid());
     let status_writes = cluster.status_patches().await - w0;
-    eprintln!("scale {size}: all Ready after {ready_seconds:.1} s; VmHWM {rss_mb:.0} MB; herald CPU {herald_cpu_seconds:.1} s");
+    eprintln!(
+        "scale {size}: all Ready after {ready_seconds:.1} s; VmHWM {rss_mb:.0} MB; herald CPU {herald_cpu_seconds:.1} s"
+    );
     herald.stop();
     cluster.delete_namespace(&ns).await;
     Scale { size, create_seconds, ready_seconds, rss_mb, herald_cpu_seconds, status_writes }
@@ -1032,7 +1099,10 @@ async fn run() {
     }
     let needs_cluster = settings.phase("delivery") || settings.phase("scale");
     if needs_cluster {
-        let kubeconfig = settings.kubeconfig.clone().expect("HERALD_BENCH_KUBECONFIG is required for the delivery and scale phases (benches/run.sh sets it)");
+        let kubeconfig = settings
+            .kubeconfig
+            .clone()
+            .expect("HERALD_BENCH_KUBECONFIG is required for the delivery and scale phases (benches/run.sh sets it)");
         let cluster = Cluster::connect(&kubeconfig).await;
         if settings.phase("delivery") {
             report.fsync = Some(fsync_probe(&settings.work_dir.join("herald-bench-fsync"), 2.0));
@@ -1047,7 +1117,14 @@ async fn run() {
     print_table(&settings, &machine, &report);
 }
 
-async fn delivery(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiver: &Receiver, raw: &RawClient, report: &mut Report) {
+async fn delivery(
+    settings: &Settings,
+    cluster: &Cluster,
+    kubeconfig: &Path,
+    receiver: &Receiver,
+    raw: &RawClient,
+    report: &mut Report,
+) {
     // Each run is compared with the raw limit measured right around it: serial for the
     // ordered subscription, the sweep's best concurrency for fan-out.
     let best = report.raw.as_ref().map(|r| r.best().concurrency).unwrap_or(16);
@@ -1074,12 +1151,27 @@ async fn delivery(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, rec
 
     hook("HERALD_BENCH_HOOK_START", herald.pid());
     if settings.ordered_events > 0 {
-        report.throughput.push(throughput(cluster, &herald, receiver, (raw, 1, adjacent), "ordered", "bnchord", 1, settings.ordered_events).await);
+        report.throughput.push(
+            throughput(
+                cluster,
+                &herald,
+                receiver,
+                (raw, 1, adjacent),
+                "ordered",
+                "bnchord",
+                1,
+                settings.ordered_events,
+            )
+            .await,
+        );
     }
     for (g, &n) in settings.fanout.iter().enumerate() {
         let events = (settings.fanout_deliveries / n).max(1);
         let label = format!("fan-out {n}");
-        report.throughput.push(throughput(cluster, &herald, receiver, (raw, best, adjacent), &label, &format!("bnchfan{g}"), n, events).await);
+        report.throughput.push(
+            throughput(cluster, &herald, receiver, (raw, best, adjacent), &label, &format!("bnchfan{g}"), n, events)
+                .await,
+        );
     }
     hook("HERALD_BENCH_HOOK_STOP", herald.pid());
     let ordered_max = report.throughput.iter().find(|t| t.label == "ordered").map(|t| t.rate);
@@ -1133,7 +1225,11 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             format!("raw: best of sweep (c={})", raw.best().concurrency),
             format!("{:.0} req/s", raw.best().rate),
             "1.00 (reference for fan-out)".into(),
-            format!("sweep {sweep}; errors {errors}; body {} B; client CPU {:.1} µs/req", raw.body_bytes, raw.best().client_us),
+            format!(
+                "sweep {sweep}; errors {errors}; body {} B; client CPU {:.1} µs/req",
+                raw.body_bytes,
+                raw.best().client_us
+            ),
         );
         let capacity = 1e6 / raw.receiver_us_per_request * machine.nproc as f64;
         row(
@@ -1144,17 +1240,35 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
         );
     }
     if let Some((fsync_rate, p50, p99)) = report.fsync {
-        row("disk: 4 KiB write + fdatasync".into(), format!("{fsync_rate:.0} /s"), String::new(), format!("p50 {p50:.2} ms, p99 {p99:.2} ms (store's file system)"));
+        row(
+            "disk: 4 KiB write + fdatasync".into(),
+            format!("{fsync_rate:.0} /s"),
+            String::new(),
+            format!("p50 {p50:.2} ms, p99 {p99:.2} ms (store's file system)"),
+        );
     }
     if let Some((n, seconds)) = report.setup {
-        row(format!("set-up: {n} subscriptions created → Ready"), format!("{seconds:.1} s"), String::new(), String::new());
+        row(
+            format!("set-up: {n} subscriptions created → Ready"),
+            format!("{seconds:.1} s"),
+            String::new(),
+            String::new(),
+        );
     }
     for t in &report.throughput {
-        let (reference, target, name) = if t.subscriptions == 1 { (raw_serial, 0.60, "serial raw") } else { (raw_best, 0.70, "best raw") };
+        let (reference, target, name) =
+            if t.subscriptions == 1 { (raw_serial, 0.60, "serial raw") } else { (raw_best, 0.70, "best raw") };
         let ratio = reference.map(|r| t.rate / r).unwrap_or(f64::NAN);
         let adjacent = t.rate / t.raw_adjacent;
         row(
-            format!("herald {}: publish → confirmed", if t.subscriptions == 1 { "ordered, 1 sub, maxInFlight 1".to_string() } else { format!("fan-out, {} subs", t.subscriptions) }),
+            format!(
+                "herald {}: publish → confirmed",
+                if t.subscriptions == 1 {
+                    "ordered, 1 sub, maxInFlight 1".to_string()
+                } else {
+                    format!("fan-out, {} subs", t.subscriptions)
+                }
+            ),
             format!("{:.0} deliveries/s", t.rate),
             format!(
                 "{adjacent:.2} of {name} measured around it ({:.0} req/s, c={}); {ratio:.2} of the sweep's (target ≥ {target:.2}: {})",
@@ -1164,11 +1278,20 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             ),
             format!(
                 "{} deliveries in {:.1} s (published in {:.1} s); herald {:.2} cores = {:.0} µs CPU/delivery; receiver {:.2} cores ({:.0} µs/req); status writes {:.1}/s",
-                t.deliveries, t.seconds, t.publish_seconds, t.herald_cpu_share, t.herald_us_per_delivery, t.receiver_cpu_share, t.receiver_us_per_request, t.status_writes_per_s
+                t.deliveries,
+                t.seconds,
+                t.publish_seconds,
+                t.herald_cpu_share,
+                t.herald_us_per_delivery,
+                t.receiver_cpu_share,
+                t.receiver_us_per_request,
+                t.status_writes_per_s
             ),
         );
     }
-    if let (Some(raw), Some(fan)) = (&report.raw, report.throughput.iter().filter(|t| t.subscriptions > 1).max_by(|a, b| a.rate.total_cmp(&b.rate))) {
+    if let (Some(raw), Some(fan)) =
+        (&report.raw, report.throughput.iter().filter(|t| t.subscriptions > 1).max_by(|a, b| a.rate.total_cmp(&b.rate)))
+    {
         let capacity = 1e6 / raw.receiver_us_per_request * machine.nproc as f64;
         row(
             "callback server headroom".into(),
@@ -1181,10 +1304,21 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
         row(
             format!("latency publish → callback at {:.0} ev/s", l.target_rate),
             format!("p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms", l.p50, l.p99, l.p999),
-            if (l.target_rate - 1000.0).abs() < 1.0 { format!("p99 ≤ 5 ms: {}", verdict(l.p99 <= 5.0)) } else { String::new() },
+            if (l.target_rate - 1000.0).abs() < 1.0 {
+                format!("p99 ≤ 5 ms: {}", verdict(l.p99 <= 5.0))
+            } else {
+                String::new()
+            },
             format!(
                 "n={}, achieved {:.0} ev/s (one event per publish call), max {:.1} ms; publish acknowledged (durable) p50 {:.2} / p99 {:.2} ms, {} failed; herald {:.2} cores; status writes {:.1}/s",
-                l.samples, l.achieved_rate, l.max, l.ack_p50, l.ack_p99, l.publish_failures, l.herald_cpu_share, l.status_writes_per_s
+                l.samples,
+                l.achieved_rate,
+                l.max,
+                l.ack_p50,
+                l.ack_p99,
+                l.publish_failures,
+                l.herald_cpu_share,
+                l.status_writes_per_s
             ),
         );
     }
@@ -1196,7 +1330,8 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
         .collect();
     if !writes.is_empty() {
         let max = writes.iter().map(|w| w.1).fold(0.0, f64::max);
-        let detail = writes.iter().map(|(rate, w)| format!("{w:.1}/s at {rate:.0} deliveries/s")).collect::<Vec<_>>().join("; ");
+        let detail =
+            writes.iter().map(|(rate, w)| format!("{w:.1}/s at {rate:.0} deliveries/s")).collect::<Vec<_>>().join("; ");
         row(
             "API-server status PATCHes (apiserver_request_total)".into(),
             format!("≤ {max:.1} /s"),
@@ -1205,7 +1340,12 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
         );
     }
     if let Some(r) = &report.rest {
-        row("REST subscribe (POST /api/v3/event/subscribe/0/0)".into(), format!("{:.1} req/s", r.create_rate), String::new(), format!("{} creates, 8 concurrent, {} failed", r.creates, r.create_failures));
+        row(
+            "REST subscribe (POST /api/v3/event/subscribe/0/0)".into(),
+            format!("{:.1} req/s", r.create_rate),
+            String::new(),
+            format!("{} creates, 8 concurrent, {} failed", r.creates, r.create_failures),
+        );
         row(
             "REST search (POST …/subscribe/search/0/0)".into(),
             format!("{:.0} req/s", r.search_rate),
@@ -1214,21 +1354,46 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
         );
     }
     if let Some(rss) = report.delivery_rss_mb {
-        row("herald peak RSS after the delivery phases".into(), format!("{rss:.0} MB"), format!("≤ 256 MB: {}", verdict(rss <= 256.0)), String::new());
+        row(
+            "herald peak RSS after the delivery phases".into(),
+            format!("{rss:.0} MB"),
+            format!("≤ 256 MB: {}", verdict(rss <= 256.0)),
+            String::new(),
+        );
     }
     for s in &report.scale {
         row(
             format!("controller: {} subscriptions created → all Ready", s.size),
             format!("{:.1} s", s.ready_seconds),
             if s.size >= 10_000 { format!("≤ 60 s: {}", verdict(s.ready_seconds <= 60.0)) } else { String::new() },
-            format!("creates took {:.1} s; herald CPU {:.0} s; status PATCHes {:.0}", s.create_seconds, s.herald_cpu_seconds, s.status_writes),
+            format!(
+                "creates took {:.1} s; herald CPU {:.0} s; status PATCHes {:.0}",
+                s.create_seconds, s.herald_cpu_seconds, s.status_writes
+            ),
         );
-        row(format!("controller: herald peak RSS at {}", s.size), format!("{:.0} MB", s.rss_mb), format!("≤ 256 MB: {}", verdict(s.rss_mb <= 256.0)), String::new());
+        row(
+            format!("controller: herald peak RSS at {}", s.size),
+            format!("{:.0} MB", s.rss_mb),
+            format!("≤ 256 MB: {}", verdict(s.rss_mb <= 256.0)),
+            String::new(),
+        );
     }
 
     println!();
-    println!("machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}; load average {} at start, {} at end (shared machine)", machine.nproc, machine.cpu, machine.mem_gb, machine.kernel, machine.load_start, loadavg());
-    println!("phases: {}", { let mut p: Vec<_> = settings.phases.iter().cloned().collect(); p.sort(); p.join(",") });
+    println!(
+        "machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}; load average {} at start, {} at end (shared machine)",
+        machine.nproc,
+        machine.cpu,
+        machine.mem_gb,
+        machine.kernel,
+        machine.load_start,
+        loadavg()
+    );
+    println!("phases: {}", {
+        let mut p: Vec<_> = settings.phases.iter().cloned().collect();
+        p.sort();
+        p.join(",")
+    });
     println!();
     println!("| measure | value | ratio / target | notes |");
     println!("|---|---|---|---|");

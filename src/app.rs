@@ -79,7 +79,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     served.map_err(RunError::Serve)
 }
 
-async fn serve(config: &Arc<Config>, client: kube::Client, state: Arc<AppState>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<(), RunError> {
+async fn serve(
+    config: &Arc<Config>,
+    client: kube::Client,
+    state: Arc<AppState>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let leadership = config.leader_election.enabled.then(|| {
         Leadership::new(
             kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
@@ -126,10 +132,17 @@ async fn serve(config: &Arc<Config>, client: kube::Client, state: Arc<AppState>,
         }
     };
     let start = async {
-        if controller::cache_ready(&ctx.subscriptions).await.is_err() || controller::cache_ready(&ctx.namespaces).await.is_err() {
+        if controller::cache_ready(&ctx.subscriptions).await.is_err()
+            || controller::cache_ready(&ctx.namespaces).await.is_err()
+        {
             return None;
         }
-        let _ = state.services.set(Arc::new(Services { controller: ctx.clone(), delivery: delivery.clone(), auth, names: Default::default() }));
+        let _ = state.services.set(Arc::new(Services {
+            controller: ctx.clone(),
+            delivery: delivery.clone(),
+            auth,
+            names: Default::default(),
+        }));
         let delivery_task = tokio::spawn(delivery.clone().run(changes, client.clone()));
         state.ready.store(true, Ordering::Release);
         tracing::info!("caches synced; ready");

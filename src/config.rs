@@ -236,7 +236,8 @@ impl Config {
         let mut config = match path {
             Some(path) => {
                 let shown = path.display().to_string();
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
                 Self::from_yaml(&text).map_err(|source| ConfigError::Parse { path: shown, source })?
             }
             None => Config::default(),
@@ -266,7 +267,8 @@ impl Config {
             return Err(ConfigError::Invalid("namespace must not be empty".into()));
         }
         for cidr in &self.callback_guard.allow_cidrs {
-            cidr.parse::<crate::delivery::guard::Cidr>().map_err(|e| ConfigError::Invalid(format!("callbackGuard.allowCidrs: {e}")))?;
+            cidr.parse::<crate::delivery::guard::Cidr>()
+                .map_err(|e| ConfigError::Invalid(format!("callbackGuard.allowCidrs: {e}")))?;
         }
         self.time_zone
             .parse::<crate::compat::time::TimeZoneSetting>()

@@ -35,12 +35,32 @@ pub const SUPPLIER_ACCOUNTS_LABEL: &str = "herald.dev/supplier-accounts";
     namespaced,
     status = "EventSubscriptionStatus",
     doc = "A subscription to BlueKing CMDB events, delivered to a callback URL.",
-    printcolumn(name = "ID", type_ = "integer", json_path = ".status.subscriptionId", description = "Cluster-unique subscription id"),
+    printcolumn(
+        name = "ID",
+        type_ = "integer",
+        json_path = ".status.subscriptionId",
+        description = "Cluster-unique subscription id"
+    ),
     printcolumn(name = "Events", type_ = "string", json_path = ".spec.events", description = "Subscribed event names"),
     printcolumn(name = "Callback", type_ = "string", json_path = ".spec.callbackUrl", description = "Callback URL"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether events are delivered"),
-    printcolumn(name = "Total", type_ = "integer", json_path = ".status.statistics.total", description = "Delivery attempts"),
-    printcolumn(name = "Failure", type_ = "integer", json_path = ".status.statistics.failure", description = "Failed delivery attempts"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether events are delivered"
+    ),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.statistics.total",
+        description = "Delivery attempts"
+    ),
+    printcolumn(
+        name = "Failure",
+        type_ = "integer",
+        json_path = ".status.statistics.failure",
+        description = "Failed delivery attempts"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

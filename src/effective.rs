@@ -125,33 +125,27 @@ impl Effective {
 /// view does, without building the whole view: name checks compare every pair of
 /// subscriptions, so this must not allocate.
 pub fn name_key(spec: &EventSubscriptionSpec) -> (&str, &str) {
-    let account = spec.supplier_account.as_deref().map(str::trim).filter(|a| !a.is_empty()).unwrap_or(DEFAULT_SUPPLIER_ACCOUNT);
+    let account =
+        spec.supplier_account.as_deref().map(str::trim).filter(|a| !a.is_empty()).unwrap_or(DEFAULT_SUPPLIER_ACCOUNT);
     (account, spec.subscription_name.trim())
 }
 
-impl Effective {
-}
+impl Effective {}
 
 /// Compiles a `regular` confirm pattern with a size limit, so a hostile pattern cannot
 /// take unbounded memory.
 pub fn compile_confirm_regex(pattern: &str) -> Result<regex::Regex, Invalid> {
-    regex::RegexBuilder::new(pattern)
-        .size_limit(1 << 20)
-        .build()
-        .map_err(|e| Invalid {
-            reason: REASON_INVALID_PATTERN,
-            message: format!("confirm.pattern does not compile: {e}"),
-        })
+    regex::RegexBuilder::new(pattern).size_limit(1 << 20).build().map_err(|e| Invalid {
+        reason: REASON_INVALID_PATTERN,
+        message: format!("confirm.pattern does not compile: {e}"),
+    })
 }
 
 fn positive_or<T, U>(value: Option<T>, default: U) -> U
 where
     U: TryFrom<T> + PartialOrd + Default,
 {
-    value
-        .and_then(|v| U::try_from(v).ok())
-        .filter(|v| *v > U::default())
-        .unwrap_or(default)
+    value.and_then(|v| U::try_from(v).ok()).filter(|v| *v > U::default()).unwrap_or(default)
 }
 
 #[cfg(test)]

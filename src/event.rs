@@ -85,7 +85,9 @@ pub fn event_name(event: &PublishedEvent) -> Result<String, InvalidEvent> {
                 .map(source)
                 .and_then(|data| data.get("bk_obj_id").and_then(Value::as_str).map(str::to_string))
                 .filter(|id| !id.is_empty())
-                .ok_or_else(|| invalid("bk_obj_id", "an instdata event of obj_type object needs bk_obj_id in its data"))?;
+                .ok_or_else(|| {
+                    invalid("bk_obj_id", "an instdata event of obj_type object needs bk_obj_id in its data")
+                })?;
             format!("{model}{}", event.action)
         }
         "instdata" => format!("{obj_type}{}", event.action),
@@ -154,10 +156,16 @@ mod tests {
             (json!({"event_type": "instdata", "action": "create", "obj_type": "host"}), "hostcreate"),
             (json!({"event_type": "instdata", "action": "update", "obj_type": "module"}), "moduleupdate"),
             (json!({"event_type": "instdata", "action": "delete", "obj_type": "biz"}), "bizdelete"),
-            (json!({"event_type": "instdata", "action": "update", "obj_type": "object",
-                    "data": [{"cur_data": {"bk_obj_id": "switch"}, "pre_data": {"bk_obj_id": "old"}}]}), "switchupdate"),
-            (json!({"event_type": "instdata", "action": "delete", "obj_type": "object",
-                    "data": [{"cur_data": null, "pre_data": {"bk_obj_id": "router"}}]}), "routerdelete"),
+            (
+                json!({"event_type": "instdata", "action": "update", "obj_type": "object",
+                    "data": [{"cur_data": {"bk_obj_id": "switch"}, "pre_data": {"bk_obj_id": "old"}}]}),
+                "switchupdate",
+            ),
+            (
+                json!({"event_type": "instdata", "action": "delete", "obj_type": "object",
+                    "data": [{"cur_data": null, "pre_data": {"bk_obj_id": "router"}}]}),
+                "routerdelete",
+            ),
             (json!({"event_type": "relation", "action": "create", "obj_type": "moduletransfer"}), "moduletransfer"),
             (json!({"event_type": "association", "action": "delete", "obj_type": "host"}), "hostupdate"),
         ];
@@ -172,7 +180,10 @@ mod tests {
             (json!({"event_type": "other", "action": "create", "obj_type": "host"}), "event_type"),
             (json!({"event_type": "instdata", "action": "upsert", "obj_type": "host"}), "action"),
             (json!({"event_type": "instdata", "action": "create", "obj_type": " "}), "obj_type"),
-            (json!({"event_type": "instdata", "action": "create", "obj_type": "object", "data": [{"cur_data": {}}]}), "bk_obj_id"),
+            (
+                json!({"event_type": "instdata", "action": "create", "obj_type": "object", "data": [{"cur_data": {}}]}),
+                "bk_obj_id",
+            ),
         ];
         for (input, field) in cases {
             assert_eq!(event_name(&event(input)).unwrap_err().field, field);
@@ -198,10 +209,20 @@ mod tests {
             "req-1",
         );
         let body = callback_body(&serde_json::to_string(&stored).unwrap(), 3, 42);
-        let keys: Vec<String> = serde_json::from_str::<serde_json::Map<String, Value>>(&body).unwrap().keys().cloned().collect();
+        let keys: Vec<String> =
+            serde_json::from_str::<serde_json::Map<String, Value>>(&body).unwrap().keys().cloned().collect();
         let order: Vec<usize> = [
-            "txn_id", "event_type", "action", "action_time", "obj_type", "data",
-            "bk_supplier_account", "request_id", "request_time", "distribution_id", "subscription_id",
+            "txn_id",
+            "event_type",
+            "action",
+            "action_time",
+            "obj_type",
+            "data",
+            "bk_supplier_account",
+            "request_id",
+            "request_time",
+            "distribution_id",
+            "subscription_id",
         ]
         .iter()
         .map(|k| body.find(&format!("\"{k}\":")).unwrap())

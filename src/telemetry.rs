@@ -57,11 +57,25 @@ impl Metrics {
         registry.register("delivery_attempts", "Callback delivery attempts by result", attempts.clone());
         registry.register("delivery_attempt_seconds", "Duration of a callback attempt", attempt_seconds.clone());
         registry.register("events_published", "Events accepted by publish", events_published.clone());
-        registry.register("deliveries_queued", "Deliveries queued by publish (events times matching subscriptions)", deliveries_queued.clone());
+        registry.register(
+            "deliveries_queued",
+            "Deliveries queued by publish (events times matching subscriptions)",
+            deliveries_queued.clone(),
+        );
         registry.register("queue_depth", "Deliveries pending across all subscriptions", queue_depth.clone());
         registry.register("store_bytes", "Size of the embedded store on disk", store_bytes.clone());
         registry.register("status_writes", "Status writes to the Kubernetes API by delivery", status_writes.clone());
-        Metrics { registry, per_subscription, attempts, attempt_seconds, events_published, deliveries_queued, queue_depth, store_bytes, status_writes }
+        Metrics {
+            registry,
+            per_subscription,
+            attempts,
+            attempt_seconds,
+            events_published,
+            deliveries_queued,
+            queue_depth,
+            store_bytes,
+            status_writes,
+        }
     }
 
     pub fn attempt(&self, result: &'static str, subscription_id: i64, seconds: f64) {

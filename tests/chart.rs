@@ -41,11 +41,9 @@ fn run(command: &mut Command) -> Output {
 }
 
 fn tools() -> PathBuf {
-    PathBuf::from(
-        std::env::var("HERALD_TOOLS_BIN").unwrap_or_else(|_| {
-            panic!("HERALD_TOOLS_BIN is not set: run the chart tests with tests/run.sh, which builds helm and kubectl")
-        }),
-    )
+    PathBuf::from(std::env::var("HERALD_TOOLS_BIN").unwrap_or_else(|_| {
+        panic!("HERALD_TOOLS_BIN is not set: run the chart tests with tests/run.sh, which builds helm and kubectl")
+    }))
 }
 
 /// helm from the tools directory, talking to the cluster of `kubeconfig`.
@@ -89,7 +87,11 @@ impl Release {
         args.extend(values);
         let out = helm(&cluster.kubeconfig, &args);
         assert!(out.ok, "helm install: {out}");
-        Release { name: namespace.to_string(), namespace: namespace.to_string(), kubeconfig: cluster.kubeconfig.clone() }
+        Release {
+            name: namespace.to_string(),
+            namespace: namespace.to_string(),
+            kubeconfig: cluster.kubeconfig.clone(),
+        }
     }
 
     fn upgrade(&self, values: &[&str]) -> Output {
@@ -127,7 +129,6 @@ impl Drop for ClusterScoped {
         }
     }
 }
-
 
 /// A ServiceAccount token from the TokenRequest API.
 fn token(cluster: &Cluster, namespace: &str, service_account: &str) -> String {
@@ -189,7 +190,10 @@ fn the_values_schema_rejects_wrong_types() {
     for (values, field) in cases {
         let out = run(Command::new(tools().join("helm")).args(["template", "herald", CHART]).args(values));
         assert!(!out.ok, "{values:?} must be refused: {out}");
-        assert!(out.stderr.contains("schema") && out.stderr.contains(field), "{values:?}: the error should name {field}: {out}");
+        assert!(
+            out.stderr.contains("schema") && out.stderr.contains(field),
+            "{values:?}: the error should name {field}: {out}"
+        );
     }
     let typo = run(Command::new(tools().join("helm")).args(["template", "herald", CHART, "--set", "replicas=1"]));
     assert!(!typo.ok && typo.stderr.contains("replicas"), "an unknown top-level key is refused: {typo}");
@@ -198,7 +202,8 @@ fn the_values_schema_rejects_wrong_types() {
 #[test]
 fn the_charts_crd_and_deploy_manifests_are_not_stale() {
     let committed = std::fs::read_to_string(format!("{ROOT}/crds/eventsubscriptions.herald.dev.yaml")).expect("crds/");
-    let chart_copy = std::fs::read_to_string(format!("{CHART}/crds/eventsubscriptions.herald.dev.yaml")).expect("chart crds/");
+    let chart_copy =
+        std::fs::read_to_string(format!("{CHART}/crds/eventsubscriptions.herald.dev.yaml")).expect("chart crds/");
     let generated = run(Command::new(env!("CARGO_BIN_EXE_herald")).arg("crd"));
     assert!(generated.ok, "herald crd: {generated}");
     assert!(
@@ -207,8 +212,13 @@ fn the_charts_crd_and_deploy_manifests_are_not_stale() {
     );
 
     let chart: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/Chart.yaml")).expect("Chart.yaml")).expect("Chart.yaml YAML");
-    assert_eq!(chart["appVersion"].as_str(), Some(env!("CARGO_PKG_VERSION")), "Chart.yaml appVersion is the crate version");
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/Chart.yaml")).expect("Chart.yaml"))
+            .expect("Chart.yaml YAML");
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "Chart.yaml appVersion is the crate version"
+    );
 
     let fresh = std::env::temp_dir().join(format!("herald-render-{}.yaml", std::process::id()));
     let path = format!("{}:{}", tools().display(), std::env::var("PATH").unwrap_or_default());
@@ -230,7 +240,9 @@ fn values_switch_the_optional_parts() {
     assert!(monitored.contains("kind: ServiceMonitor") && monitored.contains("path: /metrics"), "{monitored}");
 
     let tls = render(&["--set", "tls.enabled=true", "--set", "tls.secretName=herald-tls"]);
-    for wanted in ["secretName: herald-tls", "mountPath: /etc/herald/tls", "certFile: /etc/herald/tls/tls.crt", "scheme: HTTPS"] {
+    for wanted in
+        ["secretName: herald-tls", "mountPath: /etc/herald/tls", "certFile: /etc/herald/tls/tls.crt", "scheme: HTTPS"]
+    {
         assert!(tls.contains(wanted), "TLS render lacks {wanted}: {tls}");
     }
 
@@ -239,10 +251,17 @@ fn values_switch_the_optional_parts() {
     let ephemeral = render(&["--set", "persistence.enabled=false"]);
     assert!(!ephemeral.contains("kind: PersistentVolumeClaim") && !ephemeral.contains("claimName:"), "{ephemeral}");
 
-    let renamed = render(&["--set", "config.controller.idCounter=ids", "--set", "config.leaderElection.leaseName=leader"]);
-    assert!(renamed.contains(r#"resourceNames: ["ids"]"#) && renamed.contains(r#"resourceNames: ["leader"]"#), "{renamed}");
+    let renamed =
+        render(&["--set", "config.controller.idCounter=ids", "--set", "config.leaderElection.leaseName=leader"]);
+    assert!(
+        renamed.contains(r#"resourceNames: ["ids"]"#) && renamed.contains(r#"resourceNames: ["leader"]"#),
+        "{renamed}"
+    );
     let no_token_auth = render(&["--set", "api.auth.kubernetes=false"]);
-    assert!(!no_token_auth.contains("tokenreviews") && !no_token_auth.contains("subjectaccessreviews"), "{no_token_auth}");
+    assert!(
+        !no_token_auth.contains("tokenreviews") && !no_token_auth.contains("subjectaccessreviews"),
+        "{no_token_auth}"
+    );
 }
 
 /// herald refuses unknown config keys, so a key the chart writes and herald does not know
@@ -303,8 +322,10 @@ async fn install_upgrade_and_uninstall_leave_nothing_behind() {
     let full = release.name.as_str();
     let view = format!("{full}-view");
     let edit = format!("{full}-edit");
-    let namespaced = ["serviceaccount", "role", "rolebinding", "configmap", "persistentvolumeclaim", "service", "deployment"];
-    let cluster_scoped = [("clusterrole", full), ("clusterrolebinding", full), ("clusterrole", &view), ("clusterrole", &edit)];
+    let namespaced =
+        ["serviceaccount", "role", "rolebinding", "configmap", "persistentvolumeclaim", "service", "deployment"];
+    let cluster_scoped =
+        [("clusterrole", full), ("clusterrolebinding", full), ("clusterrole", &view), ("clusterrole", &edit)];
     for kind in namespaced {
         let (ok, _, err) = cluster.kubectl(&["get", kind, full, "-n", &ns]);
         assert!(ok, "{kind}/{full} after install: {err}");
@@ -387,7 +408,8 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
         let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", user, "-n", &ns]);
         assert!(ok, "{err}");
         let subject = format!("--serviceaccount={}:{user}", ns.name);
-        let (ok, _, err) = cluster.kubectl(&["create", "rolebinding", user, "-n", &ns, &format!("--clusterrole={role}"), &subject]);
+        let (ok, _, err) =
+            cluster.kubectl(&["create", "rolebinding", user, "-n", &ns, &format!("--clusterrole={role}"), &subject]);
         assert!(ok, "{err}");
         let token = token(&cluster, &ns, user);
         users.push(cluster.kubeconfig_with_token(&temp_file(&ns, &format!("{user}.kubeconfig")), &token));
@@ -431,7 +453,10 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
         });
         let file = temp_file(&ns, "review.json");
         std::fs::write(&file, review.to_string()).expect("write review");
-        let out = kubectl(who, &["create", "--validate=false", "-f", file.to_str().unwrap(), "-o", "jsonpath={.status.allowed}"]);
+        let out = kubectl(
+            who,
+            &["create", "--validate=false", "-f", file.to_str().unwrap(), "-o", "jsonpath={.status.allowed}"],
+        );
         assert!(out.ok, "SelfSubjectAccessReview: {out}");
         out.stdout == "true"
     };
@@ -459,12 +484,19 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     // kubeconfig of the Cluster it is given.
     let store = temp_file(&ns, "store");
     // Anonymous access is off, as in the chart, so REST calls need a token.
-    let config = chart_config(&["--set", &format!("config.store.path={}", store.display()), "--set", "config.api.auth.anonymous=false"]);
-    let as_chart = Cluster { client: cluster.client.clone(), kubeconfig: kubeconfig.clone(), tools: cluster.tools.clone() };
+    let config = chart_config(&[
+        "--set",
+        &format!("config.store.path={}", store.display()),
+        "--set",
+        "config.api.auth.anonymous=false",
+    ]);
+    let as_chart =
+        Cluster { client: cluster.client.clone(), kubeconfig: kubeconfig.clone(), tools: cluster.tools.clone() };
     let herald = Herald::start(&as_chart, &ns, &config).await;
 
     // Leadership: herald is ready only while it holds the Lease.
-    let (ok, holder, err) = cluster.kubectl(&["get", "lease", "herald-leader", "-n", &ns, "-o", "jsonpath={.spec.holderIdentity}"]);
+    let (ok, holder, err) =
+        cluster.kubectl(&["get", "lease", "herald-leader", "-n", &ns, "-o", "jsonpath={.spec.holderIdentity}"]);
     assert!(ok && !holder.is_empty(), "herald holds the leader Lease: {holder}{err}");
 
     // Watch, id counter, status and label writes.
@@ -485,7 +517,8 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     api.create(&PostParams::default(), &subscription("bad", spec)).await.expect("create subscription");
     wait_reason(&api, "bad", "InvalidPattern").await;
     eventually(Duration::from_secs(30), "an InvalidPattern Event", || {
-        let (_, reasons, err) = cluster.kubectl(&["get", "events.events.k8s.io", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]);
+        let (_, reasons, err) =
+            cluster.kubectl(&["get", "events.events.k8s.io", "-n", &ns, "-o", "jsonpath={.items[*].reason}"]);
         if reasons.contains("InvalidPattern") { Ok(()) } else { Err(format!("{reasons}{err}\n{}", herald.log_text())) }
     })
     .await;
@@ -517,7 +550,8 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     });
     let http = reqwest::Client::new();
     let call = async |method: reqwest::Method, path: &str, token: &str, body: &serde_json::Value| {
-        let response = http.request(method, herald.url(path)).bearer_auth(token).json(body).send().await.expect("REST call");
+        let response =
+            http.request(method, herald.url(path)).bearer_auth(token).json(body).send().await.expect("REST call");
         let status = response.status().as_u16();
         (status, response.json::<serde_json::Value>().await.unwrap_or_default())
     };
@@ -528,11 +562,21 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
         assert!(ok, "{err}");
         let binding = format!("{}-{client}", ns.name);
         let subject = format!("--serviceaccount={}:{client}", ns.name);
-        let (ok, _, err) =
-            cluster.kubectl(&["create", "clusterrolebinding", &binding, &format!("--clusterrole={service_account}-{role}"), &subject]);
+        let (ok, _, err) = cluster.kubectl(&[
+            "create",
+            "clusterrolebinding",
+            &binding,
+            &format!("--clusterrole={service_account}-{role}"),
+            &subject,
+        ]);
         assert!(ok, "{err}");
-        bindings.push(ClusterScoped { kind: "clusterrolebinding", name: binding, kubeconfig: cluster.kubeconfig.clone() });
-        let (ok, token, err) = cluster.kubectl(&["create", "token", client, "-n", &ns, "--audience", "herald", "--duration", "1h"]);
+        bindings.push(ClusterScoped {
+            kind: "clusterrolebinding",
+            name: binding,
+            kubeconfig: cluster.kubeconfig.clone(),
+        });
+        let (ok, token, err) =
+            cluster.kubectl(&["create", "token", client, "-n", &ns, "--audience", "herald", "--duration", "1h"]);
         assert!(ok, "{err}");
         // herald caches review answers for a few seconds; RBAC caches take a moment too.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -547,16 +591,18 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
         tokens.push(token.trim().to_string());
     }
     let (producer, viewer) = (&tokens[0], &tokens[1]);
-    let mut form =
-        serde_json::json!({"subscription_name": "rest", "callback_url": "http://127.0.0.1:9/x", "subscription_form": "hostcreate"});
+    let mut form = serde_json::json!({"subscription_name": "rest", "callback_url": "http://127.0.0.1:9/x", "subscription_form": "hostcreate"});
     let (status, created) = call(reqwest::Method::POST, "/api/v3/event/subscribe/0/0", producer, &form).await;
-    let rest_id = created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("REST create: {status} {created}"));
+    let rest_id =
+        created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("REST create: {status} {created}"));
     form["subscription_form"] = "hostcreate,hostupdate".into();
     let path = format!("/api/v3/event/subscribe/0/0/{rest_id}");
     let (status, updated) = call(reqwest::Method::PUT, &path, producer, &form).await;
     assert_eq!((status, &updated["result"]), (200, &serde_json::json!(true)), "REST update: {updated}");
-    let (status, found) = call(reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", viewer, &serde_json::json!({})).await;
-    let ids: Vec<_> = found["data"]["info"].as_array().into_iter().flatten().filter_map(|r| r["subscription_id"].as_i64()).collect();
+    let (status, found) =
+        call(reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", viewer, &serde_json::json!({})).await;
+    let ids: Vec<_> =
+        found["data"]["info"].as_array().into_iter().flatten().filter_map(|r| r["subscription_id"].as_i64()).collect();
     assert!(status == 200 && ids.contains(&rest_id), "REST search as the viewer: {status} {found}");
     let (status, deleted) = call(reqwest::Method::DELETE, &path, producer, &serde_json::json!({})).await;
     assert_eq!((status, &deleted["result"]), (200, &serde_json::json!(true)), "REST delete: {deleted}");

@@ -8,8 +8,8 @@ use futures::{StreamExt, TryStreamExt};
 use herald::crd::{SUBSCRIPTION_ID_LABEL, SUPPLIER_ACCOUNTS_LABEL};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -25,7 +25,8 @@ async fn examples_apply_and_become_ready_with_distinct_ids() {
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/");
     let (ok, out, err) = cluster.kubectl(&["apply", "-n", &ns, "-f", examples]);
     assert!(ok, "kubectl apply -f examples/: {out}{err}");
-    let (ok, out, err) = cluster.kubectl(&["wait", "-n", &ns, "--for=condition=Ready", "esub", "--all", "--timeout=60s"]);
+    let (ok, out, err) =
+        cluster.kubectl(&["wait", "-n", &ns, "--for=condition=Ready", "esub", "--all", "--timeout=60s"]);
     assert!(ok, "kubectl wait: {out}{err}");
 
     let (ok, table, err) = cluster.kubectl(&["get", "esub", "-n", &ns]);
@@ -43,7 +44,8 @@ async fn examples_apply_and_become_ready_with_distinct_ids() {
     }
     // The short name and label selection work as documented.
     let first = ids.iter().next().unwrap().to_string();
-    let (ok, out, err) = cluster.kubectl(&["get", "esub", "-n", &ns, "-l", &format!("{SUBSCRIPTION_ID_LABEL}={first}"), "-o", "name"]);
+    let (ok, out, err) =
+        cluster.kubectl(&["get", "esub", "-n", &ns, "-l", &format!("{SUBSCRIPTION_ID_LABEL}={first}"), "-o", "name"]);
     assert!(ok && out.lines().count() == 1, "{out}{err}");
 }
 
@@ -55,7 +57,8 @@ async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
     // Blocks of one id force the allocators to contend on the counter for every id.
     let config = "controller:\n  idBlockSize: 1\nleaderElection:\n  enabled: false\n";
     let first = Herald::start(&cluster, &ns, config).await;
-    let second = Herald::start_in(&cluster, &ns, config, &std::env::temp_dir().join(format!("{}-second", ns.name))).await;
+    let second =
+        Herald::start_in(&cluster, &ns, config, &std::env::temp_dir().join(format!("{}-second", ns.name))).await;
     let api = cluster.subscriptions(&ns);
 
     // Record every id each object ever shows, from before the first create.
@@ -108,7 +111,8 @@ async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
         assert_eq!(shown.len(), 1, "{name} showed several ids over time: {shown:?}");
     }
     // Both allocators reserved from the one counter.
-    let counter = Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns).get("herald-subscription-ids").await.unwrap();
+    let counter =
+        Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns).get("herald-subscription-ids").await.unwrap();
     let next: i64 = counter.data.unwrap()["next"].parse().unwrap();
     assert!(next > *distinct.iter().max().unwrap(), "counter {next} is past every id");
     let logs = format!("{}{}", first.log_text(), second.log_text());
@@ -153,18 +157,66 @@ async fn invalid_specs_are_refused_at_apply_time_naming_the_field() {
     let ns = cluster.namespace("schema", &[]).await;
     let cases = [
         ("no callbackUrl", serde_json::json!({"subscriptionName": "a", "events": ["hostcreate"]}), "spec.callbackUrl"),
-        ("relative URL", serde_json::json!({"subscriptionName": "a", "callbackUrl": "/events", "events": ["hostcreate"]}), "spec.callbackUrl"),
-        ("no scheme", serde_json::json!({"subscriptionName": "a", "callbackUrl": "example.com/events", "events": ["hostcreate"]}), "spec.callbackUrl"),
-        ("ftp URL", serde_json::json!({"subscriptionName": "a", "callbackUrl": "ftp://127.0.0.1/x", "events": ["hostcreate"]}), "spec.callbackUrl"),
-        ("unknown confirm mode", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "confirm": {"mode": "json"}}), "spec.confirm.mode"),
-        ("status pattern not a code", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "confirm": {"mode": "httpstatus", "pattern": "ok"}}), "spec.confirm.pattern"),
-        ("timeout 0", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "timeoutSeconds": 0}), "spec.timeoutSeconds"),
-        ("timeout 301", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "timeoutSeconds": 301}), "spec.timeoutSeconds"),
-        ("empty events", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": []}), "spec.events"),
-        ("duplicate events", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate", "hostcreate"]}), "spec.events"),
-        ("blank name", serde_json::json!({"subscriptionName": "  ", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"]}), "spec.subscriptionName"),
-        ("too many events", serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": (0..10_000).map(|i| format!("e{i}")).collect::<Vec<_>>()}), "spec.events"),
-        ("8 KB URL", serde_json::json!({"subscriptionName": "a", "callbackUrl": format!("http://127.0.0.1/{}", "a".repeat(8192)), "events": ["hostcreate"]}), "spec.callbackUrl"),
+        (
+            "relative URL",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "/events", "events": ["hostcreate"]}),
+            "spec.callbackUrl",
+        ),
+        (
+            "no scheme",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "example.com/events", "events": ["hostcreate"]}),
+            "spec.callbackUrl",
+        ),
+        (
+            "ftp URL",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "ftp://127.0.0.1/x", "events": ["hostcreate"]}),
+            "spec.callbackUrl",
+        ),
+        (
+            "unknown confirm mode",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "confirm": {"mode": "json"}}),
+            "spec.confirm.mode",
+        ),
+        (
+            "status pattern not a code",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "confirm": {"mode": "httpstatus", "pattern": "ok"}}),
+            "spec.confirm.pattern",
+        ),
+        (
+            "timeout 0",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "timeoutSeconds": 0}),
+            "spec.timeoutSeconds",
+        ),
+        (
+            "timeout 301",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"], "timeoutSeconds": 301}),
+            "spec.timeoutSeconds",
+        ),
+        (
+            "empty events",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": []}),
+            "spec.events",
+        ),
+        (
+            "duplicate events",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate", "hostcreate"]}),
+            "spec.events",
+        ),
+        (
+            "blank name",
+            serde_json::json!({"subscriptionName": "  ", "callbackUrl": "http://127.0.0.1/x", "events": ["hostcreate"]}),
+            "spec.subscriptionName",
+        ),
+        (
+            "too many events",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": "http://127.0.0.1/x", "events": (0..10_000).map(|i| format!("e{i}")).collect::<Vec<_>>()}),
+            "spec.events",
+        ),
+        (
+            "8 KB URL",
+            serde_json::json!({"subscriptionName": "a", "callbackUrl": format!("http://127.0.0.1/{}", "a".repeat(8192)), "events": ["hostcreate"]}),
+            "spec.callbackUrl",
+        ),
     ];
     for (case, spec, field) in cases {
         let object = serde_json::json!({
@@ -325,7 +377,9 @@ async fn after_sigkill_and_restart_ids_are_kept_and_unchanged_objects_are_not_wr
     let mut herald = Herald::start(&cluster, &ns, CONFIG).await;
     let api = cluster.subscriptions(&ns);
     for i in 0..10 {
-        api.create(&PostParams::default(), &subscription(&format!("r{i}"), basic_spec(&format!("restart-{i}")))).await.unwrap();
+        api.create(&PostParams::default(), &subscription(&format!("r{i}"), basic_spec(&format!("restart-{i}"))))
+            .await
+            .unwrap();
     }
     let mut before = BTreeMap::new();
     for i in 0..10 {
@@ -334,7 +388,8 @@ async fn after_sigkill_and_restart_ids_are_kept_and_unchanged_objects_are_not_wr
     }
     // Settle: the id label write follows the status write.
     for name in before.keys() {
-        wait_for(&api, name, Duration::from_secs(30), "labelled", |s| s.labels().contains_key(SUBSCRIPTION_ID_LABEL)).await;
+        wait_for(&api, name, Duration::from_secs(30), "labelled", |s| s.labels().contains_key(SUBSCRIPTION_ID_LABEL))
+            .await;
     }
     herald.kill();
     let list = api.list(&ListParams::default()).await.unwrap();
@@ -376,4 +431,3 @@ async fn sigterm_shuts_herald_down_cleanly() {
     assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
     assert!(herald.log_text().contains("controller stopped"), "{}", herald.log_text());
 }
-

@@ -18,7 +18,8 @@ fn host_event(account: &str, seq: i64) -> serde_json::Value {
 }
 
 async fn publish(herald: &Herald, events: serde_json::Value) -> serde_json::Value {
-    let response = reqwest::Client::new().post(herald.url("/api/v3/event/publish")).json(&events).send().await.expect("publish");
+    let response =
+        reqwest::Client::new().post(herald.url("/api/v3/event/publish")).json(&events).send().await.expect("publish");
     let status = response.status();
     let body: serde_json::Value = response.json().await.expect("publish answer");
     assert!(status.is_success() && body["result"] == true, "publish: {status} {body}");
@@ -40,8 +41,16 @@ fn statistics(sub: &herald::crd::EventSubscription) -> (i64, i64) {
     sub.status.as_ref().and_then(|s| s.statistics.as_ref()).map(|s| (s.total, s.failure)).unwrap_or_default()
 }
 
-async fn wait_statistics(api: &Api<herald::crd::EventSubscription>, name: &str, total: i64, failure: i64) -> herald::crd::EventSubscription {
-    wait_for(api, name, Duration::from_secs(60), &format!("total {total} failure {failure}"), |s| statistics(s) == (total, failure)).await
+async fn wait_statistics(
+    api: &Api<herald::crd::EventSubscription>,
+    name: &str,
+    total: i64,
+    failure: i64,
+) -> herald::crd::EventSubscription {
+    wait_for(api, name, Duration::from_secs(60), &format!("total {total} failure {failure}"), |s| {
+        statistics(s) == (total, failure)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -52,10 +61,13 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
     let server = CallbackServer::start().await;
     let herald = Herald::start(&cluster, &ns, "").await;
     let api = cluster.subscriptions(&ns);
-    let a = subscribe(&api, "a", &server.url("ok", "a"), serde_json::json!({"events": ["hostcreate", "hostupdate"]})).await;
+    let a =
+        subscribe(&api, "a", &server.url("ok", "a"), serde_json::json!({"events": ["hostcreate", "hostupdate"]})).await;
     let b = subscribe(&api, "b", &server.url("ok", "b"), serde_json::json!({})).await;
-    subscribe(&api, "other-event", &server.url("ok", "other-event"), serde_json::json!({"events": ["setcreate"]})).await;
-    subscribe(&api, "other-account", &server.url("ok", "other-account"), serde_json::json!({"supplierAccount": "7"})).await;
+    subscribe(&api, "other-event", &server.url("ok", "other-event"), serde_json::json!({"events": ["setcreate"]}))
+        .await;
+    subscribe(&api, "other-account", &server.url("ok", "other-account"), serde_json::json!({"supplierAccount": "7"}))
+        .await;
     // Not Ready: its regex does not compile.
     let mut broken = basic_spec("broken");
     broken["callbackUrl"] = server.url("ok", "broken").into();
@@ -98,10 +110,19 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
 
     // Metrics are aggregate by default: no per-subscription series.
     let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
-    for line in ["herald_delivery_attempts_total{result=\"delivered\",subscription=\"\"} 10", "herald_events_published_total 5", "herald_deliveries_queued_total 10"] {
+    for line in [
+        "herald_delivery_attempts_total{result=\"delivered\",subscription=\"\"} 10",
+        "herald_events_published_total 5",
+        "herald_deliveries_queued_total 10",
+    ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
-    for family in ["herald_delivery_attempt_seconds_bucket", "herald_queue_depth", "herald_store_bytes", "herald_status_writes_total"] {
+    for family in [
+        "herald_delivery_attempt_seconds_bucket",
+        "herald_queue_depth",
+        "herald_store_bytes",
+        "herald_status_writes_total",
+    ] {
         assert!(metrics.contains(family), "{family} in:\n{metrics}");
     }
 }
@@ -115,16 +136,28 @@ async fn confirm_modes_gone_and_throttling() {
     let herald = Herald::start(&cluster, &ns, "").await;
     let api = cluster.subscriptions(&ns);
     let one_attempt = serde_json::json!({"retry": {"maxAttempts": 1}});
-    let want_201 = serde_json::json!({"confirm": {"mode": "httpstatus", "pattern": "201"}, "retry": {"maxAttempts": 1}});
+    let want_201 =
+        serde_json::json!({"confirm": {"mode": "httpstatus", "pattern": "201"}, "retry": {"maxAttempts": 1}});
     subscribe(&api, "s200", &server.url("status-200", "s200"), want_201.clone()).await;
     subscribe(&api, "s201", &server.url("status-201", "s201"), want_201).await;
-    let regular = |url: String| (url, serde_json::json!({"confirm": {"mode": "regular", "pattern": "\"result\":\\s*true"}, "retry": {"maxAttempts": 1}}));
+    let regular = |url: String| {
+        (
+            url,
+            serde_json::json!({"confirm": {"mode": "regular", "pattern": "\"result\":\\s*true"}, "retry": {"maxAttempts": 1}}),
+        )
+    };
     let (url, spec) = regular(server.url("body-ok", "body-ok"));
     subscribe(&api, "body-ok", &url, spec).await;
     let (url, spec) = regular(server.url("body-no", "body-no"));
     subscribe(&api, "body-no", &url, spec).await;
     subscribe(&api, "gone", &server.url("gone", "gone"), one_attempt).await;
-    subscribe(&api, "throttled", &server.url("throttle-3", "throttled"), serde_json::json!({"retry": {"maxAttempts": 3, "initialBackoffSeconds": 1}})).await;
+    subscribe(
+        &api,
+        "throttled",
+        &server.url("throttle-3", "throttled"),
+        serde_json::json!({"retry": {"maxAttempts": 3, "initialBackoffSeconds": 1}}),
+    )
+    .await;
 
     publish(&herald, host_event("0", 1)).await;
     wait_statistics(&api, "s200", 1, 1).await;
@@ -133,7 +166,9 @@ async fn confirm_modes_gone_and_throttling() {
     wait_statistics(&api, "body-no", 1, 1).await;
 
     let gone = wait_for(&api, "gone", Duration::from_secs(30), "CallbackHealthy=False Gone", |s| {
-        s.status.as_ref().is_some_and(|st| st.conditions.iter().any(|c| c.type_ == "CallbackHealthy" && c.status == "False" && c.reason == "Gone"))
+        s.status.as_ref().is_some_and(|st| {
+            st.conditions.iter().any(|c| c.type_ == "CallbackHealthy" && c.status == "False" && c.reason == "Gone")
+        })
     })
     .await;
     assert_eq!(statistics(&gone), (1, 1));
@@ -141,12 +176,14 @@ async fn confirm_modes_gone_and_throttling() {
     publish(&herald, host_event("0", 2)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(server.received("gone").len(), 1, "no attempt after 410 until the spec changes");
-    assert!(wait_for(&api, "gone", Duration::from_secs(30), "pending 2", |s| {
-        s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.pending == 2)
-    })
-    .await
-    .status
-    .is_some());
+    assert!(
+        wait_for(&api, "gone", Duration::from_secs(30), "pending 2", |s| {
+            s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.pending == 2)
+        })
+        .await
+        .status
+        .is_some()
+    );
 
     let throttled = server.wait_for("throttled", 2, Duration::from_secs(30)).await;
     let waited = throttled[1].at - throttled[0].at;
@@ -182,11 +219,25 @@ async fn retries_dead_letters_and_replay() {
     assert_eq!(dead.iter().map(|r| r.distribution_id()).collect::<Vec<_>>(), [1, 1, 1, 2, 3]);
 
     let client = reqwest::Client::new();
-    let letters: serde_json::Value = client.get(herald.url(&format!("/api/v3/herald/dead_letters/{dead_id}"))).send().await.unwrap().json().await.unwrap();
+    let letters: serde_json::Value = client
+        .get(herald.url(&format!("/api/v3/herald/dead_letters/{dead_id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(letters["data"]["count"], 1, "{letters}");
     assert_eq!(letters["data"]["info"][0]["distribution_id"], 1);
     assert_eq!(letters["data"]["info"][0]["reason"], "MaxAttempts");
-    let replayed: serde_json::Value = client.post(herald.url(&format!("/api/v3/herald/dead_letters/{dead_id}/replay"))).send().await.unwrap().json().await.unwrap();
+    let replayed: serde_json::Value = client
+        .post(herald.url(&format!("/api/v3/herald/dead_letters/{dead_id}/replay")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(replayed["data"]["replayed"], 1, "{replayed}");
     let dead = server.wait_for("dead", 6, Duration::from_secs(30)).await;
     let replay = &dead[5];
@@ -203,7 +254,13 @@ async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
     let server = CallbackServer::start().await;
     let herald = Herald::start(&cluster, &ns, "").await;
     let api = cluster.subscriptions(&ns);
-    subscribe(&api, "slow", &server.url("hang", "slow"), serde_json::json!({"timeoutSeconds": 2, "retry": {"maxAttempts": 1}})).await;
+    subscribe(
+        &api,
+        "slow",
+        &server.url("hang", "slow"),
+        serde_json::json!({"timeoutSeconds": 2, "retry": {"maxAttempts": 1}}),
+    )
+    .await;
     let started = Instant::now();
     publish(&herald, host_event("0", 1)).await;
     let sub = wait_statistics(&api, "slow", 1, 1).await;
@@ -232,7 +289,10 @@ async fn a_hanging_callback_never_delays_another_subscription() {
     }
     let fast = server.wait_for("fast", 1000, Duration::from_secs(29)).await;
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(30), "A got all 1,000 events before B's first attempt could time out ({took:?})");
+    assert!(
+        took < Duration::from_secs(30),
+        "A got all 1,000 events before B's first attempt could time out ({took:?})"
+    );
     assert_eq!(fast.iter().map(|r| r.distribution_id()).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>());
     assert_eq!(server.received("hung").len(), 1, "B is still on its first attempt");
 }
@@ -283,7 +343,8 @@ async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
         let deadline = Instant::now() + Duration::from_secs(240);
         let got = loop {
             let got = server.received(&key);
-            let seen: HashSet<i64> = got.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap_or(-1)).collect();
+            let seen: HashSet<i64> =
+                got.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap_or(-1)).collect();
             if acknowledged.iter().all(|s| seen.contains(s)) {
                 break got;
             }
@@ -317,7 +378,11 @@ async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
         let stats = sub.status.unwrap().statistics.unwrap();
         assert_eq!(stats.failure, 0);
         // Attempts whose outcome the crash lost are delivered again but counted once.
-        assert!(stats.total <= received && stats.total >= received - duplicates[&key], "{key}: total {} vs received {received}", stats.total);
+        assert!(
+            stats.total <= received && stats.total >= received - duplicates[&key],
+            "{key}: total {} vs received {received}",
+            stats.total
+        );
     }
 }
 
@@ -371,7 +436,13 @@ async fn a_100_mb_response_body_costs_at_most_the_body_cap_in_memory() {
     let server = CallbackServer::start().await;
     let herald = Herald::start(&cluster, &ns, "").await;
     let api = cluster.subscriptions(&ns);
-    subscribe(&api, "big", &server.url("big-100", "big"), serde_json::json!({"retry": {"maxAttempts": 1}, "confirm": {"mode": "regular", "pattern": "nomatch"}})).await;
+    subscribe(
+        &api,
+        "big",
+        &server.url("big-100", "big"),
+        serde_json::json!({"retry": {"maxAttempts": 1}, "confirm": {"mode": "regular", "pattern": "nomatch"}}),
+    )
+    .await;
     let before = vm_hwm_kb(herald.pid());
     publish(&herald, host_event("0", 1)).await;
     wait_statistics(&api, "big", 1, 1).await;

@@ -110,7 +110,13 @@ fn stats(sub: &EventSubscription) -> Statistics {
     sub.status.as_ref().and_then(|s| s.statistics.clone()).unwrap_or_default()
 }
 
-async fn wait_stats(api: &Api<EventSubscription>, name: &str, within: Duration, what: &str, condition: impl Fn(&Statistics) -> bool) -> Statistics {
+async fn wait_stats(
+    api: &Api<EventSubscription>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    condition: impl Fn(&Statistics) -> bool,
+) -> Statistics {
     stats(&wait_for(api, name, within, what, move |s| condition(&stats(s))).await)
 }
 
@@ -146,7 +152,10 @@ async fn dead_lettered(herald: &Herald, id: i64) -> HashSet<i64> {
     let url = herald.url(&format!("/api/v3/herald/dead_letters/{id}?limit=10000"));
     let answer = send(reqwest::Client::new().get(url)).await.expect("dead letters");
     assert_eq!(answer.status, 200, "dead letters: {}", answer.text);
-    answer.body["data"]["info"].as_array().map(|letters| letters.iter().map(|l| host_id(&l["event"])).collect()).unwrap_or_default()
+    answer.body["data"]["info"]
+        .as_array()
+        .map(|letters| letters.iter().map(|l| host_id(&l["event"])).collect())
+        .unwrap_or_default()
 }
 
 /// A continuous producer: batches of `batch` events every `pause`, to whatever URL
@@ -209,7 +218,12 @@ where
         if left.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: {} still missing after {within:?}, e.g. {:?}", left.len(), &left[..left.len().min(10)]);
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} still missing after {within:?}, e.g. {:?}",
+            left.len(),
+            &left[..left.len().min(10)]
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -283,7 +297,11 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, Vec
     let path = head.lines().next()?.split_whitespace().nth(1)?.to_string();
     let length: usize = head
         .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+        })
         .unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
     while body.len() < length {
@@ -297,7 +315,10 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<(String, Vec
 }
 
 fn http_answer(status: &str, extra_headers: &str, body: &str) -> String {
-    format!("HTTP/1.1 {status}\r\n{extra_headers}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    format!(
+        "HTTP/1.1 {status}\r\n{extra_headers}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 async fn serve_fault(mut stream: tokio::net::TcpStream, (port, v6_port): (u16, u16), hits: Arc<Mutex<Vec<Hit>>>) {
@@ -327,7 +348,8 @@ async fn serve_fault(mut stream: tokio::net::TcpStream, (port, v6_port): (u16, u
             return;
         }
         "reset-mid-body" => {
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\npartial").await;
+            let _ =
+                stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\npartial").await;
             let _ = stream.flush().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = stream.set_zero_linger();
@@ -345,8 +367,14 @@ async fn serve_fault(mut stream: tokio::net::TcpStream, (port, v6_port): (u16, u
                 }
             }
         }
-        "redirect-self" => http_answer("301 Moved Permanently", &format!("Location: http://127.0.0.1:{port}/redirect-self/{key}\r\n"), ""),
-        "redirect-refused" => http_answer("301 Moved Permanently", &format!("Location: http://[::1]:{v6_port}/ok/{key}-followed\r\n"), ""),
+        "redirect-self" => http_answer(
+            "301 Moved Permanently",
+            &format!("Location: http://127.0.0.1:{port}/redirect-self/{key}\r\n"),
+            "",
+        ),
+        "redirect-refused" => {
+            http_answer("301 Moved Permanently", &format!("Location: http://[::1]:{v6_port}/ok/{key}-followed\r\n"), "")
+        }
         other => match other.strip_prefix("status-").and_then(|c| c.parse::<u16>().ok()) {
             Some(code) => http_answer(&format!("{code} Status"), "", "status"),
             None => http_answer("404 Not Found", "", "unknown behaviour"),
@@ -362,10 +390,16 @@ async fn untrusted_tls_server(dir: &Path) -> (u16, Arc<std::sync::atomic::Atomic
     std::fs::create_dir_all(dir).expect("tls dir");
     let script = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 \
         -addext subjectAltName=IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE -keyout tls.key -out tls.crt";
-    let made =
-        std::process::Command::new("bash").args(["-c", script]).current_dir(dir).stderr(std::process::Stdio::null()).status().expect("openssl");
+    let made = std::process::Command::new("bash")
+        .args(["-c", script])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
     assert!(made.success(), "openssl made no certificate");
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(dir.join("tls.crt"), dir.join("tls.key")).await.expect("tls config");
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(dir.join("tls.crt"), dir.join("tls.key"))
+        .await
+        .expect("tls config");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let port = listener.local_addr().unwrap().port();
@@ -449,7 +483,10 @@ async fn sigkill_at_seeded_random_points_loses_nothing_and_bounds_duplicates() {
         }
         kills.push(Instant::now());
         herald.kill();
-        println!("round {round}: SIGKILL after {delay:?} ({})", if mid_publish { "mid-publish" } else { "deliveries only" });
+        println!(
+            "round {round}: SIGKILL after {delay:?} ({})",
+            if mid_publish { "mid-publish" } else { "deliveries only" }
+        );
         herald = Herald::start_in(&cluster, &ns, "", &dir).await;
         producer.retarget(herald.url("/api/v3/event/publish"));
         producer.hold.store(false, Ordering::Release);
@@ -472,10 +509,15 @@ async fn sigkill_at_seeded_random_points_loses_nothing_and_bounds_duplicates() {
     let herald_ref = &herald;
     let acknowledged_ref = &acknowledged;
     wait_until_none_missing("flaky", Duration::from_secs(180), || {
-        let confirmed: HashSet<i64> = faults.hits("flaky").iter().map(|h| host_id(&h.body)).filter(|s| s % 3 != 0).collect();
+        let confirmed: HashSet<i64> =
+            faults.hits("flaky").iter().map(|h| host_id(&h.body)).filter(|s| s % 3 != 0).collect();
         async move {
             let dead = dead_lettered(herald_ref, flaky).await;
-            acknowledged_ref.iter().copied().filter(|s| if s % 3 == 0 { !dead.contains(s) } else { !confirmed.contains(s) }).collect()
+            acknowledged_ref
+                .iter()
+                .copied()
+                .filter(|s| if s % 3 == 0 { !dead.contains(s) } else { !confirmed.contains(s) })
+                .collect()
         }
     })
     .await;
@@ -542,7 +584,10 @@ async fn sigterm_finishes_or_redelivers_the_attempt_in_flight_and_exits_0() {
     })
     .await;
     let first = ok.received("slow").iter().filter(|r| r.distribution_id() == 1).count();
-    println!("the in-flight attempt was {}", if first > 1 { "redelivered after the restart" } else { "completed before exit" });
+    println!(
+        "the in-flight attempt was {}",
+        if first > 1 { "redelivered after the restart" } else { "completed before exit" }
+    );
     wait_stats(&api, "slow", Duration::from_secs(60), "pending 0", |s| s.pending == 0 && s.delivered >= 3).await;
 
     // A hanging callback at SIGTERM.
@@ -558,9 +603,15 @@ async fn sigterm_finishes_or_redelivers_the_attempt_in_flight_and_exits_0() {
     assert!(status.success(), "exit status {status}");
     // HERALD BUG (F4 in docs/RELIABILITY.md) while this fails: shutdown waits for the
     // hanging attempt's whole timeout, longer than the pod's grace period.
-    assert!(took < Duration::from_secs(30), "SIGTERM with a hanging callback took {took:?}: Kubernetes would SIGKILL herald after 30 s");
+    assert!(
+        took < Duration::from_secs(30),
+        "SIGTERM with a hanging callback took {took:?}: Kubernetes would SIGKILL herald after 30 s"
+    );
     herald = Herald::start_in(&cluster, &ns, "", &dir).await;
-    wait_stats(&api, "hung", Duration::from_secs(60), "delivered after the restart", |s| s.delivered == 1 && s.pending == 0).await;
+    wait_stats(&api, "hung", Duration::from_secs(60), "delivered after the restart", |s| {
+        s.delivered == 1 && s.pending == 0
+    })
+    .await;
     assert!(faults.hits("hung").len() >= 2, "the abandoned attempt was made again");
     drop(herald);
 }
@@ -604,7 +655,10 @@ async fn control_plane_outage(component: &'static str, prefix: &str, outage: Dur
     let mut not_ready = 0;
     while stopped.elapsed() < outage {
         let answer = publish(&herald, &host_events([seq, seq + 1])).await;
-        assert!(answer.status == 200 && answer.body["result"] == true, "publish during the {component} outage: {answer:?}");
+        assert!(
+            answer.status == 200 && answer.body["result"] == true,
+            "publish during the {component} outage: {answer:?}"
+        );
         published.push((seq, Instant::now()));
         published.push((seq + 1, Instant::now()));
         seq += 2;
@@ -626,7 +680,10 @@ async fn control_plane_outage(component: &'static str, prefix: &str, outage: Dur
                 }
                 break;
             }
-            assert!(Instant::now() < deadline, "{key}: events published during the {component} outage were not delivered during it");
+            assert!(
+                Instant::now() < deadline,
+                "{key}: events published during the {component} outage were not delivered during it"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -646,7 +703,13 @@ async fn control_plane_outage(component: &'static str, prefix: &str, outage: Dur
     // A spec change made right after recovery (retried until the API takes it) is
     // picked up without a restart.
     loop {
-        let patched = api.patch("b", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"callbackUrl": server.url("ok", "b2")}}))).await;
+        let patched = api
+            .patch(
+                "b",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"callbackUrl": server.url("ok", "b2")}})),
+            )
+            .await;
         match patched {
             Ok(_) => break,
             Err(error) => {
@@ -669,7 +732,10 @@ async fn control_plane_outage(component: &'static str, prefix: &str, outage: Dur
     };
     let mut probe = 10_000;
     while server.received("b2").is_empty() {
-        assert!(changed.elapsed() < Duration::from_secs(120), "a spec change after the {component} outage was not picked up within 120 s");
+        assert!(
+            changed.elapsed() < Duration::from_secs(120),
+            "a spec change after the {component} outage was not picked up within 120 s"
+        );
         publish_ok(&herald, &host_events([probe])).await;
         probe += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -678,7 +744,10 @@ async fn control_plane_outage(component: &'static str, prefix: &str, outage: Dur
     let observed = observer.await.expect("observer");
     // Status catches up with what the receiver counted.
     let received = i64::try_from(server.received("a").len()).unwrap();
-    let a = wait_stats(&api, "a", Duration::from_secs(60), "statistics caught up", |s| s.total >= received && s.pending == 0).await;
+    let a = wait_stats(&api, "a", Duration::from_secs(60), "statistics caught up", |s| {
+        s.total >= received && s.pending == 0
+    })
+    .await;
     println!(
         "after the {component} outage: spec change delivered to in {pickup:?}, observedGeneration after {observed:?}; status of a: total {} delivered {}",
         a.total, a.delivered
@@ -744,8 +813,16 @@ async fn a_store_over_quota_refuses_publishes_with_503_and_loses_nothing_accepte
         answer.text,
         answer.retry_after
     );
-    assert!(answer.retry_after.as_deref().and_then(|r| r.parse::<u64>().ok()).is_some_and(|r| r > 0), "503 carries Retry-After: {answer:?}");
-    assert_eq!((answer.body["result"].as_bool(), answer.body["bk_error_code"].as_i64()), (Some(false), Some(1199999)), "{}", answer.text);
+    assert!(
+        answer.retry_after.as_deref().and_then(|r| r.parse::<u64>().ok()).is_some_and(|r| r > 0),
+        "503 carries Retry-After: {answer:?}"
+    );
+    assert_eq!(
+        (answer.body["result"].as_bool(), answer.body["bk_error_code"].as_i64()),
+        (Some(false), Some(1199999)),
+        "{}",
+        answer.text
+    );
     let again = publish(&herald, &padded(100_000..100_005)).await;
     assert_eq!(again.status, 503, "still over quota: {}", again.text);
 
@@ -759,7 +836,10 @@ async fn a_store_over_quota_refuses_publishes_with_503_and_loses_nothing_accepte
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let received: HashSet<i64> = server.received("held").iter().map(|r| host_id(&r.body)).collect();
-    assert!(refused_seqs.clone().chain(100_000..100_005).all(|s| !received.contains(&s)), "an event of a refused publish was delivered");
+    assert!(
+        refused_seqs.clone().chain(100_000..100_005).all(|s| !received.contains(&s)),
+        "an event of a refused publish was delivered"
+    );
     wait_stats(&api, "held", Duration::from_secs(60), "drained", |s| s.pending == 0).await;
 
     // HERALD BUG (F2 in docs/RELIABILITY.md) while this fails: the quota measures the
@@ -809,7 +889,11 @@ fn tear_wal_tail(store: &Path, partial: bool, rng: &mut fastrand::Rng) -> String
     };
     wal.extend_from_slice(&tail);
     std::fs::write(&path, &wal).expect("write WAL");
-    format!("WAL {before} B with {frames} frames of {page_size} B + {} B {}", tail.len(), if partial { "partial frame" } else { "garbage" })
+    format!(
+        "WAL {before} B with {frames} frames of {page_size} B + {} B {}",
+        tail.len(),
+        if partial { "partial frame" } else { "garbage" }
+    )
 }
 
 /// kill -9, then a torn tail after the last commit of the WAL (a partial frame, then
@@ -872,7 +956,8 @@ async fn a_second_herald_on_the_same_store_directory_refuses_to_start() {
     let ns = cluster.namespace("f-lock", &[]).await;
     let dir = test_dir(&ns, "herald");
     let herald = Herald::start_in(&cluster, &ns, "", &dir).await;
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
     config["leaderElection"]["enabled"] = false.into();
     let second_config = dir.join("second.yaml");
     std::fs::write(&second_config, serde_yaml::to_string(&config).unwrap()).unwrap();
@@ -969,10 +1054,20 @@ async fn hostile_callbacks_fail_their_own_attempts_and_never_slow_a_healthy_subs
     // Every attempt failed and counted; attempts ran out into dead letters.
     let mut table = Vec::new();
     for (name, _, error) in &cases {
-        let s = wait_stats(&api, name, Duration::from_secs(90), "every event dead-lettered", |s| s.dead_lettered == events && s.pending == 0).await;
+        let s = wait_stats(&api, name, Duration::from_secs(90), "every event dead-lettered", |s| {
+            s.dead_lettered == events && s.pending == 0
+        })
+        .await;
         let last_error = s.last_error.clone().unwrap_or_default();
-        table.push(format!("{name}: total {} failure {} deadLettered {} lastError {last_error:?}", s.total, s.failure, s.dead_lettered));
-        assert_eq!((s.total, s.failure, s.delivered), (2 * events, 2 * events, 0), "{name}: two failed attempts per event");
+        table.push(format!(
+            "{name}: total {} failure {} deadLettered {} lastError {last_error:?}",
+            s.total, s.failure, s.dead_lettered
+        ));
+        assert_eq!(
+            (s.total, s.failure, s.delivered),
+            (2 * events, 2 * events, 0),
+            "{name}: two failed attempts per event"
+        );
         assert!(last_error.contains(error), "{name}: lastError {last_error:?} should say {error:?}");
     }
     println!("{}", table.join("\n"));
@@ -1108,7 +1203,8 @@ fn fill_path(template: &str, subscription_id: &str) -> String {
 
 /// A body the route would accept, so that only credentials decide the answer.
 fn valid_body(template: &str, subscription_id: i64, callback: &str) -> Value {
-    let subscription = json!({"subscription_name": "probe", "callback_url": callback, "subscription_form": "hostcreate"});
+    let subscription =
+        json!({"subscription_name": "probe", "callback_url": callback, "subscription_form": "hostcreate"});
     let name = template.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
     match name {
         "ping" => json!({"callback_url": callback, "data": "{}"}),
@@ -1162,10 +1258,24 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
     .unwrap();
     let config = format!("api:\n  auth:\n    anonymous: false\n  esbCredentialsFile: {}\n", apps.display());
     let herald = VerboseHerald::start(&cluster, &ns, &config, &test_dir(&ns, "herald")).await;
-    let (made, _, err) = cluster.kubectl(&["create", "secret", "generic", "sign", "-n", &ns, &format!("--from-literal=key={signing_value}")]);
+    let (made, _, err) = cluster.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "sign",
+        "-n",
+        &ns,
+        &format!("--from-literal=key={signing_value}"),
+    ]);
     assert!(made, "{err}");
     let api = cluster.subscriptions(&ns);
-    let signed = subscribe(&api, "signed", &server.url("ok", "signed"), json!({"signing": {"secretRef": {"name": "sign", "key": "key"}}})).await;
+    let signed = subscribe(
+        &api,
+        "signed",
+        &server.url("ok", "signed"),
+        json!({"signing": {"secretRef": {"name": "sign", "key": "key"}}}),
+    )
+    .await;
     subscribe(
         &api,
         "no-key",
@@ -1178,14 +1288,19 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
     let nobody = cluster.service_account_token(&ns, "nobody", "herald");
     let writer = cluster.service_account_token(&ns, "writer", "herald");
     cluster.grant_accounts(&ns, "writer", &["get", "list", "create", "update", "delete", "publish", "replay"], &["0"]);
-    let admin_token =
-        std::fs::read_to_string(&cluster.kubeconfig).unwrap().lines().find_map(|l| l.trim().strip_prefix("token: ").map(str::to_string)).unwrap();
+    let admin_token = std::fs::read_to_string(&cluster.kubeconfig)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_string))
+        .unwrap();
 
     let http = reqwest::Client::new();
     let mut answers = Vec::new();
     let mut failures = Vec::new();
     let callback = server.url("ok", "probe");
-    let esb_header = |code: &str, secret: &str| json!({"bk_app_code": code, "bk_app_secret": secret, "bk_username": "alice"}).to_string();
+    let esb_header = |code: &str, secret: &str| {
+        json!({"bk_app_code": code, "bk_app_secret": secret, "bk_username": "alice"}).to_string()
+    };
     for (method, template) in documented_routes() {
         if OPEN_ROUTES.contains(&template.as_str()) {
             let answer = send(http.get(herald.url(&template))).await.unwrap();
@@ -1194,12 +1309,20 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
             }
             continue;
         }
-        let ids: Vec<String> = if template.contains("{subscription_id}") { vec![signed.to_string(), "987654".into()] } else { vec![String::new()] };
+        let ids: Vec<String> = if template.contains("{subscription_id}") {
+            vec![signed.to_string(), "987654".into()]
+        } else {
+            vec![String::new()]
+        };
         for id in ids {
             let path = fill_path(&template, &id);
             let body = valid_body(&template, signed, &callback).to_string();
             let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-            let request = || http.request(method.clone(), herald.url(&path)).header("content-type", "application/json").body(body.clone());
+            let request = || {
+                http.request(method.clone(), herald.url(&path))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+            };
             // (what, request, expected HTTP status, expected code)
             let mut tries = vec![
                 ("no credentials", request(), 401, 1_199_027),
@@ -1209,8 +1332,18 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
             if is_esb(&template) {
                 tries = vec![
                     ("no credentials", request(), 200, 1_199_027),
-                    ("a wrong app secret", request().header("X-Bkapi-Authorization", esb_header("cmdb", &wrong_secret)), 200, 1_199_027),
-                    ("an app without the account", request().header("X-Bkapi-Authorization", esb_header("other", &other_secret)), 200, 9_900_403),
+                    (
+                        "a wrong app secret",
+                        request().header("X-Bkapi-Authorization", esb_header("cmdb", &wrong_secret)),
+                        200,
+                        1_199_027,
+                    ),
+                    (
+                        "an app without the account",
+                        request().header("X-Bkapi-Authorization", esb_header("other", &other_secret)),
+                        200,
+                        9_900_403,
+                    ),
                     ("a token without rights", request().bearer_auth(&nobody), 200, 9_900_403),
                 ];
             }
@@ -1218,7 +1351,10 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
                 let answer = send(request).await.unwrap();
                 let got = (answer.status, code(&answer.body), answer.body["result"].as_bool());
                 if got != (status, expected, Some(false)) {
-                    failures.push(format!("{method} {path} with {what}: expected {status}/{expected}, got {}/{} {}", got.0, got.1, answer.text));
+                    failures.push(format!(
+                        "{method} {path} with {what}: expected {status}/{expected}, got {}/{} {}",
+                        got.0, got.1, answer.text
+                    ));
                 }
                 if expected == 9_900_403 && answer.body["permission"].is_null() && got.1 == expected {
                     failures.push(format!("{method} {path} with {what}: 403 without permission details"));
@@ -1229,7 +1365,9 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
     }
 
     // The rightful callers get through, and the signed deliveries happen.
-    let answer = send(http.post(herald.url("/api/v3/event/publish")).bearer_auth(&writer).json(&host_events(1..=3))).await.unwrap();
+    let answer = send(http.post(herald.url("/api/v3/event/publish")).bearer_auth(&writer).json(&host_events(1..=3)))
+        .await
+        .unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text);
     answers.push(answer.text);
     let answer = send(
@@ -1244,7 +1382,11 @@ async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
     let got = server.wait_for("signed", 3, Duration::from_secs(30)).await;
     assert!(got[0].header("webhook-signature").starts_with("v1,"), "signed deliveries");
     let no_key = wait_stats(&api, "no-key", Duration::from_secs(60), "a failed attempt", |s| s.failure >= 1).await;
-    assert!(no_key.last_error.clone().unwrap_or_default().contains("sign"), "names the Secret: {:?}", no_key.last_error);
+    assert!(
+        no_key.last_error.clone().unwrap_or_default().contains("sign"),
+        "names the Secret: {:?}",
+        no_key.last_error
+    );
     wait_stats(&api, "password", Duration::from_secs(60), "a failed attempt", |s| s.failure >= 1).await;
 
     let statuses = cluster.kubectl(&["get", "eventsubscriptions", "-n", &ns, "-o", "jsonpath={.items[*].status}"]).1;
@@ -1313,8 +1455,8 @@ const SAFE_CALLBACK: &str = "http://127.0.0.1:9/cb";
 fn random_text(rng: &mut fastrand::Rng) -> String {
     // C0 and C1 control characters, bidi override, astral plane: all legal in JSON strings.
     const ALPHABET: &[char] = &[
-        'a', 'Z', '0', '9', ' ', '_', '-', '.', ',', '$', '%', '"', '\\', '{', '[', '中', 'é', '\u{0}', '\u{7f}', '\u{85}', '\u{9c}', '\u{202e}',
-        '😀',
+        'a', 'Z', '0', '9', ' ', '_', '-', '.', ',', '$', '%', '"', '\\', '{', '[', '中', 'é', '\u{0}', '\u{7f}',
+        '\u{85}', '\u{9c}', '\u{202e}', '😀',
     ];
     let len = match rng.u8(..10) {
         0 => 0,
@@ -1458,9 +1600,20 @@ fn random_segment(rng: &mut fastrand::Rng, placeholder: &str, subscription_id: i
         "{version}" => vec!["v3".into(), "v3".into(), "v1".into()],
         "{bk_supplier_account}" => vec!["0".into(), "0".into(), "7".into(), "a".repeat(300)],
         "{bk_biz_id}" => vec!["0".into(), "0".into(), "3".into()],
-        _ => vec![subscription_id.to_string(), subscription_id.to_string(), "0".into(), "987654".into(), "1e3".into(), "9223372036854775808".into()],
+        _ => vec![
+            subscription_id.to_string(),
+            subscription_id.to_string(),
+            "0".into(),
+            "987654".into(),
+            "1e3".into(),
+            "9223372036854775808".into(),
+        ],
     };
-    if rng.u8(..4) == 0 { common[rng.usize(..common.len())].to_string() } else { specific[rng.usize(..specific.len())].clone() }
+    if rng.u8(..4) == 0 {
+        common[rng.usize(..common.len())].to_string()
+    } else {
+        specific[rng.usize(..specific.len())].clone()
+    }
 }
 
 /// Checks one answer against the contract: never 5xx, always the documented envelope, a
@@ -1469,7 +1622,8 @@ fn judge_answer(esb: bool, status: u16, text: &str) -> Result<(), String> {
     if status >= 500 {
         return Err(format!("HTTP {status}"));
     }
-    let body: Value = serde_json::from_str(text).map_err(|_| format!("HTTP {status}: not JSON: {}", text.chars().take(200).collect::<String>()))?;
+    let body: Value = serde_json::from_str(text)
+        .map_err(|_| format!("HTTP {status}: not JSON: {}", text.chars().take(200).collect::<String>()))?;
     let keys: &[&str] = if esb {
         &["result", "code", "message", "data", "permission", "request_id"]
     } else {
@@ -1479,8 +1633,14 @@ fn judge_answer(esb: bool, status: u16, text: &str) -> Result<(), String> {
         return Err(format!("HTTP {status}: envelope without {missing}"));
     }
     let code = code(&body);
-    let Some((_, usual)) = CODES.iter().find(|(c, _)| *c == code) else { return Err(format!("HTTP {status}: code {code} is not in the table")) };
-    let expected_ok = if esb { status == 200 } else { status == *usual || matches!((status, code), (404 | 405, 1_199_006) | (413, 1_199_000)) };
+    let Some((_, usual)) = CODES.iter().find(|(c, _)| *c == code) else {
+        return Err(format!("HTTP {status}: code {code} is not in the table"));
+    };
+    let expected_ok = if esb {
+        status == 200
+    } else {
+        status == *usual || matches!((status, code), (404 | 405, 1_199_006) | (413, 1_199_000))
+    };
     if !expected_ok {
         return Err(format!("HTTP {status} with code {code} (the table says {usual})"));
     }
@@ -1505,11 +1665,13 @@ async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
     let ns = cluster.namespace("f-fuzz", &[]).await;
     let apps = test_dir(&ns, "apps.yaml");
     std::fs::write(&apps, "apps:\n- appCode: cmdb\n  appSecret: fuzz\n  accounts: ['*']\n").unwrap();
-    let config = format!("api:\n  maxBodyBytes: 65536\n  probeTimeoutSeconds: 1\n  esbCredentialsFile: {}\n", apps.display());
+    let config =
+        format!("api:\n  maxBodyBytes: 65536\n  probeTimeoutSeconds: 1\n  esbCredentialsFile: {}\n", apps.display());
     let herald = Herald::start(&cluster, &ns, &config).await;
     let api = cluster.subscriptions(&ns);
     let known = subscribe(&api, "known", SAFE_CALLBACK, json!({"retry": {"maxAttempts": 1}})).await;
-    let routes: Vec<(String, String)> = documented_routes().into_iter().filter(|(_, t)| !OPEN_ROUTES.contains(&t.as_str())).collect();
+    let routes: Vec<(String, String)> =
+        documented_routes().into_iter().filter(|(_, t)| !OPEN_ROUTES.contains(&t.as_str())).collect();
     // A fresh connection per request: herald (hyper) closes a kept-alive connection after
     // answering a request whose large body it did not read (a body on GET or DELETE, an
     // oversize one), and a pooled client's next request on it then fails (observation O2
@@ -1536,7 +1698,8 @@ async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
         // Unknown paths and wrong methods answer in the direct envelope (404 / 405).
         let esb_envelope = is_esb(&template) && method == documented_method && !path.ends_with("/extra");
         let (kind, body) = random_body(&mut rng, &template, known);
-        let mut request = http.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), herald.url(&path)).body(body.clone());
+        let mut request =
+            http.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), herald.url(&path)).body(body.clone());
         match rng.u8(..4) {
             0 => {}
             1 => request = request.header("content-type", "text/plain"),
@@ -1586,7 +1749,9 @@ async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
             }
         }
     }
-    println!("answers by HTTP status: {by_status:?}; oversize bodies answered by a closed connection: {oversize_resets}");
+    println!(
+        "answers by HTTP status: {by_status:?}; oversize bodies answered by a closed connection: {oversize_resets}"
+    );
     // HERALD BUG (F3 in docs/RELIABILITY.md) while this lists the dead-letter routes: an
     // unknown subscription id answers 500.
     assert!(
@@ -1607,7 +1772,8 @@ async fn field_validation_errors_name_the_field() {
     let ns = cluster.namespace("f-fields", &[]).await;
     let herald = Herald::start(&cluster, &ns, "").await;
     let http = reqwest::Client::new();
-    let english = |path: &str, body: Value| http.post(herald.url(path)).header("HTTP_BLUEKING_LANGUAGE", "en").json(&body);
+    let english =
+        |path: &str, body: Value| http.post(herald.url(path)).header("HTTP_BLUEKING_LANGUAGE", "en").json(&body);
     let cases = [
         ("/api/v3/event/publish", json!({"event_type": "bogus", "action": "create", "obj_type": "host"}), "event_type"),
         ("/api/v3/event/publish", json!({"event_type": "instdata", "action": "upsert", "obj_type": "host"}), "action"),
@@ -1626,7 +1792,8 @@ async fn field_validation_errors_name_the_field() {
         let answer = send(english(path, body.clone())).await.unwrap();
         let message = answer.body["bk_error_msg"].as_str().unwrap_or_default().to_string();
         if (answer.status, code(&answer.body)) != (400, 1_199_006) || !message.contains(field) {
-            failures.push(format!("{path} {body}: {} {} — the message should name {field}", answer.status, answer.text));
+            failures
+                .push(format!("{path} {body}: {} {} — the message should name {field}", answer.status, answer.text));
         }
     }
     // HERALD BUG (F6 in docs/RELIABILITY.md) while this fails: `ApiError::invalid(field)
@@ -1649,8 +1816,13 @@ async fn control_characters_in_subscription_fields_are_bad_input_not_a_server_fa
     for (i, field) in ["subscription_name", "system_name", "confirm_pattern", "subscription_form"].iter().enumerate() {
         let mut body = json!({"subscription_name": format!("ctl-{i}"), "callback_url": SAFE_CALLBACK, "subscription_form": "hostcreate", "confirm_mode": "regular", "confirm_pattern": "ok"});
         body[*field] = format!("a\u{8c}b\u{9f}c-{i}").into();
-        let answer = send(http.post(herald.url("/api/v3/event/subscribe/0/0")).header("HTTP_BLUEKING_LANGUAGE", "en").json(&body)).await.unwrap();
-        let fine = (answer.status == 200 && code(&answer.body) == 0) || (answer.status == 400 && code(&answer.body) == 1_199_006);
+        let answer = send(
+            http.post(herald.url("/api/v3/event/subscribe/0/0")).header("HTTP_BLUEKING_LANGUAGE", "en").json(&body),
+        )
+        .await
+        .unwrap();
+        let fine = (answer.status == 200 && code(&answer.body) == 0)
+            || (answer.status == 400 && code(&answer.body) == 1_199_006);
         if !fine {
             failures.push(format!("{field} with C1 control characters: {} {}", answer.status, answer.text));
         }
@@ -1776,11 +1948,13 @@ mod properties {
     /// Events shaped like producers' (right keys, mostly right values), with any value
     /// anywhere some of the time.
     fn event() -> impl Strategy<Value = Value> {
-        let word = |words: &'static [&'static str]| prop_oneof![3 => select(words).prop_map(Value::from), 1 => json_value()];
+        let word =
+            |words: &'static [&'static str]| prop_oneof![3 => select(words).prop_map(Value::from), 1 => json_value()];
         let item = prop_oneof![
             (json_value(), json_value()).prop_map(|(cur, pre)| json!({"cur_data": cur, "pre_data": pre})),
-            ("[a-z]{0,6}", json_value())
-                .prop_map(|(id, last)| json!({"cur_data": {"bk_obj_id": id, "last_time": last}, "pre_data": {"bk_obj_id": id}})),
+            ("[a-z]{0,6}", json_value()).prop_map(
+                |(id, last)| json!({"cur_data": {"bk_obj_id": id, "last_time": last}, "pre_data": {"bk_obj_id": id}})
+            ),
             json_value(),
         ];
         (
@@ -1900,27 +2074,47 @@ mod properties {
 #[ignore = "full suite (tests/faults/run-all.sh): needs schemathesis"]
 async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
     let _turn = exclusive();
-    let binary = std::env::var_os("HERALD_SCHEMATHESIS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/herald-faults/venv/bin/schemathesis"));
+    let binary = std::env::var_os("HERALD_SCHEMATHESIS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/herald-faults/venv/bin/schemathesis")
+    });
     assert!(binary.exists(), "schemathesis not found at {} (tests/faults/run-all.sh installs it)", binary.display());
     let cluster = cluster().await;
     let ns = cluster.namespace("f-schema", &[]).await;
     let apps = test_dir(&ns, "apps.yaml");
     std::fs::write(&apps, "apps:\n- appCode: cmdb\n  appSecret: fuzz\n  accounts: ['*']\n").unwrap();
-    let config = format!("callbackGuard:\n  proxy: {SAFE_CALLBACK}\napi:\n  maxBodyBytes: 65536\n  esbCredentialsFile: {}\n", apps.display());
+    let config = format!(
+        "callbackGuard:\n  proxy: {SAFE_CALLBACK}\napi:\n  maxBodyBytes: 65536\n  esbCredentialsFile: {}\n",
+        apps.display()
+    );
     let herald = Herald::start(&cluster, &ns, &config).await;
     let report = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("schemathesis");
     let examples = scaled(50, 200).to_string();
     let seed = seed().to_string();
-    let checks = std::env::var("HERALD_SCHEMATHESIS_CHECKS")
-        .unwrap_or_else(|_| "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance".into());
+    let checks = std::env::var("HERALD_SCHEMATHESIS_CHECKS").unwrap_or_else(|_| {
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance".into()
+    });
     std::fs::create_dir_all(&report).unwrap();
     let output = tokio::task::block_in_place(|| {
         std::process::Command::new(&binary)
             .args(["run", &herald.url("/openapi.json"), "--url", &herald.url(""), "--checks", &checks])
-            .args(["--exclude-path-regex", "(ping|telnet|testing_connection)", "--max-examples", &examples, "--seed", &seed])
-            .args(["--workers", "2", "--request-timeout", "30", "--phases", "examples,coverage,fuzzing", "--suppress-health-check", "all"])
+            .args([
+                "--exclude-path-regex",
+                "(ping|telnet|testing_connection)",
+                "--max-examples",
+                &examples,
+                "--seed",
+                &seed,
+            ])
+            .args([
+                "--workers",
+                "2",
+                "--request-timeout",
+                "30",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--suppress-health-check",
+                "all",
+            ])
             .args(["--report", "junit", "--report-dir"])
             .arg(&report)
             .env("NO_COLOR", "1")
@@ -1943,7 +2137,8 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
 #[ignore = "full suite (tests/faults/run-all.sh): 10-minute soak"]
 async fn a_soak_at_half_the_maximum_throughput_keeps_memory_and_store_flat() {
     let _turn = exclusive();
-    let soak = Duration::from_secs(std::env::var("HERALD_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
+    let soak =
+        Duration::from_secs(std::env::var("HERALD_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
     let cluster = cluster().await;
     let ns = cluster.namespace("f-soak", &[]).await;
     let server = CallbackServer::start().await;
@@ -1969,7 +2164,13 @@ async fn a_soak_at_half_the_maximum_throughput_keeps_memory_and_store_flat() {
                 let mut accepted = 0usize;
                 let mut next = p * 10_000_000;
                 while started.elapsed() < measure {
-                    if client.post(&url).json(&host_events(next..next + 50)).send().await.is_ok_and(|r| r.status().is_success()) {
+                    if client
+                        .post(&url)
+                        .json(&host_events(next..next + 50))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                    {
                         accepted += 50;
                     }
                     next += 50;
@@ -2003,25 +2204,37 @@ async fn a_soak_at_half_the_maximum_throughput_keeps_memory_and_store_flat() {
     let mut csv = String::from("seconds,rss_kb,store_bytes,delivered_per_subscription\n");
     while started.elapsed() < soak {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let sample = (started.elapsed().as_secs(), proc_kb(herald.pid(), "VmRSS"), store_bytes(&store), delivered() - base);
+        let sample =
+            (started.elapsed().as_secs(), proc_kb(herald.pid(), "VmRSS"), store_bytes(&store), delivered() - base);
         csv.push_str(&format!("{},{},{},{}\n", sample.0, sample.1, sample.2, sample.3));
         samples.push(sample);
     }
     let acknowledged = producer.finish().await;
     let csv_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("soak.csv");
     std::fs::write(&csv_path, &csv).unwrap();
-    println!("soak at {target:.0} events/s x {SUBSCRIPTIONS} subscriptions for {soak:?}; samples in {}:\n{csv}", csv_path.display());
+    println!(
+        "soak at {target:.0} events/s x {SUBSCRIPTIONS} subscriptions for {soak:?}; samples in {}:\n{csv}",
+        csv_path.display()
+    );
     // Steady after the first quarter: the last third may not exceed the first third of the
     // steady part by more than 10 % plus a little slack.
     let steady: Vec<_> = samples.iter().filter(|s| s.0 >= soak.as_secs() / 4).collect();
     let third = (steady.len() / 3).max(1);
     let (early, late) = (&steady[..third], &steady[steady.len() - third..]);
-    let max = |part: &[&(u64, u64, u64, usize)], f: fn(&(u64, u64, u64, usize)) -> u64| part.iter().map(|s| f(s)).max().unwrap_or(0);
+    let max = |part: &[&(u64, u64, u64, usize)], f: fn(&(u64, u64, u64, usize)) -> u64| {
+        part.iter().map(|s| f(s)).max().unwrap_or(0)
+    };
     let (rss_early, rss_late) = (max(early, |s| s.1), max(late, |s| s.1));
     let (store_early, store_late) = (max(early, |s| s.2), max(late, |s| s.2));
-    println!("RSS {rss_early} -> {rss_late} kB; store {store_early} -> {store_late} B; {} events acknowledged", acknowledged.len());
+    println!(
+        "RSS {rss_early} -> {rss_late} kB; store {store_early} -> {store_late} B; {} events acknowledged",
+        acknowledged.len()
+    );
     assert!(rss_late <= rss_early + rss_early / 10 + 8 * 1024, "RSS grew from {rss_early} kB to {rss_late} kB");
-    assert!(store_late <= store_early + store_early / 10 + (1 << 20), "the store grew from {store_early} B to {store_late} B");
+    assert!(
+        store_late <= store_early + store_early / 10 + (1 << 20),
+        "the store grew from {store_early} B to {store_late} B"
+    );
     // Delivery kept pace: within 10 s of work of the end.
     wait_until_none_missing("s0", Duration::from_secs(60), || {
         let seen: HashSet<i64> = server.received("s0").iter().map(|r| host_id(&r.body)).collect();

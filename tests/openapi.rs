@@ -31,7 +31,8 @@ fn documented_routes() -> BTreeMap<String, BTreeSet<String>> {
         .iter()
         .map(|(path, item)| {
             // OpenAPI names path parameters after the API's fields; axum after handlers.
-            let shape = path.split('/').map(|s| if s.starts_with('{') { "{}" } else { s }).collect::<Vec<_>>().join("/");
+            let shape =
+                path.split('/').map(|s| if s.starts_with('{') { "{}" } else { s }).collect::<Vec<_>>().join("/");
             (shape, item.as_object().expect("path item").keys().cloned().collect())
         })
         .collect()

@@ -190,7 +190,13 @@ fn granted(objects: &[Value]) -> Vec<Grant> {
             for group in strs(&rule["apiGroups"]) {
                 for resource in strs(&rule["resources"]) {
                     for verb in strs(&rule["verbs"]) {
-                        grants.push(Grant { kind, group: group.into(), resource: resource.into(), named, verb: verb.into() });
+                        grants.push(Grant {
+                            kind,
+                            group: group.into(),
+                            resource: resource.into(),
+                            named,
+                            verb: verb.into(),
+                        });
                     }
                 }
             }
@@ -199,7 +205,6 @@ fn granted(objects: &[Value]) -> Vec<Grant> {
     grants.sort();
     grants
 }
-
 
 /// A fresh namespace with the chart's ServiceAccount and RBAC objects in it (release name =
 /// namespace name, so the cluster-scoped objects are this test's own), minus `cuts`, and a
@@ -236,16 +241,26 @@ impl Setup {
             (object, name)
         };
         let (sa, name) = apply("ServiceAccount");
-        Api::<ServiceAccount>::namespaced(client.clone(), &ns).patch(&name, &pp, &Patch::Apply(&sa)).await.expect("apply ServiceAccount");
+        Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+            .patch(&name, &pp, &Patch::Apply(&sa))
+            .await
+            .expect("apply ServiceAccount");
         let (crb, name) = apply("ClusterRoleBinding");
-        Api::<ClusterRoleBinding>::all(client.clone()).patch(&name, &pp, &Patch::Apply(&crb)).await.expect("apply ClusterRoleBinding");
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .patch(&name, &pp, &Patch::Apply(&crb))
+            .await
+            .expect("apply ClusterRoleBinding");
         let (rb, name) = apply("RoleBinding");
-        Api::<RoleBinding>::namespaced(client.clone(), &ns).patch(&name, &pp, &Patch::Apply(&rb)).await.expect("apply RoleBinding");
+        Api::<RoleBinding>::namespaced(client.clone(), &ns)
+            .patch(&name, &pp, &Patch::Apply(&rb))
+            .await
+            .expect("apply RoleBinding");
         setup.apply_roles(cuts).await;
 
         let (ok, token, err) = setup.cluster.kubectl(&["create", "token", &ns, "-n", &ns, "--duration", "1h"]);
         assert!(ok, "kubectl create token: {err}");
-        setup.kubeconfig = setup.cluster.kubeconfig_with_token(&std::env::temp_dir().join(format!("{ns}.kubeconfig")), token.trim());
+        setup.kubeconfig =
+            setup.cluster.kubeconfig_with_token(&std::env::temp_dir().join(format!("{ns}.kubeconfig")), token.trim());
         setup
     }
 
@@ -256,7 +271,10 @@ impl Setup {
         let client = self.cluster.client.clone();
         let cluster_role = without(of_kind(&self.objects, "ClusterRole"), Kind::ClusterRole, cuts);
         let name = cluster_role["metadata"]["name"].as_str().expect("name").to_string();
-        Api::<ClusterRole>::all(client.clone()).patch(&name, &pp, &Patch::Apply(&cluster_role)).await.expect("apply ClusterRole");
+        Api::<ClusterRole>::all(client.clone())
+            .patch(&name, &pp, &Patch::Apply(&cluster_role))
+            .await
+            .expect("apply ClusterRole");
         if !self.cleanup.iter().any(|(kind, _)| *kind == "clusterrole") {
             self.cleanup.push(("clusterrolebinding", name.clone()));
             self.cleanup.push(("clusterrole", name));
@@ -294,15 +312,18 @@ impl Setup {
             Some((resource, sub)) => (resource, Some(sub.to_string())),
             None => (perm.resource.as_str(), None),
         };
-        self.can(&self.user, &ResourceAttributes {
-            group: Some(perm.group.to_string()),
-            resource: Some(resource.to_string()),
-            subresource,
-            verb: Some(perm.verb.to_string()),
-            name,
-            namespace: (perm.kind == Kind::Role).then(|| self.ns.name.clone()),
-            ..Default::default()
-        })
+        self.can(
+            &self.user,
+            &ResourceAttributes {
+                group: Some(perm.group.to_string()),
+                resource: Some(resource.to_string()),
+                subresource,
+                verb: Some(perm.verb.to_string()),
+                name,
+                namespace: (perm.kind == Kind::Role).then(|| self.ns.name.clone()),
+                ..Default::default()
+            },
+        )
         .await
     }
 
@@ -348,7 +369,12 @@ impl Setup {
     /// supplier account "0" (a cluster-wide grant, as herald's reviews name no namespace).
     fn caller(&mut self) -> String {
         let token = self.cluster.service_account_token(&self.ns, "caller", "herald");
-        self.cluster.grant_accounts(&self.ns, "caller", &["get", "list", "create", "update", "delete", "publish", "replay"], &["0"]);
+        self.cluster.grant_accounts(
+            &self.ns,
+            "caller",
+            &["get", "list", "create", "update", "delete", "publish", "replay"],
+            &["0"],
+        );
         let name = format!("{}-caller", self.ns.name);
         self.cleanup.push(("clusterrolebinding", name.clone()));
         self.cleanup.push(("clusterrole", name));
@@ -377,7 +403,6 @@ struct HeraldRun {
     port: u16,
     log: PathBuf,
 }
-
 
 /// Removes terminal colour sequences.
 fn plain(text: &str) -> String {
@@ -448,7 +473,11 @@ impl HeraldRun {
                 eprintln!("herald logged: {line}");
                 return line;
             }
-            assert!(Instant::now() < deadline, "herald logged no line with {fragments:?} within {WITHIN:?}; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "herald logged no line with {fragments:?} within {WITHIN:?}; log:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -509,8 +538,15 @@ impl Drop for HeraldRun {
 // Observations.
 
 /// A REST call in English; (HTTP status, body).
-async fn rest(herald: &HeraldRun, method: reqwest::Method, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, herald.url(path)).header("HTTP-BLUEKING-LANGUAGE", "en").json(&body);
+async fn rest(
+    herald: &HeraldRun,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
+    let mut request =
+        reqwest::Client::new().request(method, herald.url(path)).header("HTTP-BLUEKING-LANGUAGE", "en").json(&body);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -554,7 +590,9 @@ fn host_created() -> Value {
 }
 
 async fn create(api: &Api<EventSubscription>, name: &str, spec: Value) {
-    api.create(&PostParams::default(), &subscription(name, spec)).await.unwrap_or_else(|e| panic!("create {name}: {e}"));
+    api.create(&PostParams::default(), &subscription(name, spec))
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
 }
 
 fn invalid_spec(name: &str, pattern: &str) -> Value {
@@ -579,7 +617,9 @@ async fn events(setup: &Setup, name: &str, reason: &str) -> Vec<Event> {
         .expect("list Events")
         .items
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
         .collect()
 }
 
@@ -642,12 +682,20 @@ async fn with_every_rule_each_path_works() {
     // Subscriptions created after herald is ready (watch) get an id, Ready and the label.
     create(&api, "first", basic_spec("rbac-first")).await;
     let first = wait_ready(&api, "first").await;
-    wait_for(&api, "first", WITHIN, "labelled", |s| s.labels().get(herald::crd::SUBSCRIPTION_ID_LABEL) == id(s).map(|i| i.to_string()).as_ref()).await;
+    wait_for(&api, "first", WITHIN, "labelled", |s| {
+        s.labels().get(herald::crd::SUBSCRIPTION_ID_LABEL) == id(s).map(|i| i.to_string()).as_ref()
+    })
+    .await;
     create(&api, "second", basic_spec("rbac-second")).await;
     let second = wait_id(&api, "second").await;
     assert!(second > id(&first).expect("id"));
-    let counter = Api::<ConfigMap>::namespaced(setup.cluster.client.clone(), &setup.ns).get(COUNTER).await.expect("counter");
-    assert_eq!(counter.data.expect("data")["next"], (second + 1).to_string(), "the counter was advanced past the second id");
+    let counter =
+        Api::<ConfigMap>::namespaced(setup.cluster.client.clone(), &setup.ns).get(COUNTER).await.expect("counter");
+    assert_eq!(
+        counter.data.expect("data")["next"],
+        (second + 1).to_string(),
+        "the counter was advanced past the second id"
+    );
 
     // A Warning Event, and its repeat counted in a series (events create, patch).
     create(&api, "invalid", invalid_spec("rbac-invalid", "result(true")).await;
@@ -657,31 +705,43 @@ async fn with_every_rule_each_path_works() {
         assert!(Instant::now() < deadline, "no InvalidPattern Event; log:\n{}", herald.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    api.patch("invalid", &PatchParams::default(), &Patch::Merge(json!({"spec": {"confirm": {"pattern": "result(("}}}))).await.expect("patch");
+    api.patch("invalid", &PatchParams::default(), &Patch::Merge(json!({"spec": {"confirm": {"pattern": "result(("}}})))
+        .await
+        .expect("patch");
     let deadline = Instant::now() + WITHIN;
     loop {
         let found = events(&setup, "invalid", "InvalidPattern").await;
         if found.len() == 1 && found[0].series.as_ref().is_some_and(|s| s.count == 2) {
             break;
         }
-        assert!(Instant::now() < deadline, "the repeat should count 2 in one Event: {found:?}; log:\n{}", herald.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the repeat should count 2 in one Event: {found:?}; log:\n{}",
+            herald.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Tenancy follows a namespace's label as it changes (namespaces list, watch).
     wait_reason(&tenants, "tenant", "NamespaceNotAllowed").await;
     let label = json!({"metadata": {"labels": {"herald.dev/supplier-accounts": "0"}}});
-    Api::<Namespace>::all(setup.cluster.client.clone()).patch(&tenant, &PatchParams::default(), &Patch::Merge(label)).await.expect("label");
+    Api::<Namespace>::all(setup.cluster.client.clone())
+        .patch(&tenant, &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .expect("label");
     wait_ready(&tenants, "tenant").await;
 
     // The REST API with a bearer token (TokenReview, SubjectAccessReview): create (Role
     // create + patch), update (patch), search, delete.
-    let (status, created) = rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/0/0", Some(&caller), form("rbac-rest")).await;
-    let rest_id = created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("REST create: {status} {created}"));
+    let (status, created) =
+        rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/0/0", Some(&caller), form("rbac-rest")).await;
+    let rest_id =
+        created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("REST create: {status} {created}"));
     let path = format!("/api/v3/event/subscribe/0/0/{rest_id}");
     let (status, updated) = rest(&herald, reqwest::Method::PUT, &path, Some(&caller), form("rbac-rest-renamed")).await;
     assert_eq!((status, code(&updated).0), (200, 0), "REST update: {updated}");
-    let (status, found) = rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", Some(&caller), json!({})).await;
+    let (status, found) =
+        rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", Some(&caller), json!({})).await;
     assert_eq!((status, code(&found).0), (200, 0), "REST search: {found}");
     let (status, deleted) = rest(&herald, reqwest::Method::DELETE, &path, Some(&caller), json!({})).await;
     assert_eq!((status, code(&deleted).0), (200, 0), "REST delete: {deleted}");
@@ -775,9 +835,13 @@ async fn without_eventsubscriptions_get_a_lost_id_race_cannot_be_reread() {
     // The controller took its snapshot of "raced" when its cache listed it, before the
     // namespace list was refused; give it a moment all the same.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    api.patch("raced", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"touched": "yes"}}})))
-        .await
-        .expect("annotate");
+    api.patch(
+        "raced",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"touched": "yes"}}})),
+    )
+    .await
+    .expect("annotate");
     setup.apply_roles(&[ESUB_GET]).await;
     let line = herald.wait_log(&["re-reading raced after a conflicting status write", "cannot get resource"]).await;
     assert!(line.contains("eventsubscriptions"), "{line}");
@@ -803,10 +867,17 @@ async fn without_eventsubscriptions_patch_no_id_label_and_no_rest_writes() {
 
     let (status, body) = rest_on(&herald, reqwest::Method::PUT, id, form("rbac-renamed")).await;
     let (code, message) = code(&body);
-    assert!(status == 400 && code == 1103003 && message.contains("cannot patch resource"), "REST update: {status} {body}");
-    let (status, body) = rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/0/0", None, form("rbac-new")).await;
+    assert!(
+        status == 400 && code == 1103003 && message.contains("cannot patch resource"),
+        "REST update: {status} {body}"
+    );
+    let (status, body) =
+        rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/0/0", None, form("rbac-new")).await;
     let (code, message) = self::code(&body);
-    assert!(status == 500 && code == 1103000 && message.contains("cannot patch resource"), "REST create: {status} {body}");
+    assert!(
+        status == 500 && code == 1103000 && message.contains("cannot patch resource"),
+        "REST create: {status} {body}"
+    );
 }
 
 /// `delete` is the REST API's delete.
@@ -821,7 +892,10 @@ async fn without_eventsubscriptions_delete_rest_deletes_fail() {
     let id = wait_id(&api, "kept").await;
     let (status, body) = rest_on(&herald, reqwest::Method::DELETE, id, json!({})).await;
     let (code, message) = code(&body);
-    assert!(status == 400 && code == 1103001 && message.contains("cannot delete resource"), "REST delete: {status} {body}");
+    assert!(
+        status == 400 && code == 1103001 && message.contains("cannot delete resource"),
+        "REST delete: {status} {body}"
+    );
     assert!(get(&api, "kept").await.metadata.deletion_timestamp.is_none());
 }
 
@@ -875,7 +949,9 @@ async fn without_events_patch_a_repeated_warning_is_not_counted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A new generation that is still invalid: herald warns again.
-    api.patch("invalid", &PatchParams::default(), &Patch::Merge(json!({"spec": {"confirm": {"pattern": "result(("}}}))).await.expect("patch");
+    api.patch("invalid", &PatchParams::default(), &Patch::Merge(json!({"spec": {"confirm": {"pattern": "result(("}}})))
+        .await
+        .expect("patch");
     herald.wait_log(&["could not record Warning event", "cannot patch resource", "events"]).await;
     let found = events(&setup, "invalid", "InvalidPattern").await;
     assert!(found.len() == 1 && found[0].series.is_none(), "one Event, its repeat not counted: {found:?}");
@@ -904,7 +980,10 @@ async fn without_namespaces_watch_tenancy_label_changes_are_never_seen() {
     herald.wait_ready().await;
     wait_reason(&tenants, "tenant", "NamespaceNotAllowed").await;
     let label = json!({"metadata": {"labels": {"herald.dev/supplier-accounts": "0"}}});
-    Api::<Namespace>::all(setup.cluster.client.clone()).patch(&tenant, &PatchParams::default(), &Patch::Merge(label)).await.expect("label");
+    Api::<Namespace>::all(setup.cluster.client.clone())
+        .patch(&tenant, &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .expect("label");
     herald.wait_log(&["cannot watch resource", "namespaces"]).await;
     tokio::time::sleep(HOLD).await;
     assert_eq!(
@@ -927,7 +1006,8 @@ async fn without_tokenreviews_create_bearer_tokens_cannot_be_checked() {
     let caller = setup.caller();
     let mut herald = setup.herald("api: {auth: {anonymous: false}}");
     herald.wait_ready().await;
-    let (status, body) = rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", Some(&caller), json!({})).await;
+    let (status, body) =
+        rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", Some(&caller), json!({})).await;
     let (code, message) = code(&body);
     assert!(status == 500 && code == 1199999 && message.contains("TokenReview failed: 403"), "{status} {body}");
 }
@@ -941,7 +1021,8 @@ async fn without_subjectaccessreviews_create_bearer_tokens_cannot_be_authorised(
     let caller = setup.caller();
     let mut herald = setup.herald("api: {auth: {anonymous: false}}");
     herald.wait_ready().await;
-    let (status, body) = rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", Some(&caller), json!({})).await;
+    let (status, body) =
+        rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", Some(&caller), json!({})).await;
     let (code, message) = code(&body);
     assert!(status == 500 && code == 1199999 && message.contains("SubjectAccessReview failed: 403"), "{status} {body}");
 }
@@ -958,9 +1039,13 @@ async fn without_eventsubscriptions_create_rest_creates_fail() {
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
     herald.wait_ready().await;
-    let (status, body) = rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/0/0", None, form("rbac-new")).await;
+    let (status, body) =
+        rest(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/0/0", None, form("rbac-new")).await;
     let (code, message) = code(&body);
-    assert!(status == 500 && code == 1103000 && message.contains("cannot create resource"), "REST create: {status} {body}");
+    assert!(
+        status == 500 && code == 1103000 && message.contains("cannot create resource"),
+        "REST create: {status} {body}"
+    );
     create(&api, "existing", basic_spec("rbac-existing")).await;
     let id = wait_id(&api, "existing").await;
     let (status, body) = rest_on(&herald, reqwest::Method::PUT, id, form("rbac-renamed")).await;
@@ -987,7 +1072,8 @@ async fn without_counter_get_no_subscription_gets_an_id() {
 async fn without_counter_update_no_id_once_the_counter_exists() {
     let _turn = exclusive();
     let setup = Setup::new(&[COUNTER_UPDATE]).await;
-    let counter = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": COUNTER}, "data": {"next": "1"}});
+    let counter =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": COUNTER}, "data": {"next": "1"}});
     Api::<ConfigMap>::namespaced(setup.cluster.client.clone(), &setup.ns)
         .create(&PostParams::default(), &serde_json::from_value(counter).expect("ConfigMap"))
         .await
@@ -996,7 +1082,9 @@ async fn without_counter_update_no_id_once_the_counter_exists() {
     let mut herald = setup.herald("");
     herald.wait_ready().await;
     create(&api, "idless", basic_spec("rbac-idless")).await;
-    herald.wait_log(&["reserving ids from counter herald-subscription-ids", "cannot update resource", "configmaps"]).await;
+    herald
+        .wait_log(&["reserving ids from counter herald-subscription-ids", "cannot update resource", "configmaps"])
+        .await;
     tokio::time::sleep(HOLD).await;
     assert!(get(&api, "idless").await.status.is_none(), "no id, no status; log:\n{}", herald.log_text());
 }
@@ -1010,7 +1098,9 @@ async fn without_configmaps_create_the_first_id_is_never_reserved() {
     let mut herald = setup.herald("");
     herald.wait_ready().await;
     create(&api, "idless", basic_spec("rbac-idless")).await;
-    herald.wait_log(&["reserving ids from counter herald-subscription-ids", "cannot create resource", "configmaps"]).await;
+    herald
+        .wait_log(&["reserving ids from counter herald-subscription-ids", "cannot create resource", "configmaps"])
+        .await;
     tokio::time::sleep(HOLD).await;
     assert!(get(&api, "idless").await.status.is_none(), "no id, no status; log:\n{}", herald.log_text());
 }
@@ -1029,7 +1119,8 @@ async fn without_lease_get_herald_never_becomes_ready() {
 async fn without_lease_update_an_existing_lease_is_never_taken() {
     let _turn = exclusive();
     let setup = Setup::new(&[LEASE_UPDATE]).await;
-    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": LEASE}, "spec": {}});
+    let lease =
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": LEASE}, "spec": {}});
     Api::<Lease>::namespaced(setup.cluster.client.clone(), &setup.ns)
         .create(&PostParams::default(), &serde_json::from_value(lease).expect("Lease"))
         .await
@@ -1097,7 +1188,12 @@ async fn herald_is_refused_secrets_outside_its_namespace() {
     let _turn = exclusive();
     let mut setup = Setup::new(&[]).await;
     let kubectl = |args: &[&str]| {
-        let out = Command::new(tools().join("kubectl")).arg("--kubeconfig").arg(&setup.kubeconfig).args(args).output().expect("kubectl");
+        let out = Command::new(tools().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&setup.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let own = setup.ns.name.as_str();
@@ -1132,7 +1228,11 @@ async fn herald_is_refused_secrets_outside_its_namespace() {
     publish(&herald, None).await;
     let expected = format!("reading signing Secret {}/webhook-key: 403", tenant.name);
     wait_for(&tenants, "signed", WITHIN, "refused its Secret", |s| {
-        s.status.as_ref().and_then(|s| s.statistics.as_ref()).and_then(|st| st.last_error.as_deref()).is_some_and(|e| e.contains(&expected))
+        s.status
+            .as_ref()
+            .and_then(|s| s.statistics.as_ref())
+            .and_then(|st| st.last_error.as_deref())
+            .is_some_and(|e| e.contains(&expected))
     })
     .await;
     assert!(receiver.received("tenant").is_empty());

@@ -55,7 +55,13 @@ fn subscription_body(name: &str, url: &str) -> Value {
 }
 
 async fn find(api: &Api<EventSubscription>, id: i64) -> EventSubscription {
-    api.list(&Default::default()).await.unwrap().items.into_iter().find(|s| common::id(s) == Some(id)).expect("object with that id")
+    api.list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|s| common::id(s) == Some(id))
+        .expect("object with that id")
 }
 
 #[tokio::test]
@@ -72,7 +78,14 @@ async fn create_update_delete_map_every_field_and_keep_id_and_statistics() {
         "subscription_name": " hosts ", "system_name": "asset-sync", "callback_url": server.url("ok", "crud"),
         "confirm_mode": "regular", "confirm_pattern": "ok", "timeout": 7, "subscription_form": "hostupdate, hostcreate,hostcreate",
     });
-    let (status, answer) = rest.send(reqwest::Method::POST, "/api/v3/event/subscribe/0/3", &body.to_string(), &[("BK-User", "alice"), ("Cc_Request_Id", "req-42")]).await;
+    let (status, answer) = rest
+        .send(
+            reqwest::Method::POST,
+            "/api/v3/event/subscribe/0/3",
+            &body.to_string(),
+            &[("BK-User", "alice"), ("Cc_Request_Id", "req-42")],
+        )
+        .await;
     assert_eq!((status, &answer["result"], code(&answer)), (200, &json!(true), 0), "{answer}");
     assert_eq!(answer["bk_error_msg"], "success");
     let id = answer["data"]["subscription_id"].as_i64().expect("subscription_id");
@@ -94,11 +107,18 @@ async fn create_update_delete_map_every_field_and_keep_id_and_statistics() {
     let publish = json!({"event_type": "instdata", "action": "create", "obj_type": "host", "data": [{"cur_data": {"bk_host_id": 1}}]});
     rest.post("/api/v3/event/publish", publish).await;
     let name = object.metadata.name.clone().unwrap();
-    wait_for(&api, &name, Duration::from_secs(30), "total 1", |s| s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.total == 1)).await;
+    wait_for(&api, &name, Duration::from_secs(30), "total 1", |s| {
+        s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.total == 1)
+    })
+    .await;
     let replacement = json!({"subscription_name": "hosts-renamed", "callback_url": server.url("ok", "crud2"), "subscription_form": "setcreate", "time_out": 0});
-    let (status, answer) = rest.send(reqwest::Method::PUT, &format!("/api/v3/event/subscribe/0/3/{id}"), &replacement.to_string(), &[]).await;
+    let (status, answer) = rest
+        .send(reqwest::Method::PUT, &format!("/api/v3/event/subscribe/0/3/{id}"), &replacement.to_string(), &[])
+        .await;
     assert_eq!((status, code(&answer)), (200, 0), "{answer}");
-    let replaced = wait_for(&api, &name, Duration::from_secs(30), "replaced", |s| s.spec.subscription_name == "hosts-renamed").await;
+    let replaced =
+        wait_for(&api, &name, Duration::from_secs(30), "replaced", |s| s.spec.subscription_name == "hosts-renamed")
+            .await;
     assert_eq!(common::id(&replaced), Some(id));
     assert_eq!(replaced.spec.system_name.as_deref(), Some(""), "omitted fields become empty");
     assert_eq!(replaced.spec.timeout_seconds, Some(10), "time_out 0 becomes 10");
@@ -107,22 +127,29 @@ async fn create_update_delete_map_every_field_and_keep_id_and_statistics() {
 
     // Renaming onto another subscription's name is refused like a duplicate create.
     let (_, other) = rest.post("/api/v3/event/subscribe/0/3", subscription_body("taken", &server.url("ok", "x"))).await;
-    let (status, answer) = rest.post("/api/v3/event/subscribe/0/3", subscription_body("taken", &server.url("ok", "y"))).await;
+    let (status, answer) =
+        rest.post("/api/v3/event/subscribe/0/3", subscription_body("taken", &server.url("ok", "y"))).await;
     assert_eq!((status, &answer["result"], code(&answer)), (200, &json!(false), 1199014), "{answer}");
     assert!(other["data"]["subscription_id"].is_i64());
     let rename = subscription_body("taken", &server.url("ok", "crud"));
-    let (status, answer) = rest.send(reqwest::Method::PUT, &format!("/api/v3/event/subscribe/0/3/{id}"), &rename.to_string(), &[]).await;
+    let (status, answer) =
+        rest.send(reqwest::Method::PUT, &format!("/api/v3/event/subscribe/0/3/{id}"), &rename.to_string(), &[]).await;
     assert_eq!((status, code(&answer)), (200, 1199014), "{answer}");
 
-    let (status, answer) = rest.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/0/3/{id}"), "", &[]).await;
+    let (status, answer) =
+        rest.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/0/3/{id}"), "", &[]).await;
     assert_eq!((status, code(&answer)), (200, 0), "{answer}");
-    let (status, answer) = rest.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/0/3/{id}"), "", &[]).await;
+    let (status, answer) =
+        rest.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/0/3/{id}"), "", &[]).await;
     assert_eq!((status, code(&answer)), (400, 1103001), "{answer}");
-    let (status, answer) = rest.send(reqwest::Method::PUT, &format!("/api/v3/event/subscribe/0/3/{id}"), &replacement.to_string(), &[]).await;
+    let (status, answer) = rest
+        .send(reqwest::Method::PUT, &format!("/api/v3/event/subscribe/0/3/{id}"), &replacement.to_string(), &[])
+        .await;
     assert_eq!((status, code(&answer)), (400, 1103003), "{answer}");
     // Another account cannot see or delete this account's subscription.
     let other_id = other["data"]["subscription_id"].as_i64().unwrap();
-    let (status, answer) = rest.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/7/3/{other_id}"), "", &[]).await;
+    let (status, answer) =
+        rest.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/7/3/{other_id}"), "", &[]).await;
     assert_eq!((status, code(&answer)), (400, 1103001), "{answer}");
 }
 
@@ -135,7 +162,10 @@ async fn twenty_concurrent_creates_of_one_name_give_exactly_one_subscription() {
     let rest = std::sync::Arc::new(Rest::new(&herald));
     let attempts = (0..20).map(|i| {
         let rest = rest.clone();
-        async move { rest.post("/api/v3/event/subscribe/0/0", subscription_body("contested", &format!("http://127.0.0.1:9/{i}"))).await }
+        async move {
+            rest.post("/api/v3/event/subscribe/0/0", subscription_body("contested", &format!("http://127.0.0.1:9/{i}")))
+                .await
+        }
     });
     let answers = futures::future::join_all(attempts).await;
     let won: Vec<&Value> = answers.iter().filter(|(_, a)| code(a) == 0).map(|(_, a)| a).collect();
@@ -167,7 +197,9 @@ async fn search_filters_projects_pages_sorts_and_counts_over_500_subscriptions()
                 "events": [if i % 5 == 0 { "setcreate" } else { "hostcreate" }],
                 "timeoutSeconds": i % 300 + 1,
             });
-            async move { api.create(&PostParams::default(), &subscription(&format!("k{i:03}"), spec)).await.expect("create") }
+            async move {
+                api.create(&PostParams::default(), &subscription(&format!("k{i:03}"), spec)).await.expect("create")
+            }
         });
         futures::future::join_all(creates).await;
     }
@@ -177,7 +209,10 @@ async fn search_filters_projects_pages_sorts_and_counts_over_500_subscriptions()
     // One of them has delivered an event: search shows its statistics.
     rest.post("/api/v3/event/publish", json!({"event_type": "instdata", "action": "create", "obj_type": "host", "bk_supplier_account": "0", "data": [{"cur_data": {"bk_host_id": 9}}]})).await;
     server.wait_for("seven", 1, Duration::from_secs(30)).await;
-    wait_for(&api, "k007", Duration::from_secs(60), "total 1", |s| s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.total == 1)).await;
+    wait_for(&api, "k007", Duration::from_secs(60), "total 1", |s| {
+        s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.total == 1)
+    })
+    .await;
 
     let rest = &rest;
     let search = |condition: Value| async move {
@@ -199,13 +234,31 @@ async fn search_filters_projects_pages_sorts_and_counts_over_500_subscriptions()
     assert_eq!(count(&search(json!({"subscription_name": {"$regex": "^n00[0-4]$"}})).await), 5);
     assert_eq!(count(&search(json!({"system_name": {"$exists": true}})).await), 500);
     assert_eq!(count(&search(json!({"nothing_here": {"$exists": true}})).await), 0);
-    assert_eq!(count(&search(json!({"$and": [{"system_name": "alpha"}, {"subscription_form": "setcreate"}]})).await), 50);
+    assert_eq!(
+        count(&search(json!({"$and": [{"system_name": "alpha"}, {"subscription_form": "setcreate"}]})).await),
+        50
+    );
     assert_eq!(count(&search(json!({"$or": [{"subscription_name": "n000"}, {"subscription_name": "n499"}]})).await), 2);
     let seven = search(json!({"subscription_name": "n007"})).await;
     let record = &seven["info"][0];
     assert!(record["subscription_id"].as_i64().unwrap() > 0);
     assert_eq!(record["statistics"], json!({"total": 1, "failure": 0}));
-    for key in ["subscription_id", "subscription_name", "system_name", "callback_url", "confirm_mode", "confirm_pattern", "time_out", "timeout", "subscription_form", "operator", "bk_supplier_account", "bk_biz_id", "last_time", "statistics"] {
+    for key in [
+        "subscription_id",
+        "subscription_name",
+        "system_name",
+        "callback_url",
+        "confirm_mode",
+        "confirm_pattern",
+        "time_out",
+        "timeout",
+        "subscription_form",
+        "operator",
+        "bk_supplier_account",
+        "bk_biz_id",
+        "last_time",
+        "statistics",
+    ] {
         assert!(record.get(key).is_some(), "record key {key}: {record}");
     }
     assert!(record["last_time"].as_str().unwrap().len() == 19, "YYYY-MM-DD HH:MM:SS: {record}");
@@ -215,18 +268,27 @@ async fn search_filters_projects_pages_sorts_and_counts_over_500_subscriptions()
         .post("/api/v3/event/subscribe/search/0/0", json!({"condition": {"system_name": "beta"}, "fields": ["subscription_name"], "page": {"start": 10, "limit": 5, "sort": "-subscription_name"}}))
         .await;
     assert_eq!(answer["data"]["count"], 250);
-    let names: Vec<&str> = answer["data"]["info"].as_array().unwrap().iter().map(|r| r["subscription_name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        answer["data"]["info"].as_array().unwrap().iter().map(|r| r["subscription_name"].as_str().unwrap()).collect();
     assert_eq!(names, ["n479", "n477", "n475", "n473", "n471"]);
     assert_eq!(answer["data"]["info"][0].as_object().unwrap().len(), 1, "only the projected field");
-    let (_, all) = rest.post("/api/v3/event/subscribe/search/0/0", json!({"page": {"limit": 0, "sort": "subscription_id"}})).await;
-    let ids: Vec<i64> = all["data"]["info"].as_array().unwrap().iter().map(|r| r["subscription_id"].as_i64().unwrap()).collect();
+    let (_, all) =
+        rest.post("/api/v3/event/subscribe/search/0/0", json!({"page": {"limit": 0, "sort": "subscription_id"}})).await;
+    let ids: Vec<i64> =
+        all["data"]["info"].as_array().unwrap().iter().map(|r| r["subscription_id"].as_i64().unwrap()).collect();
     assert_eq!(ids.len(), 500, "limit 0 means no limit on direct paths");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted by id");
     // The account is forced into the filter; an unsupported operator names itself.
-    let (_, answer) = rest.post("/api/v3/event/subscribe/search/7/0", json!({"condition": {"bk_supplier_account": "0"}})).await;
+    let (_, answer) =
+        rest.post("/api/v3/event/subscribe/search/7/0", json!({"condition": {"bk_supplier_account": "0"}})).await;
     assert_eq!(answer["data"]["count"], 0);
     let (status, answer) = rest
-        .send(reqwest::Method::POST, "/api/v3/event/subscribe/search/0/0", &json!({"condition": {"time_out": {"$where": "1"}}}).to_string(), &[("HTTP_BLUEKING_LANGUAGE", "en")])
+        .send(
+            reqwest::Method::POST,
+            "/api/v3/event/subscribe/search/0/0",
+            &json!({"condition": {"time_out": {"$where": "1"}}}).to_string(),
+            &[("HTTP_BLUEKING_LANGUAGE", "en")],
+        )
         .await;
     assert_eq!((status, code(&answer)), (400, 1199006));
     assert!(answer["bk_error_msg"].as_str().unwrap().contains("$where"), "{answer}");
@@ -241,7 +303,12 @@ async fn ping_and_telnet_report_what_the_target_did() {
     let herald = Herald::start(&cluster, &ns, "api:\n  probeTimeoutSeconds: 2\n").await;
     let rest = Rest::new(&herald);
     for (behaviour, status, body) in [("ok", 200, "ok"), ("status-404", 404, ""), ("status-500", 500, "")] {
-        let (http, answer) = rest.post("/api/v3/event/subscribe/ping", json!({"callback_url": server.url(behaviour, "ping"), "data": "{\"hello\": 1}"})).await;
+        let (http, answer) = rest
+            .post(
+                "/api/v3/event/subscribe/ping",
+                json!({"callback_url": server.url(behaviour, "ping"), "data": "{\"hello\": 1}"}),
+            )
+            .await;
         assert_eq!((http, &answer["result"]), (200, &json!(true)), "{answer}");
         assert_eq!(answer["data"]["http_status"], status);
         assert_eq!(answer["data"]["response_body"], body);
@@ -249,23 +316,39 @@ async fn ping_and_telnet_report_what_the_target_did() {
     let pinged = server.received("ping");
     assert_eq!(pinged[0].body, json!({"hello": 1}), "data is POSTed verbatim");
     // An object as data is serialised.
-    rest.post("/api/v3/event/subscribe/ping", json!({"callback_url": server.url("ok", "ping-object"), "data": {"a": [1]}})).await;
+    rest.post(
+        "/api/v3/event/subscribe/ping",
+        json!({"callback_url": server.url("ok", "ping-object"), "data": {"a": [1]}}),
+    )
+    .await;
     assert_eq!(server.received("ping-object")[0].body, json!({"a": [1]}));
 
     let started = std::time::Instant::now();
-    let (http, answer) = rest.post("/api/v3/event/subscribe/ping", json!({"callback_url": server.url("hang", "ping-hang"), "data": ""})).await;
+    let (http, answer) = rest
+        .post("/api/v3/event/subscribe/ping", json!({"callback_url": server.url("hang", "ping-hang"), "data": ""}))
+        .await;
     assert_eq!((http, code(&answer)), (400, 1103004), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(2 + 2), "the probe timeout bounds the ping");
     let closed = free_port();
-    let (http, answer) = rest.post("/api/v3/event/subscribe/ping", json!({"callback_url": format!("http://127.0.0.1:{closed}/x"), "data": ""})).await;
+    let (http, answer) = rest
+        .post(
+            "/api/v3/event/subscribe/ping",
+            json!({"callback_url": format!("http://127.0.0.1:{closed}/x"), "data": ""}),
+        )
+        .await;
     assert_eq!((http, code(&answer)), (400, 1103004), "{answer}");
 
-    let (http, answer) = rest.post("/api/v3/event/subscribe/telnet", json!({"callback_url": server.url("ok", "telnet")})).await;
+    let (http, answer) =
+        rest.post("/api/v3/event/subscribe/telnet", json!({"callback_url": server.url("ok", "telnet")})).await;
     assert_eq!((http, code(&answer)), (200, 0), "{answer}");
     assert!(server.received("telnet").is_empty(), "telnet sends nothing");
-    let (http, answer) = rest.post("/api/v3/event/subscribe/telnet", json!({"callback_url": format!("http://127.0.0.1:{closed}/x")})).await;
+    let (http, answer) = rest
+        .post("/api/v3/event/subscribe/telnet", json!({"callback_url": format!("http://127.0.0.1:{closed}/x")}))
+        .await;
     assert_eq!((http, code(&answer)), (400, 1103005), "{answer}");
-    let (http, answer) = rest.post("/api/v3/event/subscribe/telnet", json!({"callback_url": format!("127.0.0.1:{}", server.port)})).await;
+    let (http, answer) = rest
+        .post("/api/v3/event/subscribe/telnet", json!({"callback_url": format!("127.0.0.1:{}", server.port)}))
+        .await;
     assert_eq!((http, code(&answer)), (400, 1199006), "{answer}");
 }
 
@@ -293,32 +376,40 @@ async fn direct_paths_need_a_token_with_rights_on_the_account() {
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-auth", &[]).await;
     let herald = Herald::start(&cluster, &ns, "api:\n  auth:\n    anonymous: false\n").await;
-    let (status, answer) = Rest::new(&herald).post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
+    let (status, answer) =
+        Rest::new(&herald).post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
     assert_eq!((status, code(&answer)), (401, 1199027), "{answer}");
     let wrong_audience = cluster.service_account_token(&ns, "caller", "some-other-audience");
-    let (status, answer) = Rest::with_token(&herald, &wrong_audience).post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
+    let (status, answer) = Rest::with_token(&herald, &wrong_audience)
+        .post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/"))
+        .await;
     assert_eq!((status, code(&answer)), (401, 1199027), "{answer}");
 
     let token = cluster.service_account_token(&ns, "caller", "herald");
     let rest = Rest::with_token(&herald, &token);
-    let (status, answer) = rest.post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
+    let (status, answer) =
+        rest.post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
     assert_eq!((status, code(&answer)), (403, 9900403), "{answer}");
     assert_eq!(answer["permission"]["actions"][0]["id"], "create", "{answer}");
 
     cluster.grant_accounts(&ns, "caller", &["create", "list"], &["0"]);
     // Authorisation answers are cached for a few seconds.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let (status, answer) = rest.post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
+    let (status, answer) =
+        rest.post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
     assert_eq!((status, code(&answer)), (200, 0), "{answer}");
     let (status, answer) = rest.post("/api/v3/event/subscribe/search/0/0", json!({})).await;
     assert_eq!((status, answer["data"]["count"].as_i64()), (200, Some(1)), "{answer}");
     // Rights on account 0 are not rights on account 1, and not delete rights.
-    let (status, answer) = rest.post("/api/v3/event/subscribe/1/0", subscription_body("b", "http://127.0.0.1:9/")).await;
+    let (status, answer) =
+        rest.post("/api/v3/event/subscribe/1/0", subscription_body("b", "http://127.0.0.1:9/")).await;
     assert_eq!((status, code(&answer)), (403, 9900403), "{answer}");
     let (status, answer) = rest.send(reqwest::Method::DELETE, "/api/v3/event/subscribe/0/0/1", "", &[]).await;
     assert_eq!((status, code(&answer)), (403, 9900403), "{answer}");
     // Publishing is an action of its own.
-    let (status, answer) = rest.post("/api/v3/event/publish", json!({"event_type": "instdata", "action": "create", "obj_type": "host"})).await;
+    let (status, answer) = rest
+        .post("/api/v3/event/publish", json!({"event_type": "instdata", "action": "create", "obj_type": "host"}))
+        .await;
     assert_eq!((status, code(&answer)), (403, 9900403), "{answer}");
     let _ = cluster.kubectl(&["delete", "clusterrole,clusterrolebinding", &format!("{}-caller", ns.name)]);
 }
@@ -331,7 +422,15 @@ async fn esb_paths_work_with_app_credentials_and_always_answer_200() {
     let server = CallbackServer::start().await;
     // App credentials from a Secret in herald's namespace.
     let apps = "apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts: ['0']\n";
-    let (ok, _, err) = cluster.kubectl(&["create", "secret", "generic", "esb-apps", "-n", &ns, &format!("--from-literal=apps.yaml={apps}")]);
+    let (ok, _, err) = cluster.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "esb-apps",
+        "-n",
+        &ns,
+        &format!("--from-literal=apps.yaml={apps}"),
+    ]);
     assert!(ok, "{err}");
     let config = "api:\n  auth:\n    anonymous: false\n  esbCredentialsSecret: esb-apps\n";
     let herald = Herald::start(&cluster, &ns, config).await;
@@ -341,7 +440,9 @@ async fn esb_paths_work_with_app_credentials_and_always_answer_200() {
         let rest = &rest;
         let credentials = credentials.clone();
         let path = format!("/api/c/compapi/v2/cc/{name}/");
-        async move { rest.send(reqwest::Method::POST, &path, &body.to_string(), &[("X-Bkapi-Authorization", &credentials)]).await }
+        async move {
+            rest.send(reqwest::Method::POST, &path, &body.to_string(), &[("X-Bkapi-Authorization", &credentials)]).await
+        }
     };
     let mut create = subscription_body("esb-sub", &server.url("ok", "esb"));
     create["bk_supplier_account"] = "0".into();
@@ -349,10 +450,12 @@ async fn esb_paths_work_with_app_credentials_and_always_answer_200() {
     assert_eq!((status, &answer["result"], code(&answer)), (200, &json!(true), 0), "{answer}");
     assert!(answer["request_id"].is_string() && answer["message"] == "success");
     let id = answer["data"]["subscription_id"].as_i64().unwrap();
-    let operator = find(&cluster.subscriptions(&ns), id).await.metadata.annotations.unwrap()[OPERATOR_ANNOTATION].clone();
+    let operator =
+        find(&cluster.subscriptions(&ns), id).await.metadata.annotations.unwrap()[OPERATOR_ANNOTATION].clone();
     assert_eq!(operator, "bob");
 
-    let (_, found) = esb("search_subscription", json!({"condition": {"subscription_id": id}, "page": {"limit": 1000}})).await;
+    let (_, found) =
+        esb("search_subscription", json!({"condition": {"subscription_id": id}, "page": {"limit": 1000}})).await;
     assert_eq!(found["data"]["count"], 1, "{found}");
     let mut update = subscription_body("esb-renamed", &server.url("ok", "esb"));
     update["subscription_id"] = id.into();
@@ -413,19 +516,35 @@ async fn bad_input_gets_its_documented_code_never_a_5xx() {
     }
     let (http, answer) = rest.send(reqwest::Method::POST, "/api/v3/event/subscribe/0/0", "{}", &[]).await;
     assert_eq!((http, code(&answer)), (400, 1199010));
-    assert!(answer["bk_error_msg"].as_str().unwrap().contains("subscription_name"), "Chinese by default, naming the field: {answer}");
+    assert!(
+        answer["bk_error_msg"].as_str().unwrap().contains("subscription_name"),
+        "Chinese by default, naming the field: {answer}"
+    );
     let (http, answer) = rest.send(reqwest::Method::GET, "/api/v3/no/such/path", "", &[]).await;
     assert_eq!((http, code(&answer)), (404, 1199006));
     let (http, answer) = rest.send(reqwest::Method::GET, "/api/v3/event/subscribe/ping", "", &[]).await;
     assert_eq!((http, code(&answer)), (405, 1199006));
     let (http, answer) = rest.send(reqwest::Method::PUT, "/api/v3/event/subscribe/0/0/not-a-number", "{}", &[]).await;
     assert_eq!((http, code(&answer)), (400, 1103003));
-    let (http, answer) = rest.send(reqwest::Method::POST, "/api/v3/event/publish", "{\"event_type\": \"bogus\", \"action\": \"create\", \"obj_type\": \"host\"}", &[]).await;
+    let (http, answer) = rest
+        .send(
+            reqwest::Method::POST,
+            "/api/v3/event/publish",
+            "{\"event_type\": \"bogus\", \"action\": \"create\", \"obj_type\": \"host\"}",
+            &[],
+        )
+        .await;
     assert_eq!((http, code(&answer)), (400, 1199006));
     let (http, answer) = rest.send(reqwest::Method::POST, "/api/v3/event/publish", "nope", &[]).await;
     assert_eq!((http, code(&answer)), (400, 1199000));
     // The request id is echoed.
-    let response = reqwest::Client::new().post(herald.url(create)).header("Cc_Request_Id", "trace-7").body("{}").send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(herald.url(create))
+        .header("Cc_Request_Id", "trace-7")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["cc_request_id"], "trace-7");
 }
 
@@ -440,21 +559,68 @@ async fn server_side_faults_answer_their_codes() {
     let token = cluster.service_account_token(&ns, "limited", "https://kubernetes.default.svc");
     let role = format!("{}-limited", ns.name);
     for args in [
-        vec!["create", "clusterrole", &role, "--verb=get,list,watch", "--resource=eventsubscriptions.herald.dev,namespaces"],
-        vec!["create", "clusterrolebinding", &role, &format!("--clusterrole={role}"), &format!("--serviceaccount={}:limited", ns.name)],
-        vec!["create", "role", "limited-state", "-n", &ns, "--verb=get,create,update", "--resource=configmaps,leases.coordination.k8s.io"],
-        vec!["create", "rolebinding", "limited-state", "-n", &ns, "--role=limited-state", &format!("--serviceaccount={}:limited", ns.name)],
-        vec!["create", "role", "limited-patch", "-n", &ns, "--verb=get,patch", "--resource=eventsubscriptions.herald.dev,eventsubscriptions.herald.dev/status"],
-        vec!["create", "rolebinding", "limited-patch", "-n", &ns, "--role=limited-patch", &format!("--serviceaccount={}:limited", ns.name)],
+        vec![
+            "create",
+            "clusterrole",
+            &role,
+            "--verb=get,list,watch",
+            "--resource=eventsubscriptions.herald.dev,namespaces",
+        ],
+        vec![
+            "create",
+            "clusterrolebinding",
+            &role,
+            &format!("--clusterrole={role}"),
+            &format!("--serviceaccount={}:limited", ns.name),
+        ],
+        vec![
+            "create",
+            "role",
+            "limited-state",
+            "-n",
+            &ns,
+            "--verb=get,create,update",
+            "--resource=configmaps,leases.coordination.k8s.io",
+        ],
+        vec![
+            "create",
+            "rolebinding",
+            "limited-state",
+            "-n",
+            &ns,
+            "--role=limited-state",
+            &format!("--serviceaccount={}:limited", ns.name),
+        ],
+        vec![
+            "create",
+            "role",
+            "limited-patch",
+            "-n",
+            &ns,
+            "--verb=get,patch",
+            "--resource=eventsubscriptions.herald.dev,eventsubscriptions.herald.dev/status",
+        ],
+        vec![
+            "create",
+            "rolebinding",
+            "limited-patch",
+            "-n",
+            &ns,
+            "--role=limited-patch",
+            &format!("--serviceaccount={}:limited", ns.name),
+        ],
     ] {
         let (ok, _, err) = cluster.kubectl(&args);
         assert!(ok, "{args:?}: {err}");
     }
-    let limited_config = cluster.kubeconfig_with_token(&std::env::temp_dir().join(format!("{}-limited.kubeconfig", ns.name)), &token);
-    let limited_cluster = Cluster { client: cluster.client.clone(), kubeconfig: limited_config, tools: cluster.tools.clone() };
+    let limited_config =
+        cluster.kubeconfig_with_token(&std::env::temp_dir().join(format!("{}-limited.kubeconfig", ns.name)), &token);
+    let limited_cluster =
+        Cluster { client: cluster.client.clone(), kubeconfig: limited_config, tools: cluster.tools.clone() };
     {
         let herald = Herald::start(&limited_cluster, &ns, "").await;
-        let (status, answer) = Rest::new(&herald).post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
+        let (status, answer) =
+            Rest::new(&herald).post("/api/v3/event/subscribe/0/0", subscription_body("a", "http://127.0.0.1:9/")).await;
         assert_eq!((status, code(&answer)), (500, 1103000), "{answer}");
         // Nothing was stored, nothing is half-created.
         assert!(cluster.subscriptions(&ns).list(&Default::default()).await.unwrap().items.is_empty());
@@ -464,15 +630,23 @@ async fn server_side_faults_answer_their_codes() {
     // The API server stopped: search fails (1103002), create fails (1103000), and token
     // review fails (1199999); none of them hang or panic.
     let herald = Herald::start(&cluster, &ns, "").await;
-    let authed = Herald::start_in(&cluster, &ns, "api:\n  auth:\n    anonymous: false\nleaderElection:\n  enabled: false\n", &std::env::temp_dir().join(format!("{}-authed", ns.name))).await;
+    let authed = Herald::start_in(
+        &cluster,
+        &ns,
+        "api:\n  auth:\n    anonymous: false\nleaderElection:\n  enabled: false\n",
+        &std::env::temp_dir().join(format!("{}-authed", ns.name)),
+    )
+    .await;
     let token = cluster.service_account_token(&ns, "someone", "herald");
     let outage = cluster.outage("kube-apiserver");
     let rest = Rest::new(&herald);
     let (status, answer) = rest.post("/api/v3/event/subscribe/search/0/0", json!({})).await;
     let search_result = (status, code(&answer));
-    let (status, answer) = rest.post("/api/v3/event/subscribe/0/0", subscription_body("during-outage", "http://127.0.0.1:9/")).await;
+    let (status, answer) =
+        rest.post("/api/v3/event/subscribe/0/0", subscription_body("during-outage", "http://127.0.0.1:9/")).await;
     let create_result = (status, code(&answer));
-    let (status, answer) = Rest::with_token(&authed, &token).post("/api/v3/event/subscribe/search/0/0", json!({})).await;
+    let (status, answer) =
+        Rest::with_token(&authed, &token).post("/api/v3/event/subscribe/search/0/0", json!({})).await;
     let review_result = (status, code(&answer));
     drop(outage);
     assert_eq!(search_result, (500, 1103002));
@@ -485,7 +659,8 @@ async fn server_side_faults_answer_their_codes() {
     let created = loop {
         attempt += 1;
         let name = format!("after-outage-{attempt}");
-        let (status, answer) = rest.post("/api/v3/event/subscribe/0/0", subscription_body(&name, "http://127.0.0.1:9/")).await;
+        let (status, answer) =
+            rest.post("/api/v3/event/subscribe/0/0", subscription_body(&name, "http://127.0.0.1:9/")).await;
         if (status, code(&answer)) == (200, 0) {
             break name;
         }
@@ -493,7 +668,15 @@ async fn server_side_faults_answer_their_codes() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
     drop(authed);
-    let names: BTreeSet<String> = cluster.subscriptions(&ns).list(&Default::default()).await.unwrap().items.into_iter().map(|s| s.spec.subscription_name).collect();
+    let names: BTreeSet<String> = cluster
+        .subscriptions(&ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.spec.subscription_name)
+        .collect();
     assert!(names.contains(&created));
 }
 
@@ -509,14 +692,31 @@ async fn the_api_is_served_over_tls_when_a_certificate_is_configured() {
         && openssl req -newkey rsa:2048 -nodes -subj /CN=herald -keyout tls.key -out tls.csr \
         && printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext \
         && openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile ext -out tls.crt";
-    let status = std::process::Command::new("bash").args(["-c", script]).current_dir(&dir).stderr(std::process::Stdio::null()).status().expect("openssl");
+    let status = std::process::Command::new("bash")
+        .args(["-c", script])
+        .current_dir(&dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
     assert!(status.success());
-    let config = format!("api:\n  tls:\n    certFile: {}\n    keyFile: {}\n", dir.join("tls.crt").display(), dir.join("tls.key").display());
+    let config = format!(
+        "api:\n  tls:\n    certFile: {}\n    keyFile: {}\n",
+        dir.join("tls.crt").display(),
+        dir.join("tls.key").display()
+    );
     let herald = Herald::start(&cluster, &ns, &config).await;
     assert!(herald.url("/").starts_with("https://"));
     let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.crt")).unwrap()).unwrap();
     let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
-    let answer: Value = client.post(herald.url("/api/v3/event/subscribe/search/0/0")).body("{}").send().await.unwrap().json().await.unwrap();
+    let answer: Value = client
+        .post(herald.url("/api/v3/event/subscribe/search/0/0"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(code(&answer), 0, "{answer}");
     let plain = reqwest::Client::new().get(format!("http://127.0.0.1:{}/readyz", herald.port)).send().await;
     assert!(plain.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP is not served");

@@ -52,7 +52,12 @@ async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action)
     }
 }
 
-async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, raw_id)): Path<(String, String)>, Query(query): Query<ListQuery>) -> Response {
+async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((_, raw_id)): Path<(String, String)>,
+    Query(query): Query<ListQuery>,
+) -> Response {
     let call = Call::from_headers(&headers);
     let result = async {
         let id = subscription_id(&raw_id)?;
@@ -88,14 +93,20 @@ async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, r
     }
 }
 
-async fn replay(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, raw_id)): Path<(String, String)>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn replay(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((_, raw_id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let call = Call::from_headers(&headers);
     let result = async {
         let id = subscription_id(&raw_id)?;
         let services = state.services()?;
         authorize_on(&services, &call, id, Action::Replay).await?;
         let body = super::publish::read_body(body)?;
-        let request: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) { ReplayBody::default() } else { super::json_body(&body)? };
+        let request: ReplayBody =
+            if body.iter().all(u8::is_ascii_whitespace) { ReplayBody::default() } else { super::json_body(&body)? };
         let replayed = services
             .delivery
             .replay(id, request.distribution_ids)

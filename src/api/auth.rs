@@ -97,9 +97,7 @@ impl EsbApps {
     }
 
     pub fn allows(&self, app_code: &str, account: &str) -> bool {
-        self.apps
-            .iter()
-            .any(|app| app.app_code == app_code && app.accounts.iter().any(|a| a == "*" || a == account))
+        self.apps.iter().any(|app| app.app_code == app_code && app.accounts.iter().any(|a| a == "*" || a == account))
     }
 }
 
@@ -192,11 +190,13 @@ impl Authenticator {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| AuthError::Review(format!("TokenReview failed: {}", crate::kube_error_summary(&e))))?;
-        let identity = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|user| Identity::Kubernetes {
-            username: user.username.unwrap_or_default(),
-            uid: user.uid,
-            groups: user.groups.unwrap_or_default(),
-            extra: user.extra.unwrap_or_default(),
+        let identity = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|user| {
+            Identity::Kubernetes {
+                username: user.username.unwrap_or_default(),
+                uid: user.uid,
+                groups: user.groups.unwrap_or_default(),
+                extra: user.extra.unwrap_or_default(),
+            }
         });
         if let Ok(mut cache) = self.tokens.lock() {
             cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
@@ -262,7 +262,6 @@ impl Authenticator {
         Ok(answer.status.is_some_and(|s| s.allowed))
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -60,7 +60,12 @@ fn subscription_id(raw: &str, code: ErrorCode) -> Result<i64, Refusal> {
     raw.parse().map_err(|_| ApiError::new(code).with_detail(format!("subscription_id {raw:?} is not a number")).into())
 }
 
-async fn create(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, path_account, biz)): Path<(String, String, String)>, body: Body) -> Response {
+async fn create(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((_, path_account, biz)): Path<(String, String, String)>,
+    body: Body,
+) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
     let user = call.user.clone();
@@ -72,7 +77,12 @@ async fn create(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_,
     .await
 }
 
-async fn update(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, path_account, biz, id)): Path<(String, String, String, String)>, body: Body) -> Response {
+async fn update(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((_, path_account, biz, id)): Path<(String, String, String, String)>,
+    body: Body,
+) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
     let user = call.user.clone();
@@ -85,7 +95,11 @@ async fn update(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_,
     .await
 }
 
-async fn delete(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, path_account, _biz, id)): Path<(String, String, String, String)>) -> Response {
+async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((_, path_account, _biz, id)): Path<(String, String, String, String)>,
+) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
     answer(&state, call, |services, identity| async move {
@@ -96,7 +110,12 @@ async fn delete(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_,
     .await
 }
 
-async fn search(State(state): State<Arc<AppState>>, headers: HeaderMap, Path((_, path_account, _biz)): Path<(String, String, String)>, body: Body) -> Response {
+async fn search(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((_, path_account, _biz)): Path<(String, String, String)>,
+    body: Body,
+) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
     let tz = state.time_zone.clone();

@@ -48,11 +48,17 @@ fn parse(body: Body) -> Result<EsbRequest, Refusal> {
         None | Some(Value::Null) => DEFAULT_SUPPLIER_ACCOUNT.to_string(),
         Some(Value::String(a)) if a.trim().is_empty() => DEFAULT_SUPPLIER_ACCOUNT.to_string(),
         Some(Value::String(a)) => a.trim().to_string(),
-        Some(_) => return Err(ApiError::new(ErrorCode::JsonDecode).with_detail("bk_supplier_account must be a string").into()),
+        Some(_) => {
+            return Err(ApiError::new(ErrorCode::JsonDecode)
+                .with_detail("bk_supplier_account must be a string")
+                .into());
+        }
     };
     let biz_id = match body.get("bk_biz_id") {
         None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) => n.as_i64().filter(|b| *b >= 0).ok_or_else(|| Refusal::from(ApiError::invalid("bk_biz_id")))?,
+        Some(Value::Number(n)) => {
+            n.as_i64().filter(|b| *b >= 0).ok_or_else(|| Refusal::from(ApiError::invalid("bk_biz_id")))?
+        }
         Some(_) => return Err(ApiError::new(ErrorCode::JsonDecode).with_detail("bk_biz_id must be a number").into()),
     };
     Ok(EsbRequest { raw, body, account, biz_id })
@@ -61,7 +67,9 @@ fn parse(body: Body) -> Result<EsbRequest, Refusal> {
 impl EsbRequest {
     fn subscription_id(&self, code: ErrorCode) -> Result<i64, Refusal> {
         match self.body.get("subscription_id") {
-            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| ApiError::new(code).with_detail("subscription_id must be an integer").into()),
+            Some(Value::Number(n)) => {
+                n.as_i64().ok_or_else(|| ApiError::new(code).with_detail("subscription_id must be an integer").into())
+            }
             None | Some(Value::Null) => Err(ApiError::missing("subscription_id").into()),
             Some(_) => Err(ApiError::new(ErrorCode::JsonDecode).with_detail("subscription_id must be a number").into()),
         }
@@ -69,7 +77,8 @@ impl EsbRequest {
 
     /// App credentials: the `X-Bkapi-Authorization` JSON header, else the body's keys.
     fn credentials(&self, headers: &HeaderMap) -> Option<(String, String, Option<String>)> {
-        let from_header: Option<serde_json::Map<String, Value>> = header(headers, "X-Bkapi-Authorization").and_then(|h| serde_json::from_str(h).ok());
+        let from_header: Option<serde_json::Map<String, Value>> =
+            header(headers, "X-Bkapi-Authorization").and_then(|h| serde_json::from_str(h).ok());
         let source = from_header.as_ref().unwrap_or(&self.body);
         let text = |key: &str| source.get(key).and_then(Value::as_str).map(str::to_string).filter(|v| !v.is_empty());
         Some((text("bk_app_code")?, text("bk_app_secret")?, text("bk_username")))
@@ -77,7 +86,12 @@ impl EsbRequest {
 }
 
 /// The ESB caller: a configured app, or a Kubernetes bearer token.
-async fn identify(services: &Services, call: &Call, request: &EsbRequest, headers: &HeaderMap) -> Result<Identity, Refusal> {
+async fn identify(
+    services: &Services,
+    call: &Call,
+    request: &EsbRequest,
+    headers: &HeaderMap,
+) -> Result<Identity, Refusal> {
     match request.credentials(headers) {
         Some((app_code, app_secret, username)) => match services.auth.esb.verify(&app_code, &app_secret) {
             Some(app) => Ok(Identity::EsbApp { app_code: app.app_code.clone(), username }),

@@ -90,7 +90,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             state.metrics.queue_depth.set(pending);
         }
     }
-    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
 }
 
 /// The committed OpenAPI document of every route (a test checks it lists them all).
@@ -146,7 +149,10 @@ impl Call {
             owner: header(headers, "HTTP_BK_SUPPLIER_ACCOUNT")
                 .or_else(|| header(headers, "HTTP_BLUEKING_SUPPLIER_ID"))
                 .map(str::to_string),
-            authorization: headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string),
+            authorization: headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         }
     }
 
@@ -163,12 +169,19 @@ impl Call {
         self.direct(StatusCode::OK, envelope::direct_ok(data))
     }
 
-    pub fn direct_error(&self, status: StatusCode, error: &ApiError, permission: Option<serde_json::Value>) -> Response {
+    pub fn direct_error(
+        &self,
+        status: StatusCode,
+        error: &ApiError,
+        permission: Option<serde_json::Value>,
+    ) -> Response {
         self.direct(status, envelope::direct_err(error, self.lang, permission))
     }
 
     pub fn refuse(&self, refusal: Refusal) -> Response {
-        let status = refusal.status.unwrap_or_else(|| StatusCode::from_u16(refusal.error.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST));
+        let status = refusal.status.unwrap_or_else(|| {
+            StatusCode::from_u16(refusal.error.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST)
+        });
         let mut response = self.direct_error(status, &refusal.error, refusal.permission);
         if let Some(seconds) = refusal.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -224,7 +237,8 @@ pub async fn authorize(services: &Services, call: &Call, account: &str, action: 
 
 /// Parses a JSON body, answering 1199000 for anything that is not the expected shape.
 pub fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
-    serde_json::from_slice(body).map_err(|e| Refusal::from(ApiError::new(ErrorCode::JsonDecode).with_detail(e.to_string())))
+    serde_json::from_slice(body)
+        .map_err(|e| Refusal::from(ApiError::new(ErrorCode::JsonDecode).with_detail(e.to_string())))
 }
 
 /// How long in-flight requests may take to finish after shutdown begins.
@@ -232,7 +246,12 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves (HTTPS when `tls` is set) until `shutdown` is cancelled, then lets in-flight
 /// requests finish.
-pub async fn serve(listener: TcpListener, router: Router, tls: Option<TlsConfig>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let Some(tls) = tls else {
         return axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
     };

@@ -27,14 +27,21 @@ fn parse_events(body: &Bytes) -> Result<Vec<PublishedEvent>, Refusal> {
     let items = match value {
         serde_json::Value::Array(items) => items,
         object @ serde_json::Value::Object(_) => vec![object],
-        _ => return Err(ApiError::new(ErrorCode::JsonDecode).with_detail("expected an event object or an array of them").into()),
+        _ => {
+            return Err(ApiError::new(ErrorCode::JsonDecode)
+                .with_detail("expected an event object or an array of them")
+                .into());
+        }
     };
     if items.is_empty() {
         return Err(ApiError::missing("events").into());
     }
     items
         .into_iter()
-        .map(|item| serde_json::from_value(item).map_err(|e| Refusal::from(ApiError::new(ErrorCode::JsonDecode).with_detail(e.to_string()))))
+        .map(|item| {
+            serde_json::from_value(item)
+                .map_err(|e| Refusal::from(ApiError::new(ErrorCode::JsonDecode).with_detail(e.to_string())))
+        })
         .collect()
 }
 
@@ -47,7 +54,11 @@ pub(super) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Re
     })
 }
 
-async fn publish(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn publish(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let call = Call::from_headers(&headers);
     match accept(&state, &call, body).await {
         Ok(data) => call.direct_ok(data),
@@ -55,10 +66,15 @@ async fn publish(State(state): State<Arc<AppState>>, headers: HeaderMap, body: R
     }
 }
 
-async fn accept(state: &AppState, call: &Call, body: Result<Bytes, BytesRejection>) -> Result<serde_json::Value, Refusal> {
+async fn accept(
+    state: &AppState,
+    call: &Call,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<serde_json::Value, Refusal> {
     let services = state.services()?;
     let events = parse_events(&read_body(body)?)?;
-    let accounts: BTreeSet<String> = events.iter().map(|e| supplier_account(e.bk_supplier_account.as_deref())).collect();
+    let accounts: BTreeSet<String> =
+        events.iter().map(|e| supplier_account(e.bk_supplier_account.as_deref())).collect();
     for account in &accounts {
         authorize(&services, call, account, Action::Publish).await?;
     }
@@ -66,7 +82,8 @@ async fn accept(state: &AppState, call: &Call, body: Result<Bytes, BytesRejectio
     let mut named = Vec::with_capacity(events.len());
     let mut skipped = 0;
     for event in events {
-        let name = event_name(&event).map_err(|invalid| Refusal::from(ApiError::invalid_because(invalid.field, invalid.reason)))?;
+        let name = event_name(&event)
+            .map_err(|invalid| Refusal::from(ApiError::invalid_because(invalid.field, invalid.reason)))?;
         if is_noop_update(&event) {
             skipped += 1;
             continue;

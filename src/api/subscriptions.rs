@@ -11,8 +11,8 @@ use crate::compat::search::{SearchRequest, search};
 use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode, record};
 use crate::controller::verdict::namespace_allows;
-use crate::delivery::callback::{describe, read_capped};
 use crate::crd::{EventSubscription, OPERATOR_ANNOTATION};
+use crate::delivery::callback::{describe, read_capped};
 use crate::effective::name_key;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
@@ -44,7 +44,9 @@ type Claims = HashMap<(String, String), ((String, String), Instant)>;
 /// invalid input; anything else is the server-side failure `code`.
 fn write_refusal(error: kube::Error, code: ErrorCode) -> Refusal {
     match &error {
-        kube::Error::Api(status) if status.code == 400 || status.code == 422 => ApiError::invalid_because("subscription", &status.message).into(),
+        kube::Error::Api(status) if status.code == 400 || status.code == 422 => {
+            ApiError::invalid_because("subscription", &status.message).into()
+        }
         _ => ApiError::new(code).with_detail(kube_detail(&error)).into(),
     }
 }
@@ -88,8 +90,14 @@ impl Services {
             .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
     }
 
-    async fn apply(&self, object_name: &str, input: &SubscriptionInput, operator: &str) -> Result<EventSubscription, kube::Error> {
-        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), &self.controller.config.namespace);
+    async fn apply(
+        &self,
+        object_name: &str,
+        input: &SubscriptionInput,
+        operator: &str,
+    ) -> Result<EventSubscription, kube::Error> {
+        let api =
+            Api::<EventSubscription>::namespaced(self.controller.client.clone(), &self.controller.config.namespace);
         let patch = serde_json::json!({
             "apiVersion": EventSubscription::api_version(&()),
             "kind": EventSubscription::kind(&()),
@@ -100,7 +108,12 @@ impl Services {
     }
 
     /// Creates a subscription; answers the id the object ends up with.
-    pub async fn create(&self, identity: &Identity, operator: Option<&str>, input: SubscriptionInput) -> Result<i64, Refusal> {
+    pub async fn create(
+        &self,
+        identity: &Identity,
+        operator: Option<&str>,
+        input: SubscriptionInput,
+    ) -> Result<i64, Refusal> {
         let account = input.supplier_account.clone();
         self.auth.authorize(identity, &account, Action::Create).await?;
         let operator = operator.map(str::to_string).unwrap_or_else(|| identity.name());
@@ -126,14 +139,24 @@ impl Services {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(ApiError::new(ErrorCode::CreateFailed).with_detail("the subscription was stored but got no id in time; search for it by name").into())
+        Err(ApiError::new(ErrorCode::CreateFailed)
+            .with_detail("the subscription was stored but got no id in time; search for it by name")
+            .into())
     }
 
     /// Replaces a subscription's spec as bk-cmdb does, keeping its id and statistics.
-    pub async fn update(&self, identity: &Identity, operator: Option<&str>, id: i64, input: SubscriptionInput) -> Result<(), Refusal> {
+    pub async fn update(
+        &self,
+        identity: &Identity,
+        operator: Option<&str>,
+        id: i64,
+        input: SubscriptionInput,
+    ) -> Result<(), Refusal> {
         let account = input.supplier_account.clone();
         self.auth.authorize(identity, &account, Action::Update).await?;
-        let not_found = || Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(format!("subscription {id} not found")));
+        let not_found = || {
+            Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(format!("subscription {id} not found")))
+        };
         let sub = self.find(&account, id).ok_or_else(not_found)?;
         let object_name = sub.name_any();
         let namespace = sub.namespace().unwrap_or_default();
@@ -150,21 +173,24 @@ impl Services {
             "metadata": { "name": object_name, "annotations": { OPERATOR_ANNOTATION: operator } },
             "spec": input.to_spec(),
         });
-        api.patch(&object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(|e| match e {
+        api.patch(&object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await.map_err(
+            |e| match e {
                 kube::Error::Api(status) if status.code == 404 => not_found(),
                 other => write_refusal(other, ErrorCode::UpdateFailed),
-            })?;
+            },
+        )?;
         claims.insert((account, input.subscription_name), (this, Instant::now()));
         Ok(())
     }
 
     pub async fn delete(&self, identity: &Identity, account: &str, id: i64) -> Result<(), Refusal> {
         self.auth.authorize(identity, account, Action::Delete).await?;
-        let not_found = || Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(format!("subscription {id} not found")));
+        let not_found = || {
+            Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(format!("subscription {id} not found")))
+        };
         let sub = self.find(account, id).ok_or_else(not_found)?;
-        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), &sub.namespace().unwrap_or_default());
+        let api =
+            Api::<EventSubscription>::namespaced(self.controller.client.clone(), &sub.namespace().unwrap_or_default());
         api.delete(&sub.name_any(), &DeleteParams::default()).await.map_err(|e| match e {
             kube::Error::Api(status) if status.code == 404 => not_found(),
             other => Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(kube_detail(&other))),
@@ -175,7 +201,14 @@ impl Services {
     }
 
     /// `{count, info}` over the account's subscriptions.
-    pub async fn search(&self, identity: &Identity, account: &str, request: SearchRequest, max_limit: Option<usize>, tz: &TimeZoneSetting) -> Result<serde_json::Value, Refusal> {
+    pub async fn search(
+        &self,
+        identity: &Identity,
+        account: &str,
+        request: SearchRequest,
+        max_limit: Option<usize>,
+        tz: &TimeZoneSetting,
+    ) -> Result<serde_json::Value, Refusal> {
         self.auth.authorize(identity, account, Action::List).await?;
         let mut request = request;
         request.condition.force_owner(account);
@@ -199,7 +232,14 @@ impl Services {
 
     /// POSTs `data` verbatim to the URL; any HTTP answer is a result, only a transport
     /// failure is an error (1103004).
-    pub async fn ping(&self, identity: &Identity, account: &str, input: PingInput, timeout: Duration, body_cap: usize) -> Result<serde_json::Value, Refusal> {
+    pub async fn ping(
+        &self,
+        identity: &Identity,
+        account: &str,
+        input: PingInput,
+        timeout: Duration,
+        body_cap: usize,
+    ) -> Result<serde_json::Value, Refusal> {
         self.auth.authorize(identity, account, Action::Create).await?;
         self.check_destination(&input.callback_url).await?;
         let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::PingFailed).with_detail(detail));
@@ -218,15 +258,25 @@ impl Services {
             let body = read_capped(&mut response, body_cap).await.map_err(|e| failed(describe(&e)))?;
             Ok(serde_json::json!({ "http_status": status, "response_body": String::from_utf8_lossy(&body) }))
         };
-        tokio::time::timeout(timeout, exchange).await.unwrap_or_else(|_| Err(failed(format!("timed out after {timeout:?}"))))
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(failed(format!("timed out after {timeout:?}"))))
     }
 
     /// Dials the callback's host and port and closes; sends nothing.
-    pub async fn telnet(&self, identity: &Identity, account: &str, target: DialTarget, timeout: Duration) -> Result<(), Refusal> {
+    pub async fn telnet(
+        &self,
+        identity: &Identity,
+        account: &str,
+        target: DialTarget,
+        timeout: Duration,
+    ) -> Result<(), Refusal> {
         self.auth.authorize(identity, account, Action::Create).await?;
         let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::TelnetFailed).with_detail(detail));
         let addrs = self.delivery.guard.resolve(&target.host, target.port).await.map_err(|e| match e {
-            crate::delivery::guard::GuardError::Refused(refused) => Refusal::from(ApiError::invalid_because("callback_url", refused)),
+            crate::delivery::guard::GuardError::Refused(refused) => {
+                Refusal::from(ApiError::invalid_because("callback_url", refused))
+            }
             other => failed(other.to_string()),
         })?;
         let dial = tokio::net::TcpStream::connect(addrs.as_slice());
@@ -245,9 +295,10 @@ impl Services {
         let port = parsed.port_or_known_default().unwrap_or(80);
         match self.delivery.guard.resolve(host, port).await {
             Ok(_) => Ok(()),
-            Err(crate::delivery::guard::GuardError::Refused(refused)) => Err(ApiError::invalid_because("callback_url", refused).into()),
+            Err(crate::delivery::guard::GuardError::Refused(refused)) => {
+                Err(ApiError::invalid_because("callback_url", refused).into())
+            }
             Err(other) => Err(ApiError::new(ErrorCode::PingFailed).with_detail(other.to_string()).into()),
         }
     }
 }
-

@@ -236,28 +236,12 @@ mod tests {
     #[test]
     fn field_messages_name_the_field() {
         let table = [
-            (
-                ApiError::missing("subscription_name"),
-                Lang::En,
-                "subscription_name is required",
-            ),
-            (
-                ApiError::missing("subscription_name"),
-                Lang::Zh,
-                "subscription_name 不能为空",
-            ),
+            (ApiError::missing("subscription_name"), Lang::En, "subscription_name is required"),
+            (ApiError::missing("subscription_name"), Lang::Zh, "subscription_name 不能为空"),
             (ApiError::invalid("$where"), Lang::En, "$where is invalid"),
             (ApiError::invalid("confirm_mode"), Lang::Zh, "confirm_mode 的值不合法"),
-            (
-                ApiError::duplicated("subscription_name"),
-                Lang::En,
-                "subscription_name is already in use",
-            ),
-            (
-                ApiError::duplicated("subscription_name"),
-                Lang::Zh,
-                "subscription_name 已存在",
-            ),
+            (ApiError::duplicated("subscription_name"), Lang::En, "subscription_name is already in use"),
+            (ApiError::duplicated("subscription_name"), Lang::Zh, "subscription_name 已存在"),
         ];
         for (error, lang, message) in table {
             assert_eq!(error.message(lang), message);
@@ -279,11 +263,7 @@ mod tests {
                 Lang::Zh,
                 "连通性测试失败：connection refused",
             ),
-            (
-                ApiError::new(ErrorCode::FieldMissing),
-                Lang::En,
-                "a required field is missing",
-            ),
+            (ApiError::new(ErrorCode::FieldMissing), Lang::En, "a required field is missing"),
         ];
         for (error, lang, message) in table {
             assert_eq!(error.message(lang), message);
@@ -316,9 +296,6 @@ mod tests {
 
     #[test]
     fn display_is_english_with_the_code() {
-        assert_eq!(
-            ApiError::invalid("callback_url").to_string(),
-            "callback_url is invalid (1199006)"
-        );
+        assert_eq!(ApiError::invalid("callback_url").to_string(), "callback_url is invalid (1199006)");
     }
 }

@@ -74,11 +74,7 @@ mod tests {
                        "data": null, "permission": null}),
             ),
             (
-                direct_err(
-                    &ApiError::new(ErrorCode::NoPermission),
-                    Lang::En,
-                    Some(permission.clone()),
-                ),
+                direct_err(&ApiError::new(ErrorCode::NoPermission), Lang::En, Some(permission.clone())),
                 json!({"result": false, "bk_error_code": 9900403, "bk_error_msg": "permission denied",
                        "data": null, "permission": permission.clone()}),
             ),
@@ -93,12 +89,7 @@ mod tests {
                        "data": null, "permission": null, "request_id": "req-2"}),
             ),
             (
-                esb_err(
-                    &ApiError::new(ErrorCode::NoPermission),
-                    Lang::En,
-                    Some(permission.clone()),
-                    "req-3",
-                ),
+                esb_err(&ApiError::new(ErrorCode::NoPermission), Lang::En, Some(permission.clone()), "req-3"),
                 json!({"result": false, "code": 9900403, "message": "permission denied",
                        "data": null, "permission": permission, "request_id": "req-3"}),
             ),

@@ -15,12 +15,8 @@ pub fn record(sub: &EventSubscription, tz: &TimeZoneSetting) -> Value {
     let status = sub.status.clone().unwrap_or_default();
     let statistics = status.statistics.unwrap_or_default();
     let timeout_seconds = effective.timeout.as_secs();
-    let last_time = status
-        .last_time
-        .as_deref()
-        .and_then(parse_rfc3339)
-        .map(|ts| format_cmdb(ts, tz))
-        .unwrap_or_default();
+    let last_time =
+        status.last_time.as_deref().and_then(parse_rfc3339).map(|ts| format_cmdb(ts, tz)).unwrap_or_default();
     json!({
         "subscription_id": status.subscription_id.unwrap_or(0),
         "subscription_name": effective.subscription_name,
@@ -59,10 +55,7 @@ mod tests {
                 subscription_name: "hosts".into(),
                 system_name: Some("cmdb-sync".into()),
                 callback_url: "http://127.0.0.1:9000/cb".into(),
-                confirm: Some(Confirm {
-                    mode: Some(ConfirmMode::Regular),
-                    pattern: Some("ok".into()),
-                }),
+                confirm: Some(Confirm { mode: Some(ConfirmMode::Regular), pattern: Some("ok".into()) }),
                 events: vec!["hostupdate".into(), "hostcreate".into(), "hostcreate".into()],
                 timeout_seconds: Some(30),
                 biz_id: Some(3),
@@ -79,44 +72,15 @@ mod tests {
             subscription_id: Some(12),
             operator: Some("admin".into()),
             last_time: Some("2024-01-15T08:30:05Z".into()),
-            statistics: Some(Statistics {
-                total: 30,
-                failure: 2,
-                delivered: 28,
-                ..Default::default()
-            }),
+            statistics: Some(Statistics { total: 30, failure: 2, delivered: 28, ..Default::default() }),
             ..Default::default()
         };
-        let unparseable_time = EventSubscriptionStatus {
-            last_time: Some("soon".into()),
-            ..Default::default()
-        };
+        let unparseable_time = EventSubscriptionStatus { last_time: Some("soon".into()), ..Default::default() };
         let shanghai: TimeZoneSetting = "Asia/Shanghai".parse().unwrap();
         let table = [
-            (
-                None,
-                TimeZoneSetting::default(),
-                0,
-                "",
-                "",
-                json!({"total": 0, "failure": 0}),
-            ),
-            (
-                Some(full_status),
-                shanghai,
-                12,
-                "admin",
-                "2024-01-15 16:30:05",
-                json!({"total": 30, "failure": 2}),
-            ),
-            (
-                Some(unparseable_time),
-                TimeZoneSetting::default(),
-                0,
-                "",
-                "",
-                json!({"total": 0, "failure": 0}),
-            ),
+            (None, TimeZoneSetting::default(), 0, "", "", json!({"total": 0, "failure": 0})),
+            (Some(full_status), shanghai, 12, "admin", "2024-01-15 16:30:05", json!({"total": 30, "failure": 2})),
+            (Some(unparseable_time), TimeZoneSetting::default(), 0, "", "", json!({"total": 0, "failure": 0})),
         ];
         for (status, tz, id, operator, last_time, statistics) in table {
             let expected = json!({

@@ -36,8 +36,7 @@ impl FromStr for TimeZoneSetting {
         } else {
             TimeZone::get(name).ok()
         };
-        zone.map(TimeZoneSetting)
-            .ok_or_else(|| UnknownTimeZone(setting.to_string()))
+        zone.map(TimeZoneSetting).ok_or_else(|| UnknownTimeZone(setting.to_string()))
     }
 }
 
@@ -105,10 +104,7 @@ mod tests {
     #[test]
     fn iana_zones_follow_daylight_saving() {
         let tz: TimeZoneSetting = "Europe/Berlin".parse().unwrap();
-        let table = [
-            ("2024-01-15T12:00:00Z", "2024-01-15 13:00:00"),
-            ("2024-07-15T12:00:00Z", "2024-07-15 14:00:00"),
-        ];
+        let table = [("2024-01-15T12:00:00Z", "2024-01-15 13:00:00"), ("2024-07-15T12:00:00Z", "2024-07-15 14:00:00")];
         for (instant, shown) in table {
             assert_eq!(format_cmdb(parse_rfc3339(instant).unwrap(), &tz), shown);
         }
@@ -116,18 +112,8 @@ mod tests {
 
     #[test]
     fn rejects_unknown_settings() {
-        for setting in [
-            "",
-            "Mars/Olympus",
-            "+8",
-            "+08:0",
-            "+19:00",
-            "+08:60",
-            "08:00",
-            "+ab:cd",
-            "+08:00:00",
-            "UTC+8",
-        ] {
+        for setting in ["", "Mars/Olympus", "+8", "+08:0", "+19:00", "+08:60", "08:00", "+ab:cd", "+08:00:00", "UTC+8"]
+        {
             assert!(setting.parse::<TimeZoneSetting>().is_err(), "{setting:?}");
         }
     }
@@ -144,11 +130,7 @@ mod tests {
             ("yesterday", None),
         ];
         for (text, expected) in table {
-            assert_eq!(
-                parse_rfc3339(text).map(|ts| ts.to_string()).as_deref(),
-                expected,
-                "{text:?}"
-            );
+            assert_eq!(parse_rfc3339(text).map(|ts| ts.to_string()).as_deref(), expected, "{text:?}");
         }
     }
 }

@@ -64,11 +64,8 @@ impl IdAllocator {
     async fn reserve(&self, floor: i64) -> Result<Range<i64>, Error> {
         let name = &self.name;
         loop {
-            let current = self
-                .api
-                .get_opt(name)
-                .await
-                .map_err(|source| Error::ReadIdCounter { name: name.clone(), source })?;
+            let current =
+                self.api.get_opt(name).await.map_err(|source| Error::ReadIdCounter { name: name.clone(), source })?;
             let value = current.as_ref().and_then(|cm| cm.data.as_ref()?.get(NEXT_ID_KEY).cloned());
             let (start, next) = next_block(value.as_deref(), floor, self.block_size)
                 .map_err(|reason| Error::CorruptIdCounter { name: name.clone(), reason })?;

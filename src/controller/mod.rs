@@ -9,7 +9,7 @@ pub mod verdict;
 use crate::FIELD_MANAGER;
 use crate::config::Config;
 use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL};
-use crate::delivery::index::{SubscriptionIndex, Subscriber};
+use crate::delivery::index::{Subscriber, SubscriptionIndex};
 use crate::effective::{Effective, Invalid, name_key};
 use futures::{StreamExt, future::BoxFuture};
 use ids::IdAllocator;
@@ -110,12 +110,11 @@ pub fn build(
 
     // A change to one subscription can free or take a name another one wants.
     let by_name = subscriptions.clone();
-    let controller = controller
-        .trigger_backoff(WatchBackoff::default())
-        .reconcile_on(namespace_triggers)
-        .watches(subscriptions_api, watcher::Config::default().any_semantic(), move |changed| {
-            name_contenders(&by_name, &changed)
-        });
+    let controller = controller.trigger_backoff(WatchBackoff::default()).reconcile_on(namespace_triggers).watches(
+        subscriptions_api,
+        watcher::Config::default().any_semantic(),
+        move |changed| name_contenders(&by_name, &changed),
+    );
 
     let recorder = Recorder::new(
         client.clone(),
@@ -189,12 +188,7 @@ fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription
 }
 
 fn ready_reason(sub: &EventSubscription) -> Option<&str> {
-    sub.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == status::CONDITION_READY)
-        .map(|c| c.reason.as_str())
+    sub.status.as_ref()?.conditions.iter().find(|c| c.type_ == status::CONDITION_READY).map(|c| c.reason.as_str())
 }
 
 /// Waits until `store` has its initial list. `Store::wait_until_ready` wakes only the
@@ -238,7 +232,12 @@ fn verdict_of(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
     let herald_namespace = &ctx.config.namespace;
     let allowed = |account: &str, namespace: &str| {
         !ctx.config.controller.enforce_tenancy
-            || verdict::namespace_allows(account, namespace, herald_namespace, ctx.namespaces.get(&ObjectRef::new(namespace)).as_deref())
+            || verdict::namespace_allows(
+                account,
+                namespace,
+                herald_namespace,
+                ctx.namespaces.get(&ObjectRef::new(namespace)).as_deref(),
+            )
     };
     let others = ctx.subscriptions.state();
     verdict::check(sub, &effective, others.iter().map(AsRef::as_ref), herald_namespace, allowed)
@@ -247,7 +246,11 @@ fn verdict_of(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
 /// Writes the desired status when it differs from the current one. The first write of
 /// an object's id carries the resourceVersion it was decided on: if another allocator
 /// wrote an id first, the write fails with 409, and we re-read and keep the winner's id.
-async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscription>, ctx: &Context) -> Result<Arc<EventSubscription>, Error> {
+async fn ensure_status(
+    api: &Api<EventSubscription>,
+    mut sub: Arc<EventSubscription>,
+    ctx: &Context,
+) -> Result<Arc<EventSubscription>, Error> {
     let name = sub.name_any();
     loop {
         let decided = sub.status.as_ref().and_then(|s| s.subscription_id);
@@ -293,12 +296,7 @@ async fn ensure_status(api: &Api<EventSubscription>, mut sub: Arc<EventSubscript
 }
 
 fn highest_known_id(store: &Store<EventSubscription>) -> i64 {
-    store
-        .state()
-        .iter()
-        .filter_map(|s| s.status.as_ref()?.subscription_id)
-        .max()
-        .unwrap_or(0)
+    store.state().iter().filter_map(|s| s.status.as_ref()?.subscription_id).max().unwrap_or(0)
 }
 
 /// Tells delivery the subscription's current effective spec and readiness.

@@ -94,7 +94,12 @@ impl ControllerStatus {
 
 /// The desired controller status: `id` decided, Ready from `verdict`, `lastTime` moved
 /// only when the spec's generation changed.
-pub fn desired(sub: &EventSubscription, id: i64, verdict: &Result<(), Invalid>, now: jiff::Timestamp) -> ControllerStatus {
+pub fn desired(
+    sub: &EventSubscription,
+    id: i64,
+    verdict: &Result<(), Invalid>,
+    now: jiff::Timestamp,
+) -> ControllerStatus {
     let current = sub.status.clone().unwrap_or_default();
     let generation = sub.metadata.generation;
     let spec_unchanged = current.observed_generation.is_some() && current.observed_generation == generation;
@@ -104,7 +109,10 @@ pub fn desired(sub: &EventSubscription, id: i64, verdict: &Result<(), Invalid>, 
     };
     let mut conditions = current.conditions;
     set_condition(&mut conditions, ready_condition(verdict, generation, now));
-    let ready = conditions.into_iter().find(|c| c.type_ == CONDITION_READY).unwrap_or_else(|| ready_condition(verdict, generation, now));
+    let ready = conditions
+        .into_iter()
+        .find(|c| c.type_ == CONDITION_READY)
+        .unwrap_or_else(|| ready_condition(verdict, generation, now));
     ControllerStatus { subscription_id: id, observed_generation: generation, ready, operator: operator(sub), last_time }
 }
 
@@ -173,7 +181,10 @@ mod tests {
         let invalid = Invalid { reason: "InvalidPattern", message: "bad".into() };
         let next = desired(&s, 7, &Err(invalid), at(200));
         let ready = &next.ready;
-        assert_eq!((ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()), ("False", "InvalidPattern", "bad"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str(), ready.message.as_str()),
+            ("False", "InvalidPattern", "bad")
+        );
         assert_eq!(ready.last_transition_time, Time(at(200)));
     }
 
@@ -182,7 +193,11 @@ mod tests {
         let mut s = sub(1);
         let mut status = desired(&s, 7, &Ok(()), at(100)).to_patch();
         status.statistics = Some(crate::crd::Statistics { total: 5, ..Default::default() });
-        status.conditions.push(Condition { type_: "CallbackHealthy".into(), status: "True".into(), ..ready_condition(&Ok(()), Some(1), at(100)) });
+        status.conditions.push(Condition {
+            type_: "CallbackHealthy".into(),
+            status: "True".into(),
+            ..ready_condition(&Ok(()), Some(1), at(100))
+        });
         s.status = Some(status);
         let patch = desired(&s, 7, &Ok(()), at(200)).to_patch();
         assert_eq!(patch.statistics, None);

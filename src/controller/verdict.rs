@@ -40,11 +40,7 @@ pub fn namespace_allows(account: &str, namespace: &str, herald_namespace: &str, 
 /// (second-granular) creation time are broken by namespace and name, so every herald
 /// instance decides the same way.
 fn age_key(sub: &EventSubscription) -> (Option<jiff::Timestamp>, String, String) {
-    (
-        sub.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        sub.namespace().unwrap_or_default(),
-        sub.name_any(),
-    )
+    (sub.metadata.creation_timestamp.as_ref().map(|t| t.0), sub.namespace().unwrap_or_default(), sub.name_any())
 }
 
 /// The older live subscription that holds `effective`'s name, if any. Only a
@@ -185,7 +181,10 @@ mod tests {
         let b = sub("ns", "b", "u2", 100, None, "hosts");
         let all = [a.clone(), b.clone()];
         assert!(older_holder(&a, &Effective::from_spec(&a.spec), &all, anywhere).is_none());
-        assert_eq!(older_holder(&b, &Effective::from_spec(&b.spec), &all, anywhere).map(|s| s.name_any()), Some("a".into()));
+        assert_eq!(
+            older_holder(&b, &Effective::from_spec(&b.spec), &all, anywhere).map(|s| s.name_any()),
+            Some("a".into())
+        );
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result
 
 pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer, CallbackError> {
     let literal = reqwest::Url::parse(request.url).ok().and_then(|url| {
-        url.host_str().and_then(|host| host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
+        url.host_str()
+            .and_then(|host| host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
     });
     if let Some(ip) = literal {
         request.guard.check(ip).map_err(|refused| CallbackError::Transport(refused.to_string()))?;
@@ -112,7 +113,9 @@ pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer
     };
     // reqwest's timeout covers the exchange too; this outer one also bounds the body read.
     match tokio::time::timeout(request.timeout, exchange).await {
-        Ok(Err(CallbackError::Transport(text))) if text.contains("timed out") || text.contains("operation timed out") => {
+        Ok(Err(CallbackError::Transport(text)))
+            if text.contains("timed out") || text.contains("operation timed out") =>
+        {
             Err(CallbackError::Timeout(request.timeout))
         }
         Ok(result) => result,

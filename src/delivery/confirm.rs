@@ -9,7 +9,9 @@ pub enum Verdict {
     /// A failed attempt; retry later.
     Failed(String),
     /// 429: a failed attempt whose next try waits at least `retry_after`.
-    Throttled { retry_after: Option<Duration> },
+    Throttled {
+        retry_after: Option<Duration>,
+    },
     /// 410: the receiver is gone for good; stop until the spec changes.
     Gone,
 }
@@ -17,7 +19,14 @@ pub enum Verdict {
 /// `httpstatus`: the status code as a decimal string equals the pattern exactly.
 /// `regular`: the regex matches anywhere in the body as read (status ignored).
 /// In both modes 429 and 410 mean what HTTP says.
-pub fn judge(mode: ConfirmMode, pattern: &str, regex: Option<&regex::Regex>, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Verdict {
+pub fn judge(
+    mode: ConfirmMode,
+    pattern: &str,
+    regex: Option<&regex::Regex>,
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Verdict {
     match status {
         410 => return Verdict::Gone,
         429 => return Verdict::Throttled { retry_after },
@@ -64,7 +73,10 @@ mod tests {
         let regex = regex::Regex::new(r#""result":\s*true"#).unwrap();
         let body = br#"{"code": 0, "result": true}"#;
         assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 500, None, body), Verdict::Confirmed);
-        assert!(matches!(judge(ConfirmMode::Regular, "", Some(&regex), 200, None, b"{\"result\": false}"), Verdict::Failed(_)));
+        assert!(matches!(
+            judge(ConfirmMode::Regular, "", Some(&regex), 200, None, b"{\"result\": false}"),
+            Verdict::Failed(_)
+        ));
     }
 
     #[test]
@@ -73,7 +85,10 @@ mod tests {
         assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 410, None, b""), Verdict::Gone);
         assert_eq!(judge(ConfirmMode::Httpstatus, "410", None, 410, None, b""), Verdict::Gone);
         let wait = Some(Duration::from_secs(3));
-        assert_eq!(judge(ConfirmMode::Httpstatus, "429", None, 429, wait, b""), Verdict::Throttled { retry_after: wait });
+        assert_eq!(
+            judge(ConfirmMode::Httpstatus, "429", None, 429, wait, b""),
+            Verdict::Throttled { retry_after: wait }
+        );
     }
 
     #[test]

@@ -19,10 +19,12 @@ pub struct Cidr {
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
+        let (addr, prefix) =
+            text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
         let network: IpAddr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("{text:?}: prefix must be 0..={max}"))?;
+        let prefix: u8 =
+            prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("{text:?}: prefix must be 0..={max}"))?;
         Ok(Cidr { network, prefix })
     }
 }
@@ -34,9 +36,12 @@ impl Cidr {
         }
         match (self.network, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                masked(u128::from(u32::from(net)), self.prefix, 32) == masked(u128::from(u32::from(ip)), self.prefix, 32)
+                masked(u128::from(u32::from(net)), self.prefix, 32)
+                    == masked(u128::from(u32::from(ip)), self.prefix, 32)
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => masked(u128::from(net), self.prefix, 128) == masked(u128::from(ip), self.prefix, 128),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), self.prefix, 128) == masked(u128::from(ip), self.prefix, 128)
+            }
             _ => false,
         }
     }
@@ -87,7 +92,8 @@ fn classify_v6(ip: Ipv6Addr) -> Option<&'static str> {
         return classify_v4(v4).map(|_| "NAT64 address of a refused range");
     }
     if segments[0] == 0x2002 {
-        let v4 = Ipv4Addr::new((segments[1] >> 8) as u8, segments[1] as u8, (segments[2] >> 8) as u8, segments[2] as u8);
+        let v4 =
+            Ipv4Addr::new((segments[1] >> 8) as u8, segments[1] as u8, (segments[2] >> 8) as u8, segments[2] as u8);
         return classify_v4(v4).map(|_| "6to4 address of a refused range");
     }
     if ip.is_loopback() {
@@ -187,7 +193,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let guard = self.0.clone();
         Box::pin(async move {
-            let addrs = guard.resolve(name.as_str(), 0).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            let addrs = guard
+                .resolve(name.as_str(), 0)
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }

@@ -79,7 +79,9 @@ impl SubscriptionIndex {
         self.entries
             .read()
             .ok()
-            .and_then(|e| e.by_event.get(&(account.to_string(), event.to_string())).map(|ids| ids.iter().copied().collect()))
+            .and_then(|e| {
+                e.by_event.get(&(account.to_string(), event.to_string())).map(|ids| ids.iter().copied().collect())
+            })
             .unwrap_or_default()
     }
 }

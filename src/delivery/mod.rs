@@ -61,11 +61,8 @@ pub enum ClientError {
 /// The callback guard and the HTTP client every callback, ping and telnet goes through:
 /// no redirects, no environment proxies unless configured, the guard in the resolver.
 pub fn http_client(config: &CallbackGuardConfig) -> Result<(reqwest::Client, Arc<Guard>), ClientError> {
-    let allowed = config
-        .allow_cidrs
-        .iter()
-        .map(|c| c.parse().map_err(ClientError::Cidr))
-        .collect::<Result<Vec<_>, _>>()?;
+    let allowed =
+        config.allow_cidrs.iter().map(|c| c.parse().map_err(ClientError::Cidr)).collect::<Result<Vec<_>, _>>()?;
     let guard = Arc::new(Guard::new(allowed));
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -80,7 +77,9 @@ pub fn http_client(config: &CallbackGuardConfig) -> Result<(reqwest::Client, Arc
     if let Some(path) = &config.ca_bundle {
         let shown = path.display().to_string();
         let pem = std::fs::read(path).map_err(|source| ClientError::ReadCa { path: shown.clone(), source })?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| ClientError::ParseCa { path: shown.clone(), source })? {
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|source| ClientError::ParseCa { path: shown.clone(), source })?
+        {
             builder = builder.add_root_certificate(cert);
         }
     }
@@ -254,7 +253,8 @@ impl Delivery {
                 self.forget(id).await;
             }
         }
-        let cutoff = now_millis().saturating_sub(i64::try_from(self.dead_letter_retention.as_millis()).unwrap_or(i64::MAX));
+        let cutoff =
+            now_millis().saturating_sub(i64::try_from(self.dead_letter_retention.as_millis()).unwrap_or(i64::MAX));
         if let Err(error) = self.store.expire_dead_letters(cutoff).await {
             tracing::error!(%error, "expiring dead letters failed");
         }
@@ -290,7 +290,8 @@ impl Delivery {
         }
         // In-flight attempts may finish within the drain; the rest are dropped without an
         // outcome and delivered again after the restart (at-least-once).
-        let tasks: Vec<JoinHandle<()>> = self.workers.lock().map(|mut w| w.drain().map(|(_, (_, task))| task).collect()).unwrap_or_default();
+        let tasks: Vec<JoinHandle<()>> =
+            self.workers.lock().map(|mut w| w.drain().map(|(_, (_, task))| task).collect()).unwrap_or_default();
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
         if tokio::time::timeout(SHUTDOWN_DRAIN, futures::future::join_all(tasks)).await.is_err() {
             tracing::warn!(drain = ?SHUTDOWN_DRAIN, "in-flight attempts did not finish; they will be delivered again after restart");

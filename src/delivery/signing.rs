@@ -33,7 +33,10 @@ mod tests {
         // The example from the Standard Webhooks specification.
         let key = signing_key(b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
         let body = br#"{"test": 2432232314}"#;
-        assert_eq!(sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body), "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
     }
 
     #[test]
@@ -66,10 +69,9 @@ impl SecretCache {
             }
         }
         let api = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(self.client.clone(), namespace);
-        let found = api
-            .get(&secret.name)
-            .await
-            .map_err(|e| format!("reading signing Secret {namespace}/{}: {}", secret.name, crate::kube_error_summary(&e)))?;
+        let found = api.get(&secret.name).await.map_err(|e| {
+            format!("reading signing Secret {namespace}/{}: {}", secret.name, crate::kube_error_summary(&e))
+        })?;
         let value = found
             .data
             .and_then(|mut data| data.remove(&secret.key))

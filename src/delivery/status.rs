@@ -87,7 +87,9 @@ impl StatusProjector {
             for _ in 0..64 {
                 let Some((id, ticket, gone)) = self.take_oldest() else { break };
                 let Some(sub) = index.get(id) else { continue };
-                let Some(object) = subscriptions.get(&ObjectRef::new(&sub.name).within(&sub.namespace)) else { continue };
+                let Some(object) = subscriptions.get(&ObjectRef::new(&sub.name).within(&sub.namespace)) else {
+                    continue;
+                };
                 // Bounded: a batch whose commit failed never reaches its ticket.
                 let _ = tokio::time::timeout(Duration::from_secs(2), store.committed(ticket)).await;
                 let counters = store.counters(id).await;
@@ -122,7 +124,6 @@ impl StatusProjector {
     }
 }
 
-
 fn millis_to_rfc3339(millis: i64) -> Option<String> {
     jiff::Timestamp::from_second(millis / 1000).ok().map(|t| t.to_string())
 }
@@ -142,7 +143,12 @@ pub fn statistics(counters: &Counters) -> Statistics {
 
 /// `CallbackHealthy`: absent before the first attempt; False with reason `Gone` after
 /// a 410, `Failing` while attempts fail; True once deliveries are confirmed.
-pub fn callback_healthy(counters: &Counters, gone: bool, generation: Option<i64>, now: jiff::Timestamp) -> Option<Condition> {
+pub fn callback_healthy(
+    counters: &Counters,
+    gone: bool,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) -> Option<Condition> {
     let (status, reason, message) = if gone {
         ("False", "Gone", "the callback answered 410 Gone; delivery resumes when the spec changes".to_string())
     } else if counters.total == 0 {
@@ -164,7 +170,12 @@ pub fn callback_healthy(counters: &Counters, gone: bool, generation: Option<i64>
 }
 
 /// The status apply body, or None when the object already shows it.
-pub fn projection(object: &EventSubscription, counters: &Counters, gone: bool, now: jiff::Timestamp) -> Option<serde_json::Value> {
+pub fn projection(
+    object: &EventSubscription,
+    counters: &Counters,
+    gone: bool,
+    now: jiff::Timestamp,
+) -> Option<serde_json::Value> {
     let statistics = statistics(counters);
     let current = object.status.clone().unwrap_or_default();
     let mut conditions = current.conditions.clone();
@@ -198,7 +209,13 @@ mod tests {
     fn health_follows_the_counters() {
         let none = Counters::default();
         assert!(callback_healthy(&none, false, Some(1), at(1)).is_none());
-        let failing = Counters { total: 3, failure: 3, consecutive_failures: 3, last_error: Some("status 500".into()), ..Default::default() };
+        let failing = Counters {
+            total: 3,
+            failure: 3,
+            consecutive_failures: 3,
+            last_error: Some("status 500".into()),
+            ..Default::default()
+        };
         let c = callback_healthy(&failing, false, Some(1), at(1)).unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Failing"));
         assert!(c.message.contains("status 500"));

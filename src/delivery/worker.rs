@@ -138,12 +138,20 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         let effective = &sub.effective;
         if now_millis().saturating_sub(item.enqueued_at) > delivery.config.max_age_millis() {
             let error = format!("not delivered within {} s", delivery.config.max_age_seconds);
-            record(delivery, handle, &item, Outcome::DeadLettered { error, reason: "Expired".into(), attempted: false }).await;
+            record(
+                delivery,
+                handle,
+                &item,
+                Outcome::DeadLettered { error, reason: "Expired".into(), attempted: false },
+            )
+            .await;
             return Handled::Done;
         }
         if regex.as_ref().is_none_or(|(pattern, _)| pattern != &effective.confirm_pattern) {
             regex = match effective.confirm_mode {
-                crate::crd::ConfirmMode::Regular => compile_confirm_regex(&effective.confirm_pattern).ok().map(|r| (effective.confirm_pattern.clone(), r)),
+                crate::crd::ConfirmMode::Regular => compile_confirm_regex(&effective.confirm_pattern)
+                    .ok()
+                    .map(|r| (effective.confirm_pattern.clone(), r)),
                 crate::crd::ConfirmMode::Httpstatus => None,
             };
         }
@@ -219,7 +227,14 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
 
 /// Records a failed attempt; dead-letters the entry when it was the last allowed one
 /// (returns true), otherwise waits out the backoff (at least `retry_after`).
-async fn fail(delivery: &Delivery, handle: &WorkerHandle, sub: &Subscriber, item: &mut Queued, error: String, retry_after: Option<Duration>) -> bool {
+async fn fail(
+    delivery: &Delivery,
+    handle: &WorkerHandle,
+    sub: &Subscriber,
+    item: &mut Queued,
+    error: String,
+    retry_after: Option<Duration>,
+) -> bool {
     let attempt = item.attempts + 1;
     if attempt >= sub.effective.retry.max_attempts {
         let reason = "MaxAttempts".to_string();

@@ -125,7 +125,12 @@ pub trait EventStore: Send + Sync {
     /// Stores events and their fan-out atomically and durably.
     fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>>;
     /// Up to `limit` queued deliveries of a subscription after `after_position`, in order.
-    fn queued(&self, subscription_id: i64, after_position: i64, limit: usize) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>>;
+    fn queued(
+        &self,
+        subscription_id: i64,
+        after_position: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>>;
     /// Records an attempt; returns a ticket that `committed` resolves once it is durable.
     fn record(&self, attempt: Attempt) -> Result<u64, StoreError>;
     /// Resolves when every record up to `ticket` is durable.
@@ -133,7 +138,11 @@ pub trait EventStore: Send + Sync {
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>>;
     fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>>;
     /// Moves dead letters (all, or the given distribution ids) to the queue's tail.
-    fn replay(&self, subscription_id: i64, distribution_ids: Option<Vec<i64>>) -> BoxFuture<'_, Result<usize, StoreError>>;
+    fn replay(
+        &self,
+        subscription_id: i64,
+        distribution_ids: Option<Vec<i64>>,
+    ) -> BoxFuture<'_, Result<usize, StoreError>>;
     /// Forgets a deleted subscription: its queue, dead letters and counters.
     fn drop_subscription(&self, subscription_id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Every subscription the store holds anything for.

@@ -11,7 +11,10 @@
 //! Reads go through a second connection (WAL readers never block the writer).
 //! An exclusive lock on `herald.lock` in the store directory keeps a second herald out.
 
-use super::{Attempt, Counters, DeadLetter, EventStore, Fanout, Limits, Millis, NewEvent, Outcome, Queued, StoreError, now_millis};
+use super::{
+    Attempt, Counters, DeadLetter, EventStore, Fanout, Limits, Millis, NewEvent, Outcome, Queued, StoreError,
+    now_millis,
+};
 use futures::future::BoxFuture;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
@@ -199,7 +202,10 @@ impl SqliteStore {
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 
-    async fn read<T: Send + 'static>(&self, query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static) -> Result<T, StoreError> {
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().map_err(|_| StoreError::WriterStopped)?;
@@ -215,7 +221,12 @@ impl EventStore for SqliteStore {
         Box::pin(self.ask(|reply| Write::Publish { events, reply }))
     }
 
-    fn queued(&self, subscription_id: i64, after_position: i64, limit: usize) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>> {
+    fn queued(
+        &self,
+        subscription_id: i64,
+        after_position: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         Box::pin(self.read(move |conn| {
             let mut stmt = conn.prepare_cached(QUEUED_SQL)?;
@@ -295,7 +306,11 @@ impl EventStore for SqliteStore {
         }))
     }
 
-    fn replay(&self, subscription_id: i64, distribution_ids: Option<Vec<i64>>) -> BoxFuture<'_, Result<usize, StoreError>> {
+    fn replay(
+        &self,
+        subscription_id: i64,
+        distribution_ids: Option<Vec<i64>>,
+    ) -> BoxFuture<'_, Result<usize, StoreError>> {
         Box::pin(self.ask(move |reply| Write::Replay { subscription_id, distribution_ids, reply }))
     }
 
@@ -316,7 +331,9 @@ impl EventStore for SqliteStore {
     }
 
     fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
-        Box::pin(self.read(|conn| conn.query_row("SELECT COALESCE(SUM(pending), 0) FROM subscriptions", [], |r| r.get(0))))
+        Box::pin(
+            self.read(|conn| conn.query_row("SELECT COALESCE(SUM(pending), 0) FROM subscriptions", [], |r| r.get(0))),
+        )
     }
 
     fn size_bytes(&self) -> u64 {
@@ -421,7 +438,8 @@ impl Writer {
                     answers.push(Pending::Replayed(reply, result));
                 }
                 Write::Drop { subscription_id, reply } => {
-                    answers.push(Pending::Dropped(reply, in_savepoint(&tx, |sp| drop_subscription(sp, subscription_id))));
+                    answers
+                        .push(Pending::Dropped(reply, in_savepoint(&tx, |sp| drop_subscription(sp, subscription_id))));
                 }
                 Write::Expire { before, reply } => {
                     answers.push(Pending::Expired(reply, in_savepoint(&tx, |sp| expire(sp, before))));
@@ -442,7 +460,8 @@ impl Writer {
     /// (including what is still only in the WAL). Files on disk never shrink, so
     /// measuring them would keep a drained store over its quota for ever.
     fn measure(&self) {
-        let pragma = |name: &str| self.conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
+        let pragma =
+            |name: &str| self.conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
         let in_use = pragma("page_count").saturating_sub(pragma("freelist_count")).saturating_mul(pragma("page_size"));
         self.size.store(u64::try_from(in_use).unwrap_or(0), Ordering::Relaxed);
     }
@@ -460,7 +479,10 @@ fn fail_write(write: Write, message: &str) {
 }
 
 /// Runs `f` in a savepoint: a failing write is undone alone and the batch goes on.
-fn in_savepoint<T>(tx: &Transaction<'_>, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+fn in_savepoint<T>(
+    tx: &Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     tx.execute_batch("SAVEPOINT write")?;
     match f(tx) {
         Ok(value) => {
@@ -474,22 +496,32 @@ fn in_savepoint<T>(tx: &Transaction<'_>, f: impl FnOnce(&Connection) -> Result<T
     }
 }
 
-fn publish(conn: &Connection, events: &[NewEvent], backlog_cap: i64, now: Millis) -> Result<Vec<Vec<Fanout>>, StoreError> {
+fn publish(
+    conn: &Connection,
+    events: &[NewEvent],
+    backlog_cap: i64,
+    now: Millis,
+) -> Result<Vec<Vec<Fanout>>, StoreError> {
     let mut fanouts = Vec::with_capacity(events.len());
     for event in events {
         if event.subscriptions.is_empty() {
             fanouts.push(Vec::new());
             continue;
         }
-        conn.prepare_cached("INSERT INTO events (body, refs, published_at) VALUES (?1, ?2, ?3)")?
-            .execute(params![event.body, event.subscriptions.len(), now])?;
+        conn.prepare_cached("INSERT INTO events (body, refs, published_at) VALUES (?1, ?2, ?3)")?.execute(params![
+            event.body,
+            event.subscriptions.len(),
+            now
+        ])?;
         let event_id = conn.last_insert_rowid();
         let mut fanout = Vec::with_capacity(event.subscriptions.len());
         for &subscription_id in &event.subscriptions {
             conn.prepare_cached("INSERT OR IGNORE INTO subscriptions (subscription_id) VALUES (?1)")?
                 .execute([subscription_id])?;
             let (distribution_id, position, pending): (i64, i64, i64) = conn
-                .prepare_cached("SELECT next_distribution_id, next_position, pending FROM subscriptions WHERE subscription_id = ?1")?
+                .prepare_cached(
+                    "SELECT next_distribution_id, next_position, pending FROM subscriptions WHERE subscription_id = ?1",
+                )?
                 .query_row([subscription_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             let queued = pending < backlog_cap;
             if queued {
@@ -543,7 +575,9 @@ fn record(conn: &Connection, attempt: &Attempt) -> Result<(), StoreError> {
         }
         Outcome::Failed { error } => {
             let updated = conn
-                .prepare_cached("UPDATE queue SET attempts = attempts + 1 WHERE subscription_id = ?1 AND position = ?2")?
+                .prepare_cached(
+                    "UPDATE queue SET attempts = attempts + 1 WHERE subscription_id = ?1 AND position = ?2",
+                )?
                 .execute(key)?;
             if updated == 0 {
                 return Ok(());
@@ -575,7 +609,12 @@ fn record(conn: &Connection, attempt: &Attempt) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn replay(conn: &Connection, subscription_id: i64, distribution_ids: Option<&[i64]>, now: Millis) -> Result<usize, StoreError> {
+fn replay(
+    conn: &Connection,
+    subscription_id: i64,
+    distribution_ids: Option<&[i64]>,
+    now: Millis,
+) -> Result<usize, StoreError> {
     let letters: Vec<(i64, i64)> = {
         let mut stmt = conn.prepare_cached(
             "SELECT distribution_id, event_id FROM dead_letters WHERE subscription_id = ?1 ORDER BY distribution_id",
@@ -623,7 +662,8 @@ fn drop_subscription(conn: &Connection, subscription_id: i64) -> Result<(), Stor
 
 fn expire(conn: &Connection, before: Millis) -> Result<usize, StoreError> {
     let expired: Vec<(i64, i64, i64)> = {
-        let mut stmt = conn.prepare_cached("SELECT subscription_id, distribution_id, event_id FROM dead_letters WHERE dead_at < ?1")?;
+        let mut stmt = conn
+            .prepare_cached("SELECT subscription_id, distribution_id, event_id FROM dead_letters WHERE dead_at < ?1")?;
         let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         rows.collect::<Result<_, _>>()?
     };
@@ -675,7 +715,11 @@ mod tests {
         }
         let conn = store.reader.lock().unwrap();
         let stmt = conn.prepare_cached(QUEUED_SQL).unwrap();
-        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0, "binding LIMIT must not expire the cached statement");
+        assert_eq!(
+            stmt.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "binding LIMIT must not expire the cached statement"
+        );
     }
 
     #[tokio::test]
@@ -690,14 +734,20 @@ mod tests {
         let dir = temp_dir("fanout");
         let store = SqliteStore::open(&dir, limits()).unwrap();
         let out = store.publish(vec![event("a", &[1, 2]), event("b", &[2]), event("none", &[])]).await.unwrap();
-        assert_eq!(out[0], vec![
-            Fanout { subscription_id: 1, distribution_id: 1, queued: true },
-            Fanout { subscription_id: 2, distribution_id: 1, queued: true }
-        ]);
+        assert_eq!(
+            out[0],
+            vec![
+                Fanout { subscription_id: 1, distribution_id: 1, queued: true },
+                Fanout { subscription_id: 2, distribution_id: 1, queued: true }
+            ]
+        );
         assert_eq!(out[1], vec![Fanout { subscription_id: 2, distribution_id: 2, queued: true }]);
         assert!(out[2].is_empty());
         let queued = store.queued(2, 0, 10).await.unwrap();
-        assert_eq!(queued.iter().map(|q| (q.distribution_id, q.body.as_str())).collect::<Vec<_>>(), [(1, "a"), (2, "b")]);
+        assert_eq!(
+            queued.iter().map(|q| (q.distribution_id, q.body.as_str())).collect::<Vec<_>>(),
+            [(1, "a"), (2, "b")]
+        );
         assert_eq!(store.counters(2).await.unwrap().pending, 2);
         assert_eq!(store.pending_total().await.unwrap(), 3);
     }
@@ -708,10 +758,19 @@ mod tests {
         let store = SqliteStore::open(&dir, limits()).unwrap();
         store.publish(vec![event("a", &[7]), event("b", &[7])]).await.unwrap();
         attempt(&store, 7, 1, Outcome::Failed { error: "500".into() }).await;
-        attempt(&store, 7, 1, Outcome::DeadLettered { error: "500".into(), reason: "MaxAttempts".into(), attempted: true }).await;
+        attempt(
+            &store,
+            7,
+            1,
+            Outcome::DeadLettered { error: "500".into(), reason: "MaxAttempts".into(), attempted: true },
+        )
+        .await;
         attempt(&store, 7, 2, Outcome::Delivered).await;
         let counters = store.counters(7).await.unwrap();
-        assert_eq!((counters.total, counters.failure, counters.delivered, counters.dead_lettered, counters.pending), (3, 2, 1, 1, 0));
+        assert_eq!(
+            (counters.total, counters.failure, counters.delivered, counters.dead_lettered, counters.pending),
+            (3, 2, 1, 1, 0)
+        );
         let letters = store.dead_letters(7, 10).await.unwrap();
         assert_eq!((letters[0].distribution_id, letters[0].attempts, letters[0].body.as_str()), (1, 2, "a"));
 

@@ -87,14 +87,22 @@ async fn answer(
 ) -> Response {
     let count = {
         let mut log = log.lock().unwrap();
-        let headers = headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string())).collect();
+        let headers =
+            headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string())).collect();
         let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-        log.received.push(Received { behaviour: behaviour.clone(), key: key.clone(), headers, body, at: Instant::now() });
+        log.received.push(Received {
+            behaviour: behaviour.clone(),
+            key: key.clone(),
+            headers,
+            body,
+            at: Instant::now(),
+        });
         let count = log.counts.entry(key.clone()).or_default();
         *count += 1;
         *count
     };
-    let (name, arg) = behaviour.split_once('-').map(|(n, a)| (n, a.parse::<u64>().unwrap_or(0))).unwrap_or((behaviour.as_str(), 0));
+    let (name, arg) =
+        behaviour.split_once('-').map(|(n, a)| (n, a.parse::<u64>().unwrap_or(0))).unwrap_or((behaviour.as_str(), 0));
     match (name, behaviour.as_str()) {
         (_, "ok") => (StatusCode::OK, "ok").into_response(),
         (_, "body-ok") => (StatusCode::INTERNAL_SERVER_ERROR, r#"{"result": true}"#).into_response(),
@@ -111,7 +119,9 @@ async fn answer(
             tokio::time::sleep(Duration::from_millis(arg)).await;
             StatusCode::OK.into_response()
         }
-        ("throttle", _) if count == 1 => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", arg.to_string())]).into_response(),
+        ("throttle", _) if count == 1 => {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", arg.to_string())]).into_response()
+        }
         ("throttle", _) => StatusCode::OK.into_response(),
         ("big", _) => {
             let chunk = Bytes::from(vec![b'x'; 1 << 20]);

@@ -29,7 +29,8 @@ pub async fn cluster() -> Cluster {
     }));
     let tools = PathBuf::from(std::env::var("HERALD_TOOLS_BIN").expect("HERALD_TOOLS_BIN is set by tests/run.sh"));
     let kc = Kubeconfig::read_from(&kubeconfig).expect("readable kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");
     let client = Client::try_from(config).expect("kube client");
     Cluster { client, kubeconfig, tools }
 }
@@ -54,8 +55,10 @@ impl Cluster {
         let name = unique(prefix);
         let mut all = BTreeMap::from([("herald.dev/test".to_string(), "true".to_string())]);
         all.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let ns =
-            Namespace { metadata: ObjectMeta { name: Some(name.clone()), labels: Some(all), ..Default::default() }, ..Default::default() };
+        let ns = Namespace {
+            metadata: ObjectMeta { name: Some(name.clone()), labels: Some(all), ..Default::default() },
+            ..Default::default()
+        };
         Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
         TestNamespace { name, kubectl: self.tools.join("kubectl"), kubeconfig: self.kubeconfig.clone() }
     }
@@ -72,7 +75,8 @@ impl Cluster {
     /// A ServiceAccount in `namespace` and a token for it with `audience`.
     pub fn service_account_token(&self, namespace: &str, name: &str, audience: &str) -> String {
         let _ = self.kubectl(&["create", "serviceaccount", name, "-n", namespace]);
-        let (ok, token, err) = self.kubectl(&["create", "token", name, "-n", namespace, "--audience", audience, "--duration", "1h"]);
+        let (ok, token, err) =
+            self.kubectl(&["create", "token", name, "-n", namespace, "--audience", audience, "--duration", "1h"]);
         assert!(ok, "create token: {err}");
         token.trim().to_string()
     }
@@ -112,7 +116,10 @@ impl Cluster {
     /// API server waits until it is ready. Blocking, so that a guard's drop can call it.
     pub fn start_component(&self, name: &str) {
         let state = PathBuf::from(std::env::var("HERALD_CONTROLPLANE").expect("HERALD_CONTROLPLANE"));
-        let script = format!("cd {state} && {{ eval \"exec $(cat {name}.cmd)\" >> {name}.log 2>&1 & echo $! > {name}.pid; }}", state = state.display());
+        let script = format!(
+            "cd {state} && {{ eval \"exec $(cat {name}.cmd)\" >> {name}.log 2>&1 & echo $! > {name}.pid; }}",
+            state = state.display()
+        );
         let status = Command::new("bash").args(["-c", &script]).status().expect("restart component");
         assert!(status.success());
         if name == "kube-apiserver" {
@@ -134,7 +141,8 @@ impl Cluster {
     /// authenticates with `token` only.
     pub fn kubeconfig_with_token(&self, file: &std::path::Path, token: &str) -> PathBuf {
         let admin: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig")).expect("kubeconfig YAML");
+            serde_yaml::from_str(&std::fs::read_to_string(&self.kubeconfig).expect("read kubeconfig"))
+                .expect("kubeconfig YAML");
         let context_name = admin["current-context"].as_str().expect("current-context");
         let contexts = admin["contexts"].as_sequence().expect("contexts");
         let context = contexts.iter().find(|c| c["name"].as_str() == Some(context_name)).expect("current context");
@@ -162,9 +170,17 @@ impl Cluster {
 
     /// Runs the test control plane's kubectl; returns (success, stdout, stderr).
     pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
-        let out =
-            Command::new(self.tools.join("kubectl")).arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().expect("run kubectl");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = Command::new(self.tools.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -235,7 +251,13 @@ impl Herald {
     }
 
     /// Starts herald as instance `instance` without waiting for readiness.
-    pub fn spawn(cluster: &Cluster, namespace: &str, config_yaml: &str, dir: &std::path::Path, instance: &str) -> Herald {
+    pub fn spawn(
+        cluster: &Cluster,
+        namespace: &str,
+        config_yaml: &str,
+        dir: &std::path::Path,
+        instance: &str,
+    ) -> Herald {
         let port = free_port();
         std::fs::create_dir_all(dir).expect("temp dir");
         let mut config_value: serde_yaml::Value = serde_yaml::from_str(&format!(
@@ -369,11 +391,15 @@ pub async fn wait_for(
 }
 
 pub async fn wait_ready(api: &Api<EventSubscription>, name: &str) -> EventSubscription {
-    wait_for(api, name, Duration::from_secs(30), "Ready=True", |s| ready(s).is_some_and(|(status, _)| status == "True")).await
+    wait_for(api, name, Duration::from_secs(30), "Ready=True", |s| ready(s).is_some_and(|(status, _)| status == "True"))
+        .await
 }
 
 pub async fn wait_reason(api: &Api<EventSubscription>, name: &str, reason: &str) -> EventSubscription {
-    wait_for(api, name, Duration::from_secs(30), reason, |s| ready(s).is_some_and(|(status, r)| status == "False" && r == reason)).await
+    wait_for(api, name, Duration::from_secs(30), reason, |s| {
+        ready(s).is_some_and(|(status, r)| status == "False" && r == reason)
+    })
+    .await
 }
 
 /// An EventSubscription from YAML-like JSON.

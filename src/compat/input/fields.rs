@@ -37,10 +37,7 @@ pub(super) fn integer(body: &Body, key: &str) -> Result<Option<i64>, ApiError> {
 
 /// The trimmed value of a required string, or 1199010 naming it when absent or blank.
 pub(super) fn required<'a>(value: Option<&'a str>, key: &str) -> Result<&'a str, ApiError> {
-    value
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| ApiError::missing(key))
+    value.map(str::trim).filter(|v| !v.is_empty()).ok_or_else(|| ApiError::missing(key))
 }
 
 fn json_decode() -> ApiError {
@@ -61,14 +58,8 @@ mod tests {
 
     #[test]
     fn objects_only() {
-        let table: [(&[u8], bool); 6] = [
-            (b"{}", true),
-            (br#"{"a": 1}"#, true),
-            (b"", false),
-            (b"[]", false),
-            (b"\"x\"", false),
-            (b"{", false),
-        ];
+        let table: [(&[u8], bool); 6] =
+            [(b"{}", true), (br#"{"a": 1}"#, true), (b"", false), (b"[]", false), (b"\"x\"", false), (b"{", false)];
         for (raw, ok) in table {
             assert_eq!(object(raw).is_ok(), ok, "{}", String::from_utf8_lossy(raw));
         }
@@ -115,10 +106,7 @@ mod tests {
         let table = [(Some(" a "), Ok("a")), (Some("  "), Err("k")), (None, Err("k"))];
         for (value, expected) in table {
             let result = required(value, "k").map_err(|e| (e.code, e.detail));
-            assert_eq!(
-                result,
-                expected.map_err(|k| (ErrorCode::FieldMissing, Some(k.to_string())))
-            );
+            assert_eq!(result, expected.map_err(|k| (ErrorCode::FieldMissing, Some(k.to_string()))));
         }
     }
 }

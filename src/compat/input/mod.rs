@@ -48,10 +48,7 @@ impl SubscriptionInput {
             subscription_name: self.subscription_name.clone(),
             system_name: Some(self.system_name.clone()),
             callback_url: self.callback_url.clone(),
-            confirm: Some(Confirm {
-                mode: Some(self.confirm_mode),
-                pattern: Some(self.confirm_pattern.clone()),
-            }),
+            confirm: Some(Confirm { mode: Some(self.confirm_mode), pattern: Some(self.confirm_pattern.clone()) }),
             events: self.events.clone(),
             timeout_seconds: Some(self.timeout_seconds),
             ..Default::default()
@@ -153,9 +150,7 @@ fn parse_confirm_pattern(mode: ConfirmMode, pattern: &str) -> Result<String, Api
             _ => Err(invalid()),
         },
         ConfirmMode::Regular if pattern.chars().count() > MAX_PATTERN_CHARS => Err(invalid()),
-        ConfirmMode::Regular => compile_confirm_regex(pattern)
-            .map(|_| pattern.to_string())
-            .map_err(|_| invalid()),
+        ConfirmMode::Regular => compile_confirm_regex(pattern).map(|_| pattern.to_string()).map_err(|_| invalid()),
     }
 }
 
@@ -232,16 +227,8 @@ mod tests {
         let table: [(Value, Pick, &str); 16] = [
             (json!({"confirm_mode": ""}), mode, "Httpstatus"),
             (json!({"confirm_mode": null}), mode, "Httpstatus"),
-            (
-                json!({"confirm_mode": "regular", "confirm_pattern": " ok "}),
-                mode,
-                "Regular",
-            ),
-            (
-                json!({"confirm_mode": "regular", "confirm_pattern": " ok "}),
-                pattern,
-                " ok ",
-            ),
+            (json!({"confirm_mode": "regular", "confirm_pattern": " ok "}), mode, "Regular"),
+            (json!({"confirm_mode": "regular", "confirm_pattern": " ok "}), pattern, " ok "),
             (json!({"confirm_mode": "regular", "confirm_pattern": ""}), pattern, ""),
             (json!({"confirm_pattern": " 204 "}), pattern, "204"),
             (json!({"confirm_pattern": ""}), pattern, "200"),
@@ -271,49 +258,17 @@ mod tests {
             (b"{".to_vec(), ErrorCode::JsonDecode, None),
             (with(json!({"subscription_name": 5})), ErrorCode::JsonDecode, None),
             (with(json!({"confirm_mode": 1})), ErrorCode::JsonDecode, None),
-            (
-                with(json!({"subscription_form": ["hostcreate"]})),
-                ErrorCode::JsonDecode,
-                None,
-            ),
+            (with(json!({"subscription_form": ["hostcreate"]})), ErrorCode::JsonDecode, None),
             (with(json!({"time_out": "soon"})), ErrorCode::JsonDecode, None),
             (with(json!({"timeout": 1.5})), ErrorCode::JsonDecode, None),
-            (
-                with(json!({"time_out": 30, "timeout": true})),
-                ErrorCode::JsonDecode,
-                None,
-            ),
+            (with(json!({"time_out": 30, "timeout": true})), ErrorCode::JsonDecode, None),
             // Type errors come before missing fields.
-            (
-                with(json!({"-subscription_name": null, "system_name": 1})),
-                ErrorCode::JsonDecode,
-                None,
-            ),
-            (
-                with(json!({"-subscription_name": null})),
-                ErrorCode::FieldMissing,
-                Some("subscription_name"),
-            ),
-            (
-                with(json!({"subscription_name": "  "})),
-                ErrorCode::FieldMissing,
-                Some("subscription_name"),
-            ),
-            (
-                with(json!({"-callback_url": null})),
-                ErrorCode::FieldMissing,
-                Some("callback_url"),
-            ),
-            (
-                with(json!({"subscription_form": " , ,"})),
-                ErrorCode::FieldMissing,
-                Some("subscription_form"),
-            ),
-            (
-                with(json!({"subscription_form": ""})),
-                ErrorCode::FieldMissing,
-                Some("subscription_form"),
-            ),
+            (with(json!({"-subscription_name": null, "system_name": 1})), ErrorCode::JsonDecode, None),
+            (with(json!({"-subscription_name": null})), ErrorCode::FieldMissing, Some("subscription_name")),
+            (with(json!({"subscription_name": "  "})), ErrorCode::FieldMissing, Some("subscription_name")),
+            (with(json!({"-callback_url": null})), ErrorCode::FieldMissing, Some("callback_url")),
+            (with(json!({"subscription_form": " , ,"})), ErrorCode::FieldMissing, Some("subscription_form")),
+            (with(json!({"subscription_form": ""})), ErrorCode::FieldMissing, Some("subscription_form")),
             // Missing fields are reported in bk-cmdb's order.
             (
                 with(json!({"-subscription_name": null, "-callback_url": null, "-subscription_form": null})),
@@ -325,31 +280,11 @@ mod tests {
                 ErrorCode::FieldMissing,
                 Some("callback_url"),
             ),
-            (
-                with(json!({"confirm_mode": "HTTPSTATUS"})),
-                ErrorCode::FieldInvalid,
-                Some("confirm_mode"),
-            ),
-            (
-                with(json!({"confirm_mode": "1"})),
-                ErrorCode::FieldInvalid,
-                Some("confirm_mode"),
-            ),
-            (
-                with(json!({"confirm_pattern": "2000"})),
-                ErrorCode::FieldInvalid,
-                Some("confirm_pattern"),
-            ),
-            (
-                with(json!({"confirm_pattern": "600"})),
-                ErrorCode::FieldInvalid,
-                Some("confirm_pattern"),
-            ),
-            (
-                with(json!({"confirm_pattern": "ok"})),
-                ErrorCode::FieldInvalid,
-                Some("confirm_pattern"),
-            ),
+            (with(json!({"confirm_mode": "HTTPSTATUS"})), ErrorCode::FieldInvalid, Some("confirm_mode")),
+            (with(json!({"confirm_mode": "1"})), ErrorCode::FieldInvalid, Some("confirm_mode")),
+            (with(json!({"confirm_pattern": "2000"})), ErrorCode::FieldInvalid, Some("confirm_pattern")),
+            (with(json!({"confirm_pattern": "600"})), ErrorCode::FieldInvalid, Some("confirm_pattern")),
+            (with(json!({"confirm_pattern": "ok"})), ErrorCode::FieldInvalid, Some("confirm_pattern")),
             (
                 with(json!({"confirm_mode": "regular", "confirm_pattern": "ok("})),
                 ErrorCode::FieldInvalid,
@@ -360,46 +295,14 @@ mod tests {
                 ErrorCode::FieldInvalid,
                 Some("confirm_pattern"),
             ),
-            (
-                with(json!({"callback_url": "127.0.0.1:9000/cb"})),
-                ErrorCode::FieldInvalid,
-                Some("callback_url"),
-            ),
-            (
-                with(json!({"callback_url": "ftp://127.0.0.1/"})),
-                ErrorCode::FieldInvalid,
-                Some("callback_url"),
-            ),
-            (
-                with(json!({"time_out": 301})),
-                ErrorCode::FieldInvalid,
-                Some("time_out"),
-            ),
-            (
-                with(json!({"timeout": "301"})),
-                ErrorCode::FieldInvalid,
-                Some("timeout"),
-            ),
-            (
-                with(json!({"subscription_form": many.join(",")})),
-                ErrorCode::FieldInvalid,
-                Some("subscription_form"),
-            ),
-            (
-                with(json!({"subscription_form": "x".repeat(129)})),
-                ErrorCode::FieldInvalid,
-                Some("subscription_form"),
-            ),
-            (
-                with(json!({"subscription_name": long})),
-                ErrorCode::FieldInvalid,
-                Some("subscription_name"),
-            ),
-            (
-                with(json!({"system_name": long})),
-                ErrorCode::FieldInvalid,
-                Some("system_name"),
-            ),
+            (with(json!({"callback_url": "127.0.0.1:9000/cb"})), ErrorCode::FieldInvalid, Some("callback_url")),
+            (with(json!({"callback_url": "ftp://127.0.0.1/"})), ErrorCode::FieldInvalid, Some("callback_url")),
+            (with(json!({"time_out": 301})), ErrorCode::FieldInvalid, Some("time_out")),
+            (with(json!({"timeout": "301"})), ErrorCode::FieldInvalid, Some("timeout")),
+            (with(json!({"subscription_form": many.join(",")})), ErrorCode::FieldInvalid, Some("subscription_form")),
+            (with(json!({"subscription_form": "x".repeat(129)})), ErrorCode::FieldInvalid, Some("subscription_form")),
+            (with(json!({"subscription_name": long})), ErrorCode::FieldInvalid, Some("subscription_name")),
+            (with(json!({"system_name": long})), ErrorCode::FieldInvalid, Some("system_name")),
             (
                 with(json!({"confirm_mode": "bogus", "callback_url": "nope"})),
                 ErrorCode::FieldInvalid,
@@ -455,12 +358,7 @@ mod tests {
         // The effective view of the written spec is what the client sent.
         let effective = crate::effective::Effective::from_spec(&spec);
         assert_eq!(
-            (
-                effective.subscription_name,
-                effective.events,
-                effective.confirm_pattern,
-                effective.timeout.as_secs()
-            ),
+            (effective.subscription_name, effective.events, effective.confirm_pattern, effective.timeout.as_secs()),
             (input.subscription_name, input.events, input.confirm_pattern, 30)
         );
     }

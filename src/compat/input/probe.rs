@@ -35,10 +35,7 @@ pub fn parse_ping(body: &[u8]) -> Result<PingInput, ApiError> {
     };
     let callback_url = fields::required(callback_url, "callback_url")?;
     parse_http_url(callback_url).ok_or_else(|| ApiError::invalid("callback_url"))?;
-    Ok(PingInput {
-        callback_url: callback_url.to_string(),
-        data,
-    })
+    Ok(PingInput { callback_url: callback_url.to_string(), data })
 }
 
 /// `{callback_url}` → host and port. The port defaults by scheme, 80 for http and 443 for
@@ -57,10 +54,7 @@ pub fn parse_telnet(body: &[u8]) -> Result<DialTarget, ApiError> {
     };
     let host = url.host_str().ok_or_else(invalid)?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    Ok(DialTarget {
-        host: host.to_string(),
-        port,
-    })
+    Ok(DialTarget { host: host.to_string(), port })
 }
 
 #[cfg(test)]
@@ -76,91 +70,43 @@ mod tests {
 
     #[test]
     fn ping_bodies() {
-        let ok = |data: &str| {
-            Ok(PingInput {
-                callback_url: "http://127.0.0.1:9000/cb".into(),
-                data: data.into(),
-            })
-        };
+        let ok = |data: &str| Ok(PingInput { callback_url: "http://127.0.0.1:9000/cb".into(), data: data.into() });
         let table: [(&str, Outcome<PingInput>); 11] = [
-            (
-                r#"{"callback_url": "http://127.0.0.1:9000/cb", "data": "{\"a\": 1}"}"#,
-                ok(r#"{"a": 1}"#),
-            ),
-            (
-                r#"{"callback_url": " http://127.0.0.1:9000/cb ", "data": {"a": [1, 2]}}"#,
-                ok(r#"{"a":[1,2]}"#),
-            ),
+            (r#"{"callback_url": "http://127.0.0.1:9000/cb", "data": "{\"a\": 1}"}"#, ok(r#"{"a": 1}"#)),
+            (r#"{"callback_url": " http://127.0.0.1:9000/cb ", "data": {"a": [1, 2]}}"#, ok(r#"{"a":[1,2]}"#)),
             (r#"{"callback_url": "http://127.0.0.1:9000/cb", "data": 5}"#, ok("5")),
             (r#"{"callback_url": "http://127.0.0.1:9000/cb", "data": null}"#, ok("")),
             (r#"{"callback_url": "http://127.0.0.1:9000/cb"}"#, ok("")),
-            (
-                r#"{"data": "x"}"#,
-                Err(failure(ErrorCode::FieldMissing, Some("callback_url"))),
-            ),
-            (
-                r#"{"callback_url": " "}"#,
-                Err(failure(ErrorCode::FieldMissing, Some("callback_url"))),
-            ),
-            (
-                r#"{"callback_url": "127.0.0.1:9000"}"#,
-                Err(failure(ErrorCode::FieldInvalid, Some("callback_url"))),
-            ),
-            (
-                r#"{"callback_url": "ftp://127.0.0.1/"}"#,
-                Err(failure(ErrorCode::FieldInvalid, Some("callback_url"))),
-            ),
+            (r#"{"data": "x"}"#, Err(failure(ErrorCode::FieldMissing, Some("callback_url")))),
+            (r#"{"callback_url": " "}"#, Err(failure(ErrorCode::FieldMissing, Some("callback_url")))),
+            (r#"{"callback_url": "127.0.0.1:9000"}"#, Err(failure(ErrorCode::FieldInvalid, Some("callback_url")))),
+            (r#"{"callback_url": "ftp://127.0.0.1/"}"#, Err(failure(ErrorCode::FieldInvalid, Some("callback_url")))),
             (r#"{"callback_url": 1}"#, Err(failure(ErrorCode::JsonDecode, None))),
             (r#"["http://127.0.0.1/"]"#, Err(failure(ErrorCode::JsonDecode, None))),
         ];
         for (body, expected) in table {
-            assert_eq!(
-                parse_ping(body.as_bytes()).map_err(|e| (e.code, e.detail)),
-                expected,
-                "{body}"
-            );
+            assert_eq!(parse_ping(body.as_bytes()).map_err(|e| (e.code, e.detail)), expected, "{body}");
         }
     }
 
     #[test]
     fn telnet_bodies() {
-        let ok = |host: &str, port| {
-            Ok(DialTarget {
-                host: host.into(),
-                port,
-            })
-        };
+        let ok = |host: &str, port| Ok(DialTarget { host: host.into(), port });
         let table: [(&str, Outcome<DialTarget>); 11] = [
             (r#"{"callback_url": "http://127.0.0.1:9000/cb"}"#, ok("127.0.0.1", 9000)),
             (r#"{"callback_url": "http://example.com/cb"}"#, ok("example.com", 80)),
             (r#"{"callback_url": "https://example.com/cb"}"#, ok("example.com", 443)),
-            (
-                r#"{"callback_url": "https://example.com:80/cb"}"#,
-                ok("example.com", 80),
-            ),
+            (r#"{"callback_url": "https://example.com:80/cb"}"#, ok("example.com", 80)),
             (r#"{"callback_url": "http://[::1]/cb"}"#, ok("::1", 80)),
             (r#"{"callback_url": "tcp://127.0.0.1:25"}"#, ok("127.0.0.1", 25)),
-            (
-                r#"{"callback_url": "tcp://127.0.0.1"}"#,
-                Err(failure(ErrorCode::FieldInvalid, Some("callback_url"))),
-            ),
-            (
-                r#"{"callback_url": "127.0.0.1:9000"}"#,
-                Err(failure(ErrorCode::FieldInvalid, Some("callback_url"))),
-            ),
-            (
-                r#"{"callback_url": "http://"}"#,
-                Err(failure(ErrorCode::FieldInvalid, Some("callback_url"))),
-            ),
+            (r#"{"callback_url": "tcp://127.0.0.1"}"#, Err(failure(ErrorCode::FieldInvalid, Some("callback_url")))),
+            (r#"{"callback_url": "127.0.0.1:9000"}"#, Err(failure(ErrorCode::FieldInvalid, Some("callback_url")))),
+            (r#"{"callback_url": "http://"}"#, Err(failure(ErrorCode::FieldInvalid, Some("callback_url")))),
             (r#"{}"#, Err(failure(ErrorCode::FieldMissing, Some("callback_url")))),
             (r#"{"callback_url": false}"#, Err(failure(ErrorCode::JsonDecode, None))),
         ];
         for (body, expected) in table {
-            assert_eq!(
-                parse_telnet(body.as_bytes()).map_err(|e| (e.code, e.detail)),
-                expected,
-                "{body}"
-            );
+            assert_eq!(parse_telnet(body.as_bytes()).map_err(|e| (e.code, e.detail)), expected, "{body}");
         }
     }
 }

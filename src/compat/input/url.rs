@@ -50,9 +50,8 @@ fn is_host_and_port(text: &str) -> bool {
         },
         None => {
             let (host, port) = text.split_once(':').unwrap_or((text, ""));
-            let host_chars_ok = host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~') || !c.is_ascii());
+            let host_chars_ok =
+                host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~') || !c.is_ascii());
             if !host_chars_ok {
                 return false;
             }
@@ -65,11 +64,11 @@ fn is_host_and_port(text: &str) -> bool {
 /// Every `%` starts a two-hex-digit escape.
 fn percent_escapes_are_valid(raw: &str) -> bool {
     let bytes = raw.as_bytes();
-    bytes.iter().enumerate().filter(|(_, b)| **b == b'%').all(|(i, _)| {
-        bytes
-            .get(i + 1..i + 3)
-            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-    })
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'%')
+        .all(|(i, _)| bytes.get(i + 1..i + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)))
 }
 
 #[cfg(test)]

@@ -124,13 +124,7 @@ fn parse_field(path: &str, value: &Value) -> Result<Vec<Node>, ApiError> {
         Value::Object(operators) if operators.keys().any(|k| k.starts_with('$')) => parse_operators(operators)?,
         literal => vec![Test::Eq(literal.clone())],
     };
-    Ok(tests
-        .into_iter()
-        .map(|test| Node::Field {
-            path: segments.clone(),
-            test,
-        })
-        .collect())
+    Ok(tests.into_iter().map(|test| Node::Field { path: segments.clone(), test }).collect())
 }
 
 fn parse_operators(operators: &Map<String, Value>) -> Result<Vec<Test>, ApiError> {
@@ -229,8 +223,7 @@ impl Bound {
 
 /// The value at a path (the segments of a dotted name), through nested objects.
 pub(super) fn lookup<'a, 'p>(record: &'a Value, path: impl IntoIterator<Item = &'p str>) -> Option<&'a Value> {
-    path.into_iter()
-        .try_fold(record, |value, segment| value.as_object()?.get(segment))
+    path.into_iter().try_fold(record, |value, segment| value.as_object()?.get(segment))
 }
 
 /// MongoDB equality: the field equals the value, or is an array with an element equal to
@@ -240,9 +233,7 @@ fn field_equals(field: Option<&Value>, wanted: &Value) -> bool {
         None => wanted.is_null(),
         Some(value) => {
             values_equal(value, wanted)
-                || value
-                    .as_array()
-                    .is_some_and(|items| items.iter().any(|v| values_equal(v, wanted)))
+                || value.as_array().is_some_and(|items| items.iter().any(|v| values_equal(v, wanted)))
         }
     }
 }
@@ -352,14 +343,8 @@ mod tests {
             (json!({"subscription_form": {"$regex": "hostupdate"}}), true),
             (json!({"subscription_form": {"$regex": "^hostupdate"}}), false),
             (json!({"subscription_name": {"$regex": "^hosts$"}}), false),
-            (
-                json!({"subscription_name": {"$regex": "^hosts$", "$options": "i"}}),
-                true,
-            ),
-            (
-                json!({"subscription_name": {"$regex": "^ h o s t s $", "$options": "ix"}}),
-                true,
-            ),
+            (json!({"subscription_name": {"$regex": "^hosts$", "$options": "i"}}), true),
+            (json!({"subscription_name": {"$regex": "^ h o s t s $", "$options": "ix"}}), true),
             (json!({"subscription_id": {"$regex": "7"}}), false),
             (json!({"tags": "b"}), true),
             (json!({"tags": 3.0}), true),
@@ -373,10 +358,7 @@ mod tests {
             (json!({"$and": [{"subscription_id": 7}, {"time_out": 11}]}), false),
             (json!({"$or": [{"subscription_id": 1}, {"time_out": 10}]}), true),
             (json!({"$or": [{"subscription_id": 1}, {"time_out": 11}]}), false),
-            (
-                json!({"$or": [{"$and": [{"subscription_id": 7}, {"tags": "a"}]}, {"subscription_id": 1}]}),
-                true,
-            ),
+            (json!({"$or": [{"$and": [{"subscription_id": 7}, {"tags": "a"}]}, {"subscription_id": 1}]}), true),
             (json!({"subscription_id": 7, "$or": [{"time_out": 11}]}), false),
         ];
         for (condition, expected) in table {
@@ -423,21 +405,9 @@ mod tests {
             (json!({}), json!({"bk_supplier_account": "0"}), true),
             (json!({}), json!({"bk_supplier_account": "1"}), false),
             (json!({}), json!({}), false),
-            (
-                json!({"bk_supplier_account": "1"}),
-                json!({"bk_supplier_account": "1"}),
-                false,
-            ),
-            (
-                json!({"$or": [{"a": 1}, {"b": 1}]}),
-                json!({"a": 1, "bk_supplier_account": "0"}),
-                true,
-            ),
-            (
-                json!({"$or": [{"a": 1}, {"b": 1}]}),
-                json!({"a": 1, "bk_supplier_account": "2"}),
-                false,
-            ),
+            (json!({"bk_supplier_account": "1"}), json!({"bk_supplier_account": "1"}), false),
+            (json!({"$or": [{"a": 1}, {"b": 1}]}), json!({"a": 1, "bk_supplier_account": "0"}), true),
+            (json!({"$or": [{"a": 1}, {"b": 1}]}), json!({"a": 1, "bk_supplier_account": "2"}), false),
         ];
         for (condition, record, expected) in table {
             let mut filter = Filter::parse(&condition).unwrap();
@@ -457,11 +427,7 @@ mod tests {
             (json!({"m": i64::MIN + 1}), false),
         ];
         for (condition, expected) in table {
-            assert_eq!(
-                Filter::parse(&condition).unwrap().matches(&record),
-                expected,
-                "{condition}"
-            );
+            assert_eq!(Filter::parse(&condition).unwrap().matches(&record), expected, "{condition}");
         }
     }
 }

@@ -67,11 +67,7 @@ impl SearchRequest {
             Some(Value::Object(page)) => Page::from_map(page)?,
             Some(_) => return Err(json_decode()),
         };
-        Ok(SearchRequest {
-            condition,
-            fields: parse_fields(body.get("fields"))?,
-            page,
-        })
+        Ok(SearchRequest { condition, fields: parse_fields(body.get("fields"))?, page })
     }
 }
 
@@ -127,10 +123,7 @@ fn page_size(limit: i64, max_limit: Option<usize>) -> usize {
 fn sort_keys(requested: &[SortKey]) -> Vec<SortKey> {
     let mut keys = requested.to_vec();
     if !keys.iter().any(|key| key.field == ID_FIELD) {
-        keys.push(SortKey {
-            field: ID_FIELD.to_string(),
-            descending: false,
-        });
+        keys.push(SortKey { field: ID_FIELD.to_string(), descending: false });
     }
     keys
 }
@@ -206,10 +199,7 @@ fn parse_sort(sort: Option<&Value>) -> Result<Vec<SortKey>, ApiError> {
                 None => (item.strip_prefix('+').unwrap_or(item), false),
             };
             let field = field.trim();
-            (!field.is_empty()).then(|| SortKey {
-                field: field.to_string(),
-                descending,
-            })
+            (!field.is_empty()).then(|| SortKey { field: field.to_string(), descending })
         })
         .collect())
 }
@@ -218,10 +208,7 @@ fn parse_sort(sort: Option<&Value>) -> Result<Vec<SortKey>, ApiError> {
 fn integer(value: Option<&Value>) -> Result<i64, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(0),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .ok_or_else(json_decode),
+        Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)).ok_or_else(json_decode),
         Some(_) => Err(json_decode()),
     }
 }
@@ -236,10 +223,7 @@ mod tests {
     use serde_json::json;
 
     fn key(field: &str, descending: bool) -> SortKey {
-        SortKey {
-            field: field.to_string(),
-            descending,
-        }
+        SortKey { field: field.to_string(), descending }
     }
 
     #[test]
@@ -261,17 +245,9 @@ mod tests {
             (
                 br#"{"condition": null, "fields": null, "page": {"start": -5, "limit": -1, "sort": ""}}"#,
                 vec![],
-                Page {
-                    start: 0,
-                    limit: -1,
-                    sort: vec![],
-                },
+                Page { start: 0, limit: -1, sort: vec![] },
             ),
-            (
-                br#"{"page": null, "bk_supplier_account": "0"}"#,
-                vec![],
-                Page::default(),
-            ),
+            (br#"{"page": null, "bk_supplier_account": "0"}"#, vec![], Page::default()),
         ];
         for (body, fields, page) in table {
             let request =
@@ -293,20 +269,11 @@ mod tests {
             (br#"{"page": {"start": true}}"#, ErrorCode::JsonDecode, None),
             (br#"{"page": {"sort": ["a"]}}"#, ErrorCode::JsonDecode, None),
             (br#"{"condition": "a = 1"}"#, ErrorCode::FieldInvalid, Some("condition")),
-            (
-                br#"{"condition": {"$where": "1"}}"#,
-                ErrorCode::FieldInvalid,
-                Some("$where"),
-            ),
+            (br#"{"condition": {"$where": "1"}}"#, ErrorCode::FieldInvalid, Some("$where")),
         ];
         for (body, code, detail) in table {
             let error = SearchRequest::parse(body).expect_err(&String::from_utf8_lossy(body));
-            assert_eq!(
-                (error.code, error.detail.as_deref()),
-                (code, detail),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert_eq!((error.code, error.detail.as_deref()), (code, detail), "{}", String::from_utf8_lossy(body));
         }
     }
 
@@ -321,51 +288,19 @@ mod tests {
     }
 
     fn ids(page: &[Value]) -> Vec<i64> {
-        page.iter()
-            .map(|r| r["subscription_id"].as_i64().unwrap_or(-1))
-            .collect()
+        page.iter().map(|r| r["subscription_id"].as_i64().unwrap_or(-1)).collect()
     }
 
     #[test]
     fn filters_sorts_and_pages() {
         let table: [(Value, Option<usize>, usize, Vec<i64>); 13] = [
             (json!({}), None, 5, vec![1, 2, 3, 4, 5]),
-            (
-                json!({"page": {"sort": "-subscription_id"}}),
-                None,
-                5,
-                vec![5, 4, 3, 2, 1],
-            ),
-            (
-                json!({"page": {"sort": "subscription_name"}}),
-                None,
-                5,
-                vec![5, 2, 3, 4, 1],
-            ),
-            (
-                json!({"page": {"sort": "-subscription_name"}}),
-                None,
-                5,
-                vec![1, 3, 4, 2, 5],
-            ),
-            (
-                json!({"page": {"sort": "statistics.total"}}),
-                None,
-                5,
-                vec![2, 5, 3, 4, 1],
-            ),
-            (
-                json!({"page": {"sort": "-statistics.total,-subscription_id"}}),
-                None,
-                5,
-                vec![1, 4, 3, 5, 2],
-            ),
-            (
-                json!({"condition": {"bk_supplier_account": "0"}}),
-                None,
-                4,
-                vec![1, 3, 4, 5],
-            ),
+            (json!({"page": {"sort": "-subscription_id"}}), None, 5, vec![5, 4, 3, 2, 1]),
+            (json!({"page": {"sort": "subscription_name"}}), None, 5, vec![5, 2, 3, 4, 1]),
+            (json!({"page": {"sort": "-subscription_name"}}), None, 5, vec![1, 3, 4, 2, 5]),
+            (json!({"page": {"sort": "statistics.total"}}), None, 5, vec![2, 5, 3, 4, 1]),
+            (json!({"page": {"sort": "-statistics.total,-subscription_id"}}), None, 5, vec![1, 4, 3, 5, 2]),
+            (json!({"condition": {"bk_supplier_account": "0"}}), None, 4, vec![1, 3, 4, 5]),
             (json!({"page": {"start": 1, "limit": 2}}), None, 5, vec![2, 3]),
             (json!({"page": {"start": 4, "limit": 0}}), None, 5, vec![5]),
             (json!({"page": {"start": 9}}), None, 5, vec![]),
@@ -396,10 +331,7 @@ mod tests {
                 json!({"subscription_id": 1, "subscription_name": "c", "bk_supplier_account": "0", "statistics": {"total": 9}}),
             ),
             (json!(["subscription_name"]), json!({"subscription_name": "c"})),
-            (
-                json!(["subscription_name", "nope", "statistics.total"]),
-                json!({"subscription_name": "c"}),
-            ),
+            (json!(["subscription_name", "nope", "statistics.total"]), json!({"subscription_name": "c"})),
         ];
         for (fields, expected) in table {
             let request = SearchRequest::from_value(&json!({"fields": fields, "page": {"limit": 1}})).unwrap();
