@@ -383,20 +383,21 @@ impl Raw {
     }
 }
 
-/// herald's own HTTP client stack (`delivery::http_client` with the callback guard, and
+/// herald's own HTTP client stack (`outbound::Outbound` with the callback guard, and
 /// `callback::send` with the same headers, timeout and body cap) and the same ~1 KB body.
 struct RawClient {
-    http: reqwest::Client,
-    guard: Arc<herald::delivery::guard::Guard>,
+    outbound: herald::outbound::Outbound,
     item: Arc<Queued>,
     url: Arc<String>,
 }
 
 impl RawClient {
     fn new(receiver: &Receiver) -> RawClient {
-        let guard =
-            herald::config::CallbackGuardConfig { allow_cidrs: vec!["127.0.0.0/8".into()], ..Default::default() };
-        let (http, guard) = herald::delivery::http_client(&guard).expect("herald's HTTP client");
+        let guard = herald::outbound::GuardConfig {
+            allow_cidrs: vec!["127.0.0.0/8".parse().expect("a CIDR")],
+            ..Default::default()
+        };
+        let outbound = herald::outbound::Outbound::new(&guard).expect("herald's HTTP client");
         let item = Arc::new(Queued {
             subscription_id: 1,
             position: 1,
@@ -406,7 +407,7 @@ impl RawClient {
             enqueued_at: 0,
             body: stored(event("bnchraw", 1, 0)),
         });
-        RawClient { http, guard, item, url: Arc::new(receiver.callback("raw")) }
+        RawClient { outbound, item, url: Arc::new(receiver.callback("raw")) }
     }
 
     fn body_bytes(&self) -> usize {
@@ -424,14 +425,12 @@ impl RawClient {
         let cpu = Arc::new(std::sync::Mutex::new((0.0, 0.0)));
         let workers: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (http, guard, item, url) =
-                    (self.http.clone(), self.guard.clone(), self.item.clone(), self.url.clone());
+                let (outbound, item, url) = (self.outbound.clone(), self.item.clone(), self.url.clone());
                 let (done, errors) = (done.clone(), errors.clone());
                 tokio::spawn(async move {
                     while Instant::now() < until {
                         let request = Request {
                             url: &url,
-                            guard: &guard,
                             item: &item,
                             attempt: 1,
                             timeout: Duration::from_secs(10),
@@ -439,7 +438,7 @@ impl RawClient {
                             body_cap: 1 << 20,
                             retry_after_cap: Duration::from_secs(300),
                         };
-                        let ok = matches!(callback::send(&http, request).await, Ok(answer) if answer.status == 200);
+                        let ok = matches!(callback::send(&outbound, request).await, Ok(answer) if answer.status == 200);
                         let now = Instant::now();
                         if now >= from && now < until {
                             if ok { &done } else { &errors }.fetch_add(1, Ordering::Relaxed);

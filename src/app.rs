@@ -1,20 +1,25 @@
 //! `herald run`: leadership, store, controller, delivery and HTTP server in one process,
-//! stopped together by one cancellation token.
+//! stopped together by one cancellation token. Every long-running part is a supervised
+//! task: one that ends before shutdown, or panics, takes readiness down and ends the
+//! process with an error, so Kubernetes restarts it instead of leaving it half alive.
 
-use crate::api::auth::{Authenticator, EsbApps};
+use crate::api::auth::{Authenticator, EsbApps, EsbCredentialsError};
 use crate::api::{self, AppState, Services};
 use crate::config::Config;
 use crate::controller;
-use crate::delivery::{self, Delivery, index::SubscriptionIndex};
+use crate::delivery::{Delivery, DeliveryParts, index::SubscriptionIndex};
 use crate::leader::{LeaderError, Leadership};
+use crate::outbound::{ClientError, Outbound};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Limits, StoreError};
 use crate::telemetry::Metrics;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,38 +29,19 @@ pub enum RunError {
     #[error("listening on {addr}: {source}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("serving HTTP: {0}")]
-    Serve(std::io::Error),
+    Serve(#[source] std::io::Error),
     #[error(transparent)]
     Leader(#[from] LeaderError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    HttpClient(#[from] delivery::ClientError),
-    #[error("reading ESB credentials {source_name}: {reason}")]
-    EsbCredentials { source_name: String, reason: String },
-}
-
-async fn esb_apps(client: &kube::Client, config: &Config) -> Result<EsbApps, RunError> {
-    let fail = |source_name: String, reason: String| RunError::EsbCredentials { source_name, reason };
-    let mut apps = EsbApps::default();
-    if let Some(path) = &config.api.esb_credentials_file {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| fail(shown.clone(), e.to_string()))?;
-        apps.apps.extend(EsbApps::from_yaml(&text).map_err(|e| fail(shown, e.to_string()))?.apps);
-    }
-    if let Some(name) = &config.api.esb_credentials_secret {
-        let shown = format!("Secret {}/{name}", config.namespace);
-        let secret = kube::Api::<Secret>::namespaced(client.clone(), &config.namespace)
-            .get(name)
-            .await
-            .map_err(|e| fail(shown.clone(), e.to_string()))?;
-        let text = secret
-            .data
-            .and_then(|d| d.get("apps.yaml").map(|v| String::from_utf8_lossy(&v.0).into_owned()))
-            .ok_or_else(|| fail(shown.clone(), "no key apps.yaml".into()))?;
-        apps.apps.extend(EsbApps::from_yaml(&text).map_err(|e| fail(shown, e.to_string()))?.apps);
-    }
-    Ok(apps)
+    HttpClient(#[from] ClientError),
+    #[error(transparent)]
+    EsbCredentials(#[from] EsbCredentialsError),
+    #[error("the {task} stopped before shutdown")]
+    TaskEnded { task: &'static str },
+    #[error("the {task} panicked: {source}")]
+    TaskPanicked { task: &'static str, source: JoinError },
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -70,93 +56,151 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // Health answers from the start; readiness waits for leadership, store and caches.
     let state = AppState::new(config.clone(), metrics.clone());
     let router = api::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(config.api.max_body_bytes));
-    let server = tokio::spawn(api::serve(listener, router, config.api.tls.clone(), shutdown.clone()));
+    let mut tasks = Supervisor::new(shutdown.clone());
+    let server = api::serve(listener, router, config.api.tls.clone(), shutdown.clone());
+    tasks.spawn("HTTP server", async move { server.await.map_err(RunError::Serve) });
 
-    let result = serve(&config, client, state, metrics, shutdown.clone()).await;
+    let result = lead_and_serve(&config, client, &state, metrics, &mut tasks).await;
+    state.ready.store(false, Ordering::Release);
     shutdown.cancel();
-    let served = server.await.unwrap_or(Ok(()));
-    result?;
-    served.map_err(RunError::Serve)
+    let drained = tasks.drain().await;
+    result.and(drained)
 }
 
-async fn serve(
+/// Waits for leadership, then starts the store, controller and delivery and serves until
+/// shutdown or until a task fails (the lease renewal is one of them: losing the lease
+/// ends herald).
+async fn lead_and_serve(
     config: &Arc<Config>,
     client: kube::Client,
-    state: Arc<AppState>,
+    state: &Arc<AppState>,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    tasks: &mut Supervisor,
 ) -> Result<(), RunError> {
-    let leadership = config.leader_election.enabled.then(|| {
-        Leadership::new(
+    let shutdown = tasks.shutdown.clone();
+    if config.leader_election.enabled {
+        let leadership = Leadership::new(
             kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
             config.leader_election.lease_name.clone(),
             config.instance.clone(),
             Duration::from_secs(config.leader_election.lease_duration_seconds.max(3)),
-        )
-    });
-    if let Some(leadership) = &leadership {
+        );
         if !leadership.acquire(&shutdown).await? {
             return Ok(());
         }
+        let renewing = shutdown.clone();
+        tasks.spawn("lease renewal", async move { Ok(leadership.keep(&renewing).await?) });
     }
     let store = Arc::new(SqliteStore::open(
         &config.store.path,
         Limits { quota_bytes: config.store.quota_bytes, backlog_cap: config.store.backlog_cap },
     )?);
-    let (http, guard) = delivery::http_client(&config.callback_guard)?;
-    let esb = esb_apps(&client, config).await?;
+    let outbound = Outbound::new(&config.callback_guard)?;
+    let esb = EsbApps::load(&client, &config.api, &config.namespace).await?;
 
     let (index, changes) = SubscriptionIndex::new();
     let (ctx, controller) = controller::build(client.clone(), config.clone(), index.clone(), shutdown.clone());
-    let delivery = Delivery::new(
+    tasks.spawn("controller", async move {
+        controller.await;
+        Ok(())
+    });
+    let delivery = Delivery::new(DeliveryParts {
         store,
         index,
-        http,
-        guard,
-        client.clone(),
-        ctx.subscriptions.clone(),
-        config.delivery.clone(),
-        Duration::from_secs(config.store.dead_letter_retention_seconds),
+        outbound: outbound.clone(),
+        client: client.clone(),
+        subscriptions: ctx.subscriptions.clone(),
+        config: config.delivery.clone(),
+        dead_letter_retention: Duration::from_secs(config.store.dead_letter_retention_seconds),
         metrics,
-        shutdown.clone(),
-    );
-    let auth = Arc::new(Authenticator::new(client.clone(), &config.api.auth, esb));
-    let controller_task = tokio::spawn(controller);
-    let keep_lease = async {
-        match &leadership {
-            Some(leadership) => leadership.keep(&shutdown).await,
-            None => {
-                shutdown.cancelled().await;
-                Ok(())
+        shutdown: shutdown.clone(),
+    });
+    let auth = Arc::new(Authenticator::new(client, &config.api.auth, esb));
+
+    let caches = async {
+        controller::cache_ready(&ctx.subscriptions).await.is_ok()
+            && controller::cache_ready(&ctx.namespaces).await.is_ok()
+    };
+    let synced = tokio::select! {
+        synced = caches => synced,
+        failed = tasks.watch() => return failed,
+    };
+    if !synced {
+        return Err(RunError::TaskEnded { task: "controller" });
+    }
+    let services =
+        Services { controller: ctx.clone(), delivery: delivery.clone(), outbound, auth, names: Default::default() };
+    if state.services.set(Arc::new(services)).is_err() {
+        tracing::warn!("services were already set; keeping the first");
+    }
+    let dispatcher = delivery.clone();
+    tasks.spawn("delivery dispatcher", async move {
+        dispatcher.run(changes).await;
+        Ok(())
+    });
+    tasks.spawn("status projector", async move {
+        delivery.project_status().await;
+        Ok(())
+    });
+    state.ready.store(true, Ordering::Release);
+    tracing::info!("caches synced; ready");
+    tasks.watch().await
+}
+
+/// The long-running tasks of one herald process. Each should run until shutdown.
+struct Supervisor {
+    tasks: JoinSet<Result<(), RunError>>,
+    names: HashMap<Id, &'static str>,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    fn new(shutdown: CancellationToken) -> Self {
+        Supervisor { tasks: JoinSet::new(), names: HashMap::new(), shutdown }
+    }
+
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<(), RunError>> + Send + 'static) {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Turns one finished task into the process's result: before shutdown, ending at all
+    /// is a failure.
+    fn judge(&mut self, joined: Result<(Id, Result<(), RunError>), JoinError>) -> Result<(), RunError> {
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(error) => error.id(),
+        };
+        let task = self.names.remove(&id).unwrap_or("unnamed task");
+        match joined {
+            Ok((_, Err(error))) => Err(error),
+            Ok((_, Ok(()))) if self.shutdown.is_cancelled() => Ok(()),
+            Ok((_, Ok(()))) => Err(RunError::TaskEnded { task }),
+            Err(source) => Err(RunError::TaskPanicked { task, source }),
+        }
+    }
+
+    /// Returns at shutdown (Ok), or as soon as a task ends before it (the failure).
+    async fn watch(&mut self) -> Result<(), RunError> {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                Some(joined) = self.tasks.join_next_with_id() => self.judge(joined)?,
             }
         }
-    };
-    let start = async {
-        if controller::cache_ready(&ctx.subscriptions).await.is_err()
-            || controller::cache_ready(&ctx.namespaces).await.is_err()
-        {
-            return None;
-        }
-        let _ = state.services.set(Arc::new(Services {
-            controller: ctx.clone(),
-            delivery: delivery.clone(),
-            auth,
-            names: Default::default(),
-        }));
-        let delivery_task = tokio::spawn(delivery.clone().run(changes, client.clone()));
-        state.ready.store(true, Ordering::Release);
-        tracing::info!("caches synced; ready");
-        Some(delivery_task)
-    };
-    // Renew the lease while starting and serving; losing it ends herald.
-    let (kept, delivery_task) = tokio::join!(keep_lease, start);
-    state.ready.store(false, Ordering::Release);
-    shutdown.cancel();
-    if let Some(task) = delivery_task {
-        let _ = task.await;
     }
-    let _ = controller_task.await;
-    kept.map_err(RunError::from)
+
+    /// After shutdown began: waits for every task and returns the first failure.
+    async fn drain(mut self) -> Result<(), RunError> {
+        let mut first = Ok(());
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            if let Err(error) = self.judge(joined) {
+                tracing::error!(%error, "task failed while stopping");
+                first = first.and(Err(error));
+            }
+        }
+        first
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
@@ -166,7 +210,11 @@ pub fn cancel_on_signals(token: CancellationToken) {
         #[cfg(unix)]
         {
             let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-                let _ = ctrl_c.await;
+                tracing::warn!("cannot listen for SIGTERM; stopping on SIGINT only");
+                if ctrl_c.await.is_err() {
+                    tracing::error!("cannot listen for SIGINT either; stop herald with SIGKILL");
+                    return;
+                }
                 token.cancel();
                 return;
             };
@@ -176,8 +224,49 @@ pub fn cancel_on_signals(token: CancellationToken) {
             }
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+        if ctrl_c.await.is_err() {
+            return;
+        }
         tracing::info!("shutdown signal received");
         token.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_ends_before_shutdown_is_a_failure_and_names_itself() {
+        let mut tasks = Supervisor::new(CancellationToken::new());
+        tasks.spawn("forever", std::future::pending());
+        tasks.spawn("quitter", async { Ok(()) });
+        let error = tasks.watch().await.unwrap_err();
+        assert!(matches!(error, RunError::TaskEnded { task: "quitter" }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_reported_with_its_name() {
+        let mut tasks = Supervisor::new(CancellationToken::new());
+        tasks.spawn("forever", std::future::pending());
+        tasks.spawn("crasher", async { panic!("boom") });
+        let error = tasks.watch().await.unwrap_err();
+        assert!(matches!(error, RunError::TaskPanicked { task: "crasher", .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn tasks_that_stop_at_shutdown_end_cleanly() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = Supervisor::new(shutdown.clone());
+        for name in ["one", "two"] {
+            let stop = shutdown.clone();
+            tasks.spawn(name, async move {
+                stop.cancelled().await;
+                Ok(())
+            });
+        }
+        shutdown.cancel();
+        assert!(tasks.watch().await.is_ok());
+        assert!(tasks.drain().await.is_ok());
+    }
 }

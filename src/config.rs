@@ -2,6 +2,8 @@
 //! variables override single keys. Every key, its default and its override are listed in
 //! docs/configuration.md.
 
+use crate::compat::time::TimeZoneSetting;
+use crate::outbound::GuardConfig;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,13 +21,13 @@ pub struct Config {
     pub controller: ControllerConfig,
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,
-    pub callback_guard: CallbackGuardConfig,
+    pub callback_guard: GuardConfig,
     pub leader_election: LeaderElectionConfig,
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
     /// Time zone of bk-cmdb time strings (`last_time`, `action_time`): `UTC`, an offset
     /// such as `+08:00`, or an IANA name such as `Asia/Shanghai`.
-    pub time_zone: String,
+    pub time_zone: TimeZoneSetting,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -116,17 +118,6 @@ pub struct DeliveryConfig {
     pub status_writes_per_second: f64,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct CallbackGuardConfig {
-    /// CIDRs allowed although they are in a refused range (loopback, private, ...).
-    pub allow_cidrs: Vec<String>,
-    /// Proxy for callbacks; environment proxies are ignored unless this is set.
-    pub proxy: Option<String>,
-    /// PEM file of extra CA certificates trusted for https callbacks.
-    pub ca_bundle: Option<PathBuf>,
-}
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct LeaderElectionConfig {
@@ -193,11 +184,11 @@ impl Default for Config {
             controller: ControllerConfig::default(),
             store: StoreConfig::default(),
             delivery: DeliveryConfig::default(),
-            callback_guard: CallbackGuardConfig::default(),
+            callback_guard: GuardConfig::default(),
             leader_election: LeaderElectionConfig::default(),
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
-            time_zone: "UTC".into(),
+            time_zone: TimeZoneSetting::default(),
         }
     }
 }
@@ -266,13 +257,6 @@ impl Config {
         if self.namespace.is_empty() {
             return Err(ConfigError::Invalid("namespace must not be empty".into()));
         }
-        for cidr in &self.callback_guard.allow_cidrs {
-            cidr.parse::<crate::delivery::guard::Cidr>()
-                .map_err(|e| ConfigError::Invalid(format!("callbackGuard.allowCidrs: {e}")))?;
-        }
-        self.time_zone
-            .parse::<crate::compat::time::TimeZoneSetting>()
-            .map_err(|e| ConfigError::Invalid(format!("timeZone: {e}")))?;
         if self.controller.id_block_size == 0 {
             return Err(ConfigError::Invalid("controller.idBlockSize must be at least 1".into()));
         }
@@ -296,5 +280,17 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused() {
         assert!(Config::from_yaml("namespcae: typo\n").is_err());
+    }
+
+    #[test]
+    fn cidrs_and_time_zones_are_parsed_once_when_read() {
+        let config =
+            Config::from_yaml("timeZone: Asia/Shanghai\ncallbackGuard:\n  allowCidrs: [127.0.0.0/8]\n").unwrap();
+        assert_eq!(config.time_zone, "Asia/Shanghai".parse().unwrap());
+        assert!(config.callback_guard.allow_cidrs[0].contains([127, 0, 0, 1].into()));
+        let bad_cidr = Config::from_yaml("callbackGuard:\n  allowCidrs: [10.0.0.0/33]\n").unwrap_err();
+        assert!(bad_cidr.to_string().contains("prefix must be 0..=32"), "{bad_cidr}");
+        let bad_zone = Config::from_yaml("timeZone: Mars/Olympus\n").unwrap_err();
+        assert!(bad_zone.to_string().contains("unknown time zone"), "{bad_zone}");
     }
 }

@@ -270,3 +270,20 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&EventSubscription::crd())
 }
+
+/// A server-side apply body for the EventSubscription `name` (in the namespace the patch
+/// is sent to): apiVersion, kind and `metadata`, with `extra_metadata` (labels,
+/// annotations, resourceVersion) merged in. Callers add `spec` or `status`; an apply body
+/// holds only the fields its field manager owns.
+pub fn apply_body(name: &str, extra_metadata: serde_json::Value) -> serde_json::Value {
+    use kube::Resource;
+    let mut metadata = serde_json::json!({ "name": name });
+    if let (Some(metadata), serde_json::Value::Object(extra)) = (metadata.as_object_mut(), extra_metadata) {
+        metadata.extend(extra);
+    }
+    serde_json::json!({
+        "apiVersion": EventSubscription::api_version(&()),
+        "kind": EventSubscription::kind(&()),
+        "metadata": metadata,
+    })
+}

@@ -130,8 +130,6 @@ pub fn name_key(spec: &EventSubscriptionSpec) -> (&str, &str) {
     (account, spec.subscription_name.trim())
 }
 
-impl Effective {}
-
 /// Compiles a `regular` confirm pattern with a size limit, so a hostile pattern cannot
 /// take unbounded memory.
 pub fn compile_confirm_regex(pattern: &str) -> Result<regex::Regex, Invalid> {

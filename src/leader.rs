@@ -1,5 +1,5 @@
 //! Leadership: one active herald per namespace holds a coordination.k8s.io Lease
-//! (DESIGN.md §6), taken and renewed with optimistic concurrency. A herald that sees
+//! (docs/design.md §6), taken and renewed with optimistic concurrency. A herald that sees
 //! another instance holding the lease stops (Kubernetes restarts it), as linkerd and
 //! kaniop do. A herald that merely cannot reach the API server keeps going: events must
 //! keep flowing through an API-server outage, and the exclusive lock on the store

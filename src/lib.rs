@@ -1,12 +1,27 @@
-//! herald: BlueKing CMDB event subscriptions as Kubernetes resources.
+//! herald: BlueKing CMDB event subscriptions as Kubernetes resources. The design, and a
+//! table of where each concern lives, is docs/design.md.
 //!
-//! One module per concern: `crd` (resource types and schema), `effective` (the normalised
-//! view of a subscription and its validation), `controller` (reconcile, ids, conditions),
-//! `config`, `telemetry`, `api` (HTTP server), `app` (wiring for `herald run`).
+//! Modules, one concern each:
+//! - `crd`: the EventSubscription resource (types, schema, server-side apply bodies).
+//! - `effective`: the normalised, defaulted view of a spec and its field validation.
+//! - `conditions`: status-condition merging and the clock both status writers use.
+//! - `controller`: reconcile, id allocation, validation beyond the schema, Ready.
+//! - `delivery`: publish matching, per-subscription workers, confirm, retries, dead
+//!   letters, and the status projector for statistics.
+//! - `outbound`: every request to a user-given destination: the callback guard, the HTTP
+//!   client, capped body reads, and the ping/telnet probes.
+//! - `store`: the event store trait and its SQLite implementation.
+//! - `event`: bk-cmdb event instances, their names and the callback body.
+//! - `compat`: bk-cmdb's REST conventions: envelopes, error codes, input parsing, search,
+//!   subscription records, time formats. Pure functions.
+//! - `api`: the HTTP server (direct and ESB paths, publish, dead letters, auth).
+//! - `leader`: the Lease that makes one herald active.
+//! - `config`, `telemetry` (logs and metrics), `app` (wiring and supervision of `herald run`).
 
 pub mod api;
 pub mod app;
 pub mod compat;
+pub mod conditions;
 pub mod config;
 pub mod controller;
 pub mod crd;
@@ -14,6 +29,7 @@ pub mod delivery;
 pub mod effective;
 pub mod event;
 pub mod leader;
+pub mod outbound;
 pub mod store;
 pub mod telemetry;
 

@@ -1002,7 +1002,7 @@ async fn a_second_herald_on_the_same_store_directory_refuses_to_start() {
 /// Hostile and broken receivers side by side with a healthy one: connection reset (at
 /// once, and mid-body), a hang, a slowloris answer, a 301 to itself, a 301 to a refused
 /// address, an untrusted TLS certificate and a 503 storm. Each attempt counts as one
-/// failed attempt (DESIGN.md §5), no redirect is followed, attempts run out into dead
+/// failed attempt (docs/design.md §5), no redirect is followed, attempts run out into dead
 /// letters, the healthy subscription keeps receiving promptly, and memory stays bounded.
 /// (429 with Retry-After and 410 Gone: tests/delivery.rs `confirm_modes_gone_and_throttling`;
 /// a 100 MB body: tests/delivery.rs `a_100_mb_response_body_costs_at_most_the_body_cap_in_memory`.)
@@ -1430,7 +1430,7 @@ fn base64_encode(bytes: &[u8]) -> String {
 // Bad input over real HTTP
 // ---------------------------------------------------------------------------------------
 
-/// Every code of DESIGN.md §3's table with its HTTP status on the direct paths.
+/// Every code of docs/design.md §3's table with its HTTP status on the direct paths.
 const CODES: [(i64, u16); 13] = [
     (0, 200),
     (1_103_000, 500),
@@ -1652,7 +1652,7 @@ fn judge_answer(esb: bool, status: u16, text: &str) -> Result<(), String> {
 
 /// Random and mutated requests to every documented route (and to unknown paths and wrong
 /// methods) over real HTTP: zero 5xx, every answer in the documented envelope with a code
-/// from DESIGN.md §3's table and that code's HTTP status. Fast subset: 600 requests;
+/// from docs/design.md §3's table and that code's HTTP status. Fast subset: 600 requests;
 /// full suite: 6,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
@@ -1763,7 +1763,7 @@ async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
     assert!(alive(herald.pid()), "herald survived");
 }
 
-/// 1199006 "names the field" (DESIGN.md §3) also where the refusal has a reason to give:
+/// 1199006 "names the field" (docs/design.md §3) also where the refusal has a reason to give:
 /// invalid events at publish, and ping/telnet targets the callback guard refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_validation_errors_name_the_field() {

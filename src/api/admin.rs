@@ -44,7 +44,7 @@ fn subscription_id(raw: &str) -> Result<i64, Refusal> {
 /// allowed everywhere learn that the id does not exist (1199006).
 async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action) -> Result<(), Refusal> {
     let identity = services.auth.bearer(call.authorization.as_deref()).await?;
-    let account = services.delivery.index.get(id).map(|s| s.effective.supplier_account.clone());
+    let account = services.delivery.account_of(id);
     services.auth.authorize(&identity, account.as_deref().unwrap_or_default(), action).await?;
     match account {
         Some(_) => Ok(()),
@@ -64,10 +64,7 @@ async fn list(
         let services = state.services()?;
         authorize_on(&services, &call, id, Action::List).await?;
         let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
-        let letters = services
-            .delivery
-            .store
-            .dead_letters(id, limit)
+        let letters = services.delivery.dead_letters(id, limit)
             .await
             .map_err(|e| Refusal::from(ApiError::new(ErrorCode::QueryFailed).with_detail(e.to_string())))?;
         let info: Vec<serde_json::Value> = letters
@@ -79,7 +76,7 @@ async fn list(
                     "attempts": l.attempts,
                     "reason": l.reason,
                     "error": l.error,
-                    "dead_at": crate::compat::time::format_cmdb(jiff::Timestamp::from_millisecond(l.dead_at).unwrap_or_default(), &state.time_zone),
+                    "dead_at": crate::compat::time::format_cmdb(jiff::Timestamp::from_millisecond(l.dead_at).unwrap_or_default(), &state.config.time_zone),
                     "event": serde_json::from_str::<serde_json::Value>(&l.body).unwrap_or_default(),
                 })
             })

@@ -1,4 +1,5 @@
-//! Authentication and authorisation (DESIGN.md §7).
+//! Authentication and authorisation (docs/design.md §7), and where ESB app credentials
+//! come from.
 //!
 //! Kubernetes bearer tokens are checked with a TokenReview for herald's audience, and
 //! each (identity, supplier account, action) with a SubjectAccessReview on the virtual
@@ -7,11 +8,13 @@
 //! are cached for a few seconds. The anonymous switch is for development only.
 
 use crate::compat::{ApiError, ErrorCode};
+use crate::config::ApiConfig;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Who is calling.
@@ -39,7 +42,6 @@ impl Identity {
 /// Actions on a supplier account: the SubjectAccessReview verbs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
-    Get,
     List,
     Create,
     Update,
@@ -51,7 +53,6 @@ pub enum Action {
 impl Action {
     pub fn verb(self) -> &'static str {
         match self {
-            Action::Get => "get",
             Action::List => "list",
             Action::Create => "create",
             Action::Update => "update",
@@ -82,6 +83,35 @@ pub struct EsbApps {
 impl EsbApps {
     pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
         serde_yaml::from_str(text)
+    }
+
+    /// The apps of `api.esbCredentialsFile` and of key `apps.yaml` of the Secret
+    /// `api.esbCredentialsSecret` in `namespace`, together.
+    pub async fn load(client: &kube::Client, config: &ApiConfig, namespace: &str) -> Result<Self, EsbCredentialsError> {
+        let mut apps = EsbApps::default();
+        if let Some(path) = &config.esb_credentials_file {
+            let source_name = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| EsbCredentialsError::ReadFile { source_name: source_name.clone(), source })?;
+            apps.apps.extend(Self::parsed(&text, source_name)?.apps);
+        }
+        if let Some(name) = &config.esb_credentials_secret {
+            let source_name = format!("Secret {namespace}/{name}");
+            let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+                .get(name)
+                .await
+                .map_err(|source| EsbCredentialsError::ReadSecret { source_name: source_name.clone(), source })?;
+            let text = secret
+                .data
+                .and_then(|d| d.get("apps.yaml").map(|v| String::from_utf8_lossy(&v.0).into_owned()))
+                .ok_or_else(|| EsbCredentialsError::MissingKey { source_name: source_name.clone() })?;
+            apps.apps.extend(Self::parsed(&text, source_name)?.apps);
+        }
+        Ok(apps)
+    }
+
+    fn parsed(text: &str, source_name: String) -> Result<Self, EsbCredentialsError> {
+        Self::from_yaml(text).map_err(|source| EsbCredentialsError::Parse { source_name, source })
     }
 
     /// The app whose code and secret match. Secrets are compared as digests, byte by
@@ -120,6 +150,18 @@ pub fn permission_detail(identity: &Identity, account: &str, action: Action) -> 
     })
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum EsbCredentialsError {
+    #[error("reading ESB credentials {source_name}: {source}")]
+    ReadFile { source_name: String, source: std::io::Error },
+    #[error("reading ESB credentials {source_name}: {}", crate::kube_error_summary(source))]
+    ReadSecret { source_name: String, source: kube::Error },
+    #[error("reading ESB credentials {source_name}: no key apps.yaml")]
+    MissingKey { source_name: String },
+    #[error("parsing ESB credentials {source_name}: {source}")]
+    Parse { source_name: String, source: serde_yaml::Error },
+}
+
 pub struct Authenticator {
     client: kube::Client,
     audience: String,
@@ -137,8 +179,8 @@ pub enum AuthError {
     Unauthenticated,
     #[error("not allowed")]
     Forbidden(serde_json::Value),
-    #[error("{0}")]
-    Review(String),
+    #[error("{review} failed: {}", crate::kube_error_summary(source))]
+    Review { review: &'static str, source: kube::Error },
 }
 
 impl AuthError {
@@ -146,7 +188,7 @@ impl AuthError {
         match self {
             AuthError::Unauthenticated => (ApiError::new(ErrorCode::IdentityMissing), None),
             AuthError::Forbidden(permission) => (ApiError::new(ErrorCode::NoPermission), Some(permission.clone())),
-            AuthError::Review(detail) => (ApiError::new(ErrorCode::Internal).with_detail(detail.clone()), None),
+            AuthError::Review { .. } => (ApiError::new(ErrorCode::Internal).with_detail(self.to_string()), None),
         }
     }
 }
@@ -177,7 +219,8 @@ impl Authenticator {
         };
         // Cache by digest: raw tokens are never kept.
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec();
-        if let Some((at, identity)) = self.tokens.lock().ok().and_then(|c| c.get(&digest).cloned()) {
+        let cached = self.tokens.lock().get(&digest).cloned();
+        if let Some((at, identity)) = cached {
             if at.elapsed() < self.ttl {
                 return identity.ok_or(AuthError::Unauthenticated);
             }
@@ -189,7 +232,7 @@ impl Authenticator {
         let answer = Api::<TokenReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| AuthError::Review(format!("TokenReview failed: {}", crate::kube_error_summary(&e))))?;
+            .map_err(|source| AuthError::Review { review: "TokenReview", source })?;
         let identity = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|user| {
             Identity::Kubernetes {
                 username: user.username.unwrap_or_default(),
@@ -198,10 +241,10 @@ impl Authenticator {
                 extra: user.extra.unwrap_or_default(),
             }
         });
-        if let Ok(mut cache) = self.tokens.lock() {
-            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            cache.insert(digest, (Instant::now(), identity.clone()));
-        }
+        let mut cache = self.tokens.lock();
+        cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
+        cache.insert(digest, (Instant::now(), identity.clone()));
+        drop(cache);
         identity.ok_or(AuthError::Unauthenticated)
     }
 
@@ -212,15 +255,14 @@ impl Authenticator {
             Identity::EsbApp { app_code, .. } => self.esb.allows(app_code, account),
             Identity::Kubernetes { username, uid, groups, extra } => {
                 let key = (username.clone(), account.to_string(), action);
-                let cached = self.decisions.lock().ok().and_then(|c| c.get(&key).copied());
+                let cached = self.decisions.lock().get(&key).copied();
                 match cached {
                     Some((at, allowed)) if at.elapsed() < self.ttl => allowed,
                     _ => {
                         let allowed = self.review_access(username, uid, groups, extra, account, action).await?;
-                        if let Ok(mut cache) = self.decisions.lock() {
-                            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
-                            cache.insert(key, (Instant::now(), allowed));
-                        }
+                        let mut cache = self.decisions.lock();
+                        cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
+                        cache.insert(key, (Instant::now(), allowed));
                         allowed
                     }
                 }
@@ -258,7 +300,7 @@ impl Authenticator {
         let answer = Api::<SubjectAccessReview>::all(self.client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| AuthError::Review(format!("SubjectAccessReview failed: {}", crate::kube_error_summary(&e))))?;
+            .map_err(|source| AuthError::Review { review: "SubjectAccessReview", source })?;
         Ok(answer.status.is_some_and(|s| s.allowed))
     }
 }

@@ -1,4 +1,4 @@
-//! The direct bk-cmdb paths (DESIGN.md §3): `/api/{version}/event/subscribe/...` with
+//! The direct bk-cmdb paths (docs/design.md §3): `/api/{version}/event/subscribe/...` with
 //! bk-cmdb's envelope, codes and HTTP statuses. The supplier account is the owner header
 //! (`HTTP_BK_SUPPLIER_ACCOUNT`, else `HTTP_BLUEKING_SUPPLIER_ID`) when given, else the
 //! path's; the operator is `BK_User`, else the authenticated identity.
@@ -118,7 +118,7 @@ async fn search(
 ) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
-    let tz = state.time_zone.clone();
+    let tz = state.config.time_zone.clone();
     answer(&state, call, |services, identity| async move {
         let request = SearchRequest::parse(&read_body(body)?)?;
         services.search(&identity, &account, request, None, &tz).await

@@ -1,4 +1,4 @@
-//! The BlueKing ESB gateway flavour (DESIGN.md §3): `POST /api/c/compapi/v2/cc/<name>/`
+//! The BlueKing ESB gateway flavour (docs/design.md §3): `POST /api/c/compapi/v2/cc/<name>/`
 //! with everything in the JSON body, app credentials from `X-Bkapi-Authorization` or the
 //! body, and always HTTP 200 with the ESB envelope. `page.limit` is capped at 200 as
 //! ESB does.
@@ -154,7 +154,7 @@ async fn update(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 }
 
 async fn search(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let tz = state.time_zone.clone();
+    let tz = state.config.time_zone.clone();
     answer(&state, headers, body, |services, identity, request, _| async move {
         let search = SearchRequest::from_value(&Value::Object(request.body.clone()))?;
         services.search(&identity, &request.account, search, Some(ESB_MAX_LIMIT), &tz).await

@@ -9,11 +9,11 @@ pub mod esb;
 pub mod publish;
 pub mod subscriptions;
 
-use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode, Lang, envelope};
 use crate::config::{Config, TlsConfig};
 use crate::controller::Context as ControllerContext;
 use crate::delivery::Delivery;
+use crate::outbound::Outbound;
 use crate::telemetry::Metrics;
 use auth::{Action, Authenticator, Identity};
 use axum::Router;
@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Services {
     pub controller: Arc<ControllerContext>,
     pub delivery: Arc<Delivery>,
+    pub outbound: Outbound,
     pub auth: Arc<Authenticator>,
     pub names: subscriptions::NameClaims,
 }
@@ -42,13 +43,11 @@ pub struct AppState {
     /// Leader, store open, caches synced.
     pub ready: AtomicBool,
     pub services: OnceLock<Arc<Services>>,
-    pub time_zone: TimeZoneSetting,
 }
 
 impl AppState {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
-        let time_zone = config.time_zone.parse().unwrap_or_default();
-        Arc::new(AppState { config, metrics, ready: AtomicBool::new(false), services: OnceLock::new(), time_zone })
+        Arc::new(AppState { config, metrics, ready: AtomicBool::new(false), services: OnceLock::new() })
     }
 
     /// The services, or 503 while herald is not ready (not leader or starting).
@@ -85,10 +84,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if let Some(services) = state.services.get() {
-        state.metrics.store_bytes.set(services.delivery.store.size_bytes());
-        if let Ok(pending) = services.delivery.store.pending_total().await {
-            state.metrics.queue_depth.set(pending);
-        }
+        services.delivery.measure().await;
     }
     (
         [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

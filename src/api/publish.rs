@@ -78,7 +78,7 @@ async fn accept(
     for account in &accounts {
         authorize(&services, call, account, Action::Publish).await?;
     }
-    let now = crate::compat::time::format_cmdb(jiff::Timestamp::now(), &state.time_zone);
+    let now = crate::compat::time::format_cmdb(jiff::Timestamp::now(), &state.config.time_zone);
     let mut named = Vec::with_capacity(events.len());
     let mut skipped = 0;
     for event in events {

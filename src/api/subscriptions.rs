@@ -1,6 +1,7 @@
 //! The subscription operations behind both REST flavours (direct bk-cmdb paths and ESB
-//! paths): create, update, delete and search EventSubscription resources, and the ping
-//! and telnet probes. Writes are server-side applies with the field manager
+//! paths): create, update, delete and search EventSubscription resources, and the
+//! authorised entry to the ping and telnet probes (which live in `crate::outbound`).
+//! Writes are server-side applies with the field manager
 //! `herald-api`, in herald's own namespace; reads come from the controller's cache, so
 //! kubectl-made subscriptions appear too.
 
@@ -8,15 +9,16 @@ use super::auth::{Action, Identity};
 use super::{Refusal, Services};
 use crate::compat::input::{DialTarget, PingInput, SubscriptionInput};
 use crate::compat::search::{SearchRequest, search};
+use crate::compat::subscription_record::subscription_record;
 use crate::compat::time::TimeZoneSetting;
-use crate::compat::{ApiError, ErrorCode, record};
-use crate::controller::verdict::namespace_allows;
-use crate::crd::{EventSubscription, OPERATOR_ANNOTATION};
-use crate::delivery::callback::{describe, read_capped};
+use crate::compat::{ApiError, ErrorCode};
+use crate::controller::validation::namespace_allows;
+use crate::crd::{EventSubscription, OPERATOR_ANNOTATION, apply_body};
 use crate::effective::name_key;
+use crate::outbound::probe::ProbeError;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,20 +92,19 @@ impl Services {
             .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
     }
 
+    /// Applies `input` as the spec of `object_name` in `namespace` under herald-api's
+    /// field manager, recording the operator.
     async fn apply(
         &self,
+        namespace: &str,
         object_name: &str,
         input: &SubscriptionInput,
         operator: &str,
     ) -> Result<EventSubscription, kube::Error> {
-        let api =
-            Api::<EventSubscription>::namespaced(self.controller.client.clone(), &self.controller.config.namespace);
-        let patch = serde_json::json!({
-            "apiVersion": EventSubscription::api_version(&()),
-            "kind": EventSubscription::kind(&()),
-            "metadata": { "name": object_name, "annotations": { OPERATOR_ANNOTATION: operator } },
-            "spec": input.to_spec(),
-        });
+        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), namespace);
+        let mut patch =
+            apply_body(object_name, serde_json::json!({ "annotations": { OPERATOR_ANNOTATION: operator } }));
+        patch["spec"] = serde_json::json!(input.to_spec());
         api.patch(object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
     }
 
@@ -123,7 +124,9 @@ impl Services {
             if self.name_holder(&mut claims, &account, &input.subscription_name).is_some() {
                 return Err(ApiError::duplicated("subscription_name").into());
             }
-            self.apply(&object_name, &input, &operator).await.map_err(|e| write_refusal(e, ErrorCode::CreateFailed))?;
+            self.apply(&self.controller.config.namespace, &object_name, &input, &operator)
+                .await
+                .map_err(|e| write_refusal(e, ErrorCode::CreateFailed))?;
             let holder = (self.controller.config.namespace.clone(), object_name.clone());
             claims.insert((account, input.subscription_name.clone()), (holder, Instant::now()));
         }
@@ -166,19 +169,10 @@ impl Services {
         if self.name_holder(&mut claims, &account, &input.subscription_name).is_some_and(|holder| holder != this) {
             return Err(ApiError::duplicated("subscription_name").into());
         }
-        let api = Api::<EventSubscription>::namespaced(self.controller.client.clone(), &namespace);
-        let patch = serde_json::json!({
-            "apiVersion": EventSubscription::api_version(&()),
-            "kind": EventSubscription::kind(&()),
-            "metadata": { "name": object_name, "annotations": { OPERATOR_ANNOTATION: operator } },
-            "spec": input.to_spec(),
-        });
-        api.patch(&object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await.map_err(
-            |e| match e {
-                kube::Error::Api(status) if status.code == 404 => not_found(),
-                other => write_refusal(other, ErrorCode::UpdateFailed),
-            },
-        )?;
+        self.apply(&namespace, &object_name, &input, &operator).await.map_err(|e| match e {
+            kube::Error::Api(status) if status.code == 404 => not_found(),
+            other => write_refusal(other, ErrorCode::UpdateFailed),
+        })?;
         claims.insert((account, input.subscription_name), (this, Instant::now()));
         Ok(())
     }
@@ -224,7 +218,7 @@ impl Services {
             .into_iter()
             .filter(|s| s.metadata.deletion_timestamp.is_none())
             .filter(|s| name_key(&s.spec).0 == account && self.visible(s, account))
-            .map(|s| record::record(&s, tz))
+            .map(|s| subscription_record(&s, tz))
             .collect();
         let (count, info) = search(records, &request, max_limit);
         Ok(serde_json::json!({ "count": count, "info": info }))
@@ -241,26 +235,12 @@ impl Services {
         body_cap: usize,
     ) -> Result<serde_json::Value, Refusal> {
         self.auth.authorize(identity, account, Action::Create).await?;
-        self.check_destination(&input.callback_url).await?;
-        let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::PingFailed).with_detail(detail));
-        let exchange = async {
-            let mut response = self
-                .delivery
-                .http
-                .post(&input.callback_url)
-                .timeout(timeout)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(input.data)
-                .send()
-                .await
-                .map_err(|e| failed(describe(&e)))?;
-            let status = response.status().as_u16();
-            let body = read_capped(&mut response, body_cap).await.map_err(|e| failed(describe(&e)))?;
-            Ok(serde_json::json!({ "http_status": status, "response_body": String::from_utf8_lossy(&body) }))
-        };
-        tokio::time::timeout(timeout, exchange)
+        let answer = self
+            .outbound
+            .ping(&input.callback_url, input.data, timeout, body_cap)
             .await
-            .unwrap_or_else(|_| Err(failed(format!("timed out after {timeout:?}"))))
+            .map_err(|error| probe_refusal(error, ErrorCode::PingFailed))?;
+        Ok(serde_json::json!({ "http_status": answer.status, "response_body": String::from_utf8_lossy(&answer.body) }))
     }
 
     /// Dials the callback's host and port and closes; sends nothing.
@@ -272,33 +252,19 @@ impl Services {
         timeout: Duration,
     ) -> Result<(), Refusal> {
         self.auth.authorize(identity, account, Action::Create).await?;
-        let failed = |detail: String| Refusal::from(ApiError::new(ErrorCode::TelnetFailed).with_detail(detail));
-        let addrs = self.delivery.guard.resolve(&target.host, target.port).await.map_err(|e| match e {
-            crate::delivery::guard::GuardError::Refused(refused) => {
-                Refusal::from(ApiError::invalid_because("callback_url", refused))
-            }
-            other => failed(other.to_string()),
-        })?;
-        let dial = tokio::net::TcpStream::connect(addrs.as_slice());
-        match tokio::time::timeout(timeout, dial).await {
-            Ok(Ok(_stream)) => Ok(()),
-            Ok(Err(e)) => Err(failed(format!("connect {}:{}: {e}", target.host, target.port))),
-            Err(_) => Err(failed(format!("connect {}:{}: timed out after {timeout:?}", target.host, target.port))),
-        }
+        self.outbound
+            .telnet(&target.host, target.port, timeout)
+            .await
+            .map_err(|error| probe_refusal(error, ErrorCode::TelnetFailed))
     }
+}
 
-    /// Refuses a ping target in a refused range before any connection (the resolver
-    /// repeats the check for host names at connect time).
-    async fn check_destination(&self, url: &str) -> Result<(), Refusal> {
-        let Ok(parsed) = reqwest::Url::parse(url) else { return Err(ApiError::invalid("callback_url").into()) };
-        let host = parsed.host_str().unwrap_or_default();
-        let port = parsed.port_or_known_default().unwrap_or(80);
-        match self.delivery.guard.resolve(host, port).await {
-            Ok(_) => Ok(()),
-            Err(crate::delivery::guard::GuardError::Refused(refused)) => {
-                Err(ApiError::invalid_because("callback_url", refused).into())
-            }
-            Err(other) => Err(ApiError::new(ErrorCode::PingFailed).with_detail(other.to_string()).into()),
-        }
+/// A refused or malformed destination is the caller's invalid `callback_url`; any other
+/// probe failure is the probe's own code.
+fn probe_refusal(error: ProbeError, code: ErrorCode) -> Refusal {
+    match error {
+        ProbeError::Refused(refused) => ApiError::invalid_because("callback_url", refused).into(),
+        ProbeError::InvalidUrl => ApiError::invalid("callback_url").into(),
+        other => ApiError::new(code).with_detail(other.to_string()).into(),
     }
 }

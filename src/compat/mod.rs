@@ -6,8 +6,8 @@
 pub mod codes;
 pub mod envelope;
 pub mod input;
-pub mod record;
 pub mod search;
+pub mod subscription_record;
 pub mod time;
 
 pub use codes::{ApiError, ErrorCode, Lang};

@@ -11,7 +11,8 @@ use std::str::FromStr;
 
 /// The zone bk-cmdb times are shown in, from the configuration: `UTC` (the default), a
 /// fixed offset such as `+08:00` or `-05:30`, or an IANA name such as `Asia/Shanghai`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct TimeZoneSetting(TimeZone);
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +38,13 @@ impl FromStr for TimeZoneSetting {
             TimeZone::get(name).ok()
         };
         zone.map(TimeZoneSetting).ok_or_else(|| UnknownTimeZone(setting.to_string()))
+    }
+}
+
+impl TryFrom<String> for TimeZoneSetting {
+    type Error = UnknownTimeZone;
+    fn try_from(setting: String) -> Result<Self, UnknownTimeZone> {
+        setting.parse()
     }
 }
 

@@ -2,13 +2,14 @@
 //! mirrors the id label, and writes `Ready` and the other status fields by server-side
 //! apply, only when they changed.
 
+pub mod desired;
 pub mod ids;
-pub mod status;
-pub mod verdict;
+pub mod validation;
 
 use crate::FIELD_MANAGER;
+use crate::conditions::now;
 use crate::config::Config;
-use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL};
+use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL, apply_body};
 use crate::delivery::index::{Subscriber, SubscriptionIndex};
 use crate::effective::{Effective, Invalid, name_key};
 use futures::{StreamExt, future::BoxFuture};
@@ -20,8 +21,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +70,7 @@ pub struct Context {
     pub namespaces: Store<Namespace>,
     pub ids: IdAllocator,
     pub recorder: Recorder,
-    /// Delivery's view of subscriptions, fed with every verdict.
+    /// Delivery's view of subscriptions, fed with every validation result.
     pub index: Arc<SubscriptionIndex>,
     /// Consecutive reconcile failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<EventSubscription>, u32>>,
@@ -173,7 +175,7 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// Subscriptions whose name verdict may change because `changed` changed: those sharing
+/// Subscriptions whose name check may change because `changed` changed: those sharing
 /// its (account, name), and those currently refused as duplicates (the changed one may
 /// have been renamed away from their name).
 fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription) -> Vec<ObjectRef<EventSubscription>> {
@@ -181,14 +183,14 @@ fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription
     store
         .state()
         .iter()
-        .filter(|s| ready_reason(s) == Some(verdict::REASON_DUPLICATE_NAME) || name_key(&s.spec) == key)
+        .filter(|s| ready_reason(s) == Some(validation::REASON_DUPLICATE_NAME) || name_key(&s.spec) == key)
         .filter(|s| s.metadata.uid != changed.metadata.uid)
         .map(|s| ObjectRef::from_obj(s.as_ref()))
         .collect()
 }
 
 fn ready_reason(sub: &EventSubscription) -> Option<&str> {
-    sub.status.as_ref()?.conditions.iter().find(|c| c.type_ == status::CONDITION_READY).map(|c| c.reason.as_str())
+    sub.status.as_ref()?.conditions.iter().find(|c| c.type_ == desired::CONDITION_READY).map(|c| c.reason.as_str())
 }
 
 /// Waits until `store` has its initial list. `Store::wait_until_ready` wakes only the
@@ -206,12 +208,6 @@ where
     }
 }
 
-/// Seconds-precision "now": the API server stores times to the second, and a desired
-/// status built with nanoseconds would never equal what it read back.
-pub fn now() -> jiff::Timestamp {
-    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-}
-
 async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Action, Error> {
     if sub.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -221,18 +217,16 @@ async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Act
     let api = Api::<EventSubscription>::namespaced(ctx.client.clone(), &namespace);
     let sub = ensure_status(&api, sub, &ctx).await?;
     mirror_id_label(&api, &sub).await?;
-    if let Ok(mut failures) = ctx.failures.lock() {
-        failures.remove(&ObjectRef::from_obj(sub.as_ref()));
-    }
+    ctx.failures.lock().remove(&ObjectRef::from_obj(sub.as_ref()));
     Ok(Action::requeue(Duration::from_secs(ctx.config.controller.resync_seconds)))
 }
 
-fn verdict_of(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
+fn validate(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
     let effective = Effective::from_spec(&sub.spec);
     let herald_namespace = &ctx.config.namespace;
     let allowed = |account: &str, namespace: &str| {
         !ctx.config.controller.enforce_tenancy
-            || verdict::namespace_allows(
+            || validation::namespace_allows(
                 account,
                 namespace,
                 herald_namespace,
@@ -240,7 +234,7 @@ fn verdict_of(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
             )
     };
     let others = ctx.subscriptions.state();
-    verdict::check(sub, &effective, others.iter().map(AsRef::as_ref), herald_namespace, allowed)
+    validation::check(sub, &effective, others.iter().map(AsRef::as_ref), herald_namespace, allowed)
 }
 
 /// Writes the desired status when it differs from the current one. The first write of
@@ -258,20 +252,20 @@ async fn ensure_status(
             Some(id) => id,
             None => ctx.ids.next_id(highest_known_id(&ctx.subscriptions) + 1).await?,
         };
-        let verdict = verdict_of(&sub, ctx);
-        let desired = status::desired(&sub, id, &verdict, now());
-        if status::ControllerStatus::current(&sub).as_ref() == Some(&desired) {
-            publish_to_delivery(ctx, &sub, id, verdict.is_ok());
+        let validity = validate(&sub, ctx);
+        let desired = desired::desired(&sub, id, &validity, now());
+        if desired::ControllerStatus::current(&sub).as_ref() == Some(&desired) {
+            publish_to_delivery(ctx, &sub, id, validity.is_ok());
             return Ok(sub);
         }
         let precondition = if decided.is_none() { sub.resource_version() } else { None };
-        // Delivery learns the verdict before clients can read it from status, so a
+        // Delivery learns the result before clients can read it from status, so a
         // producer that sees Ready=True never publishes into a gap.
-        publish_to_delivery(ctx, &sub, id, verdict.is_ok());
+        publish_to_delivery(ctx, &sub, id, validity.is_ok());
         match apply_status(api, &name, &desired, precondition).await {
             Ok(written) => {
-                publish_to_delivery(ctx, &written, id, verdict.is_ok());
-                announce_verdict(ctx, &sub, &verdict).await;
+                publish_to_delivery(ctx, &written, id, validity.is_ok());
+                announce_invalid(ctx, &sub, &validity).await;
                 return Ok(Arc::new(written));
             }
             Err(kube::Error::Api(status)) if status.code == 409 && decided.is_none() => {
@@ -316,25 +310,21 @@ fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, id: i64, ready: b
 async fn apply_status(
     api: &Api<EventSubscription>,
     name: &str,
-    status: &status::ControllerStatus,
+    status: &desired::ControllerStatus,
     resource_version: Option<String>,
 ) -> Result<EventSubscription, kube::Error> {
-    let mut metadata = serde_json::json!({ "name": name });
-    if let Some(rv) = resource_version {
-        metadata["resourceVersion"] = rv.into();
-    }
-    let patch = serde_json::json!({
-        "apiVersion": EventSubscription::api_version(&()),
-        "kind": EventSubscription::kind(&()),
-        "metadata": metadata,
-        "status": status.to_patch(),
-    });
+    let precondition = match resource_version {
+        Some(rv) => serde_json::json!({ "resourceVersion": rv }),
+        None => serde_json::json!({}),
+    };
+    let mut patch = apply_body(name, precondition);
+    patch["status"] = serde_json::json!(status.to_patch());
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
 }
 
 /// A Warning Event when a subscription becomes (or, after a spec change, stays) invalid.
-async fn announce_verdict(ctx: &Context, before: &EventSubscription, verdict: &Result<(), Invalid>) {
-    let Err(invalid) = verdict else { return };
+async fn announce_invalid(ctx: &Context, before: &EventSubscription, validity: &Result<(), Invalid>) {
+    let Err(invalid) = validity else { return };
     let same_generation = before.status.as_ref().and_then(|s| s.observed_generation) == before.metadata.generation;
     if same_generation && ready_reason(before) == Some(invalid.reason) {
         return;
@@ -359,11 +349,7 @@ async fn mirror_id_label(api: &Api<EventSubscription>, sub: &EventSubscription) 
         return Ok(());
     }
     let name = sub.name_any();
-    let patch = serde_json::json!({
-        "apiVersion": EventSubscription::api_version(&()),
-        "kind": EventSubscription::kind(&()),
-        "metadata": { "name": name, "labels": { SUBSCRIPTION_ID_LABEL: id } },
-    });
+    let patch = apply_body(&name, serde_json::json!({ "labels": { SUBSCRIPTION_ID_LABEL: id } }));
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map(|_| ())
@@ -372,15 +358,12 @@ async fn mirror_id_label(api: &Api<EventSubscription>, sub: &EventSubscription) 
 
 /// Exponential backoff per object: 1 s doubling to 5 minutes.
 fn error_policy(sub: Arc<EventSubscription>, error: &Error, ctx: Arc<Context>) -> Action {
-    let failures = ctx
-        .failures
-        .lock()
-        .map(|mut failures| {
-            let n = failures.entry(ObjectRef::from_obj(sub.as_ref())).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        })
-        .unwrap_or(1);
+    let failures = {
+        let mut failures = ctx.failures.lock();
+        let n = failures.entry(ObjectRef::from_obj(sub.as_ref())).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
     let delay = backoff_delay(failures);
     tracing::warn!(name = %sub.name_any(), namespace = ?sub.namespace(), error = %error, kind = error.label(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)

@@ -1,8 +1,10 @@
-//! One delivery attempt: the callback request (DESIGN.md §4) and its answer, read up to
-//! the body cap.
+//! One delivery attempt: the callback request (docs/design.md §4) and its answer, read up
+//! to the body cap.
 
 use super::confirm::retry_after;
 use crate::event::callback_body;
+use crate::outbound::guard::Refused;
+use crate::outbound::{Outbound, describe, read_capped};
 use crate::store::Queued;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use std::time::Duration;
@@ -28,8 +30,6 @@ pub fn message_id(subscription_id: i64, distribution_id: i64) -> String {
 
 pub struct Request<'a> {
     pub url: &'a str,
-    /// Judges IP-literal hosts, which never reach the client's guarded resolver.
-    pub guard: &'a super::guard::Guard,
     pub item: &'a Queued,
     pub attempt: u32,
     pub timeout: Duration,
@@ -38,58 +38,27 @@ pub struct Request<'a> {
     pub retry_after_cap: Duration,
 }
 
+/// Why an attempt got no answer. The texts become `lastError`, so they never carry the
+/// URL (which may hold credentials).
 #[derive(Debug, thiserror::Error)]
 pub enum CallbackError {
-    #[error("{0}")]
-    Transport(String),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("{}", describe(.0))]
+    Send(#[source] reqwest::Error),
+    #[error("reading the response body: {}", describe(.0))]
+    ReadBody(#[source] reqwest::Error),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
 
-/// Error text without secrets: reqwest errors name the URL, which may carry
-/// credentials in its user-info or query; keep only the cause chain.
-pub fn describe(error: &reqwest::Error) -> String {
-    let mut text = String::new();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    if text.is_empty() {
-        text = if error.is_timeout() { "timed out".into() } else { "request failed".into() };
-    }
-    if error.is_connect() { format!("connect: {text}") } else { text }
-}
-
-/// Reads a response body up to `cap` bytes: a huge answer costs at most the cap.
-pub async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while body.len() < cap {
-        match response.chunk().await? {
-            Some(chunk) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
-            None => break,
-        }
-    }
-    Ok(body)
-}
-
-pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer, CallbackError> {
-    let literal = reqwest::Url::parse(request.url).ok().and_then(|url| {
-        url.host_str()
-            .and_then(|host| host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok())
-    });
-    if let Some(ip) = literal {
-        request.guard.check(ip).map_err(|refused| CallbackError::Transport(refused.to_string()))?;
-    }
+pub async fn send(outbound: &Outbound, request: Request<'_>) -> Result<Answer, CallbackError> {
     let item = request.item;
     let body = callback_body(&item.body, item.distribution_id, item.subscription_id);
     let id = message_id(item.subscription_id, item.distribution_id);
     let timestamp = jiff::Timestamp::now().as_second();
-    let mut builder = http
-        .post(request.url)
+    let mut builder = outbound
+        .post(request.url)?
         .timeout(request.timeout)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(HEADER_ID, &id)
@@ -99,23 +68,19 @@ pub async fn send(http: &reqwest::Client, request: Request<'_>) -> Result<Answer
         builder = builder.header(HEADER_SIGNATURE, super::signing::sign(key, &id, timestamp, body.as_bytes()));
     }
     let exchange = async {
-        let mut response = builder.body(body).send().await.map_err(|e| CallbackError::Transport(describe(&e)))?;
+        let mut response = builder.body(body).send().await.map_err(CallbackError::Send)?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, jiff::Timestamp::now(), request.retry_after_cap));
-        let body = read_capped(&mut response, request.body_cap)
-            .await
-            .map_err(|e| CallbackError::Transport(format!("reading the response body: {}", describe(&e))))?;
+        let body = read_capped(&mut response, request.body_cap).await.map_err(CallbackError::ReadBody)?;
         Ok(Answer { status, retry_after, body })
     };
     // reqwest's timeout covers the exchange too; this outer one also bounds the body read.
     match tokio::time::timeout(request.timeout, exchange).await {
-        Ok(Err(CallbackError::Transport(text)))
-            if text.contains("timed out") || text.contains("operation timed out") =>
-        {
+        Ok(Err(CallbackError::Send(error) | CallbackError::ReadBody(error))) if error.is_timeout() => {
             Err(CallbackError::Timeout(request.timeout))
         }
         Ok(result) => result,

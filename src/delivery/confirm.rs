@@ -1,10 +1,10 @@
-//! Whether a callback's answer confirms the delivery (DESIGN.md §5).
+//! Whether a callback's answer confirms the delivery (docs/design.md §5).
 
 use crate::crd::ConfirmMode;
 use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Confirmation {
     Confirmed,
     /// A failed attempt; retry later.
     Failed(String),
@@ -26,19 +26,21 @@ pub fn judge(
     status: u16,
     retry_after: Option<Duration>,
     body: &[u8],
-) -> Verdict {
+) -> Confirmation {
     match status {
-        410 => return Verdict::Gone,
-        429 => return Verdict::Throttled { retry_after },
+        410 => return Confirmation::Gone,
+        429 => return Confirmation::Throttled { retry_after },
         _ => {}
     }
     match mode {
-        ConfirmMode::Httpstatus if status.to_string() == pattern => Verdict::Confirmed,
-        ConfirmMode::Httpstatus => Verdict::Failed(format!("status {status}, expected {pattern}")),
+        ConfirmMode::Httpstatus if status.to_string() == pattern => Confirmation::Confirmed,
+        ConfirmMode::Httpstatus => Confirmation::Failed(format!("status {status}, expected {pattern}")),
         ConfirmMode::Regular => match regex {
-            Some(regex) if regex.is_match(&String::from_utf8_lossy(body)) => Verdict::Confirmed,
-            Some(_) => Verdict::Failed(format!("status {status}: response body does not match the confirm pattern")),
-            None => Verdict::Failed("confirm pattern does not compile".into()),
+            Some(regex) if regex.is_match(&String::from_utf8_lossy(body)) => Confirmation::Confirmed,
+            Some(_) => {
+                Confirmation::Failed(format!("status {status}: response body does not match the confirm pattern"))
+            }
+            None => Confirmation::Failed("confirm pattern does not compile".into()),
         },
     }
 }
@@ -62,32 +64,32 @@ mod tests {
 
     #[test]
     fn httpstatus_compares_the_code_exactly() {
-        assert_eq!(judge(ConfirmMode::Httpstatus, "200", None, 200, None, b""), Verdict::Confirmed);
-        assert!(matches!(judge(ConfirmMode::Httpstatus, "201", None, 200, None, b""), Verdict::Failed(_)));
-        assert_eq!(judge(ConfirmMode::Httpstatus, "201", None, 201, None, b""), Verdict::Confirmed);
-        assert!(matches!(judge(ConfirmMode::Httpstatus, "200", None, 500, None, b"ok"), Verdict::Failed(_)));
+        assert_eq!(judge(ConfirmMode::Httpstatus, "200", None, 200, None, b""), Confirmation::Confirmed);
+        assert!(matches!(judge(ConfirmMode::Httpstatus, "201", None, 200, None, b""), Confirmation::Failed(_)));
+        assert_eq!(judge(ConfirmMode::Httpstatus, "201", None, 201, None, b""), Confirmation::Confirmed);
+        assert!(matches!(judge(ConfirmMode::Httpstatus, "200", None, 500, None, b"ok"), Confirmation::Failed(_)));
     }
 
     #[test]
     fn regular_matches_anywhere_and_ignores_status() {
         let regex = regex::Regex::new(r#""result":\s*true"#).unwrap();
         let body = br#"{"code": 0, "result": true}"#;
-        assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 500, None, body), Verdict::Confirmed);
+        assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 500, None, body), Confirmation::Confirmed);
         assert!(matches!(
             judge(ConfirmMode::Regular, "", Some(&regex), 200, None, b"{\"result\": false}"),
-            Verdict::Failed(_)
+            Confirmation::Failed(_)
         ));
     }
 
     #[test]
     fn gone_and_throttled_win_in_both_modes() {
         let regex = regex::Regex::new("").unwrap();
-        assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 410, None, b""), Verdict::Gone);
-        assert_eq!(judge(ConfirmMode::Httpstatus, "410", None, 410, None, b""), Verdict::Gone);
+        assert_eq!(judge(ConfirmMode::Regular, "", Some(&regex), 410, None, b""), Confirmation::Gone);
+        assert_eq!(judge(ConfirmMode::Httpstatus, "410", None, 410, None, b""), Confirmation::Gone);
         let wait = Some(Duration::from_secs(3));
         assert_eq!(
             judge(ConfirmMode::Httpstatus, "429", None, 429, wait, b""),
-            Verdict::Throttled { retry_after: wait }
+            Confirmation::Throttled { retry_after: wait }
         );
     }
 

@@ -4,8 +4,9 @@
 
 use crate::crd::SecretKeyRef;
 use crate::effective::Effective;
+use parking_lot::RwLock;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// One subscription as delivery sees it.
@@ -42,7 +43,8 @@ impl SubscriptionIndex {
     /// Records the controller's latest view of a subscription.
     pub fn upsert(&self, subscriber: Subscriber) {
         let id = subscriber.id;
-        if let Ok(mut entries) = self.entries.write() {
+        {
+            let mut entries = self.entries.write();
             if entries.by_id.get(&id) == Some(&subscriber) {
                 return;
             }
@@ -55,33 +57,40 @@ impl SubscriptionIndex {
             }
             entries.by_id.insert(id, subscriber);
         }
-        let _ = self.changes.send(id);
+        self.announce(id);
     }
 
     pub fn remove(&self, id: i64) {
-        if let Ok(mut entries) = self.entries.write() {
+        {
+            let mut entries = self.entries.write();
             remove_keys(&mut entries, id);
             entries.by_id.remove(&id);
         }
-        let _ = self.changes.send(id);
+        self.announce(id);
+    }
+
+    /// Tells the dispatcher. Once delivery has stopped nobody listens, and that is fine.
+    fn announce(&self, id: i64) {
+        if self.changes.send(id).is_err() {
+            tracing::trace!(subscription = id, "no dispatcher to tell of the change");
+        }
     }
 
     pub fn get(&self, id: i64) -> Option<Subscriber> {
-        self.entries.read().ok()?.by_id.get(&id).cloned()
+        self.entries.read().by_id.get(&id).cloned()
     }
 
     pub fn ids(&self) -> Vec<i64> {
-        self.entries.read().map(|e| e.by_id.keys().copied().collect()).unwrap_or_default()
+        self.entries.read().by_id.keys().copied().collect()
     }
 
     /// Ready subscriptions of `account` that list `event`, in id order.
     pub fn matching(&self, account: &str, event: &str) -> Vec<i64> {
-        self.entries
-            .read()
-            .ok()
-            .and_then(|e| {
-                e.by_event.get(&(account.to_string(), event.to_string())).map(|ids| ids.iter().copied().collect())
-            })
+        let entries = self.entries.read();
+        entries
+            .by_event
+            .get(&(account.to_string(), event.to_string()))
+            .map(|ids| ids.iter().copied().collect())
             .unwrap_or_default()
     }
 }

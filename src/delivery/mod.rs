@@ -1,30 +1,31 @@
-//! Event delivery (DESIGN.md §4-§5): publish matches events to subscriptions and stores
-//! them durably; one worker per subscription delivers its queue; statistics flow back
-//! into status. Module map: `index` (what delivery knows of subscriptions), `worker`
+//! Event delivery (docs/design.md §4-§5): publish matches events to subscriptions and
+//! stores them durably; one worker per subscription delivers its queue; statistics flow
+//! back into status. Module map: `index` (what delivery knows of subscriptions), `worker`
 //! (order, retries, dead letters), `callback` (one HTTP attempt), `confirm` (httpstatus /
-//! regular), `retry` (backoff), `guard` (refused destinations), `signing` (Standard
-//! Webhooks), `status` (status projection under a write budget).
+//! regular), `retry` (the backoff schedule), `signing` (Standard Webhooks), `projector`
+//! (statistics into status under a write budget). Requests leave through `crate::outbound`.
 
 pub mod callback;
 pub mod confirm;
-pub mod guard;
 pub mod index;
+pub mod projector;
 pub mod retry;
 pub mod signing;
-pub mod status;
 pub mod worker;
 
-use crate::config::{CallbackGuardConfig, DeliveryConfig};
+use crate::config::DeliveryConfig;
 use crate::crd::EventSubscription;
 use crate::event::StoredEvent;
-use crate::store::{EventStore, Fanout, NewEvent, StoreError, now_millis};
+use crate::outbound::Outbound;
+use crate::store::{DeadLetter, EventStore, Fanout, NewEvent, StoreError, now_millis};
 use crate::telemetry::Metrics;
-use guard::{Guard, GuardedResolver};
 use index::{Subscriber, SubscriptionIndex};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
+use parking_lot::Mutex;
+use projector::StatusProjector;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -44,48 +45,6 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// How often deleted subscriptions' queues are swept and old dead letters expired.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("invalid callbackGuard.allowCidrs: {0}")]
-    Cidr(String),
-    #[error("invalid callbackGuard.proxy: {0}")]
-    Proxy(reqwest::Error),
-    #[error("reading callbackGuard.caBundle {path}: {source}")]
-    ReadCa { path: String, source: std::io::Error },
-    #[error("callbackGuard.caBundle {path} holds no usable PEM certificate: {source}")]
-    ParseCa { path: String, source: reqwest::Error },
-    #[error("building the HTTP client: {0}")]
-    Build(reqwest::Error),
-}
-
-/// The callback guard and the HTTP client every callback, ping and telnet goes through:
-/// no redirects, no environment proxies unless configured, the guard in the resolver.
-pub fn http_client(config: &CallbackGuardConfig) -> Result<(reqwest::Client, Arc<Guard>), ClientError> {
-    let allowed =
-        config.allow_cidrs.iter().map(|c| c.parse().map_err(ClientError::Cidr)).collect::<Result<Vec<_>, _>>()?;
-    let guard = Arc::new(Guard::new(allowed));
-    let mut builder = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .dns_resolver(Arc::new(GuardedResolver(guard.clone())))
-        .pool_max_idle_per_host(64)
-        .tcp_nodelay(true)
-        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
-    if let Some(proxy) = &config.proxy {
-        builder = builder.proxy(reqwest::Proxy::all(proxy).map_err(ClientError::Proxy)?);
-    }
-    if let Some(path) = &config.ca_bundle {
-        let shown = path.display().to_string();
-        let pem = std::fs::read(path).map_err(|source| ClientError::ReadCa { path: shown.clone(), source })?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|source| ClientError::ParseCa { path: shown.clone(), source })?
-        {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    Ok((builder.build().map_err(ClientError::Build)?, guard))
-}
-
 /// Summary of one publish call.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Published {
@@ -97,16 +56,30 @@ pub struct Published {
     pub overflowed: usize,
 }
 
-pub struct Delivery {
+/// What delivery is built from.
+pub struct DeliveryParts {
     pub store: Arc<dyn EventStore>,
     pub index: Arc<SubscriptionIndex>,
-    pub http: reqwest::Client,
-    pub guard: Arc<Guard>,
-    pub config: DeliveryConfig,
-    pub metrics: Arc<Metrics>,
-    pub status: Arc<status::StatusProjector>,
-    pub secrets: signing::SecretCache,
+    pub outbound: Outbound,
+    /// Reads signing Secrets and writes status.
+    pub client: kube::Client,
     /// The controller's cache: a subscription missing from it is deleted.
+    pub subscriptions: Store<EventSubscription>,
+    pub config: DeliveryConfig,
+    pub dead_letter_retention: Duration,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+pub struct Delivery {
+    store: Arc<dyn EventStore>,
+    index: Arc<SubscriptionIndex>,
+    outbound: Outbound,
+    client: kube::Client,
+    config: DeliveryConfig,
+    metrics: Arc<Metrics>,
+    projector: StatusProjector,
+    secrets: signing::SecretCache,
     subscriptions: Store<EventSubscription>,
     workers: Mutex<HashMap<i64, (Arc<WorkerHandle>, JoinHandle<()>)>>,
     dead_letter_retention: Duration,
@@ -114,33 +87,39 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Arc<dyn EventStore>,
-        index: Arc<SubscriptionIndex>,
-        http: reqwest::Client,
-        guard: Arc<Guard>,
-        client: kube::Client,
-        subscriptions: Store<EventSubscription>,
-        config: DeliveryConfig,
-        dead_letter_retention: Duration,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    pub fn new(parts: DeliveryParts) -> Arc<Self> {
         Arc::new(Delivery {
-            store,
-            index,
-            http,
-            guard,
-            status: Arc::new(status::StatusProjector::new(config.status_writes_per_second)),
-            config,
-            metrics,
-            secrets: signing::SecretCache::new(client),
-            subscriptions,
+            projector: StatusProjector::new(parts.config.status_writes_per_second),
+            secrets: signing::SecretCache::new(parts.client.clone()),
+            store: parts.store,
+            index: parts.index,
+            outbound: parts.outbound,
+            client: parts.client,
+            config: parts.config,
+            metrics: parts.metrics,
+            subscriptions: parts.subscriptions,
             workers: Mutex::default(),
-            dead_letter_retention,
-            shutdown,
+            dead_letter_retention: parts.dead_letter_retention,
+            shutdown: parts.shutdown,
         })
+    }
+
+    /// The supplier account of a subscription delivery knows.
+    pub fn account_of(&self, id: i64) -> Option<String> {
+        self.index.get(id).map(|s| s.effective.supplier_account.clone())
+    }
+
+    /// Up to `limit` of a subscription's dead letters, oldest event first.
+    pub async fn dead_letters(&self, id: i64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.store.dead_letters(id, limit).await
+    }
+
+    /// Refreshes the store gauges (`store_bytes`, `queue_depth`) for a scrape.
+    pub async fn measure(&self) {
+        self.metrics.store_bytes.set(self.store.size_bytes());
+        if let Ok(pending) = self.store.pending_total().await {
+            self.metrics.queue_depth.set(pending);
+        }
     }
 
     /// Matches each event (with its name) against the Ready subscriptions of its
@@ -164,7 +143,7 @@ impl Delivery {
             } else {
                 summary.overflowed += 1;
             }
-            self.status.touch(subscription_id, 0);
+            self.projector.touch(subscription_id, 0);
         }
         for id in woken {
             self.wake(id);
@@ -178,14 +157,14 @@ impl Delivery {
     /// tail of its queue.
     pub async fn replay(self: &Arc<Self>, id: i64, distribution_ids: Option<Vec<i64>>) -> Result<usize, StoreError> {
         let moved = self.store.replay(id, distribution_ids).await?;
-        self.status.touch(id, 0);
+        self.projector.touch(id, 0);
         self.wake(id);
         Ok(moved)
     }
 
     /// Starts the subscription's worker if needed and tells it there is work.
     pub fn wake(self: &Arc<Self>, id: i64) {
-        let Ok(mut workers) = self.workers.lock() else { return };
+        let mut workers = self.workers.lock();
         if let Some((handle, task)) = workers.get(&id) {
             if !task.is_finished() {
                 handle.wake.notify_one();
@@ -202,21 +181,19 @@ impl Delivery {
 
     /// Whether the subscription still exists as delivery knows it (same object, not
     /// being deleted), judged on the controller's cache.
-    pub fn exists(&self, sub: &Subscriber) -> bool {
+    fn exists(&self, sub: &Subscriber) -> bool {
         self.subscriptions
             .get(&ObjectRef::new(&sub.name).within(&sub.namespace))
             .is_some_and(|o| o.uid().as_deref() == Some(sub.uid.as_str()) && o.metadata.deletion_timestamp.is_none())
     }
 
     /// Drops everything of a deleted subscription: worker, queue, dead letters, counters.
-    pub async fn forget(&self, id: i64) {
-        if let Ok(mut workers) = self.workers.lock() {
-            if let Some((handle, _)) = workers.remove(&id) {
-                handle.stop.cancel();
-            }
+    async fn forget(&self, id: i64) {
+        if let Some((handle, _)) = self.workers.lock().remove(&id) {
+            handle.stop.cancel();
         }
         self.index.remove(id);
-        self.status.set_gone(id, false);
+        self.projector.set_gone(id, false);
         match self.store.drop_subscription(id).await {
             Ok(()) => tracing::info!(subscription = id, "subscription deleted; its queue is dropped"),
             Err(error) => tracing::error!(%error, subscription = id, "dropping a deleted subscription's queue failed"),
@@ -263,15 +240,7 @@ impl Delivery {
 
     /// Runs the dispatcher until shutdown: reacts to subscription changes, sweeps, and
     /// at the end waits for the workers' in-flight attempts.
-    pub async fn run(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<i64>, client: kube::Client) {
-        let projector = tokio::spawn(self.status.clone().run(
-            client,
-            self.store.clone(),
-            self.index.clone(),
-            self.subscriptions.clone(),
-            self.metrics.clone(),
-            self.shutdown.clone(),
-        ));
+    pub async fn run(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<i64>) {
         self.sweep().await;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.tick().await;
@@ -279,7 +248,7 @@ impl Delivery {
             tokio::select! {
                 Some(id) = changes.recv() => {
                     // A running worker re-reads the spec; a Ready one without a worker gets one.
-                    let has_worker = self.workers.lock().is_ok_and(|w| w.contains_key(&id));
+                    let has_worker = self.workers.lock().contains_key(&id);
                     if has_worker || self.index.get(id).is_some_and(|s| s.ready) {
                         self.wake(id);
                     }
@@ -290,16 +259,29 @@ impl Delivery {
         }
         // In-flight attempts may finish within the drain; the rest are dropped without an
         // outcome and delivered again after the restart (at-least-once).
-        let tasks: Vec<JoinHandle<()>> =
-            self.workers.lock().map(|mut w| w.drain().map(|(_, (_, task))| task).collect()).unwrap_or_default();
-        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        if tokio::time::timeout(SHUTDOWN_DRAIN, futures::future::join_all(tasks)).await.is_err() {
-            tracing::warn!(drain = ?SHUTDOWN_DRAIN, "in-flight attempts did not finish; they will be delivered again after restart");
-            for abort in aborts {
-                abort.abort();
+        let tasks: Vec<(i64, JoinHandle<()>)> = self.workers.lock().drain().map(|(id, (_, task))| (id, task)).collect();
+        let aborts: Vec<_> = tasks.iter().map(|(_, task)| task.abort_handle()).collect();
+        let joined = futures::future::join_all(tasks.into_iter().map(|(id, task)| async move { (id, task.await) }));
+        match tokio::time::timeout(SHUTDOWN_DRAIN, joined).await {
+            Ok(results) => {
+                for (id, result) in results {
+                    if let Err(error) = result {
+                        tracing::error!(subscription = id, %error, "a delivery worker failed");
+                    }
+                }
+            }
+            Err(_) => {
+                tracing::warn!(drain = ?SHUTDOWN_DRAIN, "in-flight attempts did not finish; they will be delivered again after restart");
+                for abort in aborts {
+                    abort.abort();
+                }
             }
         }
-        let _ = projector.await;
         tracing::info!("delivery stopped");
+    }
+
+    /// Writes statistics into status until shutdown (see `projector`).
+    pub async fn project_status(self: Arc<Self>) {
+        self.projector.run(&self).await;
     }
 }

@@ -1,4 +1,4 @@
-//! The retry schedule: exponential backoff with jitter (DESIGN.md §5).
+//! The retry schedule: exponential backoff with jitter (docs/design.md §5).
 
 use crate::effective::RetryPolicy;
 use std::time::Duration;

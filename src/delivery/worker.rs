@@ -4,12 +4,11 @@
 
 use super::Delivery;
 use super::callback::{self, Request};
-use super::confirm::{Verdict, judge};
+use super::confirm::{Confirmation, judge};
 use super::index::Subscriber;
 use super::retry::backoff;
 use crate::effective::compile_confirm_regex;
-use crate::store::sqlite::UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION;
-use crate::store::{Attempt, Outcome, Queued, now_millis};
+use crate::store::{Attempt, Outcome, Queued, UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION, now_millis};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -68,7 +67,7 @@ pub async fn run(delivery: Arc<Delivery>, id: i64, handle: Arc<WorkerHandle>) {
         if gone != -1 && gone != sub.generation {
             // The spec changed since the callback answered 410: try again.
             handle.gone_generation.store(-1, Ordering::Release);
-            delivery.status.set_gone(id, false);
+            delivery.projector.set_gone(id, false);
         }
         if !deliverable(&sub, &handle) {
             idle(&handle).await;
@@ -138,7 +137,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         let effective = &sub.effective;
         if now_millis().saturating_sub(item.enqueued_at) > delivery.config.max_age_millis() {
             let error = format!("not delivered within {} s", delivery.config.max_age_seconds);
-            record(
+            record_outcome(
                 delivery,
                 handle,
                 &item,
@@ -159,7 +158,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
             Some(secret) => match delivery.secrets.key(&sub.namespace, secret).await {
                 Ok(key) => Some(key),
                 Err(error) => {
-                    if fail(delivery, handle, &sub, &mut item, error, None).await {
+                    if fail(delivery, handle, &sub, &mut item, error.to_string(), None).await {
                         return Handled::Done;
                     }
                     continue;
@@ -170,10 +169,9 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         let attempt = item.attempts + 1;
         let started = Instant::now();
         let answer = callback::send(
-            &delivery.http,
+            &delivery.outbound,
             Request {
                 url: &effective.callback_url,
-                guard: &delivery.guard,
                 item: &item,
                 attempt,
                 timeout: effective.timeout,
@@ -184,7 +182,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         )
         .await;
         let elapsed = started.elapsed().as_secs_f64();
-        let verdict = match answer {
+        let confirmation = match answer {
             Ok(answer) => judge(
                 effective.confirm_mode,
                 &effective.confirm_pattern,
@@ -193,29 +191,29 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
                 answer.retry_after,
                 &answer.body,
             ),
-            Err(error) => Verdict::Failed(error.to_string()),
+            Err(error) => Confirmation::Failed(error.to_string()),
         };
-        match verdict {
-            Verdict::Confirmed => {
+        match confirmation {
+            Confirmation::Confirmed => {
                 delivery.metrics.attempt("delivered", id, elapsed);
-                record(delivery, handle, &item, Outcome::Delivered).await;
+                record_outcome(delivery, handle, &item, Outcome::Delivered).await;
                 return Handled::Done;
             }
-            Verdict::Gone => {
+            Confirmation::Gone => {
                 delivery.metrics.attempt("gone", id, elapsed);
-                record(delivery, handle, &item, Outcome::Failed { error: "410 Gone".into() }).await;
+                record_outcome(delivery, handle, &item, Outcome::Failed { error: "410 Gone".into() }).await;
                 handle.gone_generation.store(sub.generation, Ordering::Release);
-                delivery.status.set_gone(id, true);
+                delivery.projector.set_gone(id, true);
                 tracing::warn!(subscription = id, "callback answered 410 Gone; delivery stops until the spec changes");
                 return Handled::Interrupted;
             }
-            Verdict::Throttled { retry_after } => {
+            Confirmation::Throttled { retry_after } => {
                 delivery.metrics.attempt("throttled", id, elapsed);
                 if fail(delivery, handle, &sub, &mut item, "429 Too Many Requests".into(), retry_after).await {
                     return Handled::Done;
                 }
             }
-            Verdict::Failed(error) => {
+            Confirmation::Failed(error) => {
                 delivery.metrics.attempt("failed", id, elapsed);
                 if fail(delivery, handle, &sub, &mut item, error, None).await {
                     return Handled::Done;
@@ -238,10 +236,10 @@ async fn fail(
     let attempt = item.attempts + 1;
     if attempt >= sub.effective.retry.max_attempts {
         let reason = "MaxAttempts".to_string();
-        record(delivery, handle, item, Outcome::DeadLettered { error, reason, attempted: true }).await;
+        record_outcome(delivery, handle, item, Outcome::DeadLettered { error, reason, attempted: true }).await;
         return true;
     }
-    record(delivery, handle, item, Outcome::Failed { error }).await;
+    record_outcome(delivery, handle, item, Outcome::Failed { error }).await;
     item.attempts = attempt;
     let wait = backoff(&sub.effective.retry, attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
     tokio::select! {
@@ -253,14 +251,18 @@ async fn fail(
 
 /// Hands an outcome to the store; once this worker has enough uncommitted outcomes, waits
 /// for them to be durable, bounding what a crash can redeliver.
-async fn record(delivery: &Delivery, handle: &WorkerHandle, item: &Queued, outcome: Outcome) {
+async fn record_outcome(delivery: &Delivery, handle: &WorkerHandle, item: &Queued, outcome: Outcome) {
     let attempt = Attempt { subscription_id: item.subscription_id, position: item.position, outcome, at: now_millis() };
-    match delivery.store.record(attempt) {
+    match delivery.store.record_attempt(attempt) {
         Ok(ticket) => {
-            delivery.status.touch(item.subscription_id, ticket);
+            delivery.projector.touch(item.subscription_id, ticket);
             handle.last_ticket.fetch_max(ticket, Ordering::AcqRel);
             if handle.uncommitted.fetch_add(1, Ordering::AcqRel) + 1 >= UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION {
-                let _ = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire)).await;
+                if let Err(error) = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire)).await {
+                    // The outcomes stay queued for the next batch; what a crash could
+                    // redeliver grows only until that batch commits.
+                    tracing::warn!(%error, subscription = item.subscription_id, "waiting for outcomes to commit failed");
+                }
                 handle.uncommitted.store(0, Ordering::Release);
             }
         }

@@ -1,10 +1,14 @@
 //! The event store: accepted events, per-subscription queues, dead letters and delivery
 //! counters. One small trait so that a distributed engine can replace the embedded
-//! SQLite implementation (`sqlite`) when one pod is not enough (DESIGN.md §6).
+//! SQLite implementation (`sqlite`) when one pod is not enough (docs/design.md §6).
 
 pub mod sqlite;
 
 use futures::future::BoxFuture;
+
+/// Outcomes a subscription may have recorded but not yet committed before its worker
+/// waits for the store: with `maxInFlight`, the bound on redeliveries after a crash.
+pub const UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION: u64 = 64;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
@@ -120,7 +124,8 @@ pub enum StoreError {
 }
 
 /// The operations herald needs from a store. Writes that answer a caller (publish,
-/// replay, drop) are durable when they return; `record` is batched (see `sqlite`).
+/// replay, drop) are durable when they return; `record_attempt` may be batched: its ticket
+/// tells when it is durable.
 pub trait EventStore: Send + Sync {
     /// Stores events and their fan-out atomically and durably.
     fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>>;
@@ -132,7 +137,7 @@ pub trait EventStore: Send + Sync {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>>;
     /// Records an attempt; returns a ticket that `committed` resolves once it is durable.
-    fn record(&self, attempt: Attempt) -> Result<u64, StoreError>;
+    fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError>;
     /// Resolves when every record up to `ticket` is durable.
     fn committed(&self, ticket: u64) -> BoxFuture<'_, Result<(), StoreError>>;
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>>;

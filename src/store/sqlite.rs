@@ -5,7 +5,7 @@
 //! channel, applies them in one transaction and commits once: concurrent publishes share
 //! one fsync (group commit), and delivery outcomes are committed in the same batches.
 //! Outcomes are not awaited by the workers; instead each worker waits for its own
-//! records to commit once it has `UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION` of them in
+//! records to commit once it has `super::UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION` of them in
 //! flight, which bounds what a crash can make a subscription see again.
 //!
 //! Reads go through a second connection (WAL readers never block the writer).
@@ -19,14 +19,10 @@ use futures::future::BoxFuture;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::{oneshot, watch};
-
-/// Outcomes a subscription may have recorded but not yet committed before its worker
-/// waits for the writer: with `maxInFlight`, the bound on redeliveries after a crash.
-pub const UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION: u64 = 64;
 
 /// Most writes the writer folds into one transaction.
 const MAX_BATCH: usize = 4096;
@@ -98,7 +94,6 @@ pub struct SqliteStore {
     next_ticket: AtomicU64,
     committed: watch::Receiver<u64>,
     size: Arc<AtomicU64>,
-    directory: PathBuf,
     durability: (String, i64),
     _lock: File,
 }
@@ -180,14 +175,9 @@ impl SqliteStore {
             next_ticket: AtomicU64::new(1),
             committed,
             size,
-            directory: directory.to_path_buf(),
             durability,
             _lock: lock,
         })
-    }
-
-    pub fn directory(&self) -> &Path {
-        &self.directory
     }
 
     /// The writer connection's journal mode and `synchronous` level, read back after
@@ -245,7 +235,7 @@ impl EventStore for SqliteStore {
         }))
     }
 
-    fn record(&self, attempt: Attempt) -> Result<u64, StoreError> {
+    fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         self.writes.send(Write::Record { ticket, attempt }).map_err(|_| StoreError::WriterStopped)?;
         Ok(ticket)
@@ -678,6 +668,7 @@ fn expire(conn: &Connection, before: Millis) -> Result<usize, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn limits() -> Limits {
         Limits { quota_bytes: u64::MAX, backlog_cap: 1000 }
@@ -694,7 +685,7 @@ mod tests {
     }
 
     async fn attempt(store: &SqliteStore, subscription_id: i64, position: i64, outcome: Outcome) {
-        let ticket = store.record(Attempt { subscription_id, position, outcome, at: 1 }).unwrap();
+        let ticket = store.record_attempt(Attempt { subscription_id, position, outcome, at: 1 }).unwrap();
         store.committed(ticket).await.unwrap();
     }
 

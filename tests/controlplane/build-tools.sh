@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test/dev control plane (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm) from Go modules, as DESIGN.md §8 prescribes, and caches the
+# kubectl, etcd, helm) from Go modules, as docs/design.md §8 prescribes, and caches the
 # binaries outside the clone, keyed by version. Prints the bin directory.
 # A cold build takes 20-35 minutes on 2 cores; a warm one is instant.
 set -euo pipefail

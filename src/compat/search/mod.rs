@@ -1,5 +1,5 @@
 //! Subscription search as bk-cmdb answers it: the request body `{condition, fields, page}`,
-//! then filter, sort, page and project over the records (see `compat::record`).
+//! then filter, sort, page and project over the records (see `compat::subscription_record`).
 
 mod filter;
 

@@ -1,4 +1,4 @@
-// The etcd server for the test control plane (DESIGN.md §8), built from the
+// The etcd server for the test control plane (docs/design.md §8), built from the
 // go.etcd.io/etcd/server/v3 module because no release download is reachable.
 package main
 

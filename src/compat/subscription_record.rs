@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 /// status. A subscription without an id yet shows 0; `last_time` is empty until the status
 /// has one. `time_out` and `timeout` carry the same value: bk-cmdb's server reads the
 /// first, its documentation names the second.
-pub fn record(sub: &EventSubscription, tz: &TimeZoneSetting) -> Value {
+pub fn subscription_record(sub: &EventSubscription, tz: &TimeZoneSetting) -> Value {
     let effective = Effective::from_spec(&sub.spec);
     let status = sub.status.clone().unwrap_or_default();
     let statistics = status.statistics.unwrap_or_default();
@@ -99,7 +99,7 @@ mod tests {
                 "last_time": last_time,
                 "statistics": statistics,
             });
-            assert_eq!(record(&subscription(status), &tz), expected);
+            assert_eq!(subscription_record(&subscription(status), &tz), expected);
         }
     }
 
@@ -109,7 +109,7 @@ mod tests {
         sub.spec.confirm = None;
         sub.spec.timeout_seconds = None;
         sub.spec.system_name = None;
-        let shown = record(&sub, &TimeZoneSetting::default());
+        let shown = subscription_record(&sub, &TimeZoneSetting::default());
         let table = [
             ("confirm_mode", json!("httpstatus")),
             ("confirm_pattern", json!("200")),

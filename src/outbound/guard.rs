@@ -1,4 +1,4 @@
-//! The callback guard (DESIGN.md §5): herald refuses to send callbacks, pings and
+//! The callback guard (docs/design.md §7): herald refuses to send callbacks, pings and
 //! telnets to loopback, private, link-local, CGNAT, cloud metadata, IPv6 unique-local
 //! and similar addresses, unless configuration allows them by CIDR. The check runs on
 //! the resolved address inside the HTTP client's resolver, so a host name cannot
@@ -10,22 +10,37 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 /// An address block, as `10.0.0.0/8` or `fd00::/8`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Cidr {
     network: IpAddr,
     prefix: u8,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a CIDR: {reason}")]
+pub struct InvalidCidr {
+    pub text: String,
+    pub reason: String,
+}
+
 impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) =
-            text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR (address/prefix)"))?;
-        let network: IpAddr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    type Err = InvalidCidr;
+    fn from_str(text: &str) -> Result<Self, InvalidCidr> {
+        let invalid = |reason: String| InvalidCidr { text: text.to_string(), reason };
+        let (addr, prefix) = text.trim().split_once('/').ok_or_else(|| invalid("expected address/prefix".into()))?;
+        let network: IpAddr = addr.parse().map_err(|e: std::net::AddrParseError| invalid(e.to_string()))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix: u8 =
-            prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("{text:?}: prefix must be 0..={max}"))?;
+            prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| invalid(format!("prefix must be 0..={max}")))?;
         Ok(Cidr { network, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = InvalidCidr;
+    fn try_from(text: String) -> Result<Self, InvalidCidr> {
+        text.parse()
     }
 }
 

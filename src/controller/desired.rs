@@ -1,6 +1,7 @@
 //! The status herald wants an EventSubscription to have, built from observation. Pure, so
 //! that "nothing changed, write nothing" is a plain equality check.
 
+use crate::conditions::set_condition;
 use crate::crd::{EventSubscription, EventSubscriptionStatus, OPERATOR_ANNOTATION};
 use crate::effective::Invalid;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -8,20 +9,6 @@ use kube::ResourceExt;
 
 pub const CONDITION_READY: &str = "Ready";
 pub const REASON_ACTIVE: &str = "Active";
-
-/// Sets `new` in `conditions` (keyed by type), keeping `lastTransitionTime` when the
-/// condition's status did not change.
-pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
-    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
-        Some(existing) => {
-            if existing.status == new.status {
-                new.last_transition_time = existing.last_transition_time.clone();
-            }
-            *existing = new;
-        }
-        None => conditions.push(new),
-    }
-}
 
 pub fn ready_condition(verdict: &Result<(), Invalid>, generation: Option<i64>, now: jiff::Timestamp) -> Condition {
     let (status, reason, message) = match verdict {

@@ -4,19 +4,17 @@
 //! per second, oldest change first. API-server writes therefore follow the number of
 //! changed subscriptions, never the event rate.
 
-use super::index::SubscriptionIndex;
-use crate::controller::status::set_condition;
-use crate::crd::{EventSubscription, Statistics};
-use crate::store::{Counters, EventStore};
-use crate::telemetry::Metrics;
+use super::Delivery;
+use crate::conditions::{now, set_condition};
+use crate::crd::{EventSubscription, Statistics, apply_body};
+use crate::store::Counters;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource};
+use kube::runtime::reflector::ObjectRef;
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 pub const FIELD_MANAGER: &str = "herald-delivery";
 pub const CONDITION_CALLBACK_HEALTHY: &str = "CallbackHealthy";
@@ -43,39 +41,30 @@ impl StatusProjector {
 
     /// Marks `id` changed by the store write `ticket` (0 for writes already durable).
     pub fn touch(&self, id: i64, ticket: u64) {
-        if let Ok(mut marks) = self.marks.lock() {
-            let mark = marks.dirty.entry(id).or_insert((Instant::now(), ticket));
-            mark.1 = mark.1.max(ticket);
-        }
+        let mut marks = self.marks.lock();
+        let mark = marks.dirty.entry(id).or_insert((Instant::now(), ticket));
+        mark.1 = mark.1.max(ticket);
     }
 
     pub fn set_gone(&self, id: i64, gone: bool) {
-        if let Ok(mut marks) = self.marks.lock() {
-            let changed = if gone { marks.gone.insert(id) } else { marks.gone.remove(&id) };
-            if changed {
-                marks.dirty.entry(id).or_insert((Instant::now(), 0));
-            }
+        let mut marks = self.marks.lock();
+        let changed = if gone { marks.gone.insert(id) } else { marks.gone.remove(&id) };
+        if changed {
+            marks.dirty.entry(id).or_insert((Instant::now(), 0));
         }
     }
 
     /// The longest-changed subscription: (id, ticket to wait for, gone).
     fn take_oldest(&self) -> Option<(i64, u64, bool)> {
-        let mut marks = self.marks.lock().ok()?;
+        let mut marks = self.marks.lock();
         let id = marks.dirty.iter().min_by_key(|(_, (since, _))| *since).map(|(id, _)| *id)?;
         let (_, ticket) = marks.dirty.remove(&id)?;
         Some((id, ticket, marks.gone.contains(&id)))
     }
 
-    /// Writes changed statuses until `shutdown`, at most `budget` per second.
-    pub async fn run(
-        self: Arc<Self>,
-        client: Client,
-        store: Arc<dyn EventStore>,
-        index: Arc<SubscriptionIndex>,
-        subscriptions: Store<EventSubscription>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) {
+    /// Writes changed statuses until `delivery` shuts down, at most `budget` per second.
+    pub(super) async fn run(&self, delivery: &Delivery) {
+        let Delivery { store, index, subscriptions, metrics, shutdown, client, .. } = delivery;
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / self.budget));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -90,8 +79,15 @@ impl StatusProjector {
                 let Some(object) = subscriptions.get(&ObjectRef::new(&sub.name).within(&sub.namespace)) else {
                     continue;
                 };
-                // Bounded: a batch whose commit failed never reaches its ticket.
-                let _ = tokio::time::timeout(Duration::from_secs(2), store.committed(ticket)).await;
+                // Bounded: a batch whose commit failed never reaches its ticket, and then the
+                // counters read are the newest durable ones, which is what status may show.
+                if !matches!(tokio::time::timeout(Duration::from_secs(2), store.committed(ticket)).await, Ok(Ok(()))) {
+                    tracing::debug!(
+                        subscription = id,
+                        ticket,
+                        "outcome not committed in time; projecting durable counters"
+                    );
+                }
                 let counters = store.counters(id).await;
                 let counters = match counters {
                     Ok(counters) => counters,
@@ -101,7 +97,7 @@ impl StatusProjector {
                         break;
                     }
                 };
-                let Some(patch) = projection(&object, &counters, gone, crate::controller::now()) else { continue };
+                let Some(patch) = projection(&object, &counters, gone, now()) else { continue };
                 let api = Api::<EventSubscription>::namespaced(client.clone(), &sub.namespace);
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 match api.patch_status(&sub.name, &params, &Patch::Apply(&patch)).await {
@@ -188,12 +184,10 @@ pub fn projection(
     if current.statistics.as_ref() == Some(&statistics) && current_condition == condition.as_ref() {
         return None;
     }
-    Some(serde_json::json!({
-        "apiVersion": EventSubscription::api_version(&()),
-        "kind": EventSubscription::kind(&()),
-        "metadata": { "name": object.metadata.name },
-        "status": { "statistics": statistics, "conditions": condition.into_iter().collect::<Vec<_>>() },
-    }))
+    let mut body = apply_body(&object.name_any(), serde_json::json!({}));
+    body["status"] =
+        serde_json::json!({ "statistics": statistics, "conditions": condition.into_iter().collect::<Vec<_>>() });
+    Some(body)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Whether a subscription may receive events, beyond what the schema checks: its regex
-//! compiles, its namespace is allowed for its supplier account (tenancy, DESIGN.md §7),
+//! compiles, its namespace is allowed for its supplier account (tenancy, docs/design.md §7),
 //! and no older subscription uses its (supplier account, name). Pure functions over
 //! what the caches hold, so they are unit-tested without a cluster.
 //!

@@ -1,0 +1,140 @@
+//! Everything herald sends to a destination that a user chose: callbacks (built in
+//! `delivery::callback`), the `ping` and `telnet` diagnostics (`probe`), and what they all
+//! share: the callback guard (`guard`), the one HTTP client whose resolver applies it, the
+//! capped response-body read, and error text without secrets (docs/design.md §7).
+
+pub mod guard;
+pub mod probe;
+
+use guard::{Cidr, Guard, GuardedResolver, Refused};
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `callbackGuard` in the configuration file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// CIDRs allowed although they are in a refused range (loopback, private, ...).
+    pub allow_cidrs: Vec<Cidr>,
+    /// Proxy for callbacks; environment proxies are ignored unless this is set.
+    pub proxy: Option<String>,
+    /// PEM file of extra CA certificates trusted for https callbacks.
+    pub ca_bundle: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid callbackGuard.proxy: {0}")]
+    Proxy(#[source] reqwest::Error),
+    #[error("reading callbackGuard.caBundle {path}: {source}")]
+    ReadCa { path: String, source: std::io::Error },
+    #[error("callbackGuard.caBundle {path} holds no usable PEM certificate: {source}")]
+    ParseCa { path: String, source: reqwest::Error },
+    #[error("building the HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+/// The HTTP client every callback and ping goes through, and the guard inside its
+/// resolver: no redirects, no environment proxies unless configured. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbound {
+    client: reqwest::Client,
+    guard: Arc<Guard>,
+}
+
+impl Outbound {
+    pub fn new(config: &GuardConfig) -> Result<Self, ClientError> {
+        let guard = Arc::new(Guard::new(config.allow_cidrs.clone()));
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver(guard.clone())))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")));
+        if let Some(proxy) = &config.proxy {
+            builder = builder.proxy(reqwest::Proxy::all(proxy).map_err(ClientError::Proxy)?);
+        }
+        if let Some(path) = &config.ca_bundle {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|source| ClientError::ReadCa { path: shown.clone(), source })?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|source| ClientError::ParseCa { path: shown.clone(), source })?;
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        Ok(Outbound { client: builder.build().map_err(ClientError::Build)?, guard })
+    }
+
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// A POST to `url`. Host names are judged by the resolver at connect time; an IP
+    /// literal never reaches a resolver, so it is judged here.
+    pub fn post(&self, url: &str) -> Result<reqwest::RequestBuilder, Refused> {
+        if let Some(ip) = literal_host(url) {
+            self.guard.check(ip)?;
+        }
+        Ok(self.client.post(url))
+    }
+}
+
+/// The host of `url` when it is an IP address (IPv6 in brackets or not).
+fn literal_host(url: &str) -> Option<IpAddr> {
+    let url = reqwest::Url::parse(url).ok()?;
+    url.host_str()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// Reads a response body up to `cap` bytes: a huge answer costs at most the cap.
+pub async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while body.len() < cap {
+        match response.chunk().await? {
+            Some(chunk) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
+            None => break,
+        }
+    }
+    Ok(body)
+}
+
+/// Error text without secrets: reqwest errors name the URL, which may carry
+/// credentials in its user-info or query; keep only the cause chain.
+pub fn describe(error: &reqwest::Error) -> String {
+    let mut text = String::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if text.is_empty() {
+        text = if error.is_timeout() { "timed out".into() } else { "request failed".into() };
+    }
+    if error.is_connect() { format!("connect: {text}") } else { text }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_hosts_are_found_in_both_ip_families() {
+        assert_eq!(literal_host("http://127.0.0.1:9/x"), Some(IpAddr::from([127, 0, 0, 1])));
+        assert_eq!(literal_host("http://[::1]:9/x"), Some(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)));
+        assert_eq!(literal_host("http://localhost:9/x"), None);
+    }
+
+    #[test]
+    fn literal_targets_in_refused_ranges_get_no_request() {
+        let outbound = Outbound::new(&GuardConfig::default()).unwrap();
+        let refused = outbound.post("http://[::ffff:10.0.0.1]/").unwrap_err();
+        assert_eq!(refused.reason, "IPv4-mapped address of a refused range");
+        assert!(outbound.post("http://8.8.8.8/").is_ok());
+    }
+}
