@@ -15,6 +15,8 @@
 //!
 //! Sizes scale down with environment variables (see `Settings::from_env`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 use futures::{StreamExt, TryStreamExt};
 use herald::crd::EventSubscription;
 use herald::delivery::callback::{self, Request};
@@ -193,7 +195,7 @@ impl Machine {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0.0);
         Machine {
-            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            nproc: std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1),
             cpu: cpu.unwrap_or_else(|| "unknown".into()),
             mem_gb: mem_kb / 1024.0 / 1024.0,
             load_start: loadavg(),

@@ -23,6 +23,8 @@ pub const SUPPLIER_ACCOUNTS_LABEL: &str = "herald.dev/supplier-accounts";
 
 /// A subscription to BlueKing CMDB events: herald POSTs each matching event to
 /// `callbackUrl` and confirms the delivery by HTTP status or by a regex over the response.
+// The derive expands each `printcolumn(...)` into attributes clippy sees as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[kube(
     group = "herald.dev",

@@ -5,6 +5,8 @@
 //! kubectl come from $HERALD_TOOLS_BIN). Pods never start (there is no kubelet), so nothing
 //! here waits for them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 mod common;
 
 use common::*;
@@ -469,7 +471,7 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
 
 #[tokio::test]
 async fn herald_runs_with_exactly_the_charts_permissions() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-sa", &[]).await;
     let release = Release::install(&cluster, &ns, &[]);

@@ -1,6 +1,8 @@
 //! The controller against the real kube-apiserver: validation at apply time, ids,
 //! conditions, tenancy, restarts. Run through tests/run.sh.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 mod common;
 
 use common::*;
@@ -17,7 +19,7 @@ const CONFIG: &str = "controller:\n  resyncSeconds: 600\n";
 
 #[tokio::test]
 async fn examples_apply_and_become_ready_with_distinct_ids() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("examples", &[]).await;
     let _herald = Herald::start(&cluster, &ns, CONFIG).await;
@@ -51,7 +53,7 @@ async fn examples_apply_and_become_ready_with_distinct_ids() {
 
 #[tokio::test]
 async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("race", &[]).await;
     // Blocks of one id force the allocators to contend on the counter for every id.
@@ -127,7 +129,7 @@ async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
 
 #[tokio::test]
 async fn a_forged_id_label_is_replaced_by_a_fresh_id() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("forged", &[]).await;
     let _herald = Herald::start(&cluster, &ns, CONFIG).await;
@@ -237,7 +239,7 @@ async fn invalid_specs_are_refused_at_apply_time_naming_the_field() {
 
 #[tokio::test]
 async fn a_regex_that_does_not_compile_gives_invalid_pattern_and_a_warning_event() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("pattern", &[]).await;
     let _herald = Herald::start(&cluster, &ns, CONFIG).await;
@@ -274,7 +276,7 @@ async fn a_regex_that_does_not_compile_gives_invalid_pattern_and_a_warning_event
 
 #[tokio::test]
 async fn a_second_subscription_with_the_same_account_and_name_is_a_duplicate_until_the_first_goes() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("dup", &[]).await;
     let _herald = Herald::start(&cluster, &ns, CONFIG).await;
@@ -300,7 +302,7 @@ async fn a_second_subscription_with_the_same_account_and_name_is_a_duplicate_unt
 
 #[tokio::test]
 async fn a_namespace_not_allowed_for_the_account_is_refused_until_labelled() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let herald_ns = cluster.namespace("tenancy-herald", &[]).await;
     let team_ns = cluster.namespace("tenancy-team", &[(SUPPLIER_ACCOUNTS_LABEL, "1")]).await;
@@ -322,7 +324,7 @@ async fn a_namespace_not_allowed_for_the_account_is_refused_until_labelled() {
 
 #[tokio::test]
 async fn a_spec_change_moves_generation_and_last_time_and_the_spec_stays_as_applied() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("generation", &[]).await;
     let _herald = Herald::start(&cluster, &ns, CONFIG).await;
@@ -371,7 +373,7 @@ async fn a_spec_change_moves_generation_and_last_time_and_the_spec_stays_as_appl
 
 #[tokio::test]
 async fn after_sigkill_and_restart_ids_are_kept_and_unchanged_objects_are_not_written() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("restart", &[]).await;
     let mut herald = Herald::start(&cluster, &ns, CONFIG).await;
@@ -422,7 +424,7 @@ async fn after_sigkill_and_restart_ids_are_kept_and_unchanged_objects_are_not_wr
 
 #[tokio::test]
 async fn sigterm_shuts_herald_down_cleanly() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("sigterm", &[]).await;
     let mut herald = Herald::start(&cluster, &ns, CONFIG).await;

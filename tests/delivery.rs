@@ -1,6 +1,8 @@
 //! Event delivery end to end: herald as a real process, the real kube-apiserver, and
 //! real callback servers on 127.0.0.1 recording what they receive. Run by tests/run.sh.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 mod common;
 
 use common::callback::CallbackServer;
@@ -55,7 +57,7 @@ async fn wait_statistics(
 
 #[tokio::test]
 async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("fanout", &[]).await;
     let server = CallbackServer::start().await;
@@ -82,7 +84,7 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
 
     for (key, id) in [("a", a), ("b", b)] {
         let got = server.wait_for(key, 5, Duration::from_secs(30)).await;
-        let ids: Vec<i64> = got.iter().map(|r| r.distribution_id()).collect();
+        let ids: Vec<i64> = got.iter().map(common::callback::Received::distribution_id).collect();
         assert_eq!(ids, [1, 2, 3, 4, 5], "{key}: contiguous from 1, in order");
         let first = &got[0];
         assert_eq!(first.body["subscription_id"], id);
@@ -98,7 +100,7 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
         assert_eq!(first.header("webhook-id"), format!("msg_herald_{id}_1"));
         assert!(first.header("webhook-timestamp").parse::<i64>().is_ok());
         assert_eq!(first.header("herald-attempt"), "1");
-        assert!(first.headers.get("webhook-signature").is_none(), "unsigned without signing.secretRef");
+        assert!(!first.headers.contains_key("webhook-signature"), "unsigned without signing.secretRef");
     }
     // Give stray deliveries a moment to show up before asserting there are none.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -129,7 +131,7 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
 
 #[tokio::test]
 async fn confirm_modes_gone_and_throttling() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("confirm", &[]).await;
     let server = CallbackServer::start().await;
@@ -194,7 +196,7 @@ async fn confirm_modes_gone_and_throttling() {
 
 #[tokio::test]
 async fn retries_dead_letters_and_replay() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("retry", &[]).await;
     let server = CallbackServer::start().await;
@@ -216,7 +218,7 @@ async fn retries_dead_letters_and_replay() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     publish(&herald, serde_json::json!([host_event("0", 2), host_event("0", 3)])).await;
     let dead = server.wait_for("dead", 5, Duration::from_secs(30)).await;
-    assert_eq!(dead.iter().map(|r| r.distribution_id()).collect::<Vec<_>>(), [1, 1, 1, 2, 3]);
+    assert_eq!(dead.iter().map(common::callback::Received::distribution_id).collect::<Vec<_>>(), [1, 1, 1, 2, 3]);
 
     let client = reqwest::Client::new();
     let letters: serde_json::Value = client
@@ -248,7 +250,7 @@ async fn retries_dead_letters_and_replay() {
 
 #[tokio::test]
 async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("timeout", &[]).await;
     let server = CallbackServer::start().await;
@@ -274,7 +276,7 @@ async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
 
 #[tokio::test]
 async fn a_hanging_callback_never_delays_another_subscription() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("isolation", &[]).await;
     let server = CallbackServer::start().await;
@@ -293,13 +295,16 @@ async fn a_hanging_callback_never_delays_another_subscription() {
         took < Duration::from_secs(30),
         "A got all 1,000 events before B's first attempt could time out ({took:?})"
     );
-    assert_eq!(fast.iter().map(|r| r.distribution_id()).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>());
+    assert_eq!(
+        fast.iter().map(common::callback::Received::distribution_id).collect::<Vec<_>>(),
+        (1..=1000).collect::<Vec<_>>()
+    );
     assert_eq!(server.received("hung").len(), 1, "B is still on its first attempt");
 }
 
 #[tokio::test]
 async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("crash", &[]).await;
     let server = CallbackServer::start().await;
@@ -388,7 +393,7 @@ async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
 
 #[tokio::test]
 async fn status_writes_stay_within_the_budget_whatever_the_event_rate() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("budget", &[]).await;
     let server = CallbackServer::start().await;
@@ -430,7 +435,7 @@ async fn status_writes_stay_within_the_budget_whatever_the_event_rate() {
 
 #[tokio::test]
 async fn a_100_mb_response_body_costs_at_most_the_body_cap_in_memory() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("bigbody", &[]).await;
     let server = CallbackServer::start().await;
@@ -463,7 +468,7 @@ fn vm_hwm_kb(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn only_the_lease_holder_is_ready_and_a_successor_takes_over() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("leader", &[]).await;
     let server = CallbackServer::start().await;

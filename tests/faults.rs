@@ -17,6 +17,8 @@
 //! Tests that show a herald bug are marked `HERALD BUG` with the finding number of
 //! docs/RELIABILITY.md; they fail until the bug is fixed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 mod common;
 
 use common::callback::CallbackServer;
@@ -450,7 +452,7 @@ const COMMIT_BATCH: usize = 64;
 /// Fast subset: 3 rounds; full suite: 24.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_seeded_random_points_loses_nothing_and_bounds_duplicates() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let rounds = scaled(3, 24);
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -558,7 +560,7 @@ async fn sigkill_at_seeded_random_points_loses_nothing_and_bounds_duplicates() {
 /// attempt is made again after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_or_redelivers_the_attempt_in_flight_and_exits_0() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-term", &[]).await;
     let ok = CallbackServer::start().await;
@@ -634,7 +636,7 @@ fn wait_apiserver(cluster: &Cluster, within: Duration) {
 /// herald knows, /readyz stays 200. After recovery a spec change is picked up, status
 /// catches up, and herald was never restarted.
 async fn control_plane_outage(component: &'static str, prefix: &str, outage: Duration) {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace(prefix, &[]).await;
     let server = CallbackServer::start().await;
@@ -777,7 +779,7 @@ async fn etcd_outage_keeps_delivery_going_and_herald_recovers_without_restart() 
 /// drained, publishing is accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_over_quota_refuses_publishes_with_503_and_loses_nothing_accepted() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-quota", &[]).await;
     let server = CallbackServer::start().await;
@@ -901,7 +903,7 @@ fn tear_wal_tail(store: &Path, partial: bool, rng: &mut fastrand::Rng) -> String
 /// still delivered; the database passes `PRAGMA integrity_check`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_wal_tail_after_sigkill_opens_and_loses_nothing_acknowledged() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut rng = fastrand::Rng::with_seed(seed());
     let cluster = cluster().await;
     let ns = cluster.namespace("f-wal", &[]).await;
@@ -951,7 +953,7 @@ async fn a_torn_wal_tail_after_sigkill_opens_and_loses_nothing_acknowledged() {
 /// namespace never gets as far: it waits for the Lease and stays not ready.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_herald_on_the_same_store_directory_refuses_to_start() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-lock", &[]).await;
     let dir = test_dir(&ns, "herald");
@@ -1008,7 +1010,7 @@ async fn a_second_herald_on_the_same_store_directory_refuses_to_start() {
 /// a 100 MB body: tests/delivery.rs `a_100_mb_response_body_costs_at_most_the_body_cap_in_memory`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_callbacks_fail_their_own_attempts_and_never_slow_a_healthy_subscription() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-callbacks", &[]).await;
     let ok = CallbackServer::start().await;
@@ -1095,7 +1097,7 @@ async fn hostile_callbacks_fail_their_own_attempts_and_never_slow_a_healthy_subs
 /// address is not followed: `hostile_callbacks_...` above.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_to_refused_addresses_are_refused_before_connecting() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-guard", &[]).await;
     let server = CallbackServer::start().await;
@@ -1235,7 +1237,7 @@ fn code(body: &Value) -> i64 {
 /// any answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-auth", &[]).await;
     let server = CallbackServer::start().await;
@@ -1656,7 +1658,7 @@ fn judge_answer(esb: bool, status: u16, text: &str) -> Result<(), String> {
 /// full suite: 6,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let requests = scaled(600, 6000);
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -1767,7 +1769,7 @@ async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
 /// invalid events at publish, and ping/telnet targets the callback guard refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_validation_errors_name_the_field() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-fields", &[]).await;
     let herald = Herald::start(&cluster, &ns, "").await;
@@ -1807,7 +1809,7 @@ async fn field_validation_errors_name_the_field() {
 /// Accepted (200) or refused as invalid (400 / 1199006) are both fine; 500 is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_in_subscription_fields_are_bad_input_not_a_server_fault() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("f-control", &[]).await;
     let herald = Herald::start(&cluster, &ns, "").await;
@@ -2042,7 +2044,7 @@ mod properties {
             prop_assert_eq!(&body["distribution_id"], &json!(distribution_id));
             prop_assert_eq!(&body["subscription_id"], &json!(subscription_id));
             prop_assert!(body["bk_supplier_account"].as_str().is_some_and(|a| !a.trim().is_empty()));
-            prop_assert_eq!(body.as_object().map(|o| o.len()), Some(11));
+            prop_assert_eq!(body.as_object().map(serde_json::Map::len), Some(11));
             // The data as stored, byte for byte (compared through the same JSON parser).
             let data: Value = serde_json::from_str(&serde_json::to_string(&stored.data).unwrap()).unwrap();
             prop_assert_eq!(&body["data"], &data);
@@ -2073,7 +2075,7 @@ mod properties {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full suite (tests/faults/run-all.sh): needs schemathesis"]
 async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let binary = std::env::var_os("HERALD_SCHEMATHESIS").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/herald-faults/venv/bin/schemathesis")
     });
@@ -2136,7 +2138,7 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "full suite (tests/faults/run-all.sh): 10-minute soak"]
 async fn a_soak_at_half_the_maximum_throughput_keeps_memory_and_store_flat() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let soak =
         Duration::from_secs(std::env::var("HERALD_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
     let cluster = cluster().await;

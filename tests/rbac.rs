@@ -7,6 +7,8 @@
 //! and `every_verb_of_every_rule_has_a_test` keeps the list of cases in step with the chart
 //! and docs/rbac.md. Run through tests/run.sh (helm and kubectl come from $HERALD_TOOLS_BIN).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 mod common;
 
 use common::callback::CallbackServer;
@@ -315,10 +317,10 @@ impl Setup {
         self.can(
             &self.user,
             &ResourceAttributes {
-                group: Some(perm.group.to_string()),
+                group: Some(perm.group.clone()),
                 resource: Some(resource.to_string()),
                 subresource,
-                verb: Some(perm.verb.to_string()),
+                verb: Some(perm.verb.clone()),
                 name,
                 namespace: (perm.kind == Kind::Role).then(|| self.ns.name.clone()),
                 ..Default::default()
@@ -663,7 +665,7 @@ const ESB_APPS: &str = "apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts:
 /// Every observation the tests below take away, with all of the chart's rules.
 #[tokio::test]
 async fn with_every_rule_each_path_works() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut setup = Setup::new(&[]).await;
     let api = setup.subscriptions();
     let caller = setup.caller();
@@ -794,7 +796,7 @@ async fn with_every_rule_each_path_works() {
 /// syncs its caches, so it never reports ready.
 #[tokio::test]
 async fn without_eventsubscriptions_list_herald_never_becomes_ready() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_LIST]).await;
     let mut herald = setup.herald("");
     herald.assert_never_ready(&["cannot list resource", "eventsubscriptions"]).await;
@@ -804,7 +806,7 @@ async fn without_eventsubscriptions_list_herald_never_becomes_ready() {
 /// list, but a subscription created afterwards is never seen, so never gets an id.
 #[tokio::test]
 async fn without_eventsubscriptions_watch_new_subscriptions_are_never_seen() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_WATCH]).await;
     let api = setup.subscriptions();
     create(&api, "early", basic_spec("rbac-early")).await;
@@ -826,7 +828,7 @@ async fn without_eventsubscriptions_watch_new_subscriptions_are_never_seen() {
 /// from the cache).
 #[tokio::test]
 async fn without_eventsubscriptions_get_a_lost_id_race_cannot_be_reread() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut setup = Setup::new(&[ESUB_GET, NAMESPACES_LIST, NAMESPACES_WATCH]).await;
     let api = setup.subscriptions();
     create(&api, "raced", basic_spec("rbac-raced")).await;
@@ -853,7 +855,7 @@ async fn without_eventsubscriptions_get_a_lost_id_race_cannot_be_reread() {
 /// the REST API's update and create. Status (its own subresource) is still written.
 #[tokio::test]
 async fn without_eventsubscriptions_patch_no_id_label_and_no_rest_writes() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_PATCH]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -883,7 +885,7 @@ async fn without_eventsubscriptions_patch_no_id_label_and_no_rest_writes() {
 /// `delete` is the REST API's delete.
 #[tokio::test]
 async fn without_eventsubscriptions_delete_rest_deletes_fail() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_DELETE]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -902,7 +904,7 @@ async fn without_eventsubscriptions_delete_rest_deletes_fail() {
 /// `eventsubscriptions/status` `patch` is every status write: no id, no Ready condition.
 #[tokio::test]
 async fn without_eventsubscriptions_status_patch_no_status_is_written() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[STATUS_PATCH]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -920,7 +922,7 @@ async fn without_eventsubscriptions_status_patch_no_status_is_written() {
 /// subscription still becomes Ready=False, but no Event appears.
 #[tokio::test]
 async fn without_events_create_no_warning_event_is_recorded() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[EVENTS_CREATE]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -936,7 +938,7 @@ async fn without_events_create_no_warning_event_is_recorded() {
 /// subscription in the existing Event's series. Without it the repeat is lost.
 #[tokio::test]
 async fn without_events_patch_a_repeated_warning_is_not_counted() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[EVENTS_PATCH]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -961,7 +963,7 @@ async fn without_events_patch_a_repeated_warning_is_not_counted() {
 /// cache never syncs and herald never becomes ready.
 #[tokio::test]
 async fn without_namespaces_list_herald_never_becomes_ready() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[NAMESPACES_LIST]).await;
     let mut herald = setup.herald("");
     herald.assert_never_ready(&["cannot list resource", "namespaces"]).await;
@@ -971,7 +973,7 @@ async fn without_namespaces_list_herald_never_becomes_ready() {
 /// labelled for an account afterwards stays refused.
 #[tokio::test]
 async fn without_namespaces_watch_tenancy_label_changes_are_never_seen() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut setup = Setup::new(&[NAMESPACES_WATCH]).await;
     let tenant = setup.tenant(&[]).await;
     let tenants = setup.cluster.subscriptions(&tenant);
@@ -1001,7 +1003,7 @@ async fn without_namespaces_watch_tenancy_label_changes_are_never_seen() {
 /// 500 with 1199999 (herald cannot tell who is calling).
 #[tokio::test]
 async fn without_tokenreviews_create_bearer_tokens_cannot_be_checked() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut setup = Setup::new(&[TOKENREVIEWS_CREATE]).await;
     let caller = setup.caller();
     let mut herald = setup.herald("api: {auth: {anonymous: false}}");
@@ -1016,7 +1018,7 @@ async fn without_tokenreviews_create_bearer_tokens_cannot_be_checked() {
 /// with 1199999 (herald cannot tell whether the caller may).
 #[tokio::test]
 async fn without_subjectaccessreviews_create_bearer_tokens_cannot_be_authorised() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut setup = Setup::new(&[SARS_CREATE]).await;
     let caller = setup.caller();
     let mut herald = setup.herald("api: {auth: {anonymous: false}}");
@@ -1034,7 +1036,7 @@ async fn without_subjectaccessreviews_create_bearer_tokens_cannot_be_authorised(
 /// needs `create` as well as `patch`; updating an existing one does not.
 #[tokio::test]
 async fn without_eventsubscriptions_create_rest_creates_fail() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_CREATE]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -1055,7 +1057,7 @@ async fn without_eventsubscriptions_create_rest_creates_fail() {
 /// Ids are reserved from the counter ConfigMap, read first.
 #[tokio::test]
 async fn without_counter_get_no_subscription_gets_an_id() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[COUNTER_GET]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -1070,7 +1072,7 @@ async fn without_counter_get_no_subscription_gets_an_id() {
 /// resourceVersion read): without `update` no subscription gets an id.
 #[tokio::test]
 async fn without_counter_update_no_id_once_the_counter_exists() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[COUNTER_UPDATE]).await;
     let counter =
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": COUNTER}, "data": {"next": "1"}});
@@ -1092,7 +1094,7 @@ async fn without_counter_update_no_id_once_the_counter_exists() {
 /// On a fresh install the first reservation creates the counter.
 #[tokio::test]
 async fn without_configmaps_create_the_first_id_is_never_reserved() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[CONFIGMAPS_CREATE]).await;
     let api = setup.subscriptions();
     let mut herald = setup.herald("");
@@ -1108,7 +1110,7 @@ async fn without_configmaps_create_the_first_id_is_never_reserved() {
 /// Leadership starts by reading the Lease; herald serves only as leader.
 #[tokio::test]
 async fn without_lease_get_herald_never_becomes_ready() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[LEASE_GET]).await;
     let mut herald = setup.herald("");
     herald.assert_never_ready(&["reading lease herald-leader", "cannot get resource", "leases"]).await;
@@ -1117,7 +1119,7 @@ async fn without_lease_get_herald_never_becomes_ready() {
 /// An existing Lease (every restart after the first start) is taken by an update.
 #[tokio::test]
 async fn without_lease_update_an_existing_lease_is_never_taken() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[LEASE_UPDATE]).await;
     let lease =
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": LEASE}, "spec": {}});
@@ -1132,7 +1134,7 @@ async fn without_lease_update_an_existing_lease_is_never_taken() {
 /// On a fresh install the first start creates the Lease.
 #[tokio::test]
 async fn without_leases_create_herald_never_becomes_ready_on_a_fresh_install() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[LEASES_CREATE]).await;
     let mut herald = setup.herald("");
     herald.assert_never_ready(&["writing lease herald-leader", "cannot create resource", "leases"]).await;
@@ -1142,7 +1144,7 @@ async fn without_leases_create_herald_never_becomes_ready_on_a_fresh_install() {
 /// attempt fails, and the status says which Secret could not be read.
 #[tokio::test]
 async fn without_secrets_get_signed_subscriptions_cannot_be_delivered() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[SECRETS_GET]).await;
     create_secret(&setup, &setup.ns, "webhook-key", "key", SIGNING_KEY).await;
     let receiver = CallbackServer::start().await;
@@ -1166,7 +1168,7 @@ async fn without_secrets_get_signed_subscriptions_cannot_be_delivered() {
 /// error that names the Secret.
 #[tokio::test]
 async fn without_secrets_get_esb_credentials_cannot_be_read() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let setup = Setup::new(&[SECRETS_GET]).await;
     create_secret(&setup, &setup.ns, "esb-apps", "apps.yaml", ESB_APPS).await;
     let mut herald = setup.herald("api: {esbCredentialsSecret: esb-apps}");
@@ -1185,7 +1187,7 @@ async fn without_secrets_get_esb_credentials_cannot_be_read() {
 /// the subscription's (tenant) namespace, is refused that Secret.
 #[tokio::test]
 async fn herald_is_refused_secrets_outside_its_namespace() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let mut setup = Setup::new(&[]).await;
     let kubectl = |args: &[&str]| {
         let out = Command::new(tools().join("kubectl"))

@@ -1,6 +1,8 @@
 //! The bk-cmdb REST API over real HTTP against a running herald and the real
 //! kube-apiserver: direct paths, ESB paths, search, probes, auth and every error code.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
 mod common;
 
 use common::callback::CallbackServer;
@@ -66,7 +68,7 @@ async fn find(api: &Api<EventSubscription>, id: i64) -> EventSubscription {
 
 #[tokio::test]
 async fn create_update_delete_map_every_field_and_keep_id_and_statistics() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-crud", &[]).await;
     let server = CallbackServer::start().await;
@@ -155,7 +157,7 @@ async fn create_update_delete_map_every_field_and_keep_id_and_statistics() {
 
 #[tokio::test]
 async fn twenty_concurrent_creates_of_one_name_give_exactly_one_subscription() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-race", &[]).await;
     let herald = Herald::start(&cluster, &ns, "").await;
@@ -178,7 +180,7 @@ async fn twenty_concurrent_creates_of_one_name_give_exactly_one_subscription() {
 
 #[tokio::test]
 async fn search_filters_projects_pages_sorts_and_counts_over_500_subscriptions() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-search", &[]).await;
     let server = CallbackServer::start().await;
@@ -296,7 +298,7 @@ async fn search_filters_projects_pages_sorts_and_counts_over_500_subscriptions()
 
 #[tokio::test]
 async fn ping_and_telnet_report_what_the_target_did() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-probe", &[]).await;
     let server = CallbackServer::start().await;
@@ -354,7 +356,7 @@ async fn ping_and_telnet_report_what_the_target_did() {
 
 #[tokio::test]
 async fn loopback_targets_are_refused_before_connecting_unless_allowed() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-guard", &[]).await;
     let server = CallbackServer::start().await;
@@ -372,7 +374,7 @@ async fn loopback_targets_are_refused_before_connecting_unless_allowed() {
 
 #[tokio::test]
 async fn direct_paths_need_a_token_with_rights_on_the_account() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-auth", &[]).await;
     let herald = Herald::start(&cluster, &ns, "api:\n  auth:\n    anonymous: false\n").await;
@@ -416,7 +418,7 @@ async fn direct_paths_need_a_token_with_rights_on_the_account() {
 
 #[tokio::test]
 async fn esb_paths_work_with_app_credentials_and_always_answer_200() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-esb", &[]).await;
     let server = CallbackServer::start().await;
@@ -490,7 +492,7 @@ async fn esb_paths_work_with_app_credentials_and_always_answer_200() {
 
 #[tokio::test]
 async fn bad_input_gets_its_documented_code_never_a_5xx() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-input", &[]).await;
     let herald = Herald::start(&cluster, &ns, "api:\n  maxBodyBytes: 65536\n").await;
@@ -550,7 +552,7 @@ async fn bad_input_gets_its_documented_code_never_a_5xx() {
 
 #[tokio::test]
 async fn server_side_faults_answer_their_codes() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-faults", &[]).await;
 
@@ -682,7 +684,7 @@ async fn server_side_faults_answer_their_codes() {
 
 #[tokio::test]
 async fn the_api_is_served_over_tls_when_a_certificate_is_configured() {
-    let _turn = exclusive();
+    let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-tls", &[]).await;
     let dir = std::env::temp_dir().join(format!("{}-tls", ns.name));

@@ -162,14 +162,19 @@ pub enum EsbCredentialsError {
     Parse { source_name: String, source: serde_yaml::Error },
 }
 
+/// Review answers and when they were fetched.
+type Cache<K, V> = Mutex<HashMap<K, (Instant, V)>>;
+
 pub struct Authenticator {
     client: kube::Client,
     audience: String,
     kubernetes: bool,
     anonymous: bool,
     ttl: Duration,
-    tokens: Mutex<HashMap<Vec<u8>, (Instant, Option<Identity>)>>,
-    decisions: Mutex<HashMap<(String, String, Action), (Instant, bool)>>,
+    /// By token digest: the identity, or None for a token the API server refused.
+    tokens: Cache<Vec<u8>, Option<Identity>>,
+    /// By (user, account, action).
+    decisions: Cache<(String, String, Action), bool>,
     pub esb: EsbApps,
 }
 
@@ -220,10 +225,10 @@ impl Authenticator {
         // Cache by digest: raw tokens are never kept.
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec();
         let cached = self.tokens.lock().get(&digest).cloned();
-        if let Some((at, identity)) = cached {
-            if at.elapsed() < self.ttl {
-                return identity.ok_or(AuthError::Unauthenticated);
-            }
+        if let Some((at, identity)) = cached
+            && at.elapsed() < self.ttl
+        {
+            return identity.ok_or(AuthError::Unauthenticated);
         }
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![self.audience.clone()]) },

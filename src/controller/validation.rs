@@ -182,7 +182,7 @@ mod tests {
         let all = [a.clone(), b.clone()];
         assert!(older_holder(&a, &Effective::from_spec(&a.spec), &all, anywhere).is_none());
         assert_eq!(
-            older_holder(&b, &Effective::from_spec(&b.spec), &all, anywhere).map(|s| s.name_any()),
+            older_holder(&b, &Effective::from_spec(&b.spec), &all, anywhere).map(kube::ResourceExt::name_any),
             Some("a".into())
         );
     }

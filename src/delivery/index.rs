@@ -118,7 +118,7 @@ mod tests {
             supplier_account: Some(account.into()),
             subscription_name: format!("s{id}"),
             callback_url: "http://127.0.0.1/".into(),
-            events: events.iter().map(|e| e.to_string()).collect(),
+            events: events.iter().map(std::string::ToString::to_string).collect(),
             ..Default::default()
         };
         Subscriber {

@@ -71,6 +71,9 @@ pub struct DeliveryParts {
     pub shutdown: CancellationToken,
 }
 
+/// The running worker of each subscription that has one.
+type Workers = HashMap<i64, (Arc<WorkerHandle>, JoinHandle<()>)>;
+
 pub struct Delivery {
     store: Arc<dyn EventStore>,
     index: Arc<SubscriptionIndex>,
@@ -81,7 +84,7 @@ pub struct Delivery {
     projector: StatusProjector,
     secrets: signing::SecretCache,
     subscriptions: Store<EventSubscription>,
-    workers: Mutex<HashMap<i64, (Arc<WorkerHandle>, JoinHandle<()>)>>,
+    workers: Mutex<Workers>,
     dead_letter_retention: Duration,
     shutdown: CancellationToken,
 }
@@ -165,11 +168,11 @@ impl Delivery {
     /// Starts the subscription's worker if needed and tells it there is work.
     pub fn wake(self: &Arc<Self>, id: i64) {
         let mut workers = self.workers.lock();
-        if let Some((handle, task)) = workers.get(&id) {
-            if !task.is_finished() {
-                handle.wake.notify_one();
-                return;
-            }
+        if let Some((handle, task)) = workers.get(&id)
+            && !task.is_finished()
+        {
+            handle.wake.notify_one();
+            return;
         }
         if self.shutdown.is_cancelled() {
             return;

@@ -32,8 +32,11 @@ pub fn sign(key: &[u8], message_id: &str, timestamp: i64, body: &[u8]) -> String
 /// read its Secret per delivery, and a rotated one is picked up soon.
 pub struct SecretCache {
     client: kube::Client,
-    entries: tokio::sync::Mutex<HashMap<(String, String, String), (Instant, Vec<u8>)>>,
+    entries: tokio::sync::Mutex<HashMap<SecretKeyId, (Instant, Vec<u8>)>>,
 }
+
+/// (namespace, Secret name, key in the Secret).
+type SecretKeyId = (String, String, String);
 
 const SECRET_TTL: Duration = Duration::from_secs(60);
 
@@ -55,10 +58,10 @@ impl SecretCache {
     pub async fn key(&self, namespace: &str, secret: &SecretKeyRef) -> Result<Vec<u8>, SigningKeyError> {
         let cache_key = (namespace.to_string(), secret.name.clone(), secret.key.clone());
         let mut entries = self.entries.lock().await;
-        if let Some((read_at, key)) = entries.get(&cache_key) {
-            if read_at.elapsed() < SECRET_TTL {
-                return Ok(key.clone());
-            }
+        if let Some((read_at, key)) = entries.get(&cache_key)
+            && read_at.elapsed() < SECRET_TTL
+        {
+            return Ok(key.clone());
         }
         let api = kube::Api::<Secret>::namespaced(self.client.clone(), namespace);
         let found = api.get(&secret.name).await.map_err(|source| SigningKeyError::Read {

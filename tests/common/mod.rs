@@ -13,7 +13,6 @@ use kube::{Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The control plane of `tests/run.sh`. Tests that need it fail (never skip) without it.
@@ -35,11 +34,12 @@ pub async fn cluster() -> Cluster {
     Cluster { client, kubeconfig, tools }
 }
 
-static HERALD_PROCESSES: Mutex<()> = Mutex::new(());
+static HERALD_PROCESSES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Herald watches the whole cluster, so tests that run herald processes take turns.
-pub fn exclusive() -> MutexGuard<'static, ()> {
-    HERALD_PROCESSES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// An async lock: each test has its own runtime, and a failed test must not poison it.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    HERALD_PROCESSES.lock().await
 }
 
 fn unique(prefix: &str) -> String {
@@ -302,10 +302,10 @@ impl Herald {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("herald exited with {status}; log:\n{}", self.log_text());
             }
-            if let Ok(resp) = client.get(self.url("/readyz")).send().await {
-                if resp.status().is_success() {
-                    return;
-                }
+            if let Ok(resp) = client.get(self.url("/readyz")).send().await
+                && resp.status().is_success()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -207,7 +207,7 @@ mod tests {
                 supplier_account: "0".into(),
                 biz_id: 2,
                 subscription_name: "hosts".into(),
-                system_name: "".into(),
+                system_name: String::new(),
                 callback_url: "http://127.0.0.1:9000/cb".into(),
                 confirm_mode: ConfirmMode::Httpstatus,
                 confirm_pattern: "200".into(),
