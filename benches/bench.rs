@@ -17,6 +17,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
 
+#[path = "../tests/common/launch.rs"]
+#[allow(dead_code)] // the tests use more of the launcher than the benchmark does
+mod launch;
+
 use futures::{StreamExt, TryStreamExt};
 use herald::crd::EventSubscription;
 use herald::delivery::callback::{self, Request};
@@ -25,6 +29,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
+use launch::{Launch, free_port};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -252,10 +257,6 @@ fn vm_hwm_mb(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -637,38 +638,13 @@ impl Herald {
     async fn start(settings: &Settings, kubeconfig: &Path, namespace: &str) -> Herald {
         let dir = settings.work_dir.join(format!("herald-bench-{namespace}"));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("herald directory");
-        let config = dir.join("config.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "store: {{path: {}}}\ncallbackGuard: {{allowCidrs: ['127.0.0.0/8']}}\napi: {{auth: {{anonymous: true}}}}\n",
-                dir.join("store").display()
-            ),
-        )
-        .expect("write config");
-        let port = free_port();
-        let log = dir.join("herald.log");
-        let (program, prefix) = match settings.wrap.split_first() {
-            Some((program, rest)) => (
-                PathBuf::from(program),
-                rest.iter().map(Into::into).chain([settings.herald_bin.clone().into_os_string()]).collect(),
-            ),
-            None => (settings.herald_bin.clone(), Vec::new()),
-        };
-        let child = Command::new(program)
-            .args(prefix)
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--namespace", namespace, "--instance", "herald-bench", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(&log).expect("log file")))
-            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).expect("log file")))
-            .spawn()
-            .expect("start herald");
+        let launched = Launch {
+            binary: settings.herald_bin.clone(),
+            wrap: &settings.wrap,
+            ..Launch::new(kubeconfig, namespace, "herald-bench", &dir)
+        }
+        .spawn();
+        let (child, port, log) = (launched.child, launched.port, launched.log);
         let mut herald = Herald {
             child,
             port,

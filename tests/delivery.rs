@@ -214,8 +214,14 @@ async fn retries_dead_letters_and_replay() {
     // Always failing: dead letter after 3 attempts; later events are still delivered in order.
     wait_statistics(&api, "dead", 3, 3).await;
     let patch = serde_json::json!({"spec": {"callbackUrl": server.url("ok", "dead")}});
-    api.patch("dead", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let patched = api.patch("dead", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    // Once the controller has observed the new generation, delivery has its spec (the
+    // controller hands delivery the spec before it writes status).
+    let generation = patched.metadata.generation;
+    wait_for(&api, "dead", Duration::from_secs(30), "the new generation observed", |s| {
+        s.status.as_ref().is_some_and(|st| st.observed_generation == generation)
+    })
+    .await;
     publish(&herald, serde_json::json!([host_event("0", 2), host_event("0", 3)])).await;
     let dead = server.wait_for("dead", 5, Duration::from_secs(30)).await;
     assert_eq!(dead.iter().map(common::callback::Received::distribution_id).collect::<Vec<_>>(), [1, 1, 1, 2, 3]);

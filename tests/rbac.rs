@@ -24,7 +24,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -429,29 +429,9 @@ impl HeraldRun {
     /// the defaults of tests/common (own store, loopback callbacks, anonymous API, 5 s Lease).
     fn spawn(kubeconfig: &Path, namespace: &str, config: &str) -> HeraldRun {
         let dir = std::env::temp_dir().join(format!("{namespace}-herald"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut value: serde_yaml::Value = serde_yaml::from_str(&format!(
-            "store: {{path: {}}}\ncallbackGuard: {{allowCidrs: ['127.0.0.0/8']}}\napi: {{auth: {{anonymous: true}}}}\nleaderElection: {{leaseDurationSeconds: 5}}\n",
-            dir.join("store").display()
-        ))
-        .expect("default config");
-        merge(&mut value, serde_yaml::from_str(config).expect("test config YAML"));
-        let file = dir.join("config.yaml");
-        std::fs::write(&file, serde_yaml::to_string(&value).expect("config YAML")).expect("write config");
-        let port = free_port();
-        let log = dir.join("herald.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["run", "--config"])
-            .arg(&file)
-            .args(["--namespace", namespace, "--instance", &format!("herald-{namespace}"), "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::from(std::fs::File::create(&log).expect("log file")))
-            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).expect("log file")))
-            .spawn()
-            .expect("spawn herald");
-        HeraldRun { child, port, log }
+        let instance = format!("herald-{namespace}");
+        let launched = Launch { config_yaml: config, ..Launch::new(kubeconfig, namespace, &instance, &dir) }.spawn();
+        HeraldRun { child: launched.child, port: launched.port, log: launched.log }
     }
 
     fn url(&self, path: &str) -> String {

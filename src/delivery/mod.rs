@@ -11,6 +11,8 @@ pub mod index;
 pub mod projector;
 pub mod retry;
 pub mod signing;
+#[cfg(test)]
+mod tests;
 pub mod worker;
 
 use crate::config::DeliveryConfig;

@@ -2,6 +2,8 @@
 //! counters. One small trait so that a distributed engine can replace the embedded
 //! SQLite implementation (`sqlite`) when one pod is not enough (docs/design.md §6).
 
+#[cfg(test)]
+pub mod memory;
 pub mod sqlite;
 
 use futures::future::BoxFuture;

@@ -3,6 +3,10 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod callback;
+pub mod launch;
+
+#[allow(unused_imports)] // each test binary uses a different part of the harness
+pub use launch::{Launch, free_port};
 
 use herald::crd::EventSubscription;
 use k8s_openapi::api::core::v1::Namespace;
@@ -12,7 +16,7 @@ use kube::runtime::wait::await_condition;
 use kube::{Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// The control plane of `tests/run.sh`. Tests that need it fail (never skip) without it.
@@ -229,10 +233,6 @@ pub struct Herald {
     pub scheme: &'static str,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
 impl Herald {
     /// Starts herald with `namespace` as its own namespace and `config_yaml` merged over
     /// the test defaults (a store of its own, loopback callbacks allowed, anonymous API),
@@ -258,30 +258,15 @@ impl Herald {
         dir: &std::path::Path,
         instance: &str,
     ) -> Herald {
-        let port = free_port();
-        std::fs::create_dir_all(dir).expect("temp dir");
-        let mut config_value: serde_yaml::Value = serde_yaml::from_str(&format!(
-            "store: {{path: {}}}\ncallbackGuard: {{allowCidrs: ['127.0.0.0/8']}}\napi: {{auth: {{anonymous: true}}}}\nleaderElection: {{leaseDurationSeconds: 5}}\n",
-            dir.join("store").display()
-        ))
-        .expect("default test config");
-        merge(&mut config_value, serde_yaml::from_str(config_yaml).expect("test config YAML"));
-        let config = dir.join("config.yaml");
-        std::fs::write(&config, serde_yaml::to_string(&config_value).expect("config YAML")).expect("write config");
-        let log = dir.join(format!("herald-{}.log", unique("run")));
-        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--namespace", namespace, "--instance", instance, "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::from(std::fs::File::create(&log).expect("log file")))
-            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).expect("log file")))
-            .spawn()
-            .expect("spawn herald");
-        let scheme = if config_value["api"]["tls"].is_mapping() { "https" } else { "http" };
-        Herald { child, port, log, scheme }
+        let launch = Launch { config_yaml, ..Launch::new(&cluster.kubeconfig, namespace, instance, dir) };
+        Herald::from_launch(&launch)
+    }
+
+    /// Starts herald as `launch` says, without waiting for readiness.
+    pub fn from_launch(launch: &Launch<'_>) -> Herald {
+        let launched = launch.spawn();
+        let scheme = if launched.config["api"]["tls"].is_mapping() { "https" } else { "http" };
+        Herald { child: launched.child, port: launched.port, log: launched.log, scheme }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -338,24 +323,6 @@ impl Herald {
 impl Drop for Herald {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Deep-merges `overlay` into `base` (maps key by key, anything else replaced).
-pub fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
-    match (base, overlay) {
-        (serde_yaml::Value::Mapping(base), serde_yaml::Value::Mapping(overlay)) => {
-            for (key, value) in overlay {
-                match base.get_mut(&key) {
-                    Some(existing) => merge(existing, value),
-                    None => {
-                        base.insert(key, value);
-                    }
-                }
-            }
-        }
-        (_, serde_yaml::Value::Null) => {}
-        (base, overlay) => *base = overlay,
     }
 }
 

@@ -1,0 +1,350 @@
+//! The delivery worker without a cluster: the in-memory store, a receiver on loopback,
+//! and the controller's cache filled by hand. Each test drives the real `Delivery`
+//! (publish, workers, confirm, retries, dead letters, replay) and watches what the
+//! receiver got and what the counters say. The end-to-end claims stay in tests/delivery.rs.
+
+use super::index::{Subscriber, SubscriptionIndex};
+use super::{Delivery, DeliveryParts};
+use crate::config::DeliveryConfig;
+use crate::crd::{ConfirmMode, EventSubscription, EventSubscriptionSpec};
+use crate::effective::{Effective, RetryPolicy};
+use crate::event::{EventData, StoredEvent};
+use crate::outbound::{GuardConfig, Outbound};
+use crate::store::memory::MemoryStore;
+use crate::store::{Counters, EventStore, Limits};
+use crate::telemetry::Metrics;
+use axum::http::{HeaderMap, StatusCode};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const ID: i64 = 7;
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+struct Received {
+    at: Instant,
+    distribution_id: i64,
+    attempt: u32,
+}
+
+/// How the receiver answers its n-th request (0-based): status, extra headers, body.
+type Script = dyn Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync;
+
+/// A callback receiver on 127.0.0.1 that answers by script and records every request.
+struct Receiver {
+    url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    script: Arc<Mutex<Arc<Script>>>,
+}
+
+impl Receiver {
+    async fn start(
+        script: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static,
+    ) -> Self {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(script)));
+        let (log, answers) = (received.clone(), script.clone());
+        let handler = move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (log, answers) = (log.clone(), answers.clone());
+            async move {
+                let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let attempt = headers.get("herald-attempt").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+                let n = {
+                    let mut log = log.lock();
+                    let distribution_id = event["distribution_id"].as_i64().unwrap_or(0);
+                    log.push(Received { at: Instant::now(), distribution_id, attempt });
+                    log.len() - 1
+                };
+                let answer = answers.lock().clone();
+                let (status, headers, body) = answer(n);
+                let mut response = axum::response::Response::new(axum::body::Body::from(body));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                for (name, value) in headers {
+                    response.headers_mut().insert(name, value.parse().expect("header value"));
+                }
+                response
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let url = format!("http://{}/callback", listener.local_addr().expect("bound address"));
+        let app = axum::Router::new().fallback(handler);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { url, received, script }
+    }
+
+    fn answer(&self, script: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static) {
+        *self.script.lock() = Arc::new(script);
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().clone()
+    }
+}
+
+fn status(code: u16) -> (u16, Vec<(&'static str, String)>, String) {
+    (code, Vec::new(), String::new())
+}
+
+/// A Delivery over the in-memory store with subscription `ID` Ready, pointed at
+/// `receiver`, with a fast retry schedule.
+struct Harness {
+    delivery: Arc<Delivery>,
+    store: Arc<MemoryStore>,
+    index: Arc<SubscriptionIndex>,
+    subscriber: Subscriber,
+    _cache: Writer<EventSubscription>,
+    shutdown: CancellationToken,
+}
+
+impl Harness {
+    fn new(receiver: &Receiver, config: DeliveryConfig, limits: Limits, tune: impl FnOnce(&mut Effective)) -> Self {
+        let mut object = EventSubscription::new("hosts", EventSubscriptionSpec::default());
+        object.metadata.namespace = Some("team".into());
+        object.metadata.uid = Some("uid-7".into());
+        let (subscriptions, mut cache) = reflector::store::<EventSubscription>();
+        cache.apply_watcher_event(&watcher::Event::Apply(object));
+
+        let mut effective = Effective::from_spec(&EventSubscriptionSpec {
+            subscription_name: "hosts".into(),
+            callback_url: receiver.url.clone(),
+            events: vec!["hostcreate".into()],
+            ..Default::default()
+        });
+        effective.retry = RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            jitter_percent: 0,
+        };
+        effective.timeout = Duration::from_secs(2);
+        tune(&mut effective);
+        let subscriber = Subscriber {
+            id: ID,
+            uid: "uid-7".into(),
+            namespace: "team".into(),
+            name: "hosts".into(),
+            generation: 1,
+            ready: true,
+            effective: Arc::new(effective),
+            signing: None,
+        };
+        let (index, _changes) = SubscriptionIndex::new();
+        index.upsert(subscriber.clone());
+
+        let store = Arc::new(MemoryStore::new(limits));
+        let guard = GuardConfig { allow_cidrs: vec!["127.0.0.0/8".parse().expect("a CIDR")], ..Default::default() };
+        // Never contacted: these tests use no signing Secret and run no status projector.
+        let unused_api_server = kube::Config::new("http://127.0.0.1:9".parse().expect("a URI"));
+        let shutdown = CancellationToken::new();
+        let delivery = Delivery::new(DeliveryParts {
+            store: store.clone(),
+            index: index.clone(),
+            outbound: Outbound::new(&guard).expect("the HTTP client"),
+            client: kube::Client::try_from(unused_api_server).expect("a client"),
+            subscriptions,
+            config,
+            dead_letter_retention: Duration::from_secs(3600),
+            metrics: Arc::new(Metrics::new(false)),
+            shutdown: shutdown.clone(),
+        });
+        Harness { delivery, store, index, subscriber, _cache: cache, shutdown }
+    }
+
+    fn with_defaults(receiver: &Receiver, tune: impl FnOnce(&mut Effective)) -> Self {
+        Self::new(receiver, DeliveryConfig::default(), Limits { quota_bytes: u64::MAX, backlog_cap: 1000 }, tune)
+    }
+
+    async fn publish(&self, events: usize) -> super::Published {
+        let batch = (0..events)
+            .map(|n| {
+                let event = StoredEvent {
+                    txn_id: format!("txn-{n}"),
+                    event_type: "instdata".into(),
+                    action: "create".into(),
+                    action_time: "2026-12-01 00:00:00".into(),
+                    obj_type: "host".into(),
+                    data: vec![EventData {
+                        cur_data: serde_json::json!({"bk_host_id": n}),
+                        pre_data: serde_json::Value::Null,
+                    }],
+                    bk_supplier_account: "0".into(),
+                    request_id: format!("req-{n}"),
+                    request_time: "2026-12-01 00:00:00".into(),
+                };
+                (event, "hostcreate".to_string())
+            })
+            .collect();
+        self.delivery.publish(batch).await.expect("published")
+    }
+
+    async fn counters(&self) -> Counters {
+        self.store.counters(ID).await.expect("counters")
+    }
+
+    /// Polls until `done` holds for the counters (at most 10 s).
+    async fn wait_for(&self, what: &str, done: impl Fn(&Counters) -> bool) -> Counters {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counters = self.counters().await;
+            if done(&counters) {
+                return counters;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {counters:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[tokio::test]
+async fn one_in_flight_delivers_in_publish_order_with_contiguous_distribution_ids() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let harness = Harness::with_defaults(&receiver, |_| {});
+    let published = harness.publish(30).await;
+    assert_eq!((published.accepted, published.queued, published.overflowed), (30, 30, 0));
+    let counters = harness.wait_for("30 deliveries", |c| c.delivered == 30).await;
+    assert_eq!((counters.total, counters.failure, counters.pending), (30, 0, 0));
+    let ids: Vec<i64> = receiver.received().iter().map(|r| r.distribution_id).collect();
+    assert_eq!(ids, (1..=30).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn failed_attempts_are_retried_after_a_doubling_backoff_then_confirmed() {
+    let receiver = Receiver::start(|n| status(if n < 3 { 500 } else { 200 })).await;
+    let harness = Harness::with_defaults(&receiver, |_| {});
+    harness.publish(1).await;
+    let counters = harness.wait_for("the fourth attempt", |c| c.delivered == 1).await;
+    assert_eq!((counters.total, counters.failure, counters.consecutive_failures), (4, 3, 0));
+    assert_eq!(counters.last_error.as_deref(), Some("status 500, expected 200"));
+    let got = receiver.received();
+    assert_eq!(
+        got.iter().map(|r| (r.distribution_id, r.attempt)).collect::<Vec<_>>(),
+        [(1, 1), (1, 2), (1, 3), (1, 4)]
+    );
+    // 100 ms, 200 ms, 400 ms (no jitter): each wait at least its step of the schedule.
+    for (pair, wait) in got.windows(2).zip([100, 200, 400]) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= Duration::from_millis(wait), "waited {gap:?}, schedule says {wait} ms");
+    }
+}
+
+#[tokio::test]
+async fn a_429_waits_at_least_its_retry_after() {
+    let receiver = Receiver::start(|n| match n {
+        0 => (429, vec![("retry-after", "1".into())], String::new()),
+        _ => status(200),
+    })
+    .await;
+    let harness = Harness::with_defaults(&receiver, |_| {});
+    harness.publish(1).await;
+    let counters = harness.wait_for("the retried delivery", |c| c.delivered == 1).await;
+    assert_eq!((counters.total, counters.failure), (2, 1));
+    assert_eq!(counters.last_error.as_deref(), Some("429 Too Many Requests"));
+    let got = receiver.received();
+    let gap = got[1].at - got[0].at;
+    assert!(gap >= Duration::from_secs(1), "Retry-After 1 s honoured over a 100 ms backoff, waited {gap:?}");
+}
+
+#[tokio::test]
+async fn a_410_stops_delivery_until_the_spec_changes() {
+    let receiver = Receiver::start(|_| status(410)).await;
+    let harness = Harness::with_defaults(&receiver, |_| {});
+    harness.publish(3).await;
+    let counters = harness.wait_for("the 410", |c| c.failure == 1).await;
+    assert_eq!(counters.last_error.as_deref(), Some("410 Gone"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(receiver.received().len(), 1, "nothing more is sent after 410 Gone");
+    assert_eq!(harness.counters().await.pending, 3, "the queue is kept");
+
+    receiver.answer(|_| status(200));
+    let mut changed = harness.subscriber.clone();
+    changed.generation = 2;
+    harness.index.upsert(changed);
+    harness.delivery.wake(ID);
+    let counters = harness.wait_for("delivery after the spec change", |c| c.delivered == 3).await;
+    assert_eq!(counters.pending, 0);
+    let ids: Vec<i64> = receiver.received().iter().map(|r| r.distribution_id).collect();
+    assert_eq!(ids, [1, 1, 2, 3], "the refused event is the first one sent again");
+}
+
+#[tokio::test]
+async fn the_last_allowed_attempt_dead_letters_and_a_replay_delivers_with_the_same_id() {
+    let receiver = Receiver::start(|_| status(503)).await;
+    let harness = Harness::with_defaults(&receiver, |e| e.retry.max_attempts = 2);
+    harness.publish(2).await;
+    let counters = harness.wait_for("two dead letters", |c| c.dead_lettered == 2).await;
+    assert_eq!((counters.total, counters.failure, counters.pending), (4, 4, 0));
+    let letters = harness.delivery.dead_letters(ID, 10).await.expect("dead letters");
+    let summary: Vec<_> = letters.iter().map(|l| (l.distribution_id, l.attempts, l.reason.as_str())).collect();
+    assert_eq!(summary, [(1, 2, "MaxAttempts"), (2, 2, "MaxAttempts")]);
+    assert_eq!(letters[0].error, "status 503, expected 200");
+
+    receiver.answer(|_| status(200));
+    let replayed = harness.delivery.replay(ID, Some(vec![2])).await.expect("replay");
+    assert_eq!(replayed, 1);
+    harness.wait_for("the replayed delivery", |c| c.delivered == 1).await;
+    let last = receiver.received().last().cloned().expect("a request");
+    assert_eq!((last.distribution_id, last.attempt), (2, 1), "same distribution id, attempts counted afresh");
+    let left: Vec<i64> =
+        harness.delivery.dead_letters(ID, 10).await.expect("dead letters").iter().map(|l| l.distribution_id).collect();
+    assert_eq!(left, [1], "only the chosen dead letter was replayed");
+}
+
+#[tokio::test]
+async fn an_entry_older_than_the_age_limit_is_dead_lettered_as_expired() {
+    let receiver = Receiver::start(|_| status(500)).await;
+    let config = DeliveryConfig { max_age_seconds: 1, ..DeliveryConfig::default() };
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+    let harness = Harness::new(&receiver, config, limits, |e| e.retry.max_attempts = 1000);
+    harness.publish(1).await;
+    let counters = harness.wait_for("expiry", |c| c.dead_lettered == 1).await;
+    assert_eq!(counters.pending, 0);
+    let letters = harness.delivery.dead_letters(ID, 10).await.expect("dead letters");
+    assert_eq!(letters[0].reason, "Expired");
+    assert_eq!(letters[0].error, "not delivered within 1 s");
+    assert!(
+        counters.failure >= 1 && counters.failure == counters.total,
+        "every attempt before expiry failed and counted"
+    );
+}
+
+#[tokio::test]
+async fn beyond_the_backlog_cap_new_events_go_straight_to_dead_letters() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 2 };
+    let harness = Harness::new(&receiver, DeliveryConfig::default(), limits, |e| e.paused = true);
+    let published = harness.publish(5).await;
+    assert_eq!((published.queued, published.overflowed), (2, 3));
+    let counters = harness.counters().await;
+    assert_eq!((counters.pending, counters.dead_lettered), (2, 3));
+    let letters = harness.delivery.dead_letters(ID, 10).await.expect("dead letters");
+    let summary: Vec<_> = letters.iter().map(|l| (l.distribution_id, l.reason.as_str())).collect();
+    assert_eq!(summary, [(3, "BacklogFull"), (4, "BacklogFull"), (5, "BacklogFull")]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.received().is_empty(), "a paused subscription is sent nothing");
+}
+
+#[tokio::test]
+async fn regular_mode_confirms_on_the_body_whatever_the_status() {
+    let receiver = Receiver::start(|n| match n {
+        0 => (200, Vec::new(), r#"{"result": false}"#.into()),
+        _ => (500, Vec::new(), r#"{"result": true}"#.into()),
+    })
+    .await;
+    let harness = Harness::with_defaults(&receiver, |e| {
+        e.confirm_mode = ConfirmMode::Regular;
+        e.confirm_pattern = r#""result":\s*true"#.into();
+    });
+    harness.publish(1).await;
+    let counters = harness.wait_for("the confirmed delivery", |c| c.delivered == 1).await;
+    assert_eq!((counters.total, counters.failure), (2, 1));
+}

@@ -1,0 +1,311 @@
+//! An in-memory `EventStore` for unit tests of delivery: the same semantics as the SQLite
+//! store (fan-out with per-subscription distribution ids, queue order, counters moving
+//! with the queue, backlog cap, dead letters and replay, quota), none of its durability.
+//! Every write is "committed" when it returns.
+
+use super::{
+    Attempt, Counters, DeadLetter, EventStore, Fanout, Limits, Millis, NewEvent, Outcome, Queued, StoreError,
+    now_millis,
+};
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+
+struct Entry {
+    event_id: i64,
+    distribution_id: i64,
+    attempts: u32,
+    enqueued_at: Millis,
+}
+
+struct Letter {
+    event_id: i64,
+    attempts: u32,
+    reason: String,
+    error: String,
+    dead_at: Millis,
+}
+
+struct Subscription {
+    next_distribution_id: i64,
+    next_position: i64,
+    counters: Counters,
+    queue: BTreeMap<i64, Entry>,
+    dead: BTreeMap<i64, Letter>,
+}
+
+impl Default for Subscription {
+    fn default() -> Self {
+        Subscription {
+            next_distribution_id: 1,
+            next_position: 1,
+            counters: Counters::default(),
+            queue: BTreeMap::new(),
+            dead: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Event bodies and how many queue entries and dead letters still refer to them.
+    events: HashMap<i64, (String, usize)>,
+    next_event_id: i64,
+    subscriptions: BTreeMap<i64, Subscription>,
+    next_ticket: u64,
+}
+
+impl State {
+    fn release(&mut self, event_id: i64) {
+        if let Some((_, refs)) = self.events.get_mut(&event_id) {
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.events.remove(&event_id);
+            }
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.events.values().map(|(body, _)| body.len() as u64).sum()
+    }
+}
+
+pub struct MemoryStore {
+    state: Mutex<State>,
+    limits: Limits,
+}
+
+impl MemoryStore {
+    pub fn new(limits: Limits) -> Self {
+        MemoryStore { state: Mutex::default(), limits }
+    }
+}
+
+fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl EventStore for MemoryStore {
+    fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
+        let mut state = self.state.lock();
+        let size = state.size();
+        if size > self.limits.quota_bytes {
+            return ready(Err(StoreError::OverQuota { size, quota: self.limits.quota_bytes }));
+        }
+        let now = now_millis();
+        let mut fanouts = Vec::with_capacity(events.len());
+        for event in events {
+            if event.subscriptions.is_empty() {
+                fanouts.push(Vec::new());
+                continue;
+            }
+            state.next_event_id += 1;
+            let event_id = state.next_event_id;
+            state.events.insert(event_id, (event.body, event.subscriptions.len()));
+            let mut fanout = Vec::with_capacity(event.subscriptions.len());
+            for subscription_id in event.subscriptions {
+                let sub = state.subscriptions.entry(subscription_id).or_default();
+                let distribution_id = sub.next_distribution_id;
+                sub.next_distribution_id += 1;
+                let queued = sub.counters.pending < self.limits.backlog_cap;
+                if queued {
+                    sub.queue
+                        .insert(sub.next_position, Entry { event_id, distribution_id, attempts: 0, enqueued_at: now });
+                    sub.next_position += 1;
+                    sub.counters.pending += 1;
+                } else {
+                    let error = format!("backlog of {} pending events is full", self.limits.backlog_cap);
+                    let letter = Letter { event_id, attempts: 0, reason: "BacklogFull".into(), error, dead_at: now };
+                    sub.dead.insert(distribution_id, letter);
+                    sub.counters.dead_lettered += 1;
+                }
+                fanout.push(Fanout { subscription_id, distribution_id, queued });
+            }
+            fanouts.push(fanout);
+        }
+        ready(Ok(fanouts))
+    }
+
+    fn queued(
+        &self,
+        subscription_id: i64,
+        after_position: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>> {
+        let state = self.state.lock();
+        let page = state
+            .subscriptions
+            .get(&subscription_id)
+            .map(|sub| {
+                sub.queue
+                    .range(after_position + 1..)
+                    .take(limit)
+                    .map(|(&position, entry)| Queued {
+                        subscription_id,
+                        position,
+                        event_id: entry.event_id,
+                        distribution_id: entry.distribution_id,
+                        attempts: entry.attempts,
+                        enqueued_at: entry.enqueued_at,
+                        body: state.events.get(&entry.event_id).map(|(body, _)| body.clone()).unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ready(Ok(page))
+    }
+
+    fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError> {
+        let mut state = self.state.lock();
+        state.next_ticket += 1;
+        let ticket = state.next_ticket;
+        let Some(sub) = state.subscriptions.get_mut(&attempt.subscription_id) else { return Ok(ticket) };
+        let released = match attempt.outcome {
+            Outcome::Delivered => sub.queue.remove(&attempt.position).map(|entry| {
+                let c = &mut sub.counters;
+                c.total += 1;
+                c.delivered += 1;
+                c.pending -= 1;
+                c.consecutive_failures = 0;
+                c.last_delivery_at = Some(attempt.at);
+                entry.event_id
+            }),
+            Outcome::Failed { error } => {
+                if let Some(entry) = sub.queue.get_mut(&attempt.position) {
+                    entry.attempts += 1;
+                    let c = &mut sub.counters;
+                    c.total += 1;
+                    c.failure += 1;
+                    c.consecutive_failures += 1;
+                    c.last_error = Some(error);
+                }
+                None
+            }
+            Outcome::DeadLettered { error, reason, attempted } => {
+                if let Some(entry) = sub.queue.remove(&attempt.position) {
+                    let counted = i64::from(attempted);
+                    let c = &mut sub.counters;
+                    c.total += counted;
+                    c.failure += counted;
+                    c.consecutive_failures += counted;
+                    c.last_error = Some(error.clone());
+                    c.dead_lettered += 1;
+                    c.pending -= 1;
+                    let attempts = entry.attempts + u32::from(attempted);
+                    let letter = Letter { event_id: entry.event_id, attempts, reason, error, dead_at: attempt.at };
+                    sub.dead.insert(entry.distribution_id, letter);
+                }
+                None
+            }
+        };
+        if let Some(event_id) = released {
+            state.release(event_id);
+        }
+        Ok(ticket)
+    }
+
+    fn committed(&self, _ticket: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        ready(Ok(()))
+    }
+
+    fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {
+        let state = self.state.lock();
+        ready(Ok(state.subscriptions.get(&subscription_id).map(|s| s.counters.clone()).unwrap_or_default()))
+    }
+
+    fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>> {
+        let state = self.state.lock();
+        let letters = state
+            .subscriptions
+            .get(&subscription_id)
+            .map(|sub| {
+                sub.dead
+                    .iter()
+                    .take(limit)
+                    .map(|(&distribution_id, letter)| DeadLetter {
+                        subscription_id,
+                        distribution_id,
+                        event_id: letter.event_id,
+                        attempts: letter.attempts,
+                        reason: letter.reason.clone(),
+                        error: letter.error.clone(),
+                        dead_at: letter.dead_at,
+                        body: state.events.get(&letter.event_id).map(|(body, _)| body.clone()).unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ready(Ok(letters))
+    }
+
+    fn replay(
+        &self,
+        subscription_id: i64,
+        distribution_ids: Option<Vec<i64>>,
+    ) -> BoxFuture<'_, Result<usize, StoreError>> {
+        let mut state = self.state.lock();
+        let Some(sub) = state.subscriptions.get_mut(&subscription_id) else { return ready(Ok(0)) };
+        let chosen: Vec<i64> = sub
+            .dead
+            .keys()
+            .copied()
+            .filter(|id| distribution_ids.as_ref().is_none_or(|wanted| wanted.contains(id)))
+            .collect();
+        let now = now_millis();
+        for distribution_id in &chosen {
+            if let Some(letter) = sub.dead.remove(distribution_id) {
+                let entry = Entry {
+                    event_id: letter.event_id,
+                    distribution_id: *distribution_id,
+                    attempts: 0,
+                    enqueued_at: now,
+                };
+                sub.queue.insert(sub.next_position, entry);
+                sub.next_position += 1;
+                sub.counters.pending += 1;
+            }
+        }
+        ready(Ok(chosen.len()))
+    }
+
+    fn drop_subscription(&self, subscription_id: i64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state.lock();
+        if let Some(sub) = state.subscriptions.remove(&subscription_id) {
+            let events = sub.queue.values().map(|e| e.event_id).chain(sub.dead.values().map(|l| l.event_id));
+            for event_id in events.collect::<Vec<_>>() {
+                state.release(event_id);
+            }
+        }
+        ready(Ok(()))
+    }
+
+    fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
+        ready(Ok(self.state.lock().subscriptions.keys().copied().collect()))
+    }
+
+    fn expire_dead_letters(&self, before: Millis) -> BoxFuture<'_, Result<usize, StoreError>> {
+        let mut state = self.state.lock();
+        let mut released = Vec::new();
+        for sub in state.subscriptions.values_mut() {
+            sub.dead.retain(|_, letter| {
+                let keep = letter.dead_at >= before;
+                if !keep {
+                    released.push(letter.event_id);
+                }
+                keep
+            });
+        }
+        for event_id in &released {
+            state.release(*event_id);
+        }
+        ready(Ok(released.len()))
+    }
+
+    fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        ready(Ok(self.state.lock().subscriptions.values().map(|s| s.counters.pending).sum()))
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.state.lock().size()
+    }
+}
