@@ -154,7 +154,8 @@ pub fn permission_detail(identity: &Identity, account: &str, action: Action) -> 
 pub enum EsbCredentialsError {
     #[error("reading ESB credentials {source_name}: {source}")]
     ReadFile { source_name: String, source: std::io::Error },
-    #[error("reading ESB credentials {source_name}: {}", crate::kube_error_summary(source))]
+    // The API server's whole message: it names the missing permission, never Secret data.
+    #[error("reading ESB credentials {source_name}: {source}")]
     ReadSecret { source_name: String, source: kube::Error },
     #[error("reading ESB credentials {source_name}: no key apps.yaml")]
     MissingKey { source_name: String },
