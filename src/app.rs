@@ -110,6 +110,7 @@ async fn lead_and_serve(
         outbound: outbound.clone(),
         client: client.clone(),
         subscriptions: ctx.subscriptions.clone(),
+        tenancy: ctx.tenancy.clone(),
         config: config.delivery.clone(),
         dead_letter_retention: Duration::from_secs(config.store.dead_letter_retention_seconds),
         metrics,
@@ -128,6 +129,8 @@ async fn lead_and_serve(
     if !synced {
         return Err(RunError::TaskEnded { task: "controller" });
     }
+    let primed = controller::prime_index(&ctx);
+    tracing::info!(subscriptions = primed, "publish matching knows every subscription the cache holds");
     let services =
         Services { controller: ctx.clone(), delivery: delivery.clone(), outbound, auth, names: Default::default() };
     if state.services.set(Arc::new(services)).is_err() {

@@ -16,6 +16,7 @@
 //!   subscription records, time formats. Pure functions.
 //! - `api`: the HTTP server (direct and ESB paths, publish, dead letters, auth).
 //! - `leader`: the Lease that makes one herald active.
+//! - `tenancy`: which namespaces may receive which supplier account's events.
 //! - `config`, `telemetry` (logs and metrics), `app` (wiring and supervision of `herald run`).
 
 pub mod api;
@@ -32,6 +33,7 @@ pub mod leader;
 pub mod outbound;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;
 
 pub use controller::Error;
 

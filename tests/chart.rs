@@ -279,6 +279,22 @@ fn herald_accepts_the_config_the_chart_writes() {
     }
 }
 
+/// The store quota stays under the volume it lives on, so publishes answer 503 over quota
+/// before the disk fills (with a full disk they would fail as a whole).
+#[test]
+fn the_store_quota_follows_the_volume_size() {
+    let quota = |values: &[&str]| {
+        let config = herald::config::Config::from_yaml(&chart_config(values)).expect("herald's config");
+        config.store.quota_bytes
+    };
+    assert_eq!(quota(&[]), 5 * (1 << 30) * 4 / 5, "80 % of the default 5Gi");
+    assert_eq!(quota(&["--set", "persistence.size=20Gi"]), 20 * (1 << 30) * 4 / 5);
+    assert_eq!(quota(&["--set", "persistence.size=500M"]), 400_000_000);
+    assert_eq!(quota(&["--set", "config.store.quotaBytes=1000"]), 1000, "an explicit quota wins");
+    let default = herald::config::Config::default().store.quota_bytes;
+    assert_eq!(quota(&["--set", "persistence.enabled=false"]), default, "no volume: herald's own default");
+}
+
 #[tokio::test]
 async fn rendered_and_plain_manifests_pass_a_server_side_dry_run() {
     let cluster = cluster().await;
@@ -404,7 +420,7 @@ async fn install_upgrade_and_uninstall_leave_nothing_behind() {
 async fn the_user_roles_aggregate_into_view_and_edit() {
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-roles", &[]).await;
-    let _release = Release::install(&cluster, &ns, &[]);
+    let release = Release::install(&cluster, &ns, &["--set-json", r#"accountRoles=["0"]"#]);
     let mut users = Vec::new();
     for (user, role) in [("alice", "view"), ("bob", "edit")] {
         let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", user, "-n", &ns]);
@@ -440,17 +456,19 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
     let out = kubectl(bob, &["delete", "esub", "by-bob", "-n", &ns]);
     assert!(out.ok, "bob (edit) deletes a subscription: {out}");
 
-    // The aggregated rules on the virtual resource herald authorises REST calls against
-    // (supplier account "0"), here through the namespace's RoleBindings; herald's own
-    // review is cluster-wide, which the last test covers. `kubectl auth can-i` cannot name
+    // The virtual resource herald authorises REST calls against (supplier account "0"):
+    // none through view/edit (the namespace's RoleBindings), exactly the account through
+    // the account roles (ClusterRoleBindings); herald's own review is cluster-wide, which
+    // the last test covers. `kubectl auth can-i` cannot name
     // the group of a resource the server does not serve, hence a SelfSubjectAccessReview
     // (without client-side validation, which would need to list CRDs).
-    let can = |who: &Path, verb: &str| {
+    let can_on = |who: &Path, verb: &str, account: &str| {
         let review = serde_json::json!({
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SelfSubjectAccessReview",
             "spec": {"resourceAttributes": {
-                "group": "herald.dev", "resource": "supplieraccounts", "name": "0", "verb": verb, "namespace": ns.name,
+                "group": "herald.dev", "resource": "supplieraccounts", "name": account, "verb": verb,
+                "namespace": ns.name,
             }},
         });
         let file = temp_file(&ns, "review.json");
@@ -462,10 +480,44 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
         assert!(out.ok, "SelfSubjectAccessReview: {out}");
         out.stdout == "true"
     };
-    assert!(can(alice, "list"));
-    assert!(!can(alice, "create") && !can(alice, "publish") && !can(alice, "replay"));
-    for verb in ["list", "create", "update", "delete", "publish", "replay"] {
-        assert!(can(bob, verb), "bob (edit) may {verb} supplieraccounts");
+    // view and edit hand out no supplier account: the REST API (dead letters hold whole
+    // CMDB events) is granted per account by the account roles.
+    const VERBS: [&str; 6] = ["list", "create", "update", "delete", "publish", "replay"];
+    for verb in VERBS {
+        assert!(!can_on(alice, verb, "0"), "alice (view) may not {verb} supplier account 0");
+        assert!(!can_on(bob, verb, "0"), "bob (edit) may not {verb} supplier account 0");
+    }
+    let mut granted = Vec::new();
+    let mut account_users = Vec::new();
+    for (user, role) in [("carol", "reader"), ("dave", "writer")] {
+        let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", user, "-n", &ns]);
+        assert!(ok, "{err}");
+        let binding = format!("{}-{user}", ns.name);
+        let role = format!("--clusterrole={}-account-0-{role}", release.name);
+        let subject = format!("--serviceaccount={}:{user}", ns.name);
+        let (ok, _, err) = cluster.kubectl(&["create", "clusterrolebinding", &binding, &role, &subject]);
+        assert!(ok, "{err}");
+        granted.push(ClusterScoped {
+            kind: "clusterrolebinding",
+            name: binding,
+            kubeconfig: cluster.kubeconfig.clone(),
+        });
+        let token = token(&cluster, &ns, user);
+        account_users.push(cluster.kubeconfig_with_token(&temp_file(&ns, &format!("{user}.kubeconfig")), &token));
+    }
+    let (carol, dave) = (&account_users[0], &account_users[1]);
+    eventually(Duration::from_secs(30), "carol (account 0 reader) may list account 0", || {
+        if can_on(carol, "list", "0") { Ok(()) } else { Err("not yet".into()) }
+    })
+    .await;
+    assert!(VERBS[1..].iter().all(|verb| !can_on(carol, verb, "0")), "the reader only searches");
+    eventually(Duration::from_secs(30), "dave (account 0 writer) may publish to account 0", || {
+        if can_on(dave, "publish", "0") { Ok(()) } else { Err("not yet".into()) }
+    })
+    .await;
+    for verb in VERBS {
+        assert!(can_on(dave, verb, "0"), "dave (writer) may {verb} account 0");
+        assert!(!can_on(dave, verb, "1"), "account 0's writer has nothing on account 1");
     }
 }
 
@@ -474,7 +526,7 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-sa", &[]).await;
-    let release = Release::install(&cluster, &ns, &[]);
+    let release = Release::install(&cluster, &ns, &["--set-json", r#"accountRoles=["0"]"#]);
     let service_account = release.name.clone();
     let token = token(&cluster, &ns, &service_account);
     let kubeconfig = cluster.kubeconfig_with_token(&temp_file(&ns, "herald.kubeconfig"), &token);
@@ -541,10 +593,10 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     api.create(&PostParams::default(), &subscription("signed", spec)).await.expect("create subscription");
     wait_ready(&api, "signed").await;
 
-    // The REST API's TokenReview and SubjectAccessReview: a producer bound to <fullname>-edit
-    // publishes and creates, updates and deletes a subscription (create in herald's
-    // namespace by the Role, update and delete by the ClusterRole); one bound to
-    // <fullname>-view may search but is refused publishing by the review (not by an error).
+    // The REST API's TokenReview and SubjectAccessReview: a producer bound to
+    // <fullname>-account-0-writer publishes and creates, updates and deletes a subscription
+    // (herald's own rights make the objects); one bound to <fullname>-account-0-reader may
+    // search but is refused publishing by the review (not by an error).
     // Cluster-wide bindings, because herald's review names no namespace.
     let event = serde_json::json!({
         "event_type": "instdata", "action": "create", "obj_type": "host",
@@ -559,7 +611,7 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     };
     let mut bindings = Vec::new();
     let mut tokens = Vec::new();
-    for (client, role, publish_status) in [("producer", "edit", 200), ("viewer", "view", 403)] {
+    for (client, role, publish_status) in [("producer", "account-0-writer", 200), ("viewer", "account-0-reader", 403)] {
         let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", client, "-n", &ns]);
         assert!(ok, "{err}");
         let binding = format!("{}-{client}", ns.name);

@@ -5,12 +5,12 @@
 //! (`list`, `replay`).
 
 use super::auth::Action;
-use super::{AppState, Call, Refusal, Services};
+use super::{AppState, Call, CmdbPath, CmdbQuery, Refusal, Services};
 use crate::compat::{ApiError, ErrorCode};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -55,8 +55,8 @@ async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action)
 async fn list(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((_, raw_id)): Path<(String, String)>,
-    Query(query): Query<ListQuery>,
+    CmdbPath((_, raw_id)): CmdbPath<(String, String)>,
+    CmdbQuery(query): CmdbQuery<ListQuery>,
 ) -> Response {
     let call = Call::from_headers(&headers);
     let result = async {
@@ -93,7 +93,7 @@ async fn list(
 async fn replay(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((_, raw_id)): Path<(String, String)>,
+    CmdbPath((_, raw_id)): CmdbPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let call = Call::from_headers(&headers);

@@ -9,7 +9,7 @@
 
 use crate::compat::{ApiError, ErrorCode};
 use crate::config::ApiConfig;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
@@ -25,7 +25,9 @@ pub enum Identity {
     /// A Kubernetes user or ServiceAccount, from a TokenReview.
     Kubernetes { username: String, uid: Option<String>, groups: Vec<String>, extra: BTreeMap<String, Vec<String>> },
     /// A BlueKing ESB app, from its app code and secret.
-    EsbApp { app_code: String, username: Option<String> },
+    /// `accounts` are those of the app entry whose secret matched: one app code may be
+    /// listed twice, with different secrets and accounts (a rotation, or two teams).
+    EsbApp { app_code: String, username: Option<String>, accounts: Vec<String> },
 }
 
 impl Identity {
@@ -34,7 +36,7 @@ impl Identity {
         match self {
             Identity::Anonymous => "anonymous".into(),
             Identity::Kubernetes { username, .. } => username.clone(),
-            Identity::EsbApp { app_code, username } => username.clone().unwrap_or_else(|| app_code.clone()),
+            Identity::EsbApp { app_code, username, .. } => username.clone().unwrap_or_else(|| app_code.clone()),
         }
     }
 }
@@ -125,10 +127,18 @@ impl EsbApps {
             app.app_code == app_code && difference == 0
         })
     }
+}
 
-    pub fn allows(&self, app_code: &str, account: &str) -> bool {
-        self.apps.iter().any(|app| app.app_code == app_code && app.accounts.iter().any(|a| a == "*" || a == account))
+impl EsbApp {
+    /// The identity of a caller that presented this app's secret.
+    pub fn identity(&self, username: Option<String>) -> Identity {
+        Identity::EsbApp { app_code: self.app_code.clone(), username, accounts: self.accounts.clone() }
     }
+}
+
+/// Whether an ESB app's account list (`*` for all) names `account`.
+fn app_allows(accounts: &[String], account: &str) -> bool {
+    accounts.iter().any(|a| a == "*" || a == account)
 }
 
 /// The permission details of a 9900403 answer, in bk-cmdb's shape.
@@ -163,6 +173,53 @@ pub enum EsbCredentialsError {
     Parse { source_name: String, source: serde_yaml::Error },
 }
 
+/// A SubjectAccessReview's question: the whole identity (groups decide RBAC as much as
+/// the name), the account and the verb.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DecisionKey {
+    username: String,
+    uid: Option<String>,
+    groups: Vec<String>,
+    extra: BTreeMap<String, Vec<String>>,
+    account: String,
+    action: Action,
+}
+
+fn decision_key(
+    username: &str,
+    uid: &Option<String>,
+    groups: &[String],
+    extra: &BTreeMap<String, Vec<String>>,
+    account: &str,
+    action: Action,
+) -> DecisionKey {
+    DecisionKey {
+        username: username.to_string(),
+        uid: uid.clone(),
+        groups: groups.to_vec(),
+        extra: extra.clone(),
+        account: account.to_string(),
+        action,
+    }
+}
+
+/// The identity a TokenReview vouches for, only when it is authenticated for herald's
+/// audience: the API server lists the audiences it checked the token against, and an
+/// empty list means the token is good for the API server itself, not for herald.
+fn reviewed_identity(status: Option<TokenReviewStatus>, audience: &str) -> Option<Identity> {
+    let status = status.filter(|s| s.authenticated == Some(true))?;
+    if !status.audiences.iter().flatten().any(|a| a == audience) {
+        return None;
+    }
+    let user = status.user?;
+    Some(Identity::Kubernetes {
+        username: user.username.unwrap_or_default(),
+        uid: user.uid,
+        groups: user.groups.unwrap_or_default(),
+        extra: user.extra.unwrap_or_default(),
+    })
+}
+
 /// Review answers and when they were fetched.
 type Cache<K, V> = Mutex<HashMap<K, (Instant, V)>>;
 
@@ -174,8 +231,7 @@ pub struct Authenticator {
     ttl: Duration,
     /// By token digest: the identity, or None for a token the API server refused.
     tokens: Cache<Vec<u8>, Option<Identity>>,
-    /// By (user, account, action).
-    decisions: Cache<(String, String, Action), bool>,
+    decisions: Cache<DecisionKey, bool>,
     pub esb: EsbApps,
 }
 
@@ -239,14 +295,7 @@ impl Authenticator {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|source| AuthError::Review { review: "TokenReview", source })?;
-        let identity = answer.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user).map(|user| {
-            Identity::Kubernetes {
-                username: user.username.unwrap_or_default(),
-                uid: user.uid,
-                groups: user.groups.unwrap_or_default(),
-                extra: user.extra.unwrap_or_default(),
-            }
-        });
+        let identity = reviewed_identity(answer.status, &self.audience);
         let mut cache = self.tokens.lock();
         cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
         cache.insert(digest, (Instant::now(), identity.clone()));
@@ -258,9 +307,9 @@ impl Authenticator {
     pub async fn authorize(&self, identity: &Identity, account: &str, action: Action) -> Result<(), AuthError> {
         let allowed = match identity {
             Identity::Anonymous => true,
-            Identity::EsbApp { app_code, .. } => self.esb.allows(app_code, account),
+            Identity::EsbApp { accounts, .. } => app_allows(accounts, account),
             Identity::Kubernetes { username, uid, groups, extra } => {
-                let key = (username.clone(), account.to_string(), action);
+                let key = decision_key(username, uid, groups, extra, account, action);
                 let cached = self.decisions.lock().get(&key).copied();
                 match cached {
                     Some((at, allowed)) if at.elapsed() < self.ttl => allowed,
@@ -321,8 +370,59 @@ mod tests {
         assert!(apps.verify("cmdb", "s3cret").is_some());
         assert!(apps.verify("cmdb", "wrong").is_none());
         assert!(apps.verify("nobody", "s3cret").is_none());
-        assert!(apps.allows("cmdb", "7"));
-        assert!(!apps.allows("cmdb", "8"));
-        assert!(apps.allows("ops", "anything"));
+        let accounts = |app: &EsbApp| app.accounts.clone();
+        assert!(app_allows(&apps.verify("cmdb", "s3cret").map(accounts).unwrap(), "7"));
+        assert!(!app_allows(&apps.verify("cmdb", "s3cret").map(accounts).unwrap(), "8"));
+        assert!(app_allows(&apps.verify("ops", "x").map(accounts).unwrap(), "anything"));
+    }
+
+    #[test]
+    fn an_app_listed_twice_gets_the_accounts_of_the_entry_whose_secret_matched() {
+        let apps = EsbApps::from_yaml(
+            "apps:\n- appCode: cmdb\n  appSecret: old\n  accounts: ['0']\n- appCode: cmdb\n  appSecret: new\n  accounts: ['7']\n",
+        )
+        .unwrap();
+        let Identity::EsbApp { accounts, .. } = apps.verify("cmdb", "new").unwrap().identity(None) else {
+            panic!("an ESB identity")
+        };
+        assert!(app_allows(&accounts, "7"));
+        assert!(!app_allows(&accounts, "0"), "the first entry's accounts are not the second's");
+    }
+
+    fn review(authenticated: bool, audiences: Option<&[&str]>) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(authenticated),
+            audiences: audiences.map(|a| a.iter().map(ToString::to_string).collect()),
+            user: Some(k8s_openapi::api::authentication::v1::UserInfo {
+                username: Some("system:serviceaccount:ns:caller".into()),
+                groups: Some(vec!["system:serviceaccounts".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_token_review_counts_only_when_it_names_heralds_audience() {
+        assert!(reviewed_identity(Some(review(true, Some(&["herald"]))), "herald").is_some());
+        assert!(reviewed_identity(Some(review(true, Some(&["other", "herald"]))), "herald").is_some());
+        // An empty list means "valid for the API server's own audience": not herald's.
+        assert!(reviewed_identity(Some(review(true, None)), "herald").is_none());
+        assert!(reviewed_identity(Some(review(true, Some(&[]))), "herald").is_none());
+        assert!(reviewed_identity(Some(review(true, Some(&["other"]))), "herald").is_none());
+        assert!(reviewed_identity(Some(review(false, Some(&["herald"]))), "herald").is_none());
+        assert!(reviewed_identity(None, "herald").is_none());
+    }
+
+    #[test]
+    fn authorisation_answers_are_cached_per_whole_identity() {
+        let identity =
+            |groups: &[&str]| (Some("uid-1".to_string()), groups.iter().map(ToString::to_string).collect::<Vec<_>>());
+        let (uid, admins) = identity(&["admins"]);
+        let (_, others) = identity(&["others"]);
+        let extra = BTreeMap::new();
+        let key = |groups: &Vec<String>| decision_key("alice", &uid, groups, &extra, "0", Action::List);
+        assert_ne!(key(&admins), key(&others), "a group change is another decision");
+        assert_eq!(key(&admins), key(&admins));
     }
 }

@@ -3,17 +3,17 @@
 //! (`HTTP_BK_SUPPLIER_ACCOUNT`, else `HTTP_BLUEKING_SUPPLIER_ID`) when given, else the
 //! path's; the operator is `BK_User`, else the authenticated identity.
 
-use super::auth::Identity;
+use super::auth::{Action, Identity};
 use super::publish::read_body;
-use super::{AppState, Call, Refusal, Services};
+use super::{AppState, Call, CmdbPath, Refusal, Services};
 use crate::compat::input::{parse_ping, parse_subscription, parse_telnet};
 use crate::compat::search::SearchRequest;
 use crate::compat::{ApiError, ErrorCode};
 use crate::effective::DEFAULT_SUPPLIER_ACCOUNT;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{post, put};
@@ -63,13 +63,15 @@ fn subscription_id(raw: &str, code: ErrorCode) -> Result<i64, Refusal> {
 async fn create(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((_, path_account, biz)): Path<(String, String, String)>,
+    CmdbPath((_, path_account, biz)): CmdbPath<(String, String, String)>,
     body: Body,
 ) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
     let user = call.user.clone();
     answer(&state, call, |services, identity| async move {
+        // Authorised before the body is parsed: parsing compiles a regular confirm_pattern.
+        services.auth.authorize(&identity, &account, Action::Create).await?;
         let input = parse_subscription(&read_body(body)?, &account, biz_id(&biz)?)?;
         let id = services.create(&identity, user.as_deref(), input).await?;
         Ok(serde_json::json!({ "subscription_id": id }))
@@ -80,7 +82,7 @@ async fn create(
 async fn update(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((_, path_account, biz, id)): Path<(String, String, String, String)>,
+    CmdbPath((_, path_account, biz, id)): CmdbPath<(String, String, String, String)>,
     body: Body,
 ) -> Response {
     let call = Call::from_headers(&headers);
@@ -88,6 +90,7 @@ async fn update(
     let user = call.user.clone();
     answer(&state, call, |services, identity| async move {
         let id = subscription_id(&id, ErrorCode::UpdateFailed)?;
+        services.auth.authorize(&identity, &account, Action::Update).await?;
         let input = parse_subscription(&read_body(body)?, &account, biz_id(&biz)?)?;
         services.update(&identity, user.as_deref(), id, input).await?;
         Ok(serde_json::Value::Null)
@@ -98,7 +101,7 @@ async fn update(
 async fn delete(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((_, path_account, _biz, id)): Path<(String, String, String, String)>,
+    CmdbPath((_, path_account, _biz, id)): CmdbPath<(String, String, String, String)>,
 ) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
@@ -113,15 +116,15 @@ async fn delete(
 async fn search(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((_, path_account, _biz)): Path<(String, String, String)>,
+    CmdbPath((_, path_account, _biz)): CmdbPath<(String, String, String)>,
     body: Body,
 ) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
     let tz = state.config.time_zone.clone();
     answer(&state, call, |services, identity| async move {
-        let request = SearchRequest::parse(&read_body(body)?)?;
-        services.search(&identity, &account, request, None, &tz).await
+        let raw = read_body(body)?;
+        services.search(&identity, &account, || SearchRequest::parse(&raw), None, &tz).await
     })
     .await
 }
@@ -145,7 +148,8 @@ async fn telnet(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     answer(&state, call, |services, identity| async move {
         let target = parse_telnet(&read_body(body)?)?;
         services.telnet(&identity, &account, target, timeout).await?;
-        Ok(serde_json::Value::Null)
+        // The API document's answer to a successful connectivity test.
+        Ok(serde_json::json!("success"))
     })
     .await
 }

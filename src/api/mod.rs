@@ -231,6 +231,52 @@ pub async fn authorize(services: &Services, call: &Call, account: &str, action: 
     Ok(identity)
 }
 
+/// `Path`, answering a segment that does not decode (bad percent-encoding) in bk-cmdb's
+/// envelope, 1199006 naming `path`, instead of axum's plain-text rejection.
+pub struct CmdbPath<T>(pub T);
+
+/// `Query`, answering a malformed query string (`?limit=abc`) in bk-cmdb's envelope,
+/// 1199006 naming the query, instead of axum's plain-text rejection.
+pub struct CmdbQuery<T>(pub T);
+
+fn malformed(parts: &axum::http::request::Parts, what: &str, reason: impl std::fmt::Display) -> Response {
+    Call::from_headers(&parts.headers).direct_error(
+        StatusCode::BAD_REQUEST,
+        &ApiError::invalid_because(what, reason),
+        None,
+    )
+}
+
+impl<T, S> axum::extract::FromRequestParts<S> for CmdbPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(CmdbPath(value)),
+            Err(rejection) => Err(malformed(parts, "path", rejection.body_text())),
+        }
+    }
+}
+
+impl<T, S> axum::extract::FromRequestParts<S> for CmdbQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(CmdbQuery(value)),
+            Err(rejection) => Err(malformed(parts, "query", rejection.body_text())),
+        }
+    }
+}
+
 /// Parses a JSON body, answering 1199000 for anything that is not the expected shape.
 pub fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
     serde_json::from_slice(body)
@@ -262,4 +308,37 @@ pub async fn serve(
         .handle(handle)
         .serve(router.into_make_service())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The router on a loopback port, as `herald run` serves it before it is ready.
+    async fn serve_unready() -> String {
+        let state = AppState::new(Arc::new(Config::default()), Arc::new(Metrics::new(false)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, router(state)).into_future());
+        url
+    }
+
+    #[tokio::test]
+    async fn malformed_paths_and_queries_answer_in_the_envelope() {
+        let url = serve_unready().await;
+        let http = reqwest::Client::new();
+        let cases = [
+            (http.get(format!("{url}/api/v3/herald/dead_letters/1?limit=abc")), "query"),
+            (http.post(format!("{url}/api/v3/event/subscribe/%FF/0")).body("{}"), "path"),
+            (http.delete(format!("{url}/api/v3/event/subscribe/0/0/%C0")), "path"),
+        ];
+        for (request, named) in cases {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 400);
+            let body: serde_json::Value = response.json().await.expect("a JSON envelope, not plain text");
+            assert_eq!(body["bk_error_code"], 1_199_006, "{body}");
+            assert_eq!(body["result"], false);
+            assert!(body["bk_error_msg"].as_str().unwrap().contains(named), "{body}");
+        }
+    }
 }

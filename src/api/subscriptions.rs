@@ -12,7 +12,6 @@ use crate::compat::search::{SearchRequest, search};
 use crate::compat::subscription_record::subscription_record;
 use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode};
-use crate::controller::validation::namespace_allows;
 use crate::crd::{EventSubscription, OPERATOR_ANNOTATION, apply_body};
 use crate::effective::name_key;
 use crate::outbound::probe::ProbeError;
@@ -67,17 +66,18 @@ impl Services {
 
     /// Whether `sub` counts for `account`: its namespace is allowed for the account.
     fn visible(&self, sub: &EventSubscription, account: &str) -> bool {
-        let namespace = sub.namespace().unwrap_or_default();
-        let ns = self.controller.namespaces.get(&ObjectRef::new(&namespace));
-        !self.controller.config.controller.enforce_tenancy
-            || namespace_allows(account, &namespace, &self.controller.config.namespace, ns.as_deref())
+        self.controller.tenancy.allows(account, &sub.namespace().unwrap_or_default())
     }
 
-    /// The live subscription with `id` of `account`.
+    /// The live subscription with `id` of `account`, where `account` may have
+    /// subscriptions: an object in a namespace not allowed for the account (refused as
+    /// `NamespaceNotAllowed`) is not the account's to change, as it is not in its search.
     fn find(&self, account: &str, id: i64) -> Option<Arc<EventSubscription>> {
-        self.live_subscriptions()
-            .into_iter()
-            .find(|s| s.status.as_ref().and_then(|st| st.subscription_id) == Some(id) && name_key(&s.spec).0 == account)
+        self.live_subscriptions().into_iter().find(|s| {
+            s.status.as_ref().and_then(|st| st.subscription_id) == Some(id)
+                && name_key(&s.spec).0 == account
+                && self.visible(s, account)
+        })
     }
 
     /// The (namespace, object name) holding (`account`, `name`), if any.
@@ -194,17 +194,19 @@ impl Services {
         Ok(())
     }
 
-    /// `{count, info}` over the account's subscriptions.
+    /// `{count, info}` over the account's subscriptions. The body is parsed (and its
+    /// regexes compiled) only once the caller is authorised: an unauthorised caller costs
+    /// no more than reading its body.
     pub async fn search(
         &self,
         identity: &Identity,
         account: &str,
-        request: SearchRequest,
+        parse: impl FnOnce() -> Result<SearchRequest, ApiError>,
         max_limit: Option<usize>,
         tz: &TimeZoneSetting,
     ) -> Result<serde_json::Value, Refusal> {
         self.auth.authorize(identity, account, Action::List).await?;
-        let mut request = request;
+        let mut request = parse()?;
         request.condition.force_owner(account);
         // Read from the API server, not the cache: a search sees every write that
         // answered before it, and a failing API server is a query failure (1103002).
@@ -263,7 +265,12 @@ impl Services {
 /// probe failure is the probe's own code.
 fn probe_refusal(error: ProbeError, code: ErrorCode) -> Refusal {
     match error {
-        ProbeError::Refused(refused) => ApiError::invalid_because("callback_url", refused).into(),
+        // Without the address: a host name's resolution inside the cluster is not the
+        // caller's business.
+        ProbeError::Refused(refused) => {
+            ApiError::invalid_because("callback_url", format!("the destination is {}, a refused range", refused.reason))
+                .into()
+        }
         ProbeError::InvalidUrl => ApiError::invalid("callback_url").into(),
         other => ApiError::new(code).with_detail(other.to_string()).into(),
     }

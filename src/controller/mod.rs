@@ -12,7 +12,8 @@ use crate::config::Config;
 use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL, apply_body};
 use crate::delivery::index::{Subscriber, SubscriptionIndex};
 use crate::effective::{Effective, Invalid, name_key};
-use futures::{StreamExt, future::BoxFuture};
+use crate::tenancy::Tenancy;
+use futures::{StreamExt, TryStreamExt, future::BoxFuture};
 use ids::IdAllocator;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams};
@@ -68,6 +69,8 @@ pub struct Context {
     pub subscriptions: Store<EventSubscription>,
     /// Every Namespace, for the tenancy label.
     pub namespaces: Store<Namespace>,
+    /// The tenancy rule over `namespaces`.
+    pub tenancy: Tenancy,
     pub ids: IdAllocator,
     pub recorder: Recorder,
     /// Delivery's view of subscriptions, fed with every validation result.
@@ -85,8 +88,24 @@ pub fn build(
     shutdown: CancellationToken,
 ) -> (Arc<Context>, BoxFuture<'static, ()>) {
     let subscriptions_api = Api::<EventSubscription>::all(client.clone());
-    let controller = Controller::new(subscriptions_api.clone(), watcher::Config::default().any_semantic());
-    let subscriptions = controller.store();
+    // The controller's own watch, tapped: reconcile never runs for a deleted object, so
+    // its delete event is where delivery stops matching it (not at the next sweep).
+    let (subscriptions, subscription_writer) = reflector::store::<EventSubscription>();
+    let deleted_from = index.clone();
+    let watched = reflector::reflector(
+        subscription_writer,
+        watcher(subscriptions_api.clone(), watcher::Config::default().any_semantic()),
+    )
+    .backoff(WatchBackoff::default())
+    .inspect_ok(move |event| {
+        if let watcher::Event::Delete(sub) = event
+            && let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id)
+        {
+            deleted_from.remove(id);
+        }
+    })
+    .touched_objects();
+    let controller = Controller::for_stream(watched, subscriptions.clone());
 
     // Namespace labels decide tenancy: one cache, and a change re-reconciles the
     // subscriptions in that namespace.
@@ -127,11 +146,13 @@ pub fn build(
         config.controller.id_counter.clone(),
         config.controller.id_block_size,
     );
+    let tenancy = Tenancy::new(namespaces.clone(), config.namespace.clone(), config.controller.enforce_tenancy);
     let ctx = Arc::new(Context {
         client,
         config,
         subscriptions,
         namespaces,
+        tenancy,
         ids,
         recorder,
         index,
@@ -223,18 +244,9 @@ async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Act
 
 fn validate(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
     let effective = Effective::from_spec(&sub.spec);
-    let herald_namespace = &ctx.config.namespace;
-    let allowed = |account: &str, namespace: &str| {
-        !ctx.config.controller.enforce_tenancy
-            || validation::namespace_allows(
-                account,
-                namespace,
-                herald_namespace,
-                ctx.namespaces.get(&ObjectRef::new(namespace)).as_deref(),
-            )
-    };
+    let allowed = |account: &str, namespace: &str| ctx.tenancy.allows(account, namespace);
     let others = ctx.subscriptions.state();
-    validation::check(sub, &effective, others.iter().map(AsRef::as_ref), herald_namespace, allowed)
+    validation::check(sub, &effective, others.iter().map(AsRef::as_ref), &ctx.config.namespace, allowed)
 }
 
 /// Writes the desired status when it differs from the current one. The first write of
@@ -287,6 +299,32 @@ async fn ensure_status(
             }
         }
     }
+}
+
+/// Fills delivery's index from the synced caches before herald reports ready, with the
+/// same checks reconcile makes: readiness must mean that publish matching knows every
+/// subscription that is Ready, and reconciles after a restart may take a while to reach
+/// them all. Name checks are grouped by (account, name), so this costs O(n).
+pub fn prime_index(ctx: &Context) -> usize {
+    let all = ctx.subscriptions.state();
+    let mut by_name: HashMap<(&str, &str), Vec<&EventSubscription>> = HashMap::new();
+    for sub in &all {
+        by_name.entry(name_key(&sub.spec)).or_default().push(sub);
+    }
+    let allowed = |account: &str, namespace: &str| ctx.tenancy.allows(account, namespace);
+    let mut primed = 0;
+    for sub in &all {
+        let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id) else { continue };
+        if sub.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let effective = Effective::from_spec(&sub.spec);
+        let contenders = by_name.get(&name_key(&sub.spec)).map(Vec::as_slice).unwrap_or_default();
+        let validity = validation::check(sub, &effective, contenders.iter().copied(), &ctx.config.namespace, allowed);
+        publish_to_delivery(ctx, sub, id, validity.is_ok());
+        primed += 1;
+    }
+    primed
 }
 
 fn highest_known_id(store: &Store<EventSubscription>) -> i64 {

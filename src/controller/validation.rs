@@ -1,40 +1,14 @@
 //! Whether a subscription may receive events, beyond what the schema checks: its regex
-//! compiles, its namespace is allowed for its supplier account (tenancy, docs/design.md §7),
-//! and no older subscription uses its (supplier account, name). Pure functions over
-//! what the caches hold, so they are unit-tested without a cluster.
-//!
-//! Label values cannot hold commas, so the namespace label lists accounts separated by
-//! `.`; the annotation of the same key takes a comma list for account names that a label
-//! value cannot carry. An account is allowed when either lists it.
+//! compiles, its namespace is allowed for its supplier account (`crate::tenancy`,
+//! docs/design.md §7), and no older subscription uses its (supplier account, name). Pure
+//! functions over what the caches hold, so they are unit-tested without a cluster.
 
 use crate::crd::{EventSubscription, SUPPLIER_ACCOUNTS_LABEL};
 use crate::effective::{Effective, Invalid, name_key};
-use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
-use std::collections::BTreeMap;
 
 pub const REASON_DUPLICATE_NAME: &str = "DuplicateName";
 pub const REASON_NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
-
-/// The accounts a namespace allows: its `herald.dev/supplier-accounts` label
-/// (`.`-separated) and annotation (comma-separated).
-pub fn allowed_accounts(namespace: &Namespace) -> impl Iterator<Item = &str> {
-    listed(namespace.metadata.labels.as_ref(), '.').chain(listed(namespace.metadata.annotations.as_ref(), ','))
-}
-
-fn listed(map: Option<&BTreeMap<String, String>>, separator: char) -> impl Iterator<Item = &str> {
-    map.and_then(|m| m.get(SUPPLIER_ACCOUNTS_LABEL))
-        .map(String::as_str)
-        .unwrap_or_default()
-        .split(separator)
-        .map(str::trim)
-        .filter(|account| !account.is_empty())
-}
-
-/// herald's own namespace serves every account; any other must list the account.
-pub fn namespace_allows(account: &str, namespace: &str, herald_namespace: &str, labels: Option<&Namespace>) -> bool {
-    namespace == herald_namespace || labels.is_some_and(|ns| allowed_accounts(ns).any(|a| a == account))
-}
 
 /// Order of age: the older subscription keeps a contested name. Ties on the
 /// (second-granular) creation time are broken by namespace and name, so every herald
@@ -103,8 +77,11 @@ pub fn check<'a>(
 mod tests {
     use super::*;
     use crate::crd::EventSubscriptionSpec;
+    use crate::tenancy::namespace_allows;
+    use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::api::ObjectMeta;
+    use std::collections::BTreeMap;
 
     fn sub(ns: &str, name: &str, uid: &str, created: i64, account: Option<&str>, sub_name: &str) -> EventSubscription {
         let mut s = EventSubscription::new(
@@ -138,17 +115,6 @@ mod tests {
 
     fn anywhere(_: &str, _: &str) -> bool {
         true
-    }
-
-    #[test]
-    fn tenancy_follows_the_namespace_label_and_annotation() {
-        assert!(namespace_allows("0", "herald-system", "herald-system", None));
-        assert!(!namespace_allows("0", "team", "herald-system", None));
-        assert!(!namespace_allows("0", "team", "herald-system", Some(&namespace(None, None))));
-        assert!(namespace_allows("7", "team", "herald-system", Some(&namespace(Some("0.7"), None))));
-        assert!(!namespace_allows("70", "team", "herald-system", Some(&namespace(Some("0.7"), None))));
-        assert!(namespace_allows("acme corp", "team", "herald-system", Some(&namespace(None, Some("0, acme corp")))));
-        assert!(!namespace_allows("acme", "team", "herald-system", Some(&namespace(None, Some("0, acme corp")))));
     }
 
     #[test]

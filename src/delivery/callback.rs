@@ -3,7 +3,7 @@
 
 use super::confirm::retry_after;
 use crate::event::callback_body;
-use crate::outbound::guard::Refused;
+use crate::outbound::guard::GuardError;
 use crate::outbound::{Outbound, describe, read_capped};
 use crate::store::Queued;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
@@ -42,8 +42,9 @@ pub struct Request<'a> {
 /// URL (which may hold credentials).
 #[derive(Debug, thiserror::Error)]
 pub enum CallbackError {
+    /// Refused by the callback guard before any request (or its host did not resolve).
     #[error(transparent)]
-    Refused(#[from] Refused),
+    Guard(#[from] GuardError),
     #[error("{}", describe(.0))]
     Send(#[source] reqwest::Error),
     #[error("reading the response body: {}", describe(.0))]
@@ -58,7 +59,8 @@ pub async fn send(outbound: &Outbound, request: Request<'_>) -> Result<Answer, C
     let id = message_id(item.subscription_id, item.distribution_id);
     let timestamp = jiff::Timestamp::now().as_second();
     let mut builder = outbound
-        .post(request.url)?
+        .post(request.url)
+        .await?
         .timeout(request.timeout)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(HEADER_ID, &id)

@@ -21,6 +21,7 @@ use crate::event::StoredEvent;
 use crate::outbound::Outbound;
 use crate::store::{DeadLetter, EventStore, Fanout, NewEvent, StoreError, now_millis};
 use crate::telemetry::Metrics;
+use crate::tenancy::Tenancy;
 use index::{Subscriber, SubscriptionIndex};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -67,6 +68,8 @@ pub struct DeliveryParts {
     pub client: kube::Client,
     /// The controller's cache: a subscription missing from it is deleted.
     pub subscriptions: Store<EventSubscription>,
+    /// Checked again before every attempt: a namespace can lose an account at any time.
+    pub tenancy: Tenancy,
     pub config: DeliveryConfig,
     pub dead_letter_retention: Duration,
     pub metrics: Arc<Metrics>,
@@ -86,6 +89,7 @@ pub struct Delivery {
     projector: StatusProjector,
     secrets: signing::SecretCache,
     subscriptions: Store<EventSubscription>,
+    tenancy: Tenancy,
     workers: Mutex<Workers>,
     dead_letter_retention: Duration,
     shutdown: CancellationToken,
@@ -103,6 +107,7 @@ impl Delivery {
             config: parts.config,
             metrics: parts.metrics,
             subscriptions: parts.subscriptions,
+            tenancy: parts.tenancy,
             workers: Mutex::default(),
             dead_letter_retention: parts.dead_letter_retention,
             shutdown: parts.shutdown,
@@ -184,12 +189,16 @@ impl Delivery {
         workers.insert(id, (handle, task));
     }
 
-    /// Whether the subscription still exists as delivery knows it (same object, not
-    /// being deleted), judged on the controller's cache.
-    fn exists(&self, sub: &Subscriber) -> bool {
+    /// The object delivery knows as `sub` in the controller's cache: the same object (a
+    /// re-created one with the same name has another uid) and not being deleted.
+    fn live_object(&self, sub: &Subscriber) -> Option<Arc<EventSubscription>> {
         self.subscriptions
             .get(&ObjectRef::new(&sub.name).within(&sub.namespace))
-            .is_some_and(|o| o.uid().as_deref() == Some(sub.uid.as_str()) && o.metadata.deletion_timestamp.is_none())
+            .filter(|o| o.uid().as_deref() == Some(sub.uid.as_str()) && o.metadata.deletion_timestamp.is_none())
+    }
+
+    fn exists(&self, sub: &Subscriber) -> bool {
+        self.live_object(sub).is_some()
     }
 
     /// Drops everything of a deleted subscription: worker, queue, dead letters, counters.

@@ -11,7 +11,6 @@ use crate::store::Counters;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -35,8 +34,15 @@ pub struct StatusProjector {
 }
 
 impl StatusProjector {
+    /// At least one write per 10 s and at most 1,000 per second, whatever the setting
+    /// (a zero tick period would panic the timer).
     pub fn new(writes_per_second: f64) -> Self {
-        StatusProjector { marks: Mutex::default(), budget: writes_per_second.max(0.1) }
+        let budget = if writes_per_second >= 0.1 { writes_per_second.min(1000.0) } else { 0.1 };
+        StatusProjector { marks: Mutex::default(), budget }
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.budget)
     }
 
     /// Marks `id` changed by the store write `ticket` (0 for writes already durable).
@@ -64,8 +70,8 @@ impl StatusProjector {
 
     /// Writes changed statuses until `delivery` shuts down, at most `budget` per second.
     pub(super) async fn run(&self, delivery: &Delivery) {
-        let Delivery { store, index, subscriptions, metrics, shutdown, client, .. } = delivery;
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / self.budget));
+        let Delivery { store, index, metrics, shutdown, client, .. } = delivery;
+        let mut tick = tokio::time::interval(self.period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -76,9 +82,9 @@ impl StatusProjector {
             for _ in 0..64 {
                 let Some((id, ticket, gone)) = self.take_oldest() else { break };
                 let Some(sub) = index.get(id) else { continue };
-                let Some(object) = subscriptions.get(&ObjectRef::new(&sub.name).within(&sub.namespace)) else {
-                    continue;
-                };
+                // By uid: an object re-created under the same name must not get the old
+                // one's statistics.
+                let Some(object) = delivery.live_object(&sub) else { continue };
                 // Bounded: a batch whose commit failed never reaches its ticket, and then the
                 // counters read are the newest durable ones, which is what status may show.
                 if !matches!(tokio::time::timeout(Duration::from_secs(2), store.committed(ticket)).await, Ok(Ok(()))) {
@@ -197,6 +203,14 @@ mod tests {
 
     fn at(s: i64) -> jiff::Timestamp {
         jiff::Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn any_write_budget_gives_a_usable_tick() {
+        for setting in [f64::INFINITY, 1e300, 20.0, 0.0, -5.0, f64::NAN] {
+            let period = StatusProjector::new(setting).period();
+            assert!(period >= Duration::from_millis(1) && period <= Duration::from_secs(10), "{setting}: {period:?}");
+        }
     }
 
     #[test]

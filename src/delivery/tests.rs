@@ -13,7 +13,9 @@ use crate::outbound::{GuardConfig, Outbound};
 use crate::store::memory::MemoryStore;
 use crate::store::{Counters, EventStore, Limits};
 use crate::telemetry::Metrics;
+use crate::tenancy::Tenancy;
 use axum::http::{HeaderMap, StatusCode};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use parking_lot::Mutex;
@@ -96,12 +98,20 @@ struct Harness {
     store: Arc<MemoryStore>,
     index: Arc<SubscriptionIndex>,
     subscriber: Subscriber,
-    _cache: Writer<EventSubscription>,
+    cache: Writer<EventSubscription>,
     shutdown: CancellationToken,
 }
 
 impl Harness {
-    fn new(receiver: &Receiver, config: DeliveryConfig, limits: Limits, tune: impl FnOnce(&mut Effective)) -> Self {
+    /// `herald_namespace`: the subscription lives in "team", so "team" allows it every
+    /// account and anything else leaves it to the (empty) Namespace cache.
+    fn new(
+        receiver: &Receiver,
+        config: DeliveryConfig,
+        limits: Limits,
+        herald_namespace: &str,
+        tune: impl FnOnce(&mut Effective),
+    ) -> Self {
         let mut object = EventSubscription::new("hosts", EventSubscriptionSpec::default());
         object.metadata.namespace = Some("team".into());
         object.metadata.uid = Some("uid-7".into());
@@ -146,16 +156,18 @@ impl Harness {
             outbound: Outbound::new(&guard).expect("the HTTP client"),
             client: kube::Client::try_from(unused_api_server).expect("a client"),
             subscriptions,
+            tenancy: Tenancy::new(reflector::store::<Namespace>().0, herald_namespace.into(), true),
             config,
             dead_letter_retention: Duration::from_secs(3600),
             metrics: Arc::new(Metrics::new(false)),
             shutdown: shutdown.clone(),
         });
-        Harness { delivery, store, index, subscriber, _cache: cache, shutdown }
+        Harness { delivery, store, index, subscriber, cache, shutdown }
     }
 
     fn with_defaults(receiver: &Receiver, tune: impl FnOnce(&mut Effective)) -> Self {
-        Self::new(receiver, DeliveryConfig::default(), Limits { quota_bytes: u64::MAX, backlog_cap: 1000 }, tune)
+        let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+        Self::new(receiver, DeliveryConfig::default(), limits, "team", tune)
     }
 
     async fn publish(&self, events: usize) -> super::Published {
@@ -304,7 +316,7 @@ async fn an_entry_older_than_the_age_limit_is_dead_lettered_as_expired() {
     let receiver = Receiver::start(|_| status(500)).await;
     let config = DeliveryConfig { max_age_seconds: 1, ..DeliveryConfig::default() };
     let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
-    let harness = Harness::new(&receiver, config, limits, |e| e.retry.max_attempts = 1000);
+    let harness = Harness::new(&receiver, config, limits, "team", |e| e.retry.max_attempts = 1000);
     harness.publish(1).await;
     let counters = harness.wait_for("expiry", |c| c.dead_lettered == 1).await;
     assert_eq!(counters.pending, 0);
@@ -321,7 +333,7 @@ async fn an_entry_older_than_the_age_limit_is_dead_lettered_as_expired() {
 async fn beyond_the_backlog_cap_new_events_go_straight_to_dead_letters() {
     let receiver = Receiver::start(|_| status(200)).await;
     let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 2 };
-    let harness = Harness::new(&receiver, DeliveryConfig::default(), limits, |e| e.paused = true);
+    let harness = Harness::new(&receiver, DeliveryConfig::default(), limits, "team", |e| e.paused = true);
     let published = harness.publish(5).await;
     assert_eq!((published.queued, published.overflowed), (2, 3));
     let counters = harness.counters().await;
@@ -347,4 +359,41 @@ async fn regular_mode_confirms_on_the_body_whatever_the_status() {
     harness.publish(1).await;
     let counters = harness.wait_for("the confirmed delivery", |c| c.delivered == 1).await;
     assert_eq!((counters.total, counters.failure), (2, 1));
+}
+
+#[tokio::test]
+async fn an_outcome_whose_write_failed_is_delivered_again_not_stranded() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let harness = Harness::with_defaults(&receiver, |_| {});
+    harness.store.fail_next_records(1);
+    harness.publish(1).await;
+    let counters = harness.wait_for("the delivery recorded", |c| c.delivered == 1).await;
+    assert_eq!(counters.pending, 0);
+    let ids: Vec<i64> = receiver.received().iter().map(|r| r.distribution_id).collect();
+    assert_eq!(ids, [1, 1], "sent again because its first outcome was lost (at-least-once)");
+}
+
+#[tokio::test]
+async fn a_namespace_that_does_not_allow_the_account_is_sent_nothing() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+    // Ready in the index (as the controller last saw it), but "team" is not herald's
+    // namespace and lists no account.
+    let harness = Harness::new(&receiver, DeliveryConfig::default(), limits, "herald-system", |_| {});
+    harness.publish(2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.received().is_empty(), "queued events wait while the namespace is not allowed");
+    assert_eq!(harness.counters().await.pending, 2);
+}
+
+#[tokio::test]
+async fn a_re_created_object_with_the_same_name_is_not_the_subscription_delivery_knows() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let mut harness = Harness::with_defaults(&receiver, |_| {});
+    assert!(harness.delivery.live_object(&harness.subscriber).is_some());
+    let mut successor = EventSubscription::new("hosts", EventSubscriptionSpec::default());
+    successor.metadata.namespace = Some("team".into());
+    successor.metadata.uid = Some("uid-of-a-new-object".into());
+    harness.cache.apply_watcher_event(&watcher::Event::Apply(successor));
+    assert!(harness.delivery.live_object(&harness.subscriber).is_none(), "statistics must not reach the new object");
 }

@@ -69,9 +69,13 @@ pub async fn run(delivery: Arc<Delivery>, id: i64, handle: Arc<WorkerHandle>) {
             handle.gone_generation.store(-1, Ordering::Release);
             delivery.projector.set_gone(id, false);
         }
-        if !deliverable(&sub, &handle) {
+        if !deliverable(&delivery, &sub, &handle) {
             idle(&handle).await;
             continue;
+        }
+        if delivery.store.outcomes_lost(id) {
+            // An outcome behind the cursor was not written: its entry is still queued.
+            cursor = 0;
         }
         let page = match delivery.store.queued(id, cursor, PAGE).await {
             Ok(page) => page,
@@ -117,8 +121,14 @@ async fn idle(handle: &WorkerHandle) {
     }
 }
 
-fn deliverable(sub: &Subscriber, handle: &WorkerHandle) -> bool {
-    sub.ready && !sub.effective.paused && handle.gone_generation.load(Ordering::Acquire) != sub.generation
+/// Whether `sub` may be sent anything now. Tenancy is judged again here, not only when
+/// the controller last reconciled: a namespace that lost the account must not receive
+/// its queued or replayed events in the meantime.
+fn deliverable(delivery: &Delivery, sub: &Subscriber, handle: &WorkerHandle) -> bool {
+    sub.ready
+        && !sub.effective.paused
+        && handle.gone_generation.load(Ordering::Acquire) != sub.generation
+        && delivery.tenancy.allows(&sub.effective.supplier_account, &sub.namespace)
 }
 
 /// Attempts one entry until it is delivered, dead-lettered or interrupted. The spec is
@@ -131,7 +141,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
             return Handled::Interrupted;
         }
         let Some(sub) = delivery.index.get(id) else { return Handled::Interrupted };
-        if !deliverable(&sub, handle) || !delivery.exists(&sub) {
+        if !deliverable(delivery, &sub, handle) || !delivery.exists(&sub) {
             return Handled::Interrupted;
         }
         let effective = &sub.effective;

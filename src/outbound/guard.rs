@@ -102,6 +102,15 @@ fn classify_v6(ip: Ipv6Addr) -> Option<&'static str> {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return classify_v4(v4).map(|_| "IPv4-mapped address of a refused range");
     }
+    if segments[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        // IPv4-translated (SIIT, ::ffff:0:a.b.c.d).
+        let v4 = Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32);
+        return classify_v4(v4).map(|_| "IPv4-translated address of a refused range");
+    }
+    if segments[..3] == [0x64, 0xff9b, 1] {
+        // Local-use NAT64 (RFC 8215): the translator and the IPv4 behind it are local.
+        return Some("local-use NAT64");
+    }
     if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         let v4 = Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32);
         return classify_v4(v4).map(|_| "NAT64 address of a refused range");
@@ -119,6 +128,8 @@ fn classify_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("unique local (IPv6 ULA)")
     } else if segments[0] & 0xffc0 == 0xfe80 {
         Some("link-local")
+    } else if segments[0] & 0xffc0 == 0xfec0 {
+        Some("site-local (deprecated)")
     } else if segments[0] & 0xff00 == 0xff00 {
         Some("multicast")
     } else if segments[0] == 0xfd00 && segments[1..4] == [0xec2, 0, 0] {
@@ -158,6 +169,23 @@ impl Guard {
             Some(reason) => Err(Refused { ip, reason }),
             None => Ok(()),
         }
+    }
+
+    /// Resolves `host:port` and refuses it unless every address is permitted: for a
+    /// request whose connection someone else (a proxy) makes, to any of them.
+    pub async fn resolve_all(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| GuardError::Resolve { host: host.to_string(), source })?
+            .collect();
+        if resolved.is_empty() {
+            return Err(GuardError::NoAddress { host: host.to_string() });
+        }
+        for addr in &resolved {
+            self.check(addr.ip())?;
+        }
+        Ok(resolved)
     }
 
     /// Resolves `host:port` and keeps only the permitted addresses.
@@ -253,11 +281,19 @@ mod tests {
             ("64:ff9b::a9fe:a9fe", "NAT64 address of a refused range"),
             ("2002:c0a8:0101::1", "6to4 address of a refused range"),
             ("::7f00:1", "IPv4-compatible (deprecated)"),
+            ("64:ff9b:1::a00:1", "local-use NAT64"),
+            ("64:ff9b:1:ffff::808:808", "local-use NAT64"),
+            ("fec0::1", "site-local (deprecated)"),
+            ("feff::1", "site-local (deprecated)"),
+            ("::ffff:0:127.0.0.1", "IPv4-translated address of a refused range"),
+            ("::ffff:0:10.1.2.3", "IPv4-translated address of a refused range"),
         ];
         for (addr, reason) in refused {
             assert_eq!(classify(ip(addr)), Some(reason), "{addr}");
         }
-        for public in ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "172.32.0.1"] {
+        for public in
+            ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "::ffff:0:8.8.8.8", "172.32.0.1"]
+        {
             assert_eq!(classify(ip(public)), None, "{public}");
         }
     }

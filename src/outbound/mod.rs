@@ -6,7 +6,7 @@
 pub mod guard;
 pub mod probe;
 
-use guard::{Cidr, Guard, GuardedResolver, Refused};
+use guard::{Cidr, Guard, GuardError, GuardedResolver};
 use serde::Deserialize;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -42,6 +42,9 @@ pub enum ClientError {
 pub struct Outbound {
     client: reqwest::Client,
     guard: Arc<Guard>,
+    /// Through `callbackGuard.proxy`: the client then connects only to the proxy, and
+    /// its resolver never sees the destination's name.
+    proxied: bool,
 }
 
 impl Outbound {
@@ -66,7 +69,7 @@ impl Outbound {
                 builder = builder.add_root_certificate(certificate);
             }
         }
-        Ok(Outbound { client: builder.build().map_err(ClientError::Build)?, guard })
+        Ok(Outbound { client: builder.build().map_err(ClientError::Build)?, guard, proxied: config.proxy.is_some() })
     }
 
     pub fn guard(&self) -> &Guard {
@@ -74,10 +77,17 @@ impl Outbound {
     }
 
     /// A POST to `url`. Host names are judged by the resolver at connect time; an IP
-    /// literal never reaches a resolver, so it is judged here.
-    pub fn post(&self, url: &str) -> Result<reqwest::RequestBuilder, Refused> {
+    /// literal never reaches a resolver, so it is judged here. Through a proxy nothing
+    /// reaches the resolver, so a host name is resolved and judged here, every address
+    /// of it (the proxy resolves again and may pick any): the proxy must still enforce
+    /// its own egress policy against a name that changes its answer in between.
+    pub async fn post(&self, url: &str) -> Result<reqwest::RequestBuilder, GuardError> {
         if let Some(ip) = literal_host(url) {
             self.guard.check(ip)?;
+        } else if self.proxied {
+            let parsed = reqwest::Url::parse(url).map_err(|_| GuardError::NoAddress { host: url.into() })?;
+            let host = parsed.host_str().unwrap_or_default();
+            self.guard.resolve_all(host, parsed.port_or_known_default().unwrap_or(80)).await?;
         }
         Ok(self.client.post(url))
     }
@@ -130,11 +140,32 @@ mod tests {
         assert_eq!(literal_host("http://localhost:9/x"), None);
     }
 
-    #[test]
-    fn literal_targets_in_refused_ranges_get_no_request() {
+    #[tokio::test]
+    async fn literal_targets_in_refused_ranges_get_no_request() {
         let outbound = Outbound::new(&GuardConfig::default()).unwrap();
-        let refused = outbound.post("http://[::ffff:10.0.0.1]/").unwrap_err();
-        assert_eq!(refused.reason, "IPv4-mapped address of a refused range");
-        assert!(outbound.post("http://8.8.8.8/").is_ok());
+        let refused = outbound.post("http://[::ffff:10.0.0.1]/").await.unwrap_err();
+        assert!(matches!(refused, GuardError::Refused(r) if r.reason == "IPv4-mapped address of a refused range"));
+        assert!(outbound.post("http://8.8.8.8/").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn through_a_proxy_host_names_are_judged_before_anything_reaches_the_proxy() {
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((_socket, _)) = proxy.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        // The proxy itself is the operator's choice; the destinations are not.
+        let config = GuardConfig { proxy: Some(proxy_url), ..GuardConfig::default() };
+        let outbound = Outbound::new(&config).unwrap();
+        // "localhost" resolves (from /etc/hosts) to loopback only.
+        let refused = outbound.post("http://localhost:9/events").await.unwrap_err();
+        assert!(matches!(refused, GuardError::Refused(_)), "{refused}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the proxy");
     }
 }

@@ -73,11 +73,24 @@ impl State {
 pub struct MemoryStore {
     state: Mutex<State>,
     limits: Limits,
+    /// How many of the next `record_attempt` calls fail to be written (a test's fault).
+    failing_records: Mutex<usize>,
+    lost_outcomes: Mutex<std::collections::HashSet<i64>>,
 }
 
 impl MemoryStore {
     pub fn new(limits: Limits) -> Self {
-        MemoryStore { state: Mutex::default(), limits }
+        MemoryStore {
+            state: Mutex::default(),
+            limits,
+            failing_records: Mutex::default(),
+            lost_outcomes: Mutex::default(),
+        }
+    }
+
+    /// Makes the next `count` outcome writes fail, as a failed commit would.
+    pub fn fail_next_records(&self, count: usize) {
+        *self.failing_records.lock() = count;
     }
 }
 
@@ -159,6 +172,14 @@ impl EventStore for MemoryStore {
         let mut state = self.state.lock();
         state.next_ticket += 1;
         let ticket = state.next_ticket;
+        {
+            let mut failing = self.failing_records.lock();
+            if *failing > 0 {
+                *failing -= 1;
+                self.lost_outcomes.lock().insert(attempt.subscription_id);
+                return Ok(ticket);
+            }
+        }
         let Some(sub) = state.subscriptions.get_mut(&attempt.subscription_id) else { return Ok(ticket) };
         let released = match attempt.outcome {
             Outcome::Delivered => sub.queue.remove(&attempt.position).map(|entry| {
@@ -307,5 +328,9 @@ impl EventStore for MemoryStore {
 
     fn size_bytes(&self) -> u64 {
         self.state.lock().size()
+    }
+
+    fn outcomes_lost(&self, subscription_id: i64) -> bool {
+        self.lost_outcomes.lock().remove(&subscription_id)
     }
 }

@@ -118,11 +118,25 @@ pub enum StoreError {
     #[error("store is over its quota ({size} of {quota} bytes)")]
     OverQuota { size: u64, quota: u64 },
     #[error("store query failed: {0}")]
-    Query(#[from] rusqlite::Error),
+    Query(#[source] rusqlite::Error),
+    /// The disk under the store is full (the quota should have stopped publishes first):
+    /// callers answer it like the quota, 503 and retry later.
+    #[error("the store's disk is full: {detail}")]
+    Full { detail: String },
     #[error("store commit failed: {0}")]
     Commit(String),
     #[error("the store writer stopped")]
     WriterStopped,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            StoreError::Full { detail: error.to_string() }
+        } else {
+            StoreError::Query(error)
+        }
+    }
 }
 
 /// The operations herald needs from a store. Writes that answer a caller (publish,
@@ -160,6 +174,10 @@ pub trait EventStore: Send + Sync {
     fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
     /// Size of the store on disk.
     fn size_bytes(&self) -> u64;
+    /// Whether an outcome recorded for this subscription was lost (its write failed)
+    /// since the last call. Its queue entry is then still queued behind the worker's
+    /// cursor, and the worker must read its queue from the start again.
+    fn outcomes_lost(&self, subscription_id: i64) -> bool;
 }
 
 pub fn now_millis() -> Millis {

@@ -18,6 +18,7 @@ use super::{
 use futures::future::BoxFuture;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,6 +95,8 @@ pub struct SqliteStore {
     next_ticket: AtomicU64,
     committed: watch::Receiver<u64>,
     size: Arc<AtomicU64>,
+    /// Subscriptions with an outcome whose write failed, until their worker asks.
+    lost_outcomes: Arc<parking_lot::Mutex<HashSet<i64>>>,
     durability: (String, i64),
     _lock: File,
 }
@@ -131,6 +134,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 impl SqliteStore {
     /// Opens (creating if needed) the store in `directory` and starts its writer thread.
     pub fn open(directory: &Path, limits: Limits) -> Result<Self, StoreError> {
+        Self::open_with_page_limit(directory, limits, None)
+    }
+
+    /// `max_pages` caps the database as a full disk would (tests only).
+    fn open_with_page_limit(directory: &Path, limits: Limits, max_pages: Option<i64>) -> Result<Self, StoreError> {
         let shown = directory.display().to_string();
         std::fs::create_dir_all(directory).map_err(|source| StoreError::CreateDir { path: shown.clone(), source })?;
         let lock = File::options()
@@ -153,6 +161,9 @@ impl SqliteStore {
         // Truncate the WAL back to 64 MiB after checkpoints, so disk use follows the data.
         writer.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         migrate(&mut writer)?;
+        if let Some(pages) = max_pages {
+            writer.pragma_update(None, "max_page_count", pages)?;
+        }
         let durability = (
             writer.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))?,
             writer.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?,
@@ -162,7 +173,9 @@ impl SqliteStore {
         let (writes, queue) = mpsc::channel();
         let (committed_tx, committed) = watch::channel(0);
         let size = Arc::new(AtomicU64::new(0));
-        let mut writer_state = Writer { conn: writer, limits, size: size.clone() };
+        let lost_outcomes = Arc::default();
+        let mut writer_state =
+            Writer { conn: writer, limits, size: size.clone(), lost_outcomes: Arc::clone(&lost_outcomes) };
         writer_state.measure();
         std::thread::Builder::new()
             .name("herald-store-writer".into())
@@ -175,6 +188,7 @@ impl SqliteStore {
             next_ticket: AtomicU64::new(1),
             committed,
             size,
+            lost_outcomes,
             durability,
             _lock: lock,
         })
@@ -329,12 +343,17 @@ impl EventStore for SqliteStore {
     fn size_bytes(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
+
+    fn outcomes_lost(&self, subscription_id: i64) -> bool {
+        self.lost_outcomes.lock().remove(&subscription_id)
+    }
 }
 
 struct Writer {
     conn: Connection,
     limits: Limits,
     size: Arc<AtomicU64>,
+    lost_outcomes: Arc<parking_lot::Mutex<HashSet<i64>>>,
 }
 
 /// An answer to send once the transaction it belongs to has committed.
@@ -345,15 +364,50 @@ enum Pending {
     Expired(Reply<usize>, Result<usize, StoreError>),
 }
 
+/// Why a batch as a whole is not durable: every write in it that had succeeded is
+/// answered with this instead.
+#[derive(Clone, Debug)]
+enum BatchFailure {
+    /// The disk is full: answered as the quota is (503, retry later).
+    Full(String),
+    Other(String),
+}
+
+impl BatchFailure {
+    fn of(error: &rusqlite::Error) -> Self {
+        if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            BatchFailure::Full(error.to_string())
+        } else {
+            BatchFailure::Other(error.to_string())
+        }
+    }
+
+    fn to_error(&self) -> StoreError {
+        match self {
+            BatchFailure::Full(detail) => StoreError::Full { detail: detail.clone() },
+            BatchFailure::Other(detail) => StoreError::Commit(detail.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for BatchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchFailure::Full(detail) | BatchFailure::Other(detail) => f.write_str(detail),
+        }
+    }
+}
+
 impl Pending {
-    /// Sends the answer, or `failure` for every success when the commit failed.
-    fn send(self, commit_failed: Option<&str>) {
-        fn answer<T>(reply: Reply<T>, result: Result<T, StoreError>, failed: Option<&str>) {
+    /// Sends the answer, or the batch's failure for every success when it failed.
+    fn send(self, commit_failed: Option<&BatchFailure>) {
+        fn answer<T>(reply: Reply<T>, result: Result<T, StoreError>, failed: Option<&BatchFailure>) {
             let result = match (result, failed) {
-                (Ok(_), Some(error)) => Err(StoreError::Commit(error.to_string())),
+                (Ok(_), Some(failure)) => Err(failure.to_error()),
                 (result, _) => result,
             };
-            let _ = reply.send(result);
+            // A caller that stopped waiting needs no answer.
+            drop(reply.send(result));
         }
         match self {
             Pending::Published(reply, result) => answer(reply, result, commit_failed),
@@ -375,12 +429,12 @@ impl Writer {
                 }
             }
             let (answers, highest_ticket, result) = self.apply_batch(batch);
-            let failure = result.err().map(|e| e.to_string());
+            let failure = result.err();
             if let Some(error) = &failure {
                 tracing::error!(%error, "store commit failed; the batch is not durable");
             }
             for pending in answers {
-                pending.send(failure.as_deref());
+                pending.send(failure.as_ref());
             }
             if failure.is_none() && highest_ticket > 0 {
                 committed.send_if_modified(|done| {
@@ -393,22 +447,39 @@ impl Writer {
         }
     }
 
-    fn apply_batch(&mut self, batch: Vec<Write>) -> (Vec<Pending>, u64, Result<(), rusqlite::Error>) {
+    fn apply_batch(&mut self, batch: Vec<Write>) -> (Vec<Pending>, u64, Result<(), BatchFailure>) {
         let over_quota = self.over_quota();
         let mut answers = Vec::with_capacity(batch.len());
         let mut highest_ticket = 0;
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
             Err(error) => {
-                let message = error.to_string();
+                let failure = BatchFailure::of(&error);
                 for write in batch {
-                    fail_write(write, &message);
+                    fail_write(write, &failure, &self.lost_outcomes);
                 }
-                return (answers, 0, Err(error));
+                return (answers, 0, Err(failure));
             }
         };
         let now = now_millis();
-        for write in batch {
+        let mut recorded = Vec::new();
+        let mut writes = batch.into_iter();
+        while let Some(write) = writes.next() {
+            if tx.is_autocommit() {
+                // SQLite rolled the whole transaction back itself (it does so on a full
+                // disk): nothing of this batch is written, so nothing may be answered as
+                // written, and the rest must not run outside a transaction.
+                let failure = match answers.last() {
+                    Some(Pending::Published(_, Err(StoreError::Full { detail }))) => BatchFailure::Full(detail.clone()),
+                    _ => BatchFailure::Other("the store's transaction was rolled back".into()),
+                };
+                fail_write(write, &failure, &self.lost_outcomes);
+                for write in writes {
+                    fail_write(write, &failure, &self.lost_outcomes);
+                }
+                self.lost_outcomes.lock().extend(recorded);
+                return (answers, 0, Err(failure));
+            }
             match write {
                 Write::Publish { events, reply } => {
                     let result = match over_quota {
@@ -419,8 +490,10 @@ impl Writer {
                 }
                 Write::Record { ticket, attempt } => {
                     highest_ticket = highest_ticket.max(ticket);
+                    recorded.push(attempt.subscription_id);
                     if let Err(error) = in_savepoint(&tx, |sp| record(sp, &attempt)) {
                         tracing::error!(%error, subscription = attempt.subscription_id, "recording a delivery attempt failed");
+                        self.lost_outcomes.lock().insert(attempt.subscription_id);
                     }
                 }
                 Write::Replay { subscription_id, distribution_ids, reply } => {
@@ -436,7 +509,18 @@ impl Writer {
                 }
             }
         }
-        let result = tx.commit();
+        if tx.is_autocommit() {
+            let failure = match answers.last() {
+                Some(Pending::Published(_, Err(StoreError::Full { detail }))) => BatchFailure::Full(detail.clone()),
+                _ => BatchFailure::Other("the store's transaction was rolled back".into()),
+            };
+            self.lost_outcomes.lock().extend(recorded);
+            return (answers, 0, Err(failure));
+        }
+        let result = tx.commit().map_err(|error| BatchFailure::of(&error));
+        if result.is_err() {
+            self.lost_outcomes.lock().extend(recorded);
+        }
         (answers, highest_ticket, result)
     }
 
@@ -457,14 +541,17 @@ impl Writer {
     }
 }
 
-fn fail_write(write: Write, message: &str) {
-    let error = || StoreError::Commit(message.to_string());
+/// Answers a write of a batch that failed as a whole; a record's outcome is lost.
+fn fail_write(write: Write, failure: &BatchFailure, lost_outcomes: &parking_lot::Mutex<HashSet<i64>>) {
+    let error = || failure.to_error();
     match write {
         Write::Publish { reply, .. } => drop(reply.send(Err(error()))),
         Write::Replay { reply, .. } => drop(reply.send(Err(error()))),
         Write::Drop { reply, .. } => drop(reply.send(Err(error()))),
         Write::Expire { reply, .. } => drop(reply.send(Err(error()))),
-        Write::Record { .. } => {}
+        Write::Record { attempt, .. } => {
+            lost_outcomes.lock().insert(attempt.subscription_id);
+        }
     }
 }
 
@@ -480,7 +567,11 @@ fn in_savepoint<T>(
             Ok(value)
         }
         Err(error) => {
-            tx.execute_batch("ROLLBACK TO write; RELEASE write")?;
+            // After a full disk SQLite has rolled the whole transaction back: no savepoint
+            // is left to roll back to, and the batch fails as a whole (`apply_batch`).
+            if !tx.is_autocommit() {
+                tx.execute_batch("ROLLBACK TO write; RELEASE write")?;
+            }
             Err(error)
         }
     }
@@ -612,9 +703,11 @@ fn replay(
         let rows = stmt.query_map([subscription_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<Result<_, _>>()?
     };
+    // A set: a replay of thousands of chosen ids must not be a scan per dead letter.
+    let wanted: Option<HashSet<i64>> = distribution_ids.map(|ids| ids.iter().copied().collect());
     let mut moved = 0;
     for (distribution_id, event_id) in letters {
-        if distribution_ids.is_some_and(|wanted| !wanted.contains(&distribution_id)) {
+        if wanted.as_ref().is_some_and(|wanted| !wanted.contains(&distribution_id)) {
             continue;
         }
         let position: i64 = conn
@@ -788,6 +881,22 @@ mod tests {
         let store = SqliteStore::open(&dir, Limits { quota_bytes: 1, backlog_cap: 10 }).unwrap();
         assert!(matches!(store.publish(vec![event("a", &[1])]).await, Err(StoreError::OverQuota { .. })));
         assert!(store.queued(1, 0, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_refuses_the_publish_whole_and_keeps_what_was_accepted() {
+        let dir = temp_dir("full");
+        // The schema takes a few pages; leave room for a few small events only.
+        let store = SqliteStore::open_with_page_limit(&dir, limits(), Some(40)).unwrap();
+        let small: Vec<NewEvent> = (0..5).map(|n| event(&format!("{{\"n\":{n}}}"), &[1])).collect();
+        store.publish(small).await.unwrap();
+        let big = "x".repeat(1 << 20);
+        let refused = store.publish(vec![event(&big, &[1]), event("{}", &[1])]).await;
+        assert!(matches!(refused, Err(StoreError::Full { .. })), "{refused:?}");
+        let kept = store.queued(1, 0, 100).await.unwrap();
+        assert_eq!(kept.len(), 5, "what was accepted stays, nothing of the refused request does");
+        assert_eq!(store.counters(1).await.unwrap().pending, 5);
+        assert!(store.publish(vec![event("{}", &[1])]).await.is_ok(), "a request that fits is still taken");
     }
 
     #[tokio::test]

@@ -27,6 +27,7 @@ mod bad_input;
 mod callbacks;
 mod control_plane;
 mod full;
+mod hardening;
 mod process;
 mod security;
 mod store;

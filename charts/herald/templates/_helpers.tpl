@@ -42,7 +42,11 @@ herald's config file: .Values.config merged over the values the pod spec is wire
 (listen port, data volume), plus the certificate paths when TLS is on.
 */}}
 {{- define "herald.config" -}}
-{{- $config := mergeOverwrite (dict "listen" "0.0.0.0:8080" "store" (dict "path" "/var/lib/herald")) (deepCopy .Values.config) -}}
+{{- $store := dict "path" "/var/lib/herald" -}}
+{{- if .Values.persistence.enabled -}}
+{{- $_ := set $store "quotaBytes" (include "herald.quotaBytes" . | atoi) -}}
+{{- end -}}
+{{- $config := mergeOverwrite (dict "listen" "0.0.0.0:8080" "store" $store) (deepCopy .Values.config) -}}
 {{- $config = mergeOverwrite $config (dict "api" (dict "auth" (dict "kubernetes" .Values.api.auth.kubernetes))) -}}
 {{- if .Values.tls.enabled -}}
 {{- $tls := dict "certFile" "/etc/herald/tls/tls.crt" "keyFile" "/etc/herald/tls/tls.key" -}}
@@ -59,4 +63,20 @@ herald's config file: .Values.config merged over the values the pod spec is wire
 {{/* The leader Lease herald holds (config key leaderElection.leaseName). */}}
 {{- define "herald.leaseName" -}}
 {{- dig "leaderElection" "leaseName" "herald-leader" (fromYaml (include "herald.config" .)) -}}
+{{- end -}}
+
+{{/*
+The store quota when config.store.quotaBytes is not set: 80 % of the data volume, leaving
+room for the WAL (truncated back to 64 MiB) and checkpoints, so publish answers 503 over
+quota before the disk fills. persistence.size in Ki/Mi/Gi/Ti (or K/M/G/T, or bytes).
+*/}}
+{{- define "herald.quotaBytes" -}}
+{{- $size := toString .Values.persistence.size -}}
+{{- $number := regexFind "^[0-9]+" $size | int64 -}}
+{{- $unit := regexReplaceAll "^[0-9]+" $size "" -}}
+{{- $units := dict "" 1 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
+{{- if not (hasKey $units $unit) -}}
+{{- fail (printf "persistence.size %q: use a number with Ki, Mi, Gi or Ti" $size) -}}
+{{- end -}}
+{{- div (mul $number (get $units $unit) 4) 5 -}}
 {{- end -}}

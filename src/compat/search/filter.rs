@@ -11,8 +11,42 @@ use regex::{Regex, RegexBuilder};
 use serde_json::{Map, Value};
 use std::cmp::Ordering;
 
-/// Compiled-size cap for `$regex`, so a hostile pattern cannot take unbounded memory.
+/// What one condition may cost, so that a request's memory is bounded whatever it holds
+/// (the body limit alone does not bound compiled regexes). Beyond a limit the condition
+/// is 1199006 naming it.
+pub const MAX_REGEX_TERMS: usize = 8;
+/// Compiled-program and lazy-DFA cache caps per `$regex`: with `MAX_REGEX_TERMS`, at most
+/// 10 MiB of regex memory per request. (`\w` alone is a large Unicode class: `\w{20}`
+/// compiles to most of a MiB.)
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+const REGEX_DFA_LIMIT: usize = 256 << 10;
+/// Nesting of `$and`/`$or` documents.
+pub const MAX_DEPTH: usize = 16;
+/// Field tests and clauses, `$in`/`$nin` elements included.
+pub const MAX_TERMS: usize = 1024;
+
+/// What is left of a condition's allowance while it is parsed.
+struct Budget {
+    regexes: usize,
+    terms: usize,
+}
+
+impl Budget {
+    fn term(&mut self, count: usize) -> Result<(), ApiError> {
+        self.terms = self
+            .terms
+            .checked_sub(count)
+            .ok_or_else(|| ApiError::invalid_because("condition", format!("more than {MAX_TERMS} terms")))?;
+        Ok(())
+    }
+
+    fn regex(&mut self) -> Result<(), ApiError> {
+        self.regexes = self.regexes.checked_sub(1).ok_or_else(|| {
+            ApiError::invalid_because("condition", format!("more than {MAX_REGEX_TERMS} $regex terms"))
+        })?;
+        Ok(())
+    }
+}
 
 /// A parsed search condition.
 #[derive(Clone, Debug)]
@@ -60,8 +94,9 @@ impl Filter {
     /// Parses a condition object. Unsupported operators, malformed operands and regexes that
     /// do not compile are 1199006 naming the operator (or `condition` for a non-object).
     pub fn parse(condition: &Value) -> Result<Filter, ApiError> {
+        let mut budget = Budget { regexes: MAX_REGEX_TERMS, terms: MAX_TERMS };
         match condition {
-            Value::Object(document) => parse_document(document).map(Filter),
+            Value::Object(document) => parse_document(document, 0, &mut budget).map(Filter),
             _ => Err(ApiError::invalid("condition")),
         }
     }
@@ -82,14 +117,18 @@ impl Filter {
     }
 }
 
-fn parse_document(document: &Map<String, Value>) -> Result<Node, ApiError> {
+fn parse_document(document: &Map<String, Value>, depth: usize, budget: &mut Budget) -> Result<Node, ApiError> {
+    if depth > MAX_DEPTH {
+        return Err(ApiError::invalid_because("condition", format!("nested deeper than {MAX_DEPTH}")));
+    }
     let mut clauses = Vec::new();
     for (key, value) in document {
+        budget.term(1)?;
         match key.as_str() {
-            "$and" => clauses.push(Node::All(parse_clause_list("$and", value)?)),
-            "$or" => clauses.push(Node::Any(parse_clause_list("$or", value)?)),
+            "$and" => clauses.push(Node::All(parse_clause_list("$and", value, depth, budget)?)),
+            "$or" => clauses.push(Node::Any(parse_clause_list("$or", value, depth, budget)?)),
             operator if operator.starts_with('$') => return Err(ApiError::invalid(operator)),
-            path => clauses.extend(parse_field(path, value)?),
+            path => clauses.extend(parse_field(path, value, budget)?),
         }
     }
     Ok(match clauses.len() {
@@ -99,7 +138,7 @@ fn parse_document(document: &Map<String, Value>) -> Result<Node, ApiError> {
 }
 
 /// `$and`/`$or` take a non-empty array of condition objects, as in MongoDB.
-fn parse_clause_list(operator: &str, value: &Value) -> Result<Vec<Node>, ApiError> {
+fn parse_clause_list(operator: &str, value: &Value, depth: usize, budget: &mut Budget) -> Result<Vec<Node>, ApiError> {
     let Value::Array(items) = value else {
         return Err(ApiError::invalid(operator));
     };
@@ -109,27 +148,28 @@ fn parse_clause_list(operator: &str, value: &Value) -> Result<Vec<Node>, ApiErro
     items
         .iter()
         .map(|item| match item {
-            Value::Object(document) => parse_document(document),
+            Value::Object(document) => parse_document(document, depth + 1, budget),
             _ => Err(ApiError::invalid(operator)),
         })
         .collect()
 }
 
-fn parse_field(path: &str, value: &Value) -> Result<Vec<Node>, ApiError> {
+fn parse_field(path: &str, value: &Value, budget: &mut Budget) -> Result<Vec<Node>, ApiError> {
     let segments: Vec<String> = path.split('.').map(str::to_string).collect();
     if segments.iter().any(String::is_empty) {
         return Err(ApiError::invalid(path));
     }
     let tests = match value {
-        Value::Object(operators) if operators.keys().any(|k| k.starts_with('$')) => parse_operators(operators)?,
+        Value::Object(operators) if operators.keys().any(|k| k.starts_with('$')) => parse_operators(operators, budget)?,
         literal => vec![Test::Eq(literal.clone())],
     };
     Ok(tests.into_iter().map(|test| Node::Field { path: segments.clone(), test }).collect())
 }
 
-fn parse_operators(operators: &Map<String, Value>) -> Result<Vec<Test>, ApiError> {
+fn parse_operators(operators: &Map<String, Value>, budget: &mut Budget) -> Result<Vec<Test>, ApiError> {
     let mut tests = Vec::new();
     for (operator, operand) in operators {
+        budget.term(1)?;
         let test = match operator.as_str() {
             "$eq" => Test::Eq(operand.clone()),
             "$ne" => Test::Ne(operand.clone()),
@@ -137,10 +177,13 @@ fn parse_operators(operators: &Map<String, Value>) -> Result<Vec<Test>, ApiError
             "$gte" => Test::Range(Bound::Gte, operand.clone()),
             "$lt" => Test::Range(Bound::Lt, operand.clone()),
             "$lte" => Test::Range(Bound::Lte, operand.clone()),
-            "$in" => Test::In(parse_list("$in", operand)?),
-            "$nin" => Test::Nin(parse_list("$nin", operand)?),
+            "$in" => Test::In(parse_list("$in", operand, budget)?),
+            "$nin" => Test::Nin(parse_list("$nin", operand, budget)?),
             "$exists" => Test::Exists(parse_exists(operand)?),
-            "$regex" => Test::Regex(parse_regex(operand, operators.get("$options"))?),
+            "$regex" => {
+                budget.regex()?;
+                Test::Regex(parse_regex(operand, operators.get("$options"))?)
+            }
             "$options" if operators.contains_key("$regex") => continue,
             other => return Err(ApiError::invalid(other)),
         };
@@ -149,9 +192,12 @@ fn parse_operators(operators: &Map<String, Value>) -> Result<Vec<Test>, ApiError
     Ok(tests)
 }
 
-fn parse_list(operator: &str, operand: &Value) -> Result<Vec<Value>, ApiError> {
+fn parse_list(operator: &str, operand: &Value, budget: &mut Budget) -> Result<Vec<Value>, ApiError> {
     match operand {
-        Value::Array(values) => Ok(values.clone()),
+        Value::Array(values) => {
+            budget.term(values.len())?;
+            Ok(values.clone())
+        }
         _ => Err(ApiError::invalid(operator)),
     }
 }
@@ -180,6 +226,7 @@ fn parse_regex(pattern: &Value, options: Option<&Value>) -> Result<Regex, ApiErr
         .dot_matches_new_line(options.contains('s'))
         .ignore_whitespace(options.contains('x'))
         .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_DFA_LIMIT)
         .build()
         .map_err(|_| ApiError::invalid("$regex"))
 }
@@ -397,6 +444,37 @@ mod tests {
             assert_eq!(error.code, ErrorCode::FieldInvalid, "{condition}");
             assert_eq!(error.detail.as_deref(), Some(named), "{condition}");
         }
+    }
+
+    #[test]
+    fn a_condition_past_its_limits_is_refused_naming_the_limit() {
+        let regexes = |n: usize| {
+            let terms: Vec<Value> = (0..n).map(|i| json!({format!("f{i}"): {"$regex": "\\w{20}"}})).collect();
+            json!({"$or": terms})
+        };
+        assert!(Filter::parse(&regexes(MAX_REGEX_TERMS)).is_ok());
+        let nested = |depth: usize| (0..depth).fold(json!({"a": 1}), |inner, _| json!({"$and": [inner]}));
+        assert!(Filter::parse(&nested(MAX_DEPTH)).is_ok());
+        let many_in = |n: usize| json!({"a": {"$in": (0..n).collect::<Vec<_>>()}});
+        assert!(Filter::parse(&many_in(MAX_TERMS - 2)).is_ok());
+        let table = [
+            (regexes(MAX_REGEX_TERMS + 1), format!("condition (more than {MAX_REGEX_TERMS} $regex terms)")),
+            (nested(MAX_DEPTH + 1), format!("condition (nested deeper than {MAX_DEPTH})")),
+            (many_in(MAX_TERMS), format!("condition (more than {MAX_TERMS} terms)")),
+        ];
+        for (condition, named) in table {
+            let error = Filter::parse(&condition).expect_err("over a limit");
+            assert_eq!(error.code, ErrorCode::FieldInvalid);
+            assert_eq!(error.detail.as_deref(), Some(named.as_str()));
+        }
+    }
+
+    #[test]
+    fn a_regex_over_its_compiled_size_cap_is_refused() {
+        // \w is every Unicode word character: a few hundred of them outgrow 256 KiB.
+        assert!(Filter::parse(&json!({"a": {"$regex": "\\w{8}"}})).is_ok());
+        let error = Filter::parse(&json!({"a": {"$regex": "\\w{400}"}})).expect_err("too big");
+        assert_eq!(error.detail.as_deref(), Some("$regex"));
     }
 
     #[test]
