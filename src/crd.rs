@@ -17,6 +17,13 @@ pub const GROUP: &str = "herald.dev";
 pub const SUBSCRIPTION_ID_LABEL: &str = "herald.dev/subscription-id";
 /// Annotation carrying the operator (bk-cmdb `BK_User`) of the last REST change.
 pub const OPERATOR_ANNOTATION: &str = "herald.dev/operator";
+/// Annotation of an imported subscription (`herald import`): the id it had in the system it
+/// came from. The controller honours it once, when it decides the object's id, and refuses
+/// it (`ImportedIdTaken`) when another object holds that id.
+pub const IMPORTED_ID_ANNOTATION: &str = "herald.dev/imported-id";
+/// Annotation of an imported subscription: `{"total": N, "failure": M}` from the system it
+/// came from, the starting counts of its statistics.
+pub const IMPORTED_STATISTICS_ANNOTATION: &str = "herald.dev/imported-statistics";
 /// Namespace label (accounts separated by `.`) and annotation (separated by `,`) listing
 /// the supplier accounts whose events may reach subscriptions in that namespace.
 pub const SUPPLIER_ACCOUNTS_LABEL: &str = "herald.dev/supplier-accounts";

@@ -15,6 +15,7 @@
 //! - `compat`: bk-cmdb's REST conventions: envelopes, error codes, input parsing, search,
 //!   subscription records, time formats. Pure functions.
 //! - `api`: the HTTP server (direct and ESB paths, publish, dead letters, auth).
+//! - `import`: `herald import`, subscriptions of an older bk-cmdb brought over with their ids.
 //! - `leader`: the Lease that makes one herald active.
 //! - `tenancy`: which namespaces may receive which supplier account's events.
 //! - `config`, `telemetry` (logs and metrics), `app` (wiring and supervision of `herald run`).
@@ -29,6 +30,7 @@ pub mod crd;
 pub mod delivery;
 pub mod effective;
 pub mod event;
+pub mod import;
 pub mod leader;
 pub mod outbound;
 pub mod store;

@@ -30,6 +30,79 @@ enum Command {
     },
     /// Print the EventSubscription CRD as YAML.
     Crd,
+    /// Import a bk-cmdb 3.5–3.9 event server's (or another herald's) subscriptions,
+    /// keeping their ids (docs/migration.md).
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Base URL of the event server to read with search_subscription.
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    from_url: Option<String>,
+    /// Read through the ESB gateway path with app credentials instead of the direct path.
+    #[arg(long, requires = "from_url")]
+    esb: bool,
+    #[arg(long, env = "HERALD_IMPORT_APP_CODE")]
+    app_code: Option<String>,
+    /// Prefer the environment variable: arguments show in process lists.
+    #[arg(long, env = "HERALD_IMPORT_APP_SECRET", hide_env_values = true)]
+    app_secret: Option<String>,
+    /// Bearer token for the direct path (a herald source needs one).
+    #[arg(long, env = "HERALD_IMPORT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// BK_User (direct path) or bk_username (ESB) of the reads.
+    #[arg(long, default_value = "admin")]
+    user: String,
+    /// Supplier accounts to read (repeat the flag for several).
+    #[arg(long = "account", default_value = "0")]
+    accounts: Vec<String>,
+    /// A JSON file of subscription records instead of an event server.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// herald's namespace: where imported subscriptions go by default.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "herald-system")]
+    namespace: String,
+    /// ACCOUNT=NAMESPACE: put this account's subscriptions in another namespace (it must
+    /// allow the account).
+    #[arg(long = "account-namespace", value_parser = account_namespace)]
+    account_namespaces: Vec<(String, String)>,
+    /// What to do with a record imported before.
+    #[arg(long, value_enum, default_value = "skip")]
+    existing: herald::import::Existing,
+    /// Print what would be done, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn account_namespace(text: &str) -> Result<(String, String), String> {
+    let (account, namespace) = text.split_once('=').ok_or("expected ACCOUNT=NAMESPACE")?;
+    Ok((account.to_string(), namespace.to_string()))
+}
+
+impl ImportArgs {
+    fn options(self) -> Result<herald::import::ImportOptions, String> {
+        use herald::import::Source;
+        let source = match (self.file, self.from_url) {
+            (Some(path), _) => Source::File(path),
+            (None, Some(url)) if self.esb => Source::Esb {
+                url,
+                app_code: self.app_code.ok_or("--esb needs --app-code (or HERALD_IMPORT_APP_CODE)")?,
+                app_secret: self.app_secret.ok_or("--esb needs --app-secret (or HERALD_IMPORT_APP_SECRET)")?,
+                user: self.user,
+            },
+            (None, Some(url)) => Source::Direct { url, user: self.user, token: self.token },
+            (None, None) => return Err("give --from-url or --file".into()),
+        };
+        Ok(herald::import::ImportOptions {
+            source,
+            accounts: self.accounts,
+            namespace: self.namespace,
+            account_namespaces: self.account_namespaces.into_iter().collect(),
+            existing: self.existing,
+            dry_run: self.dry_run,
+        })
+    }
 }
 
 #[tokio::main]
@@ -45,6 +118,25 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Import(args) => {
+            let options = match args.options() {
+                Ok(options) => options,
+                Err(error) => {
+                    eprintln!("herald import: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match herald::import::run(&options).await {
+                Ok(summary) => {
+                    print!("{}", summary.render(options.dry_run));
+                    if summary.refused() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                }
+                Err(error) => {
+                    eprintln!("herald import: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config, namespace, instance, listen } => {
             herald::telemetry::init();
             let config = match Config::load(config.as_deref(), Overrides { namespace, instance, listen }) {

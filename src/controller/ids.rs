@@ -25,6 +25,9 @@ pub struct IdAllocator {
 #[derive(Default)]
 struct Reserved {
     block: Range<i64>,
+    /// Imported ids claimed by this allocator, by object uid: one id goes to one object
+    /// even before the cache shows the first claimant's status.
+    claims: std::collections::HashMap<i64, String>,
 }
 
 /// The block `[start, start + block_size)` to reserve and the counter's new value, given
@@ -59,6 +62,33 @@ impl IdAllocator {
         let id = state.block.start;
         state.block.start += 1;
         Ok(id)
+    }
+
+    /// Takes `wanted` (an imported id) for the object `uid`, unless another object holds
+    /// it: `holder(wanted)` answers from the cache, and claims made here and not yet in
+    /// the cache count too. The counter moves above `wanted`, so no later allocation can
+    /// hand it out. None when the id is taken.
+    pub async fn claim_imported(
+        &self,
+        wanted: i64,
+        uid: &str,
+        holder: impl Fn(i64) -> Option<String>,
+    ) -> Result<Option<i64>, Error> {
+        let mut state = self.state.lock().await;
+        match state.claims.get(&wanted) {
+            Some(claimant) if claimant != uid => return Ok(None),
+            _ => {}
+        }
+        if holder(wanted).is_some_and(|other| other != uid) {
+            return Ok(None);
+        }
+        if wanted >= state.block.end {
+            state.block = self.reserve(wanted + 1).await?;
+        } else if wanted >= state.block.start {
+            state.block.start = wanted + 1;
+        }
+        state.claims.insert(wanted, uid.to_string());
+        Ok(Some(wanted))
     }
 
     async fn reserve(&self, floor: i64) -> Result<Range<i64>, Error> {

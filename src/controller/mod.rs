@@ -9,8 +9,8 @@ pub mod validation;
 use crate::FIELD_MANAGER;
 use crate::conditions::now;
 use crate::config::Config;
-use crate::crd::{EventSubscription, SUBSCRIPTION_ID_LABEL, apply_body};
-use crate::delivery::index::{Subscriber, SubscriptionIndex};
+use crate::crd::{EventSubscription, IMPORTED_STATISTICS_ANNOTATION, SUBSCRIPTION_ID_LABEL, apply_body};
+use crate::delivery::index::{ImportedCounts, Subscriber, SubscriptionIndex};
 use crate::effective::{Effective, Invalid, name_key};
 use crate::tenancy::Tenancy;
 use futures::{StreamExt, TryStreamExt, future::BoxFuture};
@@ -242,11 +242,31 @@ async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Act
     Ok(Action::requeue(Duration::from_secs(ctx.config.controller.resync_seconds)))
 }
 
-fn validate(sub: &EventSubscription, ctx: &Context) -> Result<(), Invalid> {
+fn validate(sub: &EventSubscription, ctx: &Context, id: i64) -> Result<(), Invalid> {
     let effective = Effective::from_spec(&sub.spec);
     let allowed = |account: &str, namespace: &str| ctx.tenancy.allows(account, namespace);
     let others = ctx.subscriptions.state();
-    validation::check(sub, &effective, others.iter().map(AsRef::as_ref), &ctx.config.namespace, allowed)
+    validation::check(sub, &effective, others.iter().map(AsRef::as_ref), &ctx.config.namespace, allowed)?;
+    validation::check_imported_id(sub, id)
+}
+
+/// The id to decide for an object that has none yet: its imported id when no other object
+/// holds it, otherwise (and for every object not imported) a fresh one.
+async fn decide_id(sub: &EventSubscription, ctx: &Context) -> Result<i64, Error> {
+    if let Some(wanted) = validation::imported_id(sub) {
+        let uid = sub.uid().unwrap_or_default();
+        let holder = |id: i64| {
+            ctx.subscriptions
+                .state()
+                .iter()
+                .find(|s| s.status.as_ref().and_then(|st| st.subscription_id) == Some(id))
+                .map(|s| s.uid().unwrap_or_default())
+        };
+        if let Some(id) = ctx.ids.claim_imported(wanted, &uid, holder).await? {
+            return Ok(id);
+        }
+    }
+    ctx.ids.next_id(highest_known_id(&ctx.subscriptions) + 1).await
 }
 
 /// Writes the desired status when it differs from the current one. The first write of
@@ -262,9 +282,9 @@ async fn ensure_status(
         let decided = sub.status.as_ref().and_then(|s| s.subscription_id);
         let id = match decided {
             Some(id) => id,
-            None => ctx.ids.next_id(highest_known_id(&ctx.subscriptions) + 1).await?,
+            None => decide_id(&sub, ctx).await?,
         };
-        let validity = validate(&sub, ctx);
+        let validity = validate(&sub, ctx, id);
         let desired = desired::desired(&sub, id, &validity, now());
         if desired::ControllerStatus::current(&sub).as_ref() == Some(&desired) {
             publish_to_delivery(ctx, &sub, id, validity.is_ok());
@@ -320,7 +340,8 @@ pub fn prime_index(ctx: &Context) -> usize {
         }
         let effective = Effective::from_spec(&sub.spec);
         let contenders = by_name.get(&name_key(&sub.spec)).map(Vec::as_slice).unwrap_or_default();
-        let validity = validation::check(sub, &effective, contenders.iter().copied(), &ctx.config.namespace, allowed);
+        let validity = validation::check(sub, &effective, contenders.iter().copied(), &ctx.config.namespace, allowed)
+            .and_then(|()| validation::check_imported_id(sub, id));
         publish_to_delivery(ctx, sub, id, validity.is_ok());
         primed += 1;
     }
@@ -342,7 +363,14 @@ fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, id: i64, ready: b
         ready,
         effective: Arc::new(Effective::from_spec(&sub.spec)),
         signing: sub.spec.signing.as_ref().map(|s| s.secret_ref.clone()),
+        imported: imported_counts(sub),
     });
+}
+
+/// The statistics an imported subscription brought along (its annotation), if any.
+fn imported_counts(sub: &EventSubscription) -> Option<ImportedCounts> {
+    let text = sub.annotations().get(IMPORTED_STATISTICS_ANNOTATION)?;
+    serde_json::from_str(text).ok()
 }
 
 async fn apply_status(

@@ -3,12 +3,34 @@
 //! docs/design.md §7), and no older subscription uses its (supplier account, name). Pure
 //! functions over what the caches hold, so they are unit-tested without a cluster.
 
-use crate::crd::{EventSubscription, SUPPLIER_ACCOUNTS_LABEL};
+use crate::crd::{EventSubscription, IMPORTED_ID_ANNOTATION, SUPPLIER_ACCOUNTS_LABEL};
 use crate::effective::{Effective, Invalid, name_key};
 use kube::ResourceExt;
 
 pub const REASON_DUPLICATE_NAME: &str = "DuplicateName";
 pub const REASON_NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+pub const REASON_IMPORTED_ID_TAKEN: &str = "ImportedIdTaken";
+
+/// The id an imported subscription asks to keep (its `herald.dev/imported-id`), when
+/// it is a positive integer.
+pub fn imported_id(sub: &EventSubscription) -> Option<i64> {
+    sub.annotations().get(IMPORTED_ID_ANNOTATION)?.trim().parse().ok().filter(|id| *id > 0)
+}
+
+/// An imported subscription receives events only under the id it came with: its
+/// receivers key on `subscription_id`. It got another id only because another object
+/// held that one.
+pub fn check_imported_id(sub: &EventSubscription, id: i64) -> Result<(), Invalid> {
+    match imported_id(sub) {
+        Some(wanted) if wanted != id => Err(Invalid {
+            reason: REASON_IMPORTED_ID_TAKEN,
+            message: format!(
+                "the imported id {wanted} is held by another subscription; this one got {id} and receives nothing"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// Order of age: the older subscription keeps a contested name. Ties on the
 /// (second-granular) creation time are broken by namespace and name, so every herald

@@ -20,6 +20,18 @@ pub struct Subscriber {
     pub ready: bool,
     pub effective: Arc<Effective>,
     pub signing: Option<SecretKeyRef>,
+    /// Counts from the system an imported subscription came from: its statistics start
+    /// there.
+    pub imported: Option<ImportedCounts>,
+}
+
+/// `total` and `failure` a subscription had before herald (`herald import`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct ImportedCounts {
+    #[serde(default)]
+    pub total: i64,
+    #[serde(default)]
+    pub failure: i64,
 }
 
 #[derive(Default)]
@@ -130,6 +142,7 @@ mod tests {
             ready,
             effective: Arc::new(Effective::from_spec(&spec)),
             signing: None,
+            imported: None,
         }
     }
 

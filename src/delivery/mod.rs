@@ -263,8 +263,14 @@ impl Delivery {
                 Some(id) = changes.recv() => {
                     // A running worker re-reads the spec; a Ready one without a worker gets one.
                     let has_worker = self.workers.lock().contains_key(&id);
-                    if has_worker || self.index.get(id).is_some_and(|s| s.ready) {
+                    let sub = self.index.get(id);
+                    if has_worker || sub.as_ref().is_some_and(|s| s.ready) {
                         self.wake(id);
+                    }
+                    // Imported statistics show before the first delivery (the projection
+                    // writes nothing when status already shows them).
+                    if sub.is_some_and(|s| s.imported.is_some()) {
+                        self.projector.touch(id, 0);
                     }
                 }
                 _ = sweep.tick() => self.sweep().await,

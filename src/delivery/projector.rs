@@ -95,7 +95,7 @@ impl StatusProjector {
                     );
                 }
                 let counters = store.counters(id).await;
-                let counters = match counters {
+                let mut counters = match counters {
                     Ok(counters) => counters,
                     Err(error) => {
                         tracing::warn!(%error, subscription = id, "reading counters failed");
@@ -103,6 +103,11 @@ impl StatusProjector {
                         break;
                     }
                 };
+                if let Some(imported) = sub.imported {
+                    // An imported subscription's statistics continue its old ones.
+                    counters.total += imported.total;
+                    counters.failure += imported.failure;
+                }
                 let Some(patch) = projection(&object, &counters, gone, now()) else { continue };
                 let api = Api::<EventSubscription>::namespaced(client.clone(), &sub.namespace);
                 let params = PatchParams::apply(FIELD_MANAGER).force();

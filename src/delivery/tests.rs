@@ -141,6 +141,7 @@ impl Harness {
             ready: true,
             effective: Arc::new(effective),
             signing: None,
+            imported: None,
         };
         let (index, _changes) = SubscriptionIndex::new();
         index.upsert(subscriber.clone());
