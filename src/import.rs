@@ -281,8 +281,8 @@ fn decide(
     seen_ids: &HashMap<i64, usize>,
     seen_names: &HashMap<(String, String), i64>,
 ) -> Action {
-    if id <= 0 {
-        return Action::Refused("no subscription_id".into());
+    if !(1..=crate::controller::ids::MAX_ID).contains(&id) {
+        return Action::Refused("no subscription_id between 1 and 2^53".into());
     }
     if seen_ids.contains_key(&id) {
         return Action::Refused(format!("id {id} appears twice in the source"));

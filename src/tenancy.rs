@@ -35,10 +35,6 @@ impl Tenancy {
                 self.namespaces.get(&ObjectRef::new(namespace)).as_deref(),
             )
     }
-
-    pub fn herald_namespace(&self) -> &str {
-        &self.herald_namespace
-    }
 }
 
 /// The accounts a namespace allows: its `herald.dev/supplier-accounts` label
@@ -61,22 +57,28 @@ pub fn namespace_allows(account: &str, namespace: &str, herald_namespace: &str, 
     namespace == herald_namespace || labels.is_some_and(|ns| allowed_accounts(ns).any(|a| a == account))
 }
 
+/// A Namespace "team" with the tenancy label and/or annotation (tests).
+#[cfg(test)]
+pub(crate) fn labelled_namespace(label: Option<&str>, annotation: Option<&str>) -> Namespace {
+    use kube::api::ObjectMeta;
+    let entry = |v: Option<&str>| v.map(|v| BTreeMap::from([(SUPPLIER_ACCOUNTS_LABEL.to_string(), v.to_string())]));
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some("team".into()),
+            labels: entry(label),
+            annotations: entry(annotation),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::api::ObjectMeta;
 
     fn namespace(label: Option<&str>, annotation: Option<&str>) -> Namespace {
-        let entry = |v: Option<&str>| v.map(|v| BTreeMap::from([(SUPPLIER_ACCOUNTS_LABEL.to_string(), v.to_string())]));
-        Namespace {
-            metadata: ObjectMeta {
-                name: Some("team".into()),
-                labels: entry(label),
-                annotations: entry(annotation),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
+        labelled_namespace(label, annotation)
     }
 
     #[test]

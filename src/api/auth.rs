@@ -314,7 +314,7 @@ impl Authenticator {
                 match cached {
                     Some((at, allowed)) if at.elapsed() < self.ttl => allowed,
                     _ => {
-                        let allowed = self.review_access(username, uid, groups, extra, account, action).await?;
+                        let allowed = self.review_access(&key).await?;
                         let mut cache = self.decisions.lock();
                         cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
                         cache.insert(key, (Instant::now(), allowed));
@@ -326,26 +326,19 @@ impl Authenticator {
         if allowed { Ok(()) } else { Err(AuthError::Forbidden(permission_detail(identity, account, action))) }
     }
 
-    async fn review_access(
-        &self,
-        username: &str,
-        uid: &Option<String>,
-        groups: &[String],
-        extra: &BTreeMap<String, Vec<String>>,
-        account: &str,
-        action: Action,
-    ) -> Result<bool, AuthError> {
+    /// Asks the API server the question `key` is.
+    async fn review_access(&self, key: &DecisionKey) -> Result<bool, AuthError> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
-                user: Some(username.to_string()),
-                uid: uid.clone(),
-                groups: Some(groups.to_vec()),
-                extra: Some(extra.clone()),
+                user: Some(key.username.clone()),
+                uid: key.uid.clone(),
+                groups: Some(key.groups.clone()),
+                extra: Some(key.extra.clone()),
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(crate::crd::GROUP.into()),
                     resource: Some("supplieraccounts".into()),
-                    name: Some(account.to_string()),
-                    verb: Some(action.verb().into()),
+                    name: Some(key.account.clone()),
+                    verb: Some(key.action.verb().into()),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -6,46 +6,125 @@ use super::Error;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::ops::Range;
 use tokio::sync::Mutex;
 
 /// Key of the counter ConfigMap holding the next id that no allocator has reserved.
 pub const NEXT_ID_KEY: &str = "next";
+/// Key listing the id blocks herald reserved (`1-20,104-113`): ids it may have handed out.
+pub const RESERVED_KEY: &str = "reserved";
+/// Key listing the imported ids and the object (uid) each went to (`100=<uid>,101=<uid>`).
+pub const IMPORTED_KEY: &str = "imported";
+/// Largest id accepted anywhere: ids are JSON numbers for bk-cmdb clients, exact up to 2^53.
+pub const MAX_ID: i64 = 1 << 53;
 
 pub struct IdAllocator {
     api: Api<ConfigMap>,
     name: String,
     block_size: i64,
-    state: Mutex<Reserved>,
+    state: Mutex<Range<i64>>,
 }
 
-/// The block this allocator reserved and has not handed out yet. An id handed out is
-/// never handed out again, even when its status write fails: the write may have
-/// happened with only its answer lost.
-#[derive(Default)]
-struct Reserved {
-    block: Range<i64>,
-    /// Imported ids claimed by this allocator, by object uid: one id goes to one object
-    /// even before the cache shows the first claimant's status.
-    claims: std::collections::HashMap<i64, String>,
+/// What the counter ConfigMap records. Every id herald hands out comes from a reserved
+/// block, and every imported id is recorded with its object, so an id is never given to a
+/// second object: not by allocation, not by import, not after the first one was deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    next: i64,
+    reserved: Vec<Range<i64>>,
+    imported: BTreeMap<i64, String>,
 }
 
-/// The block `[start, start + block_size)` to reserve and the counter's new value, given
-/// the counter's current value (absent when the counter does not exist yet) and `floor`,
-/// one above the highest id seen on any subscription: a deleted or rolled-back counter
-/// can then never hand out an id again.
-pub fn next_block(current: Option<&str>, floor: i64, block_size: i64) -> Result<(i64, i64), String> {
-    let next = match current {
-        None => 1,
-        Some(text) => text
-            .trim()
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| format!("{NEXT_ID_KEY}={text:?} is not a positive integer"))?,
-    };
-    let start = next.max(floor).max(1);
-    Ok((start, start + block_size))
+impl Counter {
+    /// Reads the ConfigMap's data (absent: a fresh counter). A counter written before the
+    /// `reserved` key existed counts every id below `next` as reserved.
+    pub fn parse(data: Option<&BTreeMap<String, String>>) -> Result<Self, String> {
+        let Some(data) = data else { return Ok(Counter { next: 1, ..Counter::default() }) };
+        let next = match data.get(NEXT_ID_KEY) {
+            None => 1,
+            Some(text) => text
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=MAX_ID + 1).contains(n))
+                .ok_or_else(|| format!("{NEXT_ID_KEY}={text:?} is not a positive integer"))?,
+        };
+        let reserved = match data.get(RESERVED_KEY) {
+            None if next > 1 => std::iter::once(1..next).collect(),
+            None => Vec::new(),
+            Some(text) => parse_ranges(text).ok_or_else(|| format!("{RESERVED_KEY}={text:?} is not a range list"))?,
+        };
+        let mut imported = BTreeMap::new();
+        for entry in data.get(IMPORTED_KEY).map(String::as_str).unwrap_or_default().split(',').filter(|e| !e.is_empty())
+        {
+            let (id, uid) =
+                entry.split_once('=').ok_or_else(|| format!("{IMPORTED_KEY} entry {entry:?} is not id=uid"))?;
+            let id = id.parse().map_err(|_| format!("{IMPORTED_KEY} entry {entry:?} has no integer id"))?;
+            imported.insert(id, uid.to_string());
+        }
+        Ok(Counter { next, reserved, imported })
+    }
+
+    pub fn to_data(&self) -> BTreeMap<String, String> {
+        let reserved: Vec<String> = self.reserved.iter().map(|r| format!("{}-{}", r.start, r.end - 1)).collect();
+        let imported: Vec<String> = self.imported.iter().map(|(id, uid)| format!("{id}={uid}")).collect();
+        BTreeMap::from([
+            (NEXT_ID_KEY.to_string(), self.next.to_string()),
+            (RESERVED_KEY.to_string(), reserved.join(",")),
+            (IMPORTED_KEY.to_string(), imported.join(",")),
+        ])
+    }
+
+    /// Reserves `[start, start + block_size)`, at least `floor` (one above the highest id
+    /// seen on any subscription: a deleted or rolled-back counter then never repeats an
+    /// id). Imported ids are all below `next`, so a new block never covers one.
+    pub fn reserve(&mut self, floor: i64, block_size: i64) -> Range<i64> {
+        let start = self.next.max(floor).max(1);
+        let block = start..start.saturating_add(block_size).min(MAX_ID + 1);
+        self.next = block.end;
+        match self.reserved.last_mut() {
+            Some(last) if last.end == block.start => last.end = block.end,
+            _ => self.reserved.push(block.clone()),
+        }
+        block
+    }
+
+    /// Records `wanted` as the imported id of `uid`. Refused when herald reserved it (it
+    /// may have handed it out, to an object since deleted too) or it went to another
+    /// object. Returns whether the counter changed.
+    pub fn claim(&mut self, wanted: i64, uid: &str) -> Result<bool, String> {
+        if !(1..=MAX_ID).contains(&wanted) {
+            return Err(format!("id {wanted} is out of range"));
+        }
+        if self.reserved.iter().any(|r| r.contains(&wanted)) {
+            return Err(format!("id {wanted} was handed out by herald"));
+        }
+        match self.imported.get(&wanted) {
+            Some(holder) if holder == uid => Ok(false),
+            Some(_) => Err(format!("id {wanted} was imported for another subscription")),
+            None => {
+                self.imported.insert(wanted, uid.to_string());
+                self.next = self.next.max(wanted + 1);
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// `1-20,104-113` (inclusive ends) into sorted ranges.
+fn parse_ranges(text: &str) -> Option<Vec<Range<i64>>> {
+    let mut ranges = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (start, end) = part.split_once('-')?;
+        let (start, end): (i64, i64) = (start.parse().ok()?, end.parse().ok()?);
+        if start > end {
+            return None;
+        }
+        ranges.push(start..end + 1);
+    }
+    ranges.sort_by_key(|r| r.start);
+    Some(ranges)
 }
 
 impl IdAllocator {
@@ -55,51 +134,55 @@ impl IdAllocator {
 
     /// A fresh id, at least `floor`.
     pub async fn next_id(&self, floor: i64) -> Result<i64, Error> {
-        let mut state = self.state.lock().await;
-        if state.block.is_empty() || state.block.start < floor {
-            state.block = self.reserve(floor).await?;
+        let mut block = self.state.lock().await;
+        if block.is_empty() || block.start < floor {
+            let block_size = self.block_size;
+            *block =
+                match self.update(|counter| Ok::<_, Infallible>((counter.reserve(floor, block_size), true))).await? {
+                    Ok(reserved) => reserved,
+                    Err(never) => match never {},
+                };
         }
-        let id = state.block.start;
-        state.block.start += 1;
+        let id = block.start;
+        block.start += 1;
         Ok(id)
     }
 
-    /// Takes `wanted` (an imported id) for the object `uid`, unless another object holds
-    /// it: `holder(wanted)` answers from the cache, and claims made here and not yet in
-    /// the cache count too. The counter moves above `wanted`, so no later allocation can
-    /// hand it out. None when the id is taken.
-    pub async fn claim_imported(
-        &self,
-        wanted: i64,
-        uid: &str,
-        holder: impl Fn(i64) -> Option<String>,
-    ) -> Result<Option<i64>, Error> {
-        let mut state = self.state.lock().await;
-        match state.claims.get(&wanted) {
-            Some(claimant) if claimant != uid => return Ok(None),
-            _ => {}
+    /// Takes `wanted` (an imported id) for the object `uid`, recorded in the counter so
+    /// that no other object ever gets it. None when it is refused (see `Counter::claim`).
+    pub async fn claim_imported(&self, wanted: i64, uid: &str) -> Result<Option<i64>, Error> {
+        // Serialised with allocation: the in-memory block is below every imported id.
+        let _block = self.state.lock().await;
+        match self.update(|counter| counter.claim(wanted, uid).map(|changed| (wanted, changed))).await? {
+            Ok(id) => Ok(Some(id)),
+            Err(reason) => {
+                tracing::info!(id = wanted, %reason, "imported id refused");
+                Ok(None)
+            }
         }
-        if holder(wanted).is_some_and(|other| other != uid) {
-            return Ok(None);
-        }
-        if wanted >= state.block.end {
-            state.block = self.reserve(wanted + 1).await?;
-        } else if wanted >= state.block.start {
-            state.block.start = wanted + 1;
-        }
-        state.claims.insert(wanted, uid.to_string());
-        Ok(Some(wanted))
     }
 
-    async fn reserve(&self, floor: i64) -> Result<Range<i64>, Error> {
+    /// Reads the counter, applies `change` and, when it says so, writes it back with the
+    /// resourceVersion it read (a concurrent writer makes this fail with 409: read again).
+    /// `change` answers (value, whether to write), or why it refuses.
+    async fn update<T, E>(
+        &self,
+        mut change: impl FnMut(&mut Counter) -> Result<(T, bool), E>,
+    ) -> Result<Result<T, E>, Error> {
         let name = &self.name;
         loop {
             let current =
                 self.api.get_opt(name).await.map_err(|source| Error::ReadIdCounter { name: name.clone(), source })?;
-            let value = current.as_ref().and_then(|cm| cm.data.as_ref()?.get(NEXT_ID_KEY).cloned());
-            let (start, next) = next_block(value.as_deref(), floor, self.block_size)
+            let mut counter = Counter::parse(current.as_ref().and_then(|cm| cm.data.as_ref()))
                 .map_err(|reason| Error::CorruptIdCounter { name: name.clone(), reason })?;
-            let data = BTreeMap::from([(NEXT_ID_KEY.to_string(), next.to_string())]);
+            let (value, write) = match change(&mut counter) {
+                Ok(changed) => changed,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            if !write {
+                return Ok(Ok(value));
+            }
+            let data = counter.to_data();
             let written = match current {
                 None => {
                     let counter = ConfigMap {
@@ -110,17 +193,12 @@ impl IdAllocator {
                     self.api.create(&PostParams::default(), &counter).await
                 }
                 Some(mut counter) => {
-                    // `replace` sends the resourceVersion we read: a concurrent reservation
-                    // makes this fail with 409 and we read again.
                     counter.data = Some(data);
                     self.api.replace(name, &PostParams::default(), &counter).await
                 }
             };
             match written {
-                Ok(_) => {
-                    tracing::debug!(counter = %name, start, end = next, "reserved subscription ids");
-                    return Ok(start..next);
-                }
+                Ok(_) => return Ok(Ok(value)),
                 Err(kube::Error::Api(status)) if status.code == 409 => continue,
                 Err(source) => return Err(Error::ReserveIds { name: name.clone(), source }),
             }
@@ -130,28 +208,58 @@ impl IdAllocator {
 
 #[cfg(test)]
 mod tests {
-    use super::next_block;
+    use super::*;
 
-    #[test]
-    fn first_block_starts_at_one() {
-        assert_eq!(next_block(None, 0, 10), Ok((1, 11)));
+    fn counter(next: &str, reserved: Option<&str>) -> Counter {
+        let mut data = BTreeMap::from([(NEXT_ID_KEY.to_string(), next.to_string())]);
+        if let Some(reserved) = reserved {
+            data.insert(RESERVED_KEY.to_string(), reserved.to_string());
+        }
+        Counter::parse(Some(&data)).unwrap()
     }
 
     #[test]
-    fn block_follows_the_counter() {
-        assert_eq!(next_block(Some("41"), 0, 10), Ok((41, 51)));
-    }
-
-    #[test]
-    fn floor_wins_over_a_counter_that_went_back() {
+    fn blocks_start_at_one_follow_the_counter_and_respect_the_floor() {
+        let mut fresh = Counter::parse(None).unwrap();
+        assert_eq!(fresh.reserve(0, 10), 1..11);
+        assert_eq!(fresh.reserve(0, 10), 11..21);
+        assert_eq!(fresh.reserved, vec![1..21], "adjacent blocks merge");
         // Ids up to 99 exist on subscriptions; a recreated counter says 1.
-        assert_eq!(next_block(Some("1"), 100, 5), Ok((100, 105)));
-        assert_eq!(next_block(None, 100, 5), Ok((100, 105)));
+        assert_eq!(counter("1", None).reserve(100, 5), 100..105);
+        assert_eq!(counter("41", None).reserve(0, 10), 41..51);
     }
 
     #[test]
     fn a_corrupt_counter_is_an_error_not_a_restart_from_one() {
-        assert!(next_block(Some("banana"), 0, 10).is_err());
-        assert!(next_block(Some("-4"), 0, 10).is_err());
+        for (next, reserved) in [("banana", None), ("-4", None), ("5", Some("9-3")), ("5", Some("x"))] {
+            let mut data = BTreeMap::from([(NEXT_ID_KEY.to_string(), next.to_string())]);
+            if let Some(reserved) = reserved {
+                data.insert(RESERVED_KEY.to_string(), reserved.to_string());
+            }
+            assert!(Counter::parse(Some(&data)).is_err(), "{next} {reserved:?}");
+        }
+    }
+
+    #[test]
+    fn an_imported_id_goes_to_one_object_once_and_never_where_herald_allocated() {
+        let mut c = Counter::parse(None).unwrap();
+        assert_eq!(c.reserve(0, 10), 1..11);
+        assert_eq!(c.claim(5, "a"), Err("id 5 was handed out by herald".into()), "also after its object is deleted");
+        assert_eq!(c.claim(103, "a"), Ok(true));
+        assert_eq!(c.claim(102, "b"), Ok(true), "imports in any order");
+        assert_eq!(c.claim(103, "a"), Ok(false), "the same object again");
+        assert_eq!(c.claim(103, "c"), Err("id 103 was imported for another subscription".into()));
+        assert_eq!(c.reserve(0, 10), 104..114, "new ids above every imported one");
+        assert!(c.claim(MAX_ID + 1, "d").is_err() && c.claim(0, "d").is_err() && c.claim(-1, "d").is_err());
+        let round_trip = Counter::parse(Some(&c.to_data())).unwrap();
+        assert_eq!(round_trip, c);
+    }
+
+    #[test]
+    fn a_counter_from_before_the_reserved_key_counts_everything_below_next_as_handed_out() {
+        let mut old = counter("21", None);
+        assert!(old.claim(20, "a").is_err());
+        assert_eq!(old.claim(21, "a"), Ok(true));
+        assert!(counter("21", Some("")).claim(20, "a").is_ok(), "an explicit empty list is believed");
     }
 }

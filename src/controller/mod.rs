@@ -253,18 +253,10 @@ fn validate(sub: &EventSubscription, ctx: &Context, id: i64) -> Result<(), Inval
 /// The id to decide for an object that has none yet: its imported id when no other object
 /// holds it, otherwise (and for every object not imported) a fresh one.
 async fn decide_id(sub: &EventSubscription, ctx: &Context) -> Result<i64, Error> {
-    if let Some(wanted) = validation::imported_id(sub) {
-        let uid = sub.uid().unwrap_or_default();
-        let holder = |id: i64| {
-            ctx.subscriptions
-                .state()
-                .iter()
-                .find(|s| s.status.as_ref().and_then(|st| st.subscription_id) == Some(id))
-                .map(|s| s.uid().unwrap_or_default())
-        };
-        if let Some(id) = ctx.ids.claim_imported(wanted, &uid, holder).await? {
-            return Ok(id);
-        }
+    if let Some(wanted) = validation::imported_id(sub)
+        && let Some(id) = ctx.ids.claim_imported(wanted, &sub.uid().unwrap_or_default()).await?
+    {
+        return Ok(id);
     }
     ctx.ids.next_id(highest_known_id(&ctx.subscriptions) + 1).await
 }
@@ -370,7 +362,10 @@ fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, id: i64, ready: b
 /// The statistics an imported subscription brought along (its annotation), if any.
 fn imported_counts(sub: &EventSubscription) -> Option<ImportedCounts> {
     let text = sub.annotations().get(IMPORTED_STATISTICS_ANNOTATION)?;
-    serde_json::from_str(text).ok()
+    let counts: ImportedCounts = serde_json::from_str(text).ok()?;
+    // User-writable: counts must be plausible (and leave room to add herald's own).
+    let plausible = |n: i64| (0..=ids::MAX_ID).contains(&n);
+    (plausible(counts.total) && plausible(counts.failure) && counts.failure <= counts.total).then_some(counts)
 }
 
 async fn apply_status(

@@ -3,6 +3,7 @@
 //! docs/design.md §7), and no older subscription uses its (supplier account, name). Pure
 //! functions over what the caches hold, so they are unit-tested without a cluster.
 
+use crate::controller::ids::MAX_ID;
 use crate::crd::{EventSubscription, IMPORTED_ID_ANNOTATION, SUPPLIER_ACCOUNTS_LABEL};
 use crate::effective::{Effective, Invalid, name_key};
 use kube::ResourceExt;
@@ -14,7 +15,7 @@ pub const REASON_IMPORTED_ID_TAKEN: &str = "ImportedIdTaken";
 /// The id an imported subscription asks to keep (its `herald.dev/imported-id`), when
 /// it is a positive integer.
 pub fn imported_id(sub: &EventSubscription) -> Option<i64> {
-    sub.annotations().get(IMPORTED_ID_ANNOTATION)?.trim().parse().ok().filter(|id| *id > 0)
+    sub.annotations().get(IMPORTED_ID_ANNOTATION)?.trim().parse().ok().filter(|id| (1..=MAX_ID).contains(id))
 }
 
 /// An imported subscription receives events only under the id it came with: its
@@ -25,7 +26,7 @@ pub fn check_imported_id(sub: &EventSubscription, id: i64) -> Result<(), Invalid
         Some(wanted) if wanted != id => Err(Invalid {
             reason: REASON_IMPORTED_ID_TAKEN,
             message: format!(
-                "the imported id {wanted} is held by another subscription; this one got {id} and receives nothing"
+                "the imported id {wanted} was not free when this subscription's id was decided (herald had handed it out, or imported it for another subscription), or the annotation was added later; it has id {id} and receives nothing"
             ),
         }),
         _ => Ok(()),
@@ -102,8 +103,6 @@ mod tests {
     use crate::tenancy::namespace_allows;
     use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use kube::api::ObjectMeta;
-    use std::collections::BTreeMap;
 
     fn sub(ns: &str, name: &str, uid: &str, created: i64, account: Option<&str>, sub_name: &str) -> EventSubscription {
         let mut s = EventSubscription::new(
@@ -123,16 +122,7 @@ mod tests {
     }
 
     fn namespace(label: Option<&str>, annotation: Option<&str>) -> Namespace {
-        let entry = |v: Option<&str>| v.map(|v| BTreeMap::from([(SUPPLIER_ACCOUNTS_LABEL.to_string(), v.to_string())]));
-        Namespace {
-            metadata: ObjectMeta {
-                name: Some("team".into()),
-                labels: entry(label),
-                annotations: entry(annotation),
-                ..Default::default()
-            },
-            ..Default::default()
-        }
+        crate::tenancy::labelled_namespace(label, annotation)
     }
 
     fn anywhere(_: &str, _: &str) -> bool {

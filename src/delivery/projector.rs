@@ -5,6 +5,7 @@
 //! changed subscriptions, never the event rate.
 
 use super::Delivery;
+use super::index::ImportedCounts;
 use crate::conditions::{now, set_condition};
 use crate::crd::{EventSubscription, Statistics, apply_body};
 use crate::store::Counters;
@@ -95,7 +96,7 @@ impl StatusProjector {
                     );
                 }
                 let counters = store.counters(id).await;
-                let mut counters = match counters {
+                let counters = match counters {
                     Ok(counters) => counters,
                     Err(error) => {
                         tracing::warn!(%error, subscription = id, "reading counters failed");
@@ -103,12 +104,7 @@ impl StatusProjector {
                         break;
                     }
                 };
-                if let Some(imported) = sub.imported {
-                    // An imported subscription's statistics continue its old ones.
-                    counters.total += imported.total;
-                    counters.failure += imported.failure;
-                }
-                let Some(patch) = projection(&object, &counters, gone, now()) else { continue };
+                let Some(patch) = projection(&object, &counters, sub.imported, gone, now()) else { continue };
                 let api = Api::<EventSubscription>::namespaced(client.clone(), &sub.namespace);
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 match api.patch_status(&sub.name, &params, &Patch::Apply(&patch)).await {
@@ -177,13 +173,20 @@ pub fn callback_healthy(
 }
 
 /// The status apply body, or None when the object already shows it.
+/// `imported`: an imported subscription's old counts, which its statistics continue (its
+/// health is judged on herald's own attempts only).
 pub fn projection(
     object: &EventSubscription,
     counters: &Counters,
+    imported: Option<ImportedCounts>,
     gone: bool,
     now: jiff::Timestamp,
 ) -> Option<serde_json::Value> {
-    let statistics = statistics(counters);
+    let mut statistics = statistics(counters);
+    if let Some(imported) = imported {
+        statistics.total = statistics.total.saturating_add(imported.total);
+        statistics.failure = statistics.failure.saturating_add(imported.failure);
+    }
     let current = object.status.clone().unwrap_or_default();
     let mut conditions = current.conditions.clone();
     let healthy = callback_healthy(counters, gone, object.metadata.generation, now);
@@ -238,14 +241,36 @@ mod tests {
     }
 
     #[test]
+    fn imported_counts_start_the_statistics_but_health_waits_for_herald_s_own_attempts() {
+        let object = EventSubscription::new("s", EventSubscriptionSpec::default());
+        let imported = Some(ImportedCounts { total: 40, failure: 3 });
+        let patch = projection(&object, &Counters::default(), imported, false, at(10)).expect("statistics to show");
+        assert_eq!(
+            (patch["status"]["statistics"]["total"].as_i64(), patch["status"]["statistics"]["failure"].as_i64()),
+            (Some(40), Some(3))
+        );
+        assert_eq!(patch["status"]["conditions"], serde_json::json!([]), "no CallbackHealthy before an attempt");
+        let own = Counters {
+            total: 2,
+            failure: 1,
+            consecutive_failures: 1,
+            last_error: Some("status 500".into()),
+            ..Default::default()
+        };
+        let patch = projection(&object, &own, imported, false, at(10)).unwrap();
+        assert_eq!(patch["status"]["statistics"]["total"], 42);
+        assert_eq!(patch["status"]["conditions"][0]["reason"], "Failing");
+    }
+
+    #[test]
     fn an_unchanged_projection_is_not_written() {
         let mut object = EventSubscription::new("s", EventSubscriptionSpec::default());
         let counters = Counters { total: 2, delivered: 2, ..Default::default() };
-        let patch = projection(&object, &counters, false, at(10)).expect("first write");
+        let patch = projection(&object, &counters, None, false, at(10)).expect("first write");
         object.status = Some(serde_json::from_value(patch["status"].clone()).unwrap());
-        assert!(projection(&object, &counters, false, at(20)).is_none());
+        assert!(projection(&object, &counters, None, false, at(20)).is_none());
         let more = Counters { total: 3, delivered: 3, ..Default::default() };
-        let next = projection(&object, &more, false, at(30)).expect("changed counters");
+        let next = projection(&object, &more, None, false, at(30)).expect("changed counters");
         // The condition did not flip, so its transition time stays.
         assert_eq!(next["status"]["conditions"][0]["lastTransitionTime"], "1970-01-01T00:00:10Z");
     }

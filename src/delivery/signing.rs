@@ -37,6 +37,7 @@ pub fn sign(key: &[u8], message_id: &str, timestamp: i64, body: &[u8]) -> String
 pub struct SecretCache {
     client: kube::Client,
     ttl: Duration,
+    retry: Duration,
     entries: Arc<Mutex<HashMap<SecretKeyId, CachedKey>>>,
 }
 
@@ -67,7 +68,8 @@ impl SigningKeyError {
     /// cached key. Anything else (timeouts, 5xx) is the API server's trouble, not the key's.
     fn is_definite(&self) -> bool {
         match self {
-            SigningKeyError::Read { source: kube::Error::Api(status), .. } => [401, 403, 404].contains(&status.code),
+            // 401 is herald's own credentials failing, not the key: keep signing.
+            SigningKeyError::Read { source: kube::Error::Api(status), .. } => [403, 404].contains(&status.code),
             SigningKeyError::Read { .. } => false,
             SigningKeyError::MissingKey { .. } => true,
         }
@@ -76,11 +78,11 @@ impl SigningKeyError {
 
 impl SecretCache {
     pub fn new(client: kube::Client) -> Self {
-        SecretCache::with_ttl(client, SECRET_TTL)
+        SecretCache::with_timing(client, SECRET_TTL, RETRY_REFRESH)
     }
 
-    fn with_ttl(client: kube::Client, ttl: Duration) -> Self {
-        SecretCache { client, ttl, entries: Arc::default() }
+    fn with_timing(client: kube::Client, ttl: Duration, retry: Duration) -> Self {
+        SecretCache { client, ttl, retry, entries: Arc::default() }
     }
 
     /// The signing key of `secret` in `namespace`.
@@ -103,7 +105,7 @@ impl SecretCache {
     }
 
     fn refresh_in_background(&self, id: SecretKeyId) {
-        let (client, entries, ttl) = (self.client.clone(), self.entries.clone(), self.ttl);
+        let (client, entries, ttl, retry) = (self.client.clone(), self.entries.clone(), self.ttl, self.retry);
         tokio::spawn(async move {
             let read = read_key(&client, &id).await;
             let mut entries = entries.lock();
@@ -119,7 +121,7 @@ impl SecretCache {
                     tracing::warn!(%error, "refreshing a signing key failed; signing with the last good one");
                     if let Some(cached) = entries.get_mut(&id) {
                         cached.refreshing = false;
-                        cached.refresh_at = Instant::now() + RETRY_REFRESH;
+                        cached.refresh_at = Instant::now() + retry;
                     }
                 }
             }
@@ -164,10 +166,14 @@ mod tests {
 
     /// A stand-in API server for this one function: serves the Secret, then fails or
     /// hangs as the test says.
-    async fn api_server(mode: Arc<std::sync::atomic::AtomicU8>) -> kube::Client {
+    async fn api_server(
+        mode: Arc<std::sync::atomic::AtomicU8>,
+        reads: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> kube::Client {
         let handler = move || {
-            let mode = mode.clone();
+            let (mode, reads) = (mode.clone(), reads.clone());
             async move {
+                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 match mode.load(std::sync::atomic::Ordering::SeqCst) {
                     0 => axum::Json(serde_json::json!({
                         "apiVersion": "v1", "kind": "Secret",
@@ -191,16 +197,21 @@ mod tests {
     #[tokio::test]
     async fn the_last_good_key_signs_while_the_api_server_fails_or_hangs() {
         let mode = Arc::new(std::sync::atomic::AtomicU8::new(0));
-        let cache = SecretCache::with_ttl(api_server(mode.clone()).await, Duration::from_millis(50));
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = api_server(mode.clone(), reads.clone()).await;
+        let cache = SecretCache::with_timing(client, Duration::from_millis(50), Duration::from_millis(50));
         let secret = SecretKeyRef { name: "sign".into(), key: "key".into() };
         assert_eq!(cache.key("team", &secret).await.unwrap(), b"first");
         for failing in [1, 2] {
             mode.store(failing, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            for _ in 0..3 {
+            let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
                 let key = tokio::time::timeout(Duration::from_secs(1), cache.key("team", &secret)).await;
                 assert_eq!(key.expect("answered without waiting for the API server").unwrap(), b"first");
             }
+            let refreshes = reads.load(std::sync::atomic::Ordering::SeqCst) - before;
+            assert!(refreshes >= 1, "mode {failing}: a refresh reached the API server");
         }
     }
 }

@@ -268,10 +268,12 @@ async fn record_outcome(delivery: &Delivery, handle: &WorkerHandle, item: &Queue
             delivery.projector.touch(item.subscription_id, ticket);
             handle.last_ticket.fetch_max(ticket, Ordering::AcqRel);
             if handle.uncommitted.fetch_add(1, Ordering::AcqRel) + 1 >= UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION {
-                if let Err(error) = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire)).await {
-                    // The outcomes stay queued for the next batch; what a crash could
-                    // redeliver grows only until that batch commits.
-                    tracing::warn!(%error, subscription = item.subscription_id, "waiting for outcomes to commit failed");
+                let settled = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire));
+                tokio::select! {
+                    result = settled => if let Err(error) = result {
+                        tracing::warn!(%error, subscription = item.subscription_id, "waiting for outcomes to commit failed");
+                    },
+                    _ = handle.stop.cancelled() => {}
                 }
                 handle.uncommitted.store(0, Ordering::Release);
             }

@@ -72,10 +72,6 @@ impl Outbound {
         Ok(Outbound { client: builder.build().map_err(ClientError::Build)?, guard, proxied: config.proxy.is_some() })
     }
 
-    pub fn guard(&self) -> &Guard {
-        &self.guard
-    }
-
     /// A POST to `url`. Host names are judged by the resolver at connect time; an IP
     /// literal never reaches a resolver, so it is judged here. Through a proxy nothing
     /// reaches the resolver, so a host name is resolved and judged here, every address
@@ -85,7 +81,8 @@ impl Outbound {
         if let Some(ip) = literal_host(url) {
             self.guard.check(ip)?;
         } else if self.proxied {
-            let parsed = reqwest::Url::parse(url).map_err(|_| GuardError::NoAddress { host: url.into() })?;
+            // The URL itself stays out of the error: it may carry credentials.
+            let parsed = reqwest::Url::parse(url).map_err(|_| GuardError::NoAddress { host: "the URL".into() })?;
             let host = parsed.host_str().unwrap_or_default();
             self.guard.resolve_all(host, parsed.port_or_known_default().unwrap_or(80)).await?;
         }

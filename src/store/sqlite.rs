@@ -92,7 +92,7 @@ enum Write {
 pub struct SqliteStore {
     writes: mpsc::Sender<Write>,
     reader: Arc<Mutex<Connection>>,
-    next_ticket: AtomicU64,
+    next_ticket: parking_lot::Mutex<u64>,
     committed: watch::Receiver<u64>,
     size: Arc<AtomicU64>,
     /// Subscriptions with an outcome whose write failed, until their worker asks.
@@ -185,7 +185,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
-            next_ticket: AtomicU64::new(1),
+            next_ticket: parking_lot::Mutex::new(1),
             committed,
             size,
             lost_outcomes,
@@ -250,8 +250,12 @@ impl EventStore for SqliteStore {
     }
 
     fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError> {
-        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        // Numbered and queued under one lock: the writer must see tickets in order, or a
+        // later ticket's commit would claim an earlier one durable before it is written.
+        let mut next_ticket = self.next_ticket.lock();
+        let ticket = *next_ticket;
         self.writes.send(Write::Record { ticket, attempt }).map_err(|_| StoreError::WriterStopped)?;
+        *next_ticket += 1;
         Ok(ticket)
     }
 
@@ -428,7 +432,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let (answers, highest_ticket, result) = self.apply_batch(batch);
+            let highest_ticket = batch
+                .iter()
+                .filter_map(|write| match write {
+                    Write::Record { ticket, .. } => Some(*ticket),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            let (answers, result) = self.apply_batch(batch);
             let failure = result.err();
             if let Some(error) = &failure {
                 tracing::error!(%error, "store commit failed; the batch is not durable");
@@ -436,7 +448,9 @@ impl Writer {
             for pending in answers {
                 pending.send(failure.as_ref());
             }
-            if failure.is_none() && highest_ticket > 0 {
+            // Settled, written or not: the outcomes of a failed batch are reported lost
+            // (`outcomes_lost`) before this, so nobody waits for a commit that never comes.
+            if highest_ticket > 0 {
                 committed.send_if_modified(|done| {
                     let moved = highest_ticket > *done;
                     *done = (*done).max(highest_ticket);
@@ -447,10 +461,9 @@ impl Writer {
         }
     }
 
-    fn apply_batch(&mut self, batch: Vec<Write>) -> (Vec<Pending>, u64, Result<(), BatchFailure>) {
+    fn apply_batch(&mut self, batch: Vec<Write>) -> (Vec<Pending>, Result<(), BatchFailure>) {
         let over_quota = self.over_quota();
         let mut answers = Vec::with_capacity(batch.len());
-        let mut highest_ticket = 0;
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
             Err(error) => {
@@ -458,27 +471,26 @@ impl Writer {
                 for write in batch {
                     fail_write(write, &failure, &self.lost_outcomes);
                 }
-                return (answers, 0, Err(failure));
+                return (answers, Err(failure));
             }
         };
         let now = now_millis();
         let mut recorded = Vec::new();
+        // A full disk seen by any write: SQLite then rolls the whole transaction back.
+        let mut full: Option<String> = None;
         let mut writes = batch.into_iter();
         while let Some(write) = writes.next() {
             if tx.is_autocommit() {
-                // SQLite rolled the whole transaction back itself (it does so on a full
-                // disk): nothing of this batch is written, so nothing may be answered as
-                // written, and the rest must not run outside a transaction.
-                let failure = match answers.last() {
-                    Some(Pending::Published(_, Err(StoreError::Full { detail }))) => BatchFailure::Full(detail.clone()),
-                    _ => BatchFailure::Other("the store's transaction was rolled back".into()),
-                };
+                // SQLite rolled the transaction back itself: nothing of this batch is
+                // written, so nothing may be answered as written, and the rest must not run
+                // outside a transaction.
+                let failure = rolled_back(full.take());
                 fail_write(write, &failure, &self.lost_outcomes);
                 for write in writes {
                     fail_write(write, &failure, &self.lost_outcomes);
                 }
                 self.lost_outcomes.lock().extend(recorded);
-                return (answers, 0, Err(failure));
+                return (answers, Err(failure));
             }
             match write {
                 Write::Publish { events, reply } => {
@@ -486,42 +498,44 @@ impl Writer {
                         Some((size, quota)) => Err(StoreError::OverQuota { size, quota }),
                         None => in_savepoint(&tx, |sp| publish(sp, &events, self.limits.backlog_cap, now)),
                     };
+                    note_full(&result, &mut full);
                     answers.push(Pending::Published(reply, result));
                 }
-                Write::Record { ticket, attempt } => {
-                    highest_ticket = highest_ticket.max(ticket);
+                Write::Record { attempt, .. } => {
                     recorded.push(attempt.subscription_id);
-                    if let Err(error) = in_savepoint(&tx, |sp| record(sp, &attempt)) {
+                    let result = in_savepoint(&tx, |sp| record(sp, &attempt));
+                    note_full(&result, &mut full);
+                    if let Err(error) = result {
                         tracing::error!(%error, subscription = attempt.subscription_id, "recording a delivery attempt failed");
                         self.lost_outcomes.lock().insert(attempt.subscription_id);
                     }
                 }
                 Write::Replay { subscription_id, distribution_ids, reply } => {
                     let result = in_savepoint(&tx, |sp| replay(sp, subscription_id, distribution_ids.as_deref(), now));
+                    note_full(&result, &mut full);
                     answers.push(Pending::Replayed(reply, result));
                 }
                 Write::Drop { subscription_id, reply } => {
-                    answers
-                        .push(Pending::Dropped(reply, in_savepoint(&tx, |sp| drop_subscription(sp, subscription_id))));
+                    let result = in_savepoint(&tx, |sp| drop_subscription(sp, subscription_id));
+                    note_full(&result, &mut full);
+                    answers.push(Pending::Dropped(reply, result));
                 }
                 Write::Expire { before, reply } => {
-                    answers.push(Pending::Expired(reply, in_savepoint(&tx, |sp| expire(sp, before))));
+                    let result = in_savepoint(&tx, |sp| expire(sp, before));
+                    note_full(&result, &mut full);
+                    answers.push(Pending::Expired(reply, result));
                 }
             }
         }
         if tx.is_autocommit() {
-            let failure = match answers.last() {
-                Some(Pending::Published(_, Err(StoreError::Full { detail }))) => BatchFailure::Full(detail.clone()),
-                _ => BatchFailure::Other("the store's transaction was rolled back".into()),
-            };
             self.lost_outcomes.lock().extend(recorded);
-            return (answers, 0, Err(failure));
+            return (answers, Err(rolled_back(full)));
         }
         let result = tx.commit().map_err(|error| BatchFailure::of(&error));
         if result.is_err() {
             self.lost_outcomes.lock().extend(recorded);
         }
-        (answers, highest_ticket, result)
+        (answers, result)
     }
 
     /// (size, quota) when the store is over its quota.
@@ -538,6 +552,21 @@ impl Writer {
             |name: &str| self.conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
         let in_use = pragma("page_count").saturating_sub(pragma("freelist_count")).saturating_mul(pragma("page_size"));
         self.size.store(u64::try_from(in_use).unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+fn note_full<T>(result: &Result<T, StoreError>, full: &mut Option<String>) {
+    if let Err(StoreError::Full { detail }) = result {
+        *full = Some(detail.clone());
+    }
+}
+
+/// Why a batch whose transaction SQLite rolled back failed: a full disk when a write saw
+/// one (answered like the quota), otherwise a store failure.
+fn rolled_back(full: Option<String>) -> BatchFailure {
+    match full {
+        Some(detail) => BatchFailure::Full(detail),
+        None => BatchFailure::Other("the store's transaction was rolled back".into()),
     }
 }
 
