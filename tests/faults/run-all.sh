@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole fault and abuse suite (docs/RELIABILITY.md): installs schemathesis from PyPI
 # into a virtualenv under ~/.cache/herald-faults (never system-wide), then runs
-# tests/faults.rs with HERALD_FULL_FAULTS=1 (24 SIGKILL rounds, 10x the fuzz cases)
+# tests/faults/ with HERALD_FULL_FAULTS=1 (24 SIGKILL rounds, 10x the fuzz cases)
 # and --include-ignored (etcd outage, the 10-minute soak, schemathesis) through
 # tests/run.sh, which starts and stops the control plane.
 #   tests/faults/run-all.sh                 # everything, about 25 minutes on 2 cores
