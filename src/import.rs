@@ -11,13 +11,14 @@
 
 use crate::compat::input::parse_subscription;
 use crate::crd::{
-    EventSubscription, IMPORTED_ID_ANNOTATION, IMPORTED_STATISTICS_ANNOTATION, OPERATOR_ANNOTATION, apply_body,
+    EventSubscription, EventSubscriptionSpec, IMPORTED_ID_ANNOTATION, IMPORTED_STATISTICS_ANNOTATION,
+    OPERATOR_ANNOTATION, apply_body,
 };
 use crate::effective::{DEFAULT_SUPPLIER_ACCOUNT, name_key};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 /// Field manager of the objects `herald import` writes.
@@ -28,13 +29,19 @@ const PAGE: usize = 200;
 /// Where the records come from.
 #[derive(Clone, Debug)]
 pub enum Source {
+    /// An event server's `search_subscription`, for each of `ImportOptions::accounts`.
+    Api(ApiSource),
+    /// A JSON array of records (or `{"info": [...]}`, as search answers).
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub enum ApiSource {
     /// `POST {url}/api/v3/event/subscribe/search/{account}/0`, with `BK_User` and the
     /// owner header, and a bearer token when given (a herald source needs one).
     Direct { url: String, user: String, token: Option<String> },
     /// `POST {url}/api/c/compapi/v2/cc/search_subscription/` with app credentials.
     Esb { url: String, app_code: String, app_secret: String, user: String },
-    /// A JSON array of records (or `{"info": [...]}`, as search answers).
-    File(PathBuf),
 }
 
 /// What to do with a record imported before.
@@ -155,7 +162,7 @@ pub async fn read_records(options: &ImportOptions) -> Result<Vec<Value>, ImportE
                 _ => return Err(ImportError::Records { what: shown, reason: "expected an array".into() }),
             }
         }
-        source => {
+        Source::Api(source) => {
             let http = reqwest::Client::new();
             let mut records = Vec::new();
             for account in &options.accounts {
@@ -168,12 +175,12 @@ pub async fn read_records(options: &ImportOptions) -> Result<Vec<Value>, ImportE
 }
 
 /// Every record of `account`, page by page, in id order.
-async fn search_account(http: &reqwest::Client, source: &Source, account: &str) -> Result<Vec<Value>, ImportError> {
+async fn search_account(http: &reqwest::Client, source: &ApiSource, account: &str) -> Result<Vec<Value>, ImportError> {
     let mut records = Vec::new();
     loop {
         let page = json!({ "start": records.len(), "limit": PAGE, "sort": "subscription_id" });
         let (url, request) = match source {
-            Source::Direct { url, user, token } => {
+            ApiSource::Direct { url, user, token } => {
                 let endpoint = format!("{}/api/v3/event/subscribe/search/{account}/0", url.trim_end_matches('/'));
                 let mut request = http
                     .post(&endpoint)
@@ -185,14 +192,13 @@ async fn search_account(http: &reqwest::Client, source: &Source, account: &str) 
                 }
                 (endpoint, request)
             }
-            Source::Esb { url, app_code, app_secret, user } => {
+            ApiSource::Esb { url, app_code, app_secret, user } => {
                 let endpoint = format!("{}/api/c/compapi/v2/cc/search_subscription/", url.trim_end_matches('/'));
                 let credentials =
                     json!({ "bk_app_code": app_code, "bk_app_secret": app_secret, "bk_username": user }).to_string();
                 let body = json!({ "bk_supplier_account": account, "page": page });
                 (endpoint.clone(), http.post(&endpoint).header("X-Bkapi-Authorization", credentials).json(&body))
             }
-            Source::File(_) => return Ok(records),
         };
         let failed = |reason: String| ImportError::Search { url: url.clone(), account: account.to_string(), reason };
         let answer: Value = request
@@ -235,129 +241,141 @@ pub async fn import(
 ) -> Result<Summary, ImportError> {
     let existing =
         Api::<EventSubscription>::all(client.clone()).list(&Default::default()).await.map_err(ImportError::List)?.items;
+    let mut plan = Plan { existing: &existing, options, ids: HashSet::new(), names: HashMap::new() };
     let mut summary = Summary::default();
-    let mut seen_ids: HashMap<i64, usize> = HashMap::new();
-    let mut seen_names: HashMap<(String, String), i64> = HashMap::new();
-    for record in records {
-        let id = record["subscription_id"].as_i64().unwrap_or(0);
-        let account = record["bk_supplier_account"]
+    for value in &records {
+        let record = Record::read(value, options);
+        let mut action = plan.decide(&record);
+        if !matches!(action, Action::Refused(_)) {
+            plan.take(&record);
+        }
+        if matches!(action, Action::Created | Action::Updated)
+            && !options.dry_run
+            && let Err(error) = record.apply(client).await
+        {
+            action = Action::Refused(error);
+        }
+        let target = format!("{}/{}", record.namespace, record.object);
+        summary.rows.push(Row { id: record.id, account: record.account, name: record.name, target, action });
+    }
+    Ok(summary)
+}
+
+/// One source record, read once: what it is, where it goes, and its spec (as the REST
+/// API maps a create) or why it has none.
+struct Record<'a> {
+    value: &'a Value,
+    id: i64,
+    account: String,
+    name: String,
+    namespace: String,
+    object: String,
+    spec: Result<EventSubscriptionSpec, String>,
+}
+
+impl<'a> Record<'a> {
+    fn read(value: &'a Value, options: &ImportOptions) -> Self {
+        let id = value["subscription_id"].as_i64().unwrap_or(0);
+        let account = value["bk_supplier_account"]
             .as_str()
             .map(str::trim)
             .filter(|a| !a.is_empty())
             .unwrap_or(DEFAULT_SUPPLIER_ACCOUNT)
             .to_string();
-        let name = record["subscription_name"].as_str().unwrap_or_default().trim().to_string();
-        let namespace = options.account_namespaces.get(&account).unwrap_or(&options.namespace).clone();
-        let object = object_name(id);
-        let target = format!("{namespace}/{object}");
-        let action =
-            decide(&record, id, &account, &name, &namespace, &object, &existing, options, &seen_ids, &seen_names);
-        let mut row = Row { id, account: account.clone(), name: name.clone(), target, action };
-        if !matches!(row.action, Action::Refused(_)) {
-            seen_ids.insert(id, summary.rows.len());
-            seen_names.insert((account.clone(), name.clone()), id);
+        let biz = value["bk_biz_id"].as_i64().unwrap_or(0);
+        let spec = serde_json::to_vec(value)
+            .map_err(|e| e.to_string())
+            .and_then(|body| parse_subscription(&body, &account, biz).map_err(|e| e.to_string()))
+            .map(|input| input.to_spec());
+        Record {
+            value,
+            id,
+            name: value["subscription_name"].as_str().unwrap_or_default().trim().to_string(),
+            namespace: options.account_namespaces.get(&account).unwrap_or(&options.namespace).clone(),
+            object: object_name(id),
+            account,
+            spec,
         }
-        if matches!(row.action, Action::Created | Action::Updated)
-            && !options.dry_run
-            && let Err(error) = apply(client, &namespace, &object, id, &account, &record).await
-        {
-            row.action = Action::Refused(error);
-        }
-        summary.rows.push(row);
     }
-    Ok(summary)
-}
 
-#[allow(clippy::too_many_arguments)] // one decision over one record and what is around it
-fn decide(
-    record: &Value,
-    id: i64,
-    account: &str,
-    name: &str,
-    namespace: &str,
-    object: &str,
-    existing: &[EventSubscription],
-    options: &ImportOptions,
-    seen_ids: &HashMap<i64, usize>,
-    seen_names: &HashMap<(String, String), i64>,
-) -> Action {
-    if !(1..=crate::controller::ids::MAX_ID).contains(&id) {
-        return Action::Refused("no subscription_id between 1 and 2^53".into());
+    /// Whether `sub` is this record's object from an earlier import.
+    fn is_ours(&self, sub: &EventSubscription) -> bool {
+        sub.namespace().as_deref() == Some(self.namespace.as_str())
+            && sub.name_any() == self.object
+            && sub.annotations().get(IMPORTED_ID_ANNOTATION) == Some(&self.id.to_string())
     }
-    if seen_ids.contains_key(&id) {
-        return Action::Refused(format!("id {id} appears twice in the source"));
-    }
-    if let Some(other) = seen_names.get(&(account.to_string(), name.to_string())) {
-        return Action::Refused(format!("name {name:?} of account {account:?} is also record {other}'s"));
-    }
-    if let Err(error) = spec_of(record, account) {
-        return Action::Refused(error);
-    }
-    let ours = |s: &EventSubscription| {
-        s.namespace().as_deref() == Some(namespace)
-            && s.name_any() == object
-            && s.annotations().get(IMPORTED_ID_ANNOTATION) == Some(&id.to_string())
-    };
-    let live = existing.iter().filter(|s| s.metadata.deletion_timestamp.is_none());
-    for other in live.clone().filter(|s| !ours(s)) {
-        let held = other.status.as_ref().and_then(|st| st.subscription_id) == Some(id)
-            || other.annotations().get(IMPORTED_ID_ANNOTATION) == Some(&id.to_string());
-        if held {
-            return Action::Refused(format!(
-                "id {id} is held by {}/{}",
-                other.namespace().unwrap_or_default(),
-                other.name_any()
-            ));
+
+    async fn apply(&self, client: &kube::Client) -> Result<(), String> {
+        let (namespace, object) = (&self.namespace, &self.object);
+        let spec = self.spec.as_ref().map_err(Clone::clone)?;
+        let statistics = json!({
+            "total": self.value["statistics"]["total"].as_i64().unwrap_or(0),
+            "failure": self.value["statistics"]["failure"].as_i64().unwrap_or(0),
+        });
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(IMPORTED_ID_ANNOTATION.into(), self.id.to_string().into());
+        annotations.insert(IMPORTED_STATISTICS_ANNOTATION.into(), statistics.to_string().into());
+        if let Some(operator) = self.value["operator"].as_str().filter(|o| !o.is_empty()) {
+            annotations.insert(OPERATOR_ANNOTATION.into(), operator.into());
         }
-        if name_key(&other.spec) == (account, name) {
-            return Action::Refused(format!(
-                "name {name:?} of account {account:?} is used by {}/{}",
-                other.namespace().unwrap_or_default(),
-                other.name_any()
-            ));
-        }
-        if other.namespace().as_deref() == Some(namespace) && other.name_any() == object {
-            return Action::Refused(format!("{namespace}/{object} exists and is not this record's"));
-        }
-    }
-    match (live.clone().any(ours), options.existing) {
-        (false, _) => Action::Created,
-        (true, Existing::Skip) => Action::Skipped("imported before".into()),
-        (true, Existing::Update) => Action::Updated,
+        let mut body = apply_body(object, json!({ "annotations": annotations }));
+        body["spec"] = json!(spec);
+        Api::<EventSubscription>::namespaced(client.clone(), namespace)
+            .patch(object, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&body))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("writing {namespace}/{object}: {}", crate::kube_error_summary(&e)))
     }
 }
 
-/// The spec a record maps to, exactly as the REST API maps a create.
-fn spec_of(record: &Value, account: &str) -> Result<crate::crd::EventSubscriptionSpec, String> {
-    let biz = record["bk_biz_id"].as_i64().unwrap_or(0);
-    let body = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-    parse_subscription(&body, account, biz).map(|input| input.to_spec()).map_err(|e| e.to_string())
+/// What records are judged against: the cluster as listed once, and the ids and names the
+/// records before took.
+struct Plan<'a> {
+    existing: &'a [EventSubscription],
+    options: &'a ImportOptions,
+    ids: HashSet<i64>,
+    names: HashMap<(String, String), i64>,
 }
 
-async fn apply(
-    client: &kube::Client,
-    namespace: &str,
-    object: &str,
-    id: i64,
-    account: &str,
-    record: &Value,
-) -> Result<(), String> {
-    let spec = spec_of(record, account)?;
-    let statistics = json!({
-        "total": record["statistics"]["total"].as_i64().unwrap_or(0),
-        "failure": record["statistics"]["failure"].as_i64().unwrap_or(0),
-    });
-    let mut annotations = serde_json::Map::new();
-    annotations.insert(IMPORTED_ID_ANNOTATION.into(), id.to_string().into());
-    annotations.insert(IMPORTED_STATISTICS_ANNOTATION.into(), statistics.to_string().into());
-    if let Some(operator) = record["operator"].as_str().filter(|o| !o.is_empty()) {
-        annotations.insert(OPERATOR_ANNOTATION.into(), operator.into());
+impl Plan<'_> {
+    fn take(&mut self, record: &Record<'_>) {
+        self.ids.insert(record.id);
+        self.names.insert((record.account.clone(), record.name.clone()), record.id);
     }
-    let mut body = apply_body(object, json!({ "annotations": annotations }));
-    body["spec"] = json!(spec);
-    Api::<EventSubscription>::namespaced(client.clone(), namespace)
-        .patch(object, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&body))
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("writing {namespace}/{object}: {}", crate::kube_error_summary(&e)))
+
+    fn decide(&self, record: &Record<'_>) -> Action {
+        let (id, account, name) = (record.id, record.account.as_str(), record.name.as_str());
+        if !(1..=crate::controller::ids::MAX_ID).contains(&id) {
+            return Action::Refused("no subscription_id between 1 and 2^53".into());
+        }
+        if self.ids.contains(&id) {
+            return Action::Refused(format!("id {id} appears twice in the source"));
+        }
+        if let Some(other) = self.names.get(&(account.to_string(), name.to_string())) {
+            return Action::Refused(format!("name {name:?} of account {account:?} is also record {other}'s"));
+        }
+        if let Err(error) = &record.spec {
+            return Action::Refused(error.clone());
+        }
+        let live = self.existing.iter().filter(|s| s.metadata.deletion_timestamp.is_none());
+        let held_by = |s: &EventSubscription| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any());
+        for other in live.clone().filter(|s| !record.is_ours(s)) {
+            let held = other.status.as_ref().and_then(|st| st.subscription_id) == Some(id)
+                || other.annotations().get(IMPORTED_ID_ANNOTATION) == Some(&id.to_string());
+            if held {
+                return Action::Refused(format!("id {id} is held by {}", held_by(other)));
+            }
+            if name_key(&other.spec) == (account, name) {
+                return Action::Refused(format!("name {name:?} of account {account:?} is used by {}", held_by(other)));
+            }
+            if other.namespace().as_deref() == Some(record.namespace.as_str()) && other.name_any() == record.object {
+                return Action::Refused(format!("{} exists and is not this record's", held_by(other)));
+            }
+        }
+        match (live.clone().any(|s| record.is_ours(s)), self.options.existing) {
+            (false, _) => Action::Created,
+            (true, Existing::Skip) => Action::Skipped("imported before".into()),
+            (true, Existing::Update) => Action::Updated,
+        }
+    }
 }

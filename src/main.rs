@@ -82,16 +82,16 @@ fn account_namespace(text: &str) -> Result<(String, String), String> {
 
 impl ImportArgs {
     fn options(self) -> Result<herald::import::ImportOptions, String> {
-        use herald::import::Source;
+        use herald::import::{ApiSource, Source};
         let source = match (self.file, self.from_url) {
             (Some(path), _) => Source::File(path),
-            (None, Some(url)) if self.esb => Source::Esb {
+            (None, Some(url)) if self.esb => Source::Api(ApiSource::Esb {
                 url,
                 app_code: self.app_code.ok_or("--esb needs --app-code (or HERALD_IMPORT_APP_CODE)")?,
                 app_secret: self.app_secret.ok_or("--esb needs --app-secret (or HERALD_IMPORT_APP_SECRET)")?,
                 user: self.user,
-            },
-            (None, Some(url)) => Source::Direct { url, user: self.user, token: self.token },
+            }),
+            (None, Some(url)) => Source::Api(ApiSource::Direct { url, user: self.user, token: self.token }),
             (None, None) => return Err("give --from-url or --file".into()),
         };
         Ok(herald::import::ImportOptions {

@@ -454,22 +454,13 @@ async fn a_100_mb_response_body_costs_at_most_the_body_cap_in_memory() {
         serde_json::json!({"retry": {"maxAttempts": 1}, "confirm": {"mode": "regular", "pattern": "nomatch"}}),
     )
     .await;
-    let before = vm_hwm_kb(herald.pid());
+    let before = proc_kb(herald.pid(), "VmHWM");
     publish(&herald, host_event("0", 1)).await;
     wait_statistics(&api, "big", 1, 1).await;
-    let after = vm_hwm_kb(herald.pid());
+    let after = proc_kb(herald.pid(), "VmHWM");
     let grown_mb = (after.saturating_sub(before)) as f64 / 1024.0;
     println!("VmHWM {before} kB -> {after} kB (+{grown_mb:.1} MB) for a 100 MB body; cap 1 MB");
     assert!(grown_mb < 1.0 + 32.0, "peak RSS grew {grown_mb:.1} MB");
-}
-
-fn vm_hwm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
 }
 
 #[tokio::test]

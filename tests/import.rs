@@ -231,6 +231,13 @@ async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics
 
     let source = old.url("");
     let args = ["--from-url", source.as_str(), "--account", "0", "--account", "7", "--namespace", ns.name.as_str()];
+    // A dry run says what it would do and writes nothing.
+    let dry: Vec<&str> = args.iter().copied().chain(["--dry-run"]).collect();
+    let (ok, stdout, _) = import(&cluster, &dry);
+    let would = format!("{} created, 0 updated, 0 skipped, 0 refused (dry run: nothing written)", 4 + PAGED);
+    assert!(ok && stdout.contains(&would) && stdout.contains("would create"), "{stdout}");
+    let api = cluster.subscriptions(&ns);
+    assert_eq!(api.list(&Default::default()).await.unwrap().items.len(), 1, "only the new installation's own");
     let (ok, stdout, _) = import(&cluster, &args);
     let created = format!("{} created, 0 updated, 0 skipped, 0 refused", 4 + PAGED);
     assert!(ok && stdout.contains(&created), "{stdout}");
@@ -243,7 +250,6 @@ async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics
         if got == expected { Ok(()) } else { Err(format!("got {got:#?}\nexpected {expected:#?}")) }
     })
     .await;
-    let api = cluster.subscriptions(&ns);
     for record in &expected {
         let object = api.get(&format!("cmdb-imported-{}", record["subscription_id"])).await.unwrap();
         assert_eq!(ready(&object).map(|(s, _)| s), Some("True".into()), "{:?}", object.status);
@@ -282,6 +288,10 @@ async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics
     ];
     let (ok, stdout, _) = import(&cluster, &esb);
     assert!(ok && stdout.contains(&skipped), "{stdout}");
+    // With --existing update the records are applied again: the same content changes nothing.
+    let update: Vec<&str> = args.iter().copied().chain(["--existing", "update"]).collect();
+    let (ok, stdout, _) = import(&cluster, &update);
+    assert!(ok && stdout.contains(&format!("0 created, {} updated, 0 skipped, 0 refused", 4 + PAGED)), "{stdout}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(versions(api.list(&Default::default()).await.unwrap().items), before, "nothing was written again");
 
@@ -291,15 +301,24 @@ async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics
         {"subscription_id": own_id, "subscription_name": "other", "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"},
         {"subscription_id": 500, "subscription_name": "own", "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"},
         {"subscription_id": 501, "subscription_name": "fine", "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"},
+        {"subscription_id": 502, "subscription_name": "elsewhere", "bk_supplier_account": "9",
+         "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"},
     ]);
     std::fs::write(&file, records.to_string()).unwrap();
-    let (ok, stdout, _) = import(&cluster, &["--file", file.to_str().unwrap(), "--namespace", ns.name.as_str()]);
+    // Account 9's subscriptions go to a namespace of their own, one that allows account 9.
+    let team = cluster.namespace("import-team", &[("herald.dev/supplier-accounts", "9")]).await;
+    let elsewhere = format!("9={}", team.name);
+    let from_file =
+        ["--file", file.to_str().unwrap(), "--namespace", ns.name.as_str(), "--account-namespace", &elsewhere];
+    let (ok, stdout, _) = import(&cluster, &from_file);
     assert!(!ok, "a refused record makes the exit non-zero");
     assert!(stdout.contains(&format!("id {own_id} is held by {}/", ns.name)), "{stdout}");
     assert!(stdout.contains("name \"own\" of account \"0\" is used by"), "{stdout}");
-    assert!(stdout.contains("1 created, 0 updated, 0 skipped, 2 refused"), "{stdout}");
+    assert!(stdout.contains("2 created, 0 updated, 0 skipped, 2 refused"), "{stdout}");
     let fine = wait_ready(&api, "cmdb-imported-501").await;
     assert_eq!(id(&fine), Some(501));
+    let placed = wait_ready(&cluster.subscriptions(&team), "cmdb-imported-502").await;
+    assert_eq!(id(&placed), Some(502));
     old.kill();
 }
 

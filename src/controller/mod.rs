@@ -242,11 +242,17 @@ async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Act
     Ok(Action::requeue(Duration::from_secs(ctx.config.controller.resync_seconds)))
 }
 
-fn validate(sub: &EventSubscription, ctx: &Context, id: i64) -> Result<(), Invalid> {
-    let effective = Effective::from_spec(&sub.spec);
+/// Every check beyond the schema, with `contenders` the subscriptions that may hold the
+/// same (account, name): reconcile passes all of them, `prime_index` its own grouping.
+fn validate<'a>(
+    ctx: &Context,
+    sub: &EventSubscription,
+    effective: &Effective,
+    id: i64,
+    contenders: impl IntoIterator<Item = &'a EventSubscription>,
+) -> Result<(), Invalid> {
     let allowed = |account: &str, namespace: &str| ctx.tenancy.allows(account, namespace);
-    let others = ctx.subscriptions.state();
-    validation::check(sub, &effective, others.iter().map(AsRef::as_ref), &ctx.config.namespace, allowed)?;
+    validation::check(sub, effective, contenders, &ctx.config.namespace, allowed)?;
     validation::check_imported_id(sub, id)
 }
 
@@ -276,19 +282,23 @@ async fn ensure_status(
             Some(id) => id,
             None => decide_id(&sub, ctx).await?,
         };
-        let validity = validate(&sub, ctx, id);
+        let effective = Arc::new(Effective::from_spec(&sub.spec));
+        let validity = validate(ctx, &sub, &effective, id, ctx.subscriptions.state().iter().map(AsRef::as_ref));
         let desired = desired::desired(&sub, id, &validity, now());
         if desired::ControllerStatus::current(&sub).as_ref() == Some(&desired) {
-            publish_to_delivery(ctx, &sub, id, validity.is_ok());
+            publish_to_delivery(ctx, &sub, effective, id, validity.is_ok());
             return Ok(sub);
         }
         let precondition = if decided.is_none() { sub.resource_version() } else { None };
         // Delivery learns the result before clients can read it from status, so a
         // producer that sees Ready=True never publishes into a gap.
-        publish_to_delivery(ctx, &sub, id, validity.is_ok());
+        publish_to_delivery(ctx, &sub, effective.clone(), id, validity.is_ok());
         match apply_status(api, &name, &desired, precondition).await {
             Ok(written) => {
-                publish_to_delivery(ctx, &written, id, validity.is_ok());
+                // The spec may have moved on while the status was written.
+                let effective =
+                    if written.spec == sub.spec { effective } else { Arc::new(Effective::from_spec(&written.spec)) };
+                publish_to_delivery(ctx, &written, effective, id, validity.is_ok());
                 announce_invalid(ctx, &sub, &validity).await;
                 return Ok(Arc::new(written));
             }
@@ -323,18 +333,16 @@ pub fn prime_index(ctx: &Context) -> usize {
     for sub in &all {
         by_name.entry(name_key(&sub.spec)).or_default().push(sub);
     }
-    let allowed = |account: &str, namespace: &str| ctx.tenancy.allows(account, namespace);
     let mut primed = 0;
     for sub in &all {
         let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id) else { continue };
         if sub.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        let effective = Effective::from_spec(&sub.spec);
+        let effective = Arc::new(Effective::from_spec(&sub.spec));
         let contenders = by_name.get(&name_key(&sub.spec)).map(Vec::as_slice).unwrap_or_default();
-        let validity = validation::check(sub, &effective, contenders.iter().copied(), &ctx.config.namespace, allowed)
-            .and_then(|()| validation::check_imported_id(sub, id));
-        publish_to_delivery(ctx, sub, id, validity.is_ok());
+        let validity = validate(ctx, sub, &effective, id, contenders.iter().copied());
+        publish_to_delivery(ctx, sub, effective, id, validity.is_ok());
         primed += 1;
     }
     primed
@@ -345,7 +353,7 @@ fn highest_known_id(store: &Store<EventSubscription>) -> i64 {
 }
 
 /// Tells delivery the subscription's current effective spec and readiness.
-fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, id: i64, ready: bool) {
+fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, effective: Arc<Effective>, id: i64, ready: bool) {
     ctx.index.upsert(Subscriber {
         id,
         uid: sub.uid().unwrap_or_default(),
@@ -353,7 +361,7 @@ fn publish_to_delivery(ctx: &Context, sub: &EventSubscription, id: i64, ready: b
         name: sub.name_any(),
         generation: sub.metadata.generation.unwrap_or_default(),
         ready,
-        effective: Arc::new(Effective::from_spec(&sub.spec)),
+        effective,
         signing: sub.spec.signing.as_ref().map(|s| s.secret_ref.clone()),
         imported: imported_counts(sub),
     });

@@ -129,13 +129,14 @@ pub enum StoreError {
     WriterStopped,
 }
 
+/// Whether SQLite failed because the disk (or the database's page limit) is full.
+fn disk_full(error: &rusqlite::Error) -> bool {
+    error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
-        if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
-            StoreError::Full { detail: error.to_string() }
-        } else {
-            StoreError::Query(error)
-        }
+        if disk_full(&error) { StoreError::Full { detail: error.to_string() } } else { StoreError::Query(error) }
     }
 }
 

@@ -379,7 +379,7 @@ enum BatchFailure {
 
 impl BatchFailure {
     fn of(error: &rusqlite::Error) -> Self {
-        if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+        if super::disk_full(error) {
             BatchFailure::Full(error.to_string())
         } else {
             BatchFailure::Other(error.to_string())

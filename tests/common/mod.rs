@@ -326,6 +326,25 @@ impl Drop for Herald {
     }
 }
 
+/// A `Name: value kB` field of a /proc file, in kB.
+fn kb_field(file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|v| v.strip_prefix(':')))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in {file}"))
+}
+
+/// A field of /proc/PID/status in kB (VmHWM, VmRSS).
+pub fn proc_kb(pid: u32, field: &str) -> u64 {
+    kb_field(&format!("/proc/{pid}/status"), field)
+}
+
+/// The machine's memory in MB (/proc/meminfo MemTotal), printed beside memory figures.
+pub fn machine_memory_mb() -> u64 {
+    kb_field("/proc/meminfo", "MemTotal") / 1024
+}
+
 /// The `Ready` condition's (status, reason), if any.
 pub fn ready(sub: &EventSubscription) -> Option<(String, String)> {
     sub.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready").map(|c| (c.status.clone(), c.reason.clone()))

@@ -142,18 +142,6 @@ async fn an_unauthorised_flood_of_hostile_searches_costs_no_memory_and_limits_na
     assert!(grown_mb < 64.0, "RSS grew {grown_mb:.1} MB under the flood");
 }
 
-fn machine_memory_mb() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().trim_end_matches("kB").trim().to_string()))
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
-}
-
 /// A random search condition from the grammar, with the limits in play: nesting up to
 /// 20, up to 12 `$regex` terms, `$in` lists up to 1,500 values, patterns from cheap to
 /// hostile.

@@ -87,16 +87,6 @@ pub(crate) async fn wait_stats(
     stats(&wait_for(api, name, within, what, move |s| condition(&stats(s))).await)
 }
 
-/// A field of /proc/PID/status in kB (VmHWM, VmRSS).
-pub(crate) fn proc_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|v| v.strip_prefix(':')))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
 /// Whether `pid` is a live (not zombie) process.
 pub(crate) fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
