@@ -46,9 +46,14 @@ pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     HERALD_PROCESSES.lock().await
 }
 
+/// A name no other test of this run has used: the counter separates the tests of one
+/// binary (sixteen bits of the clock alone once collided with a namespace still being
+/// deleted), the process id and the clock separate binaries and runs.
 fn unique(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let count = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    format!("{prefix}-{:x}{:04x}", std::process::id() & 0xffff, nanos & 0xffff)
+    format!("{prefix}-{:x}-{count:x}-{nanos:x}", std::process::id())
 }
 
 impl Cluster {
