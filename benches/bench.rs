@@ -635,9 +635,19 @@ struct Herald {
 }
 
 impl Herald {
+    /// A fresh herald: its own empty store.
     async fn start(settings: &Settings, kubeconfig: &Path, namespace: &str) -> Herald {
-        let dir = settings.work_dir.join(format!("herald-bench-{namespace}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(Herald::dir(settings, namespace));
+        Herald::launch(settings, kubeconfig, namespace).await
+    }
+
+    fn dir(settings: &Settings, namespace: &str) -> PathBuf {
+        settings.work_dir.join(format!("herald-bench-{namespace}"))
+    }
+
+    /// Starts herald on the store left in its directory and waits until /readyz is 200.
+    async fn launch(settings: &Settings, kubeconfig: &Path, namespace: &str) -> Herald {
+        let dir = Herald::dir(settings, namespace);
         let launched = Launch {
             binary: settings.herald_bin.clone(),
             wrap: &settings.wrap,
@@ -697,6 +707,19 @@ impl Herald {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         false
+    }
+
+    /// One publish call; herald's answer (`data`: accepted, queued, …), if it answered 200.
+    async fn publish_answer(&self, events: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+        let response = self.http.post(self.url("/api/v3/event/publish")).json(&events).send().await.ok()?;
+        let answer: serde_json::Value = response.error_for_status().ok()?.json().await.ok()?;
+        Some(answer["data"].clone())
+    }
+
+    /// SIGKILL (our own child, by PID) and reap: a crash, not a shutdown.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM and wait (our own child, by PID); SIGKILL after 60 s.
@@ -927,14 +950,32 @@ struct Rest {
     creates: usize,
     create_rate: f64,
     create_failures: usize,
-    search_rate: f64,
-    search_failures: u64,
-    search_visible: u64,
+    /// The API server's own create rate for the same objects at the same concurrency.
+    apiserver_create_rate: f64,
+    search: Search,
 }
 
-async fn rest(herald: &Arc<Herald>, receiver: &Receiver, creates: usize, seconds: f64) -> Rest {
-    let concurrency = 8;
+/// Concurrent REST calls in the REST measurements.
+const REST_CONCURRENCY: usize = 8;
+
+async fn rest(
+    herald: &Arc<Herald>,
+    cluster: &Cluster,
+    namespace: &str,
+    receiver: &Receiver,
+    creates: usize,
+    seconds: f64,
+) -> Rest {
     let url = receiver.callback("rest");
+    // The same objects straight to the API server first (no herald in the path), as the
+    // limit herald's creates are compared with.
+    let api = cluster.subscriptions(namespace);
+    let specs = (0..creates).map(|i| (format!("direct-{i}"), "bnchdirectcreate".to_string(), url.clone())).collect();
+    let started = Instant::now();
+    let direct = create_subscriptions(&api, specs, REST_CONCURRENCY).await;
+    let apiserver_create_rate = direct as f64 / started.elapsed().as_secs_f64();
+    eprintln!("API server creates: {direct} at {apiserver_create_rate:.0}/s");
+
     let started = Instant::now();
     let results: Vec<bool> = futures::stream::iter(0..creates)
         .map(|i| {
@@ -954,18 +995,35 @@ async fn rest(herald: &Arc<Herald>, receiver: &Receiver, creates: usize, seconds
                 }
             }
         })
-        .buffer_unordered(concurrency)
+        .buffer_unordered(REST_CONCURRENCY)
         .collect()
         .await;
     let create_seconds = started.elapsed().as_secs_f64();
     let ok = results.iter().filter(|r| **r).count();
     eprintln!("REST subscribe: {ok} of {creates} in {create_seconds:.2} s");
+    Rest {
+        creates,
+        create_rate: ok as f64 / create_seconds,
+        create_failures: creates - ok,
+        apiserver_create_rate,
+        search: search_rate(herald, seconds).await,
+    }
+}
 
+struct Search {
+    rate: f64,
+    failures: u64,
+    /// The `count` searches answered: the subscriptions searched over.
+    visible: u64,
+}
+
+/// `POST …/subscribe/search` (limit 20, sorted by id) for `seconds`, 8 concurrent.
+async fn search_rate(herald: &Arc<Herald>, seconds: f64) -> Search {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let visible = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + Duration::from_secs_f64(seconds);
-    let workers: Vec<_> = (0..concurrency)
+    let workers: Vec<_> = (0..REST_CONCURRENCY)
         .map(|_| {
             let (herald, done, failed, visible) = (herald.clone(), done.clone(), failed.clone(), visible.clone());
             tokio::spawn(async move {
@@ -998,15 +1056,12 @@ async fn rest(herald: &Arc<Herald>, receiver: &Receiver, creates: usize, seconds
     for worker in workers {
         let _ = worker.await;
     }
-    let result = Rest {
-        creates,
-        create_rate: ok as f64 / create_seconds,
-        create_failures: creates - ok,
-        search_rate: done.load(Ordering::Relaxed) as f64 / seconds,
-        search_failures: failed.load(Ordering::Relaxed),
-        search_visible: visible.load(Ordering::Relaxed),
+    let result = Search {
+        rate: done.load(Ordering::Relaxed) as f64 / seconds,
+        failures: failed.load(Ordering::Relaxed),
+        visible: visible.load(Ordering::Relaxed),
     };
-    eprintln!("REST search: {:.0}/s over {} subscriptions", result.search_rate, result.search_visible);
+    eprintln!("REST search: {:.0}/s over {} subscriptions", result.rate, result.visible);
     result
 }
 
@@ -1020,6 +1075,14 @@ struct Scale {
     rss_mb: f64,
     herald_cpu_seconds: f64,
     status_writes: f64,
+    /// REST search over all `size` subscriptions.
+    search: Option<Search>,
+    /// After SIGKILL: start → /readyz 200, and the `queued` count of a publish right then.
+    restart_ready_seconds: f64,
+    restart_queued: u64,
+    /// The deliveries of that publish confirmed, and how long it took.
+    restart_delivered: u64,
+    restart_delivered_seconds: f64,
 }
 
 async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiver: &Receiver, size: usize) -> Scale {
@@ -1043,9 +1106,52 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     eprintln!(
         "scale {size}: all Ready after {ready_seconds:.1} s; VmHWM {rss_mb:.0} MB; herald CPU {herald_cpu_seconds:.1} s"
     );
+    let search = if settings.rest_seconds > 0.0 {
+        let shared = Arc::new(herald);
+        let search = search_rate(&shared, settings.rest_seconds).await;
+        herald = Arc::into_inner(shared).expect("the search workers have ended");
+        Some(search)
+    } else {
+        None
+    };
+
+    // A crash with every subscription Ready: the restarted herald must match all of them
+    // from the moment it reports ready.
+    herald.kill();
+    let restarted = Instant::now();
+    let mut herald = Herald::launch(settings, kubeconfig, &ns).await;
+    let restart_ready_seconds = restarted.elapsed().as_secs_f64();
+    let before = herald.delivered().await;
+    let answer = herald.publish_answer(vec![event("bnchscale", 0, now_ns())]).await;
+    let restart_queued = answer.as_ref().and_then(|a| a["queued"].as_u64()).unwrap_or(0);
+    let published = Instant::now();
+    let mut restart_delivered = 0;
+    while published.elapsed() < Duration::from_secs(120) {
+        restart_delivered = herald.delivered().await.saturating_sub(before);
+        if restart_delivered >= size as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restart_delivered_seconds = published.elapsed().as_secs_f64();
+    eprintln!(
+        "scale {size}: restarted after SIGKILL, ready in {restart_ready_seconds:.1} s; a publish right then queued {restart_queued}, {restart_delivered} delivered in {restart_delivered_seconds:.1} s"
+    );
     herald.stop();
     cluster.delete_namespace(&ns).await;
-    Scale { size, create_seconds, ready_seconds, rss_mb, herald_cpu_seconds, status_writes }
+    Scale {
+        size,
+        create_seconds,
+        ready_seconds,
+        rss_mb,
+        herald_cpu_seconds,
+        status_writes,
+        search,
+        restart_ready_seconds,
+        restart_queued,
+        restart_delivered,
+        restart_delivered_seconds,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1164,7 +1270,7 @@ async fn delivery(
         report.latency.push(latency(cluster, &herald, receiver, "bnchord", rate, settings.latency_seconds).await);
     }
     if settings.rest_creates > 0 {
-        report.rest = Some(rest(&herald, receiver, settings.rest_creates, settings.rest_seconds).await);
+        report.rest = Some(rest(&herald, cluster, &ns, receiver, settings.rest_creates, settings.rest_seconds).await);
     }
     report.delivery_rss_mb = Some(vm_hwm_mb(herald.pid()));
     drop(herald);
@@ -1178,6 +1284,16 @@ fn hook(variable: &str, pid: u32) {
         let status = Command::new("sh").args(["-c", &command]).env("HERALD_PID", pid.to_string()).status();
         eprintln!("{variable}: {command} → {status:?}");
     }
+}
+
+/// The REST search row; `judged` when it is the run the ≥ 1,000 req/s target is for.
+fn search_row(row: &mut impl FnMut(String, String, String, String), search: &Search, judged: bool) {
+    row(
+        format!("REST search (POST …/subscribe/search/0/0) over {} subscriptions", search.visible),
+        format!("{:.0} req/s", search.rate),
+        if judged { format!("≥ 1000 req/s: {}", verdict(search.rate >= 1000.0)) } else { String::new() },
+        format!("{REST_CONCURRENCY} concurrent, limit 20, sorted by id, {} failed", search.failures),
+    );
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -1320,15 +1436,18 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
         row(
             "REST subscribe (POST /api/v3/event/subscribe/0/0)".into(),
             format!("{:.1} req/s", r.create_rate),
-            String::new(),
-            format!("{} creates, 8 concurrent, {} failed", r.creates, r.create_failures),
+            format!(
+                "{:.2} of the API server's own create rate ({:.0}/s); ≥ 500/s: {}",
+                r.create_rate / r.apiserver_create_rate,
+                r.apiserver_create_rate,
+                verdict(r.create_rate >= 500.0)
+            ),
+            format!(
+                "{} creates, {REST_CONCURRENCY} concurrent, distinct names, {} failed",
+                r.creates, r.create_failures
+            ),
         );
-        row(
-            "REST search (POST …/subscribe/search/0/0)".into(),
-            format!("{:.0} req/s", r.search_rate),
-            String::new(),
-            format!("8 concurrent, limit 20 of {} subscriptions, {} failed", r.search_visible, r.search_failures),
-        );
+        search_row(&mut row, &r.search, false);
     }
     if let Some(rss) = report.delivery_rss_mb {
         row(
@@ -1353,6 +1472,22 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             format!("{:.0} MB", s.rss_mb),
             format!("≤ 256 MB: {}", verdict(s.rss_mb <= 256.0)),
             String::new(),
+        );
+        if let Some(search) = &s.search {
+            search_row(&mut row, search, s.size >= 10_000);
+        }
+        row(
+            format!("restart (SIGKILL) with {} subscriptions → ready and matching all", s.size),
+            format!("{:.1} s", s.restart_ready_seconds),
+            if s.size >= 10_000 {
+                format!("≤ 15 s: {}", verdict(s.restart_ready_seconds <= 15.0 && s.restart_queued == s.size as u64))
+            } else {
+                String::new()
+            },
+            format!(
+                "a publish right after /readyz turned 200 queued {} of {}; {} delivered in {:.1} s",
+                s.restart_queued, s.size, s.restart_delivered, s.restart_delivered_seconds
+            ),
         );
     }
 

@@ -119,8 +119,9 @@ async fn lead_and_serve(
     let auth = Arc::new(Authenticator::new(client, &config.api.auth, esb));
 
     let caches = async {
-        controller::cache_ready(&ctx.subscriptions).await.is_ok()
-            && controller::cache_ready(&ctx.namespaces).await.is_ok()
+        // The catalog is fed after the controller's cache, so its being ready covers both.
+        ctx.catalog.wait_ready().await;
+        controller::cache_ready(&ctx.namespaces).await.is_ok()
     };
     let synced = tokio::select! {
         synced = caches => synced,

@@ -482,3 +482,44 @@ async fn only_the_lease_holder_is_ready_and_a_successor_takes_over() {
     publish(&standby, host_event("0", 1)).await;
     server.wait_for("led", 1, Duration::from_secs(30)).await;
 }
+
+/// Readiness means matching knows every Ready subscription: after a crash, the first
+/// publish answered once /readyz is 200 is queued for all of them, and delivered.
+#[tokio::test]
+async fn after_sigkill_a_publish_right_after_ready_is_queued_for_all_2000_ready_subscriptions() {
+    const SUBSCRIPTIONS: usize = 2000;
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("restart-ready", &[]).await;
+    let server = CallbackServer::start().await;
+    let dir = std::env::temp_dir().join(format!("{}-herald", ns.name));
+    let mut herald = Herald::start_in(&cluster, &ns, "", &dir).await;
+    let api = cluster.subscriptions(&ns);
+    use futures::StreamExt;
+    let creates = futures::stream::iter(0..SUBSCRIPTIONS).map(|i| {
+        let (api, url) = (api.clone(), server.url("ok", &format!("r{i}")));
+        async move {
+            let spec =
+                serde_json::json!({"subscriptionName": format!("r{i}"), "callbackUrl": url, "events": ["hostcreate"]});
+            api.create(&PostParams::default(), &subscription(&format!("r{i}"), spec)).await.expect("create");
+        }
+    });
+    creates.buffer_unordered(32).collect::<Vec<()>>().await;
+    for i in 0..SUBSCRIPTIONS {
+        wait_ready(&api, &format!("r{i}")).await;
+    }
+
+    herald.kill();
+    let herald = Herald::start_in(&cluster, &ns, "", &dir).await;
+    let answer = publish(&herald, serde_json::json!([host_event("0", 1)])).await;
+    assert_eq!(answer["data"]["queued"], SUBSCRIPTIONS, "{answer}\n{}", herald.log_text());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let missing = loop {
+        let missing: Vec<usize> = (0..SUBSCRIPTIONS).filter(|i| server.received(&format!("r{i}")).is_empty()).collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(missing.is_empty(), "{} subscriptions got nothing, such as r{:?}", missing.len(), missing.first());
+}

@@ -156,26 +156,96 @@ async fn create_update_delete_map_every_field_and_keep_id_and_statistics() {
 }
 
 #[tokio::test]
-async fn twenty_concurrent_creates_of_one_name_give_exactly_one_subscription() {
+async fn twenty_creates_of_one_name_give_one_subscription_while_200_distinct_names_all_succeed() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("rest-race", &[]).await;
     let herald = Herald::start(&cluster, &ns, "").await;
     let rest = std::sync::Arc::new(Rest::new(&herald));
-    let attempts = (0..20).map(|i| {
+    let create = |name: String, i: usize| {
         let rest = rest.clone();
         async move {
-            rest.post("/api/v3/event/subscribe/0/0", subscription_body("contested", &format!("http://127.0.0.1:9/{i}")))
-                .await
+            let body = subscription_body(&name, &format!("http://127.0.0.1:9/{i}"));
+            (name, rest.post("/api/v3/event/subscribe/0/0", body).await)
         }
+    };
+    // All 220 in flight at once, the contested ones interleaved with the distinct ones.
+    let attempts = (0..220).map(|i| {
+        let name = if i % 11 == 0 { "contested".to_string() } else { format!("distinct-{i:03}") };
+        create(name, i)
     });
     let answers = futures::future::join_all(attempts).await;
-    let won: Vec<&Value> = answers.iter().filter(|(_, a)| code(a) == 0).map(|(_, a)| a).collect();
-    let duplicate = answers.iter().filter(|(s, a)| *s == 200 && code(a) == 1199014).count();
-    assert_eq!(won.len(), 1, "{answers:?}");
-    assert_eq!(duplicate, 19, "{answers:?}");
+    let (contested, distinct): (Vec<_>, Vec<_>) = answers.iter().partition(|(name, _)| name == "contested");
+    assert_eq!((contested.len(), distinct.len()), (20, 200));
+    let won = contested.iter().filter(|(_, (_, a))| code(a) == 0).count();
+    let duplicate = contested.iter().filter(|(_, (s, a))| *s == 200 && code(a) == 1199014).count();
+    assert_eq!((won, duplicate), (1, 19), "{contested:?}");
+    let failed: Vec<_> = distinct.iter().filter(|(_, (_, a))| code(a) != 0).collect();
+    assert!(failed.is_empty(), "every distinct name is created: {failed:?}");
+    let ids: BTreeSet<i64> = answers.iter().filter_map(|(_, (_, a))| a["data"]["subscription_id"].as_i64()).collect();
+    assert_eq!(ids.len(), 201, "each success answers an id of its own");
     let objects = cluster.subscriptions(&ns).list(&Default::default()).await.unwrap();
     assert_eq!(objects.items.iter().filter(|s| s.spec.subscription_name == "contested").count(), 1);
+    assert_eq!(objects.items.len(), 201);
+}
+
+/// Read-your-writes across callers: the moment one caller's create, update or delete is
+/// answered, another caller's search (and lookup by id) reflects it.
+#[tokio::test]
+async fn a_search_right_after_another_callers_write_sees_it() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("rest-ryw", &[]).await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let (writer, reader) = (Rest::new(&herald), Rest::new(&herald));
+    let count_where = |condition: Value| {
+        let reader = &reader;
+        async move {
+            let (_, answer) = reader.post("/api/v3/event/subscribe/search/0/0", json!({"condition": condition})).await;
+            assert_eq!(code(&answer), 0, "{answer}");
+            answer["data"]["count"].as_u64().unwrap()
+        }
+    };
+    for round in 0..20 {
+        let name = format!("ryw-{round}");
+        let (_, created) =
+            writer.post("/api/v3/event/subscribe/0/0", subscription_body(&name, "http://127.0.0.1:9/")).await;
+        let id = created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("{created}"));
+        assert_eq!(
+            count_where(json!({"subscription_name": name, "subscription_id": id})).await,
+            1,
+            "round {round}: create"
+        );
+
+        let mut changed = subscription_body(&name, "http://127.0.0.1:9/");
+        changed["system_name"] = json!(format!("changed-{round}"));
+        let path = format!("/api/v3/event/subscribe/0/0/{id}");
+        let (_, updated) = writer.send(reqwest::Method::PUT, &path, &changed.to_string(), &[]).await;
+        assert_eq!(code(&updated), 0, "{updated}");
+        assert_eq!(count_where(json!({"system_name": format!("changed-{round}")})).await, 1, "round {round}: update");
+
+        // A rename by one caller, and at once a create of the old name by the other: the
+        // name is free again.
+        let renamed = subscription_body(&format!("{name}-renamed"), "http://127.0.0.1:9/");
+        let (_, answer) = writer.send(reqwest::Method::PUT, &path, &renamed.to_string(), &[]).await;
+        assert_eq!(code(&answer), 0, "{answer}");
+        let (_, reused) =
+            reader.post("/api/v3/event/subscribe/0/0", subscription_body(&name, "http://127.0.0.1:9/")).await;
+        assert_eq!(code(&reused), 0, "round {round}: the old name is free after the rename: {reused}");
+        let reused = reused["data"]["subscription_id"].as_i64().unwrap();
+
+        // The other caller deletes by id right after; then the first caller's search.
+        let (_, deleted) = reader.send(reqwest::Method::DELETE, &path, "", &[]).await;
+        assert_eq!(code(&deleted), 0, "{deleted}");
+        let (_, deleted) =
+            writer.send(reqwest::Method::DELETE, &format!("/api/v3/event/subscribe/0/0/{reused}"), "", &[]).await;
+        assert_eq!(code(&deleted), 0, "{deleted}");
+        assert_eq!(
+            count_where(json!({"subscription_name": {"$regex": format!("^{name}(-renamed)?$")}})).await,
+            0,
+            "round {round}: delete"
+        );
+    }
 }
 
 #[tokio::test]
@@ -643,8 +713,9 @@ async fn server_side_faults_answer_their_codes() {
     }
     let _ = cluster.kubectl(&["delete", "clusterrole,clusterrolebinding", &role]);
 
-    // The API server stopped: search fails (1103002), create fails (1103000), and token
-    // review fails (1199999); none of them hang or panic.
+    // The API server stopped: search answers from herald's cache (which shows every write
+    // herald made), create fails (1103000), and token review fails (1199999); none of
+    // them hang or panic.
     let herald = Herald::start(&cluster, &ns, "").await;
     let authed = Herald::start_in(
         &cluster,
@@ -654,10 +725,14 @@ async fn server_side_faults_answer_their_codes() {
     )
     .await;
     let token = cluster.service_account_token(&ns, "someone", "herald");
-    let outage = cluster.outage("kube-apiserver");
     let rest = Rest::new(&herald);
+    let (_, answer) =
+        rest.post("/api/v3/event/subscribe/0/0", subscription_body("before-outage", "http://127.0.0.1:9/")).await;
+    assert_eq!(code(&answer), 0, "{answer}");
+    let (_, before) = rest.post("/api/v3/event/subscribe/search/0/0", json!({})).await;
+    let outage = cluster.outage("kube-apiserver");
     let (status, answer) = rest.post("/api/v3/event/subscribe/search/0/0", json!({})).await;
-    let search_result = (status, code(&answer));
+    let search_result = (status, code(&answer), answer["data"]["count"].clone());
     let (status, answer) =
         rest.post("/api/v3/event/subscribe/0/0", subscription_body("during-outage", "http://127.0.0.1:9/")).await;
     let create_result = (status, code(&answer));
@@ -665,7 +740,8 @@ async fn server_side_faults_answer_their_codes() {
         Rest::with_token(&authed, &token).post("/api/v3/event/subscribe/search/0/0", json!({})).await;
     let review_result = (status, code(&answer));
     drop(outage);
-    assert_eq!(search_result, (500, 1103002));
+    assert_eq!(search_result, (200, 0, before["data"]["count"].clone()), "{before}");
+    assert!(before["data"]["count"].as_u64() >= Some(1), "{before}");
     assert_eq!(create_result, (500, 1103000));
     assert_eq!(review_result, (500, 1199999));
     // Recovered without a restart of herald: once its watches have reconnected (they back

@@ -33,7 +33,7 @@ pub struct Services {
     pub delivery: Arc<Delivery>,
     pub outbound: Outbound,
     pub auth: Arc<Authenticator>,
-    pub names: subscriptions::NameClaims,
+    pub names: subscriptions::NameLocks,
 }
 
 /// Shared state of the HTTP handlers.

@@ -1,44 +1,84 @@
 //! The subscription operations behind both REST flavours (direct bk-cmdb paths and ESB
 //! paths): create, update, delete and search EventSubscription resources, and the
 //! authorised entry to the ping and telnet probes (which live in `crate::outbound`).
-//! Writes are server-side applies with the field manager
-//! `herald-api`, in herald's own namespace; reads come from the controller's cache, so
-//! kubectl-made subscriptions appear too.
+//! Writes are server-side applies with the field manager `herald-api`, in herald's own
+//! namespace. Reads come from the controller's catalog (so kubectl-made subscriptions
+//! appear too) once it shows every write herald made: a read waits for that up to
+//! `READ_WAIT`, and past it reads the API server instead (docs/design.md §8).
 
 use super::auth::{Action, Identity};
 use super::{Refusal, Services};
 use crate::compat::input::{DialTarget, PingInput, SubscriptionInput};
-use crate::compat::search::{SearchRequest, search};
+use crate::compat::search::{InputOrder, SearchRequest, search};
 use crate::compat::subscription_record::subscription_record;
 use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode};
+use crate::controller::catalog::Catalog;
 use crate::crd::{EventSubscription, OPERATOR_ANNOTATION, apply_body};
 use crate::effective::name_key;
 use crate::outbound::probe::ProbeError;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+use std::time::Duration;
 
 pub const FIELD_MANAGER: &str = "herald-api";
 /// How long a REST create waits for the controller to decide the new object's id.
 const ID_WAIT: Duration = Duration::from_secs(20);
-/// A name claimed by a REST write stays claimed this long, until the cache shows it.
-const CLAIM_TTL: Duration = Duration::from_secs(30);
+/// How long a read waits for the catalog to show herald's latest writes before it reads
+/// the API server instead.
+const READ_WAIT: Duration = Duration::from_secs(2);
 
-/// Serialises REST creates and renames so that `subscription_name` stays unique per
-/// account under concurrency: the check and the claim happen under one lock, and a
-/// claim covers the moment before the controller's cache shows the new object.
+/// Serialises REST creates and renames that claim the same (account, name), so that
+/// `subscription_name` stays unique per account; claims of different names proceed
+/// concurrently. Under the lock, the name check reads a view that shows every earlier
+/// write (read-your-writes), so the previous claimant's object is seen.
 #[derive(Default)]
-pub struct NameClaims {
-    claims: Mutex<Claims>,
+pub struct NameLocks {
+    held: parking_lot::Mutex<HashMap<(String, String), NameMutex>>,
 }
 
-/// (account, subscription name) → (namespace, object name) of the claimant, and when.
-type Claims = HashMap<(String, String), ((String, String), Instant)>;
+/// Held across the name check and the write, so an async lock.
+type NameMutex = Arc<tokio::sync::Mutex<()>>;
+
+/// One claimed (account, name); released on drop, and forgotten when nobody waits.
+struct NameLock<'a> {
+    locks: &'a NameLocks,
+    key: (String, String),
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl NameLocks {
+    async fn claim(&self, account: &str, name: &str) -> NameLock<'_> {
+        let key = (account.to_string(), name.to_string());
+        let lock = self.held.lock().entry(key.clone()).or_default().clone();
+        let guard = lock.lock_owned().await;
+        NameLock { locks: self, key, guard: Some(guard) }
+    }
+}
+
+impl Drop for NameLock<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut held = self.locks.held.lock();
+        // Only the map's own reference left: nobody holds or waits for this name.
+        if held.get(&self.key).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            held.remove(&self.key);
+        }
+    }
+}
+
+/// What a read sees: the catalog once it shows herald's writes, or a LIST of the API
+/// server when it does not within `READ_WAIT`.
+enum View<'a> {
+    Catalog(&'a Catalog),
+    Listed(Vec<EventSubscription>),
+}
+
+fn is_live(sub: &EventSubscription) -> bool {
+    sub.metadata.deletion_timestamp.is_none()
+}
 
 /// A failed subscription write: the API server's refusal of the object itself (400, 422:
 /// something input validation let through, such as control characters) is the caller's
@@ -60,8 +100,23 @@ fn kube_detail(error: &kube::Error) -> String {
 }
 
 impl Services {
-    fn live_subscriptions(&self) -> Vec<Arc<EventSubscription>> {
-        self.controller.subscriptions.state().into_iter().filter(|s| s.metadata.deletion_timestamp.is_none()).collect()
+    fn catalog(&self) -> &Catalog {
+        &self.controller.catalog
+    }
+
+    /// A view showing every write herald made before this call; a failing LIST is the
+    /// operation's failure `code`.
+    async fn view(&self, code: ErrorCode) -> Result<View<'_>, Refusal> {
+        if self.catalog().wait_caught_up(READ_WAIT).await {
+            return Ok(View::Catalog(self.catalog()));
+        }
+        tracing::debug!("the catalog does not show herald's latest writes yet; reading the API server");
+        let api = Api::<EventSubscription>::all(self.controller.client.clone());
+        let listed = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| Refusal::from(ApiError::new(code).with_detail(kube_detail(&e))))?;
+        Ok(View::Listed(listed.items))
     }
 
     /// Whether `sub` counts for `account`: its namespace is allowed for the account.
@@ -69,31 +124,37 @@ impl Services {
         self.controller.tenancy.allows(account, &sub.namespace().unwrap_or_default())
     }
 
-    /// The live subscription with `id` of `account`, where `account` may have
-    /// subscriptions: an object in a namespace not allowed for the account (refused as
-    /// `NamespaceNotAllowed`) is not the account's to change, as it is not in its search.
-    fn find(&self, account: &str, id: i64) -> Option<Arc<EventSubscription>> {
-        self.live_subscriptions().into_iter().find(|s| {
-            s.status.as_ref().and_then(|st| st.subscription_id) == Some(id)
-                && name_key(&s.spec).0 == account
-                && self.visible(s, account)
-        })
+    /// Whether `sub` is a live subscription of `account` in a namespace allowed for it:
+    /// an object refused as `NamespaceNotAllowed` is not the account's to change, as it
+    /// is not in its search.
+    fn owned_by(&self, sub: &EventSubscription, account: &str) -> bool {
+        is_live(sub) && name_key(&sub.spec).0 == account && self.visible(sub, account)
+    }
+
+    /// The subscription with `id` of `account`.
+    fn find(&self, view: &View<'_>, account: &str, id: i64) -> Option<EventSubscription> {
+        let has_id = |s: &EventSubscription| s.status.as_ref().and_then(|st| st.subscription_id) == Some(id);
+        match view {
+            View::Catalog(catalog) => catalog.by_id(id).map(|s| s.as_ref().clone()),
+            View::Listed(all) => all.iter().find(|s| has_id(s)).cloned(),
+        }
+        .filter(|s| self.owned_by(s, account))
     }
 
     /// The (namespace, object name) holding (`account`, `name`), if any.
-    fn name_holder(&self, claims: &mut Claims, account: &str, name: &str) -> Option<(String, String)> {
-        claims.retain(|_, (_, at)| at.elapsed() < CLAIM_TTL);
-        if let Some((holder, _)) = claims.get(&(account.to_string(), name.to_string())) {
-            return Some(holder.clone());
-        }
-        self.live_subscriptions()
-            .into_iter()
-            .find(|s| name_key(&s.spec) == (account, name) && self.visible(s, account))
-            .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
+    fn name_holder(&self, view: &View<'_>, account: &str, name: &str) -> Option<(String, String)> {
+        let holds = |s: &EventSubscription| name_key(&s.spec) == (account, name) && self.owned_by(s, account);
+        let holder = match view {
+            View::Catalog(catalog) => {
+                catalog.holders(account, name).into_iter().find(|s| holds(s)).map(|s| s.as_ref().clone())
+            }
+            View::Listed(all) => all.iter().find(|s| holds(s)).cloned(),
+        };
+        holder.map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
     }
 
     /// Applies `input` as the spec of `object_name` in `namespace` under herald-api's
-    /// field manager, recording the operator.
+    /// field manager, recording the operator; the catalog is told to expect the result.
     async fn apply(
         &self,
         namespace: &str,
@@ -105,7 +166,9 @@ impl Services {
         let mut patch =
             apply_body(object_name, serde_json::json!({ "annotations": { OPERATOR_ANNOTATION: operator } }));
         patch["spec"] = serde_json::json!(input.to_spec());
-        api.patch(object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await
+        let written = api.patch(object_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        self.catalog().expect_written(&written);
+        Ok(written)
     }
 
     /// Creates a subscription; answers the id the object ends up with.
@@ -119,32 +182,26 @@ impl Services {
         self.auth.authorize(identity, &account, Action::Create).await?;
         let operator = operator.map(str::to_string).unwrap_or_else(|| identity.name());
         let object_name = format!("cmdb-{:016x}", fastrand::u64(..));
-        {
-            let mut claims = self.names.claims.lock().await;
-            if self.name_holder(&mut claims, &account, &input.subscription_name).is_some() {
+        let written = {
+            let _claim = self.names.claim(&account, &input.subscription_name).await;
+            let view = self.view(ErrorCode::CreateFailed).await?;
+            if self.name_holder(&view, &account, &input.subscription_name).is_some() {
                 return Err(ApiError::duplicated("subscription_name").into());
             }
             self.apply(&self.controller.config.namespace, &object_name, &input, &operator)
                 .await
-                .map_err(|e| write_refusal(e, ErrorCode::CreateFailed))?;
-            let holder = (self.controller.config.namespace.clone(), object_name.clone());
-            claims.insert((account, input.subscription_name.clone()), (holder, Instant::now()));
-        }
-        self.wait_for_id(&object_name).await
+                .map_err(|e| write_refusal(e, ErrorCode::CreateFailed))?
+        };
+        self.wait_for_id(&written.uid().unwrap_or_default()).await
     }
 
-    async fn wait_for_id(&self, object_name: &str) -> Result<i64, Refusal> {
-        let key = ObjectRef::new(object_name).within(&self.controller.config.namespace);
-        let deadline = Instant::now() + ID_WAIT;
-        while Instant::now() < deadline {
-            if let Some(id) = self.controller.subscriptions.get(&key).and_then(|s| s.status.as_ref()?.subscription_id) {
-                return Ok(id);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(ApiError::new(ErrorCode::CreateFailed)
-            .with_detail("the subscription was stored but got no id in time; search for it by name")
-            .into())
+    async fn wait_for_id(&self, uid: &str) -> Result<i64, Refusal> {
+        let decided = || self.catalog().by_uid(uid).and_then(|s| s.status.as_ref()?.subscription_id);
+        self.catalog().wait_for(ID_WAIT, decided).await.ok_or_else(|| {
+            ApiError::new(ErrorCode::CreateFailed)
+                .with_detail("the subscription was stored but got no id in time; search for it by name")
+                .into()
+        })
     }
 
     /// Replaces a subscription's spec as bk-cmdb does, keeping its id and statistics.
@@ -160,20 +217,18 @@ impl Services {
         let not_found = || {
             Refusal::from(ApiError::new(ErrorCode::UpdateFailed).with_detail(format!("subscription {id} not found")))
         };
-        let sub = self.find(&account, id).ok_or_else(not_found)?;
-        let object_name = sub.name_any();
-        let namespace = sub.namespace().unwrap_or_default();
         let operator = operator.map(str::to_string).unwrap_or_else(|| identity.name());
-        let mut claims = self.names.claims.lock().await;
-        let this = (namespace.clone(), object_name.clone());
-        if self.name_holder(&mut claims, &account, &input.subscription_name).is_some_and(|holder| holder != this) {
+        let _claim = self.names.claim(&account, &input.subscription_name).await;
+        let view = self.view(ErrorCode::UpdateFailed).await?;
+        let sub = self.find(&view, &account, id).ok_or_else(not_found)?;
+        let this = (sub.namespace().unwrap_or_default(), sub.name_any());
+        if self.name_holder(&view, &account, &input.subscription_name).is_some_and(|holder| holder != this) {
             return Err(ApiError::duplicated("subscription_name").into());
         }
-        self.apply(&namespace, &object_name, &input, &operator).await.map_err(|e| match e {
+        self.apply(&this.0, &this.1, &input, &operator).await.map_err(|e| match e {
             kube::Error::Api(status) if status.code == 404 => not_found(),
             other => write_refusal(other, ErrorCode::UpdateFailed),
         })?;
-        claims.insert((account, input.subscription_name), (this, Instant::now()));
         Ok(())
     }
 
@@ -182,21 +237,27 @@ impl Services {
         let not_found = || {
             Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(format!("subscription {id} not found")))
         };
-        let sub = self.find(account, id).ok_or_else(not_found)?;
+        let view = self.view(ErrorCode::DeleteFailed).await?;
+        let sub = self.find(&view, account, id).ok_or_else(not_found)?;
         let api =
             Api::<EventSubscription>::namespaced(self.controller.client.clone(), &sub.namespace().unwrap_or_default());
-        api.delete(&sub.name_any(), &DeleteParams::default()).await.map_err(|e| match e {
+        let answer = api.delete(&sub.name_any(), &DeleteParams::default()).await.map_err(|e| match e {
             kube::Error::Api(status) if status.code == 404 => not_found(),
             other => Refusal::from(ApiError::new(ErrorCode::DeleteFailed).with_detail(kube_detail(&other))),
         })?;
-        let this = (sub.namespace().unwrap_or_default(), sub.name_any());
-        self.names.claims.lock().await.retain(|_, (holder, _)| *holder != this);
+        // A Status answer means the object is gone; an object answer means it is being
+        // deleted (finalizers), which its resourceVersion shows.
+        match answer.left() {
+            Some(deleting) => self.catalog().expect_written(&deleting),
+            None => self.catalog().expect_gone(&sub.uid().unwrap_or_default()),
+        }
         Ok(())
     }
 
     /// `{count, info}` over the account's subscriptions. The body is parsed (and its
     /// regexes compiled) only once the caller is authorised: an unauthorised caller costs
-    /// no more than reading its body.
+    /// no more than reading its body. A failing API server (when the catalog lags) is a
+    /// query failure (1103002).
     pub async fn search(
         &self,
         identity: &Identity,
@@ -208,21 +269,30 @@ impl Services {
         self.auth.authorize(identity, account, Action::List).await?;
         let mut request = parse()?;
         request.condition.force_owner(account);
-        // Read from the API server, not the cache: a search sees every write that
-        // answered before it, and a failing API server is a query failure (1103002).
-        let api = Api::<EventSubscription>::all(self.controller.client.clone());
-        let listed = api
-            .list(&kube::api::ListParams::default())
-            .await
-            .map_err(|e| Refusal::from(ApiError::new(ErrorCode::QueryFailed).with_detail(kube_detail(&e))))?;
-        let records: Vec<serde_json::Value> = listed
-            .items
-            .into_iter()
-            .filter(|s| s.metadata.deletion_timestamp.is_none())
-            .filter(|s| name_key(&s.spec).0 == account && self.visible(s, account))
-            .map(|s| subscription_record(&s, tz))
-            .collect();
-        let (count, info) = search(records, &request, max_limit);
+        let (count, info) = match self.view(ErrorCode::QueryFailed).await? {
+            View::Catalog(catalog) => {
+                let records = catalog.records(account);
+                // Tenancy per namespace, decided once per search (records share a few).
+                let mut allowed: Vec<(&str, bool)> = Vec::new();
+                let visible = records.iter().filter(|record| {
+                    let namespace = record.namespace.as_str();
+                    match allowed.iter().find(|(ns, _)| *ns == namespace) {
+                        Some((_, verdict)) => *verdict,
+                        None => {
+                            let verdict = self.controller.tenancy.allows(account, namespace);
+                            allowed.push((namespace, verdict));
+                            verdict
+                        }
+                    }
+                });
+                search(visible.map(|record| &record.value), &request, max_limit, InputOrder::ById)
+            }
+            View::Listed(all) => {
+                let records: Vec<serde_json::Value> =
+                    all.iter().filter(|s| self.owned_by(s, account)).map(|s| subscription_record(s, tz)).collect();
+                search(&records, &request, max_limit, InputOrder::Unordered)
+            }
+        };
         Ok(serde_json::json!({ "count": count, "info": info }))
     }
 

@@ -2,6 +2,7 @@
 //! mirrors the id label, and writes `Ready` and the other status fields by server-side
 //! apply, only when they changed.
 
+pub mod catalog;
 pub mod desired;
 pub mod ids;
 pub mod validation;
@@ -13,6 +14,7 @@ use crate::crd::{EventSubscription, IMPORTED_STATISTICS_ANNOTATION, SUBSCRIPTION
 use crate::delivery::index::{ImportedCounts, Subscriber, SubscriptionIndex};
 use crate::effective::{Effective, Invalid, name_key};
 use crate::tenancy::Tenancy;
+use catalog::Catalog;
 use futures::{StreamExt, TryStreamExt, future::BoxFuture};
 use ids::IdAllocator;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -67,6 +69,8 @@ pub struct Context {
     pub config: Arc<Config>,
     /// Every EventSubscription in the cluster (the controller's own cache).
     pub subscriptions: Store<EventSubscription>,
+    /// The same cache indexed by name, id and account, and its read-your-writes.
+    pub catalog: Arc<Catalog>,
     /// Every Namespace, for the tenancy label.
     pub namespaces: Store<Namespace>,
     /// The tenancy rule over `namespaces`.
@@ -88,20 +92,27 @@ pub fn build(
     shutdown: CancellationToken,
 ) -> (Arc<Context>, BoxFuture<'static, ()>) {
     let subscriptions_api = Api::<EventSubscription>::all(client.clone());
-    // The controller's own watch, tapped: reconcile never runs for a deleted object, so
-    // its delete event is where delivery stops matching it (not at the next sweep).
+    // The controller's own watch, tapped: it feeds the catalog; reconcile never runs for
+    // a deleted object, so its delete event is where delivery stops matching it (not at
+    // the next sweep); and a change to one subscription can free or take a name another
+    // one wants, so the other holders of its names are re-checked.
     let (subscriptions, subscription_writer) = reflector::store::<EventSubscription>();
-    let deleted_from = index.clone();
+    let catalog = Arc::new(Catalog::new(config.time_zone.clone()));
+    let (recheck, rechecks) = futures::channel::mpsc::unbounded();
+    let (fed, stored, deleted_from) = (catalog.clone(), subscriptions.clone(), index.clone());
     let watched = reflector::reflector(
         subscription_writer,
-        watcher(subscriptions_api.clone(), watcher::Config::default().any_semantic()),
+        watcher(subscriptions_api, watcher::Config::default().any_semantic()),
     )
     .backoff(WatchBackoff::default())
     .inspect_ok(move |event| {
-        if let watcher::Event::Delete(sub) = event
-            && let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id)
-        {
+        let applied = fed.apply(event, &stored);
+        for id in applied.removed_ids {
             deleted_from.remove(id);
+        }
+        for object in applied.recheck {
+            // Fails only when the controller has stopped.
+            let _ = recheck.unbounded_send(object);
         }
     })
     .touched_objects();
@@ -129,13 +140,8 @@ pub fn build(
         futures::stream::iter(refs)
     });
 
-    // A change to one subscription can free or take a name another one wants.
-    let by_name = subscriptions.clone();
-    let controller = controller.trigger_backoff(WatchBackoff::default()).reconcile_on(namespace_triggers).watches(
-        subscriptions_api,
-        watcher::Config::default().any_semantic(),
-        move |changed| name_contenders(&by_name, &changed),
-    );
+    let controller =
+        controller.trigger_backoff(WatchBackoff::default()).reconcile_on(namespace_triggers).reconcile_on(rechecks);
 
     let recorder = Recorder::new(
         client.clone(),
@@ -151,6 +157,7 @@ pub fn build(
         client,
         config,
         subscriptions,
+        catalog,
         namespaces,
         tenancy,
         ids,
@@ -194,20 +201,6 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         self.next = None;
     }
-}
-
-/// Subscriptions whose name check may change because `changed` changed: those sharing
-/// its (account, name), and those currently refused as duplicates (the changed one may
-/// have been renamed away from their name).
-fn name_contenders(store: &Store<EventSubscription>, changed: &EventSubscription) -> Vec<ObjectRef<EventSubscription>> {
-    let key = name_key(&changed.spec);
-    store
-        .state()
-        .iter()
-        .filter(|s| ready_reason(s) == Some(validation::REASON_DUPLICATE_NAME) || name_key(&s.spec) == key)
-        .filter(|s| s.metadata.uid != changed.metadata.uid)
-        .map(|s| ObjectRef::from_obj(s.as_ref()))
-        .collect()
 }
 
 fn ready_reason(sub: &EventSubscription) -> Option<&str> {
@@ -264,7 +257,7 @@ async fn decide_id(sub: &EventSubscription, ctx: &Context) -> Result<i64, Error>
     {
         return Ok(id);
     }
-    ctx.ids.next_id(highest_known_id(&ctx.subscriptions) + 1).await
+    ctx.ids.next_id(ctx.catalog.highest_id() + 1).await
 }
 
 /// Writes the desired status when it differs from the current one. The first write of
@@ -283,7 +276,9 @@ async fn ensure_status(
             None => decide_id(&sub, ctx).await?,
         };
         let effective = Arc::new(Effective::from_spec(&sub.spec));
-        let validity = validate(ctx, &sub, &effective, id, ctx.subscriptions.state().iter().map(AsRef::as_ref));
+        let (account, subscription_name) = effective.name_key();
+        let holders = ctx.catalog.holders(account, subscription_name);
+        let validity = validate(ctx, &sub, &effective, id, holders.iter().map(AsRef::as_ref));
         let desired = desired::desired(&sub, id, &validity, now());
         if desired::ControllerStatus::current(&sub).as_ref() == Some(&desired) {
             publish_to_delivery(ctx, &sub, effective, id, validity.is_ok());
@@ -326,30 +321,22 @@ async fn ensure_status(
 /// Fills delivery's index from the synced caches before herald reports ready, with the
 /// same checks reconcile makes: readiness must mean that publish matching knows every
 /// subscription that is Ready, and reconciles after a restart may take a while to reach
-/// them all. Name checks are grouped by (account, name), so this costs O(n).
+/// them all. Name checks read the catalog's holders of each name, so this costs O(n).
 pub fn prime_index(ctx: &Context) -> usize {
-    let all = ctx.subscriptions.state();
-    let mut by_name: HashMap<(&str, &str), Vec<&EventSubscription>> = HashMap::new();
-    for sub in &all {
-        by_name.entry(name_key(&sub.spec)).or_default().push(sub);
-    }
     let mut primed = 0;
-    for sub in &all {
+    for sub in ctx.catalog.all() {
         let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id) else { continue };
         if sub.metadata.deletion_timestamp.is_some() {
             continue;
         }
+        let (account, name) = name_key(&sub.spec);
+        let holders = ctx.catalog.holders(account, name);
         let effective = Arc::new(Effective::from_spec(&sub.spec));
-        let contenders = by_name.get(&name_key(&sub.spec)).map(Vec::as_slice).unwrap_or_default();
-        let validity = validate(ctx, sub, &effective, id, contenders.iter().copied());
-        publish_to_delivery(ctx, sub, effective, id, validity.is_ok());
+        let validity = validate(ctx, &sub, &effective, id, holders.iter().map(AsRef::as_ref));
+        publish_to_delivery(ctx, &sub, effective, id, validity.is_ok());
         primed += 1;
     }
     primed
-}
-
-fn highest_known_id(store: &Store<EventSubscription>) -> i64 {
-    store.state().iter().filter_map(|s| s.status.as_ref()?.subscription_id).max().unwrap_or(0)
 }
 
 /// Tells delivery the subscription's current effective spec and readiness.

@@ -36,8 +36,12 @@ pub fn check_imported_id(sub: &EventSubscription, id: i64) -> Result<(), Invalid
 /// Order of age: the older subscription keeps a contested name. Ties on the
 /// (second-granular) creation time are broken by namespace and name, so every herald
 /// instance decides the same way.
-fn age_key(sub: &EventSubscription) -> (Option<jiff::Timestamp>, String, String) {
-    (sub.metadata.creation_timestamp.as_ref().map(|t| t.0), sub.namespace().unwrap_or_default(), sub.name_any())
+pub fn age_order(a: &EventSubscription, b: &EventSubscription) -> std::cmp::Ordering {
+    fn key(s: &EventSubscription) -> (Option<jiff::Timestamp>, Option<&str>, Option<&str>) {
+        let meta = &s.metadata;
+        (meta.creation_timestamp.as_ref().map(|t| t.0), meta.namespace.as_deref(), meta.name.as_deref())
+    }
+    key(a).cmp(&key(b))
 }
 
 /// The older live subscription that holds `effective`'s name, if any. Only a
@@ -50,15 +54,13 @@ pub fn older_holder<'a>(
     allowed: impl Fn(&str, &str) -> bool,
 ) -> Option<&'a EventSubscription> {
     let key = effective.name_key();
-    let mine = age_key(sub);
-    // The allocation-free name comparison first: this runs against every subscription.
     others
         .into_iter()
         .filter(|other| name_key(&other.spec) == key)
         .filter(|other| other.metadata.uid != sub.metadata.uid && other.metadata.deletion_timestamp.is_none())
-        .filter(|other| age_key(other) < mine)
+        .filter(|other| age_order(other, sub).is_lt())
         .filter(|other| allowed(key.0, other.metadata.namespace.as_deref().unwrap_or_default()))
-        .min_by_key(|other| age_key(other))
+        .min_by(|a, b| age_order(a, b))
 }
 
 /// The first reason, in order of checks, that keeps `sub` from receiving events.
