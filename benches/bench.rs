@@ -391,7 +391,7 @@ impl Raw {
 struct RawClient {
     outbound: herald::outbound::Outbound,
     item: Arc<Queued>,
-    url: Arc<String>,
+    url: Arc<reqwest::Url>,
 }
 
 impl RawClient {
@@ -410,7 +410,11 @@ impl RawClient {
             enqueued_at: 0,
             body: stored(event("bnchraw", 1, 0)),
         });
-        RawClient { outbound, item, url: Arc::new(receiver.callback("raw")) }
+        RawClient {
+            outbound,
+            item,
+            url: Arc::new(reqwest::Url::parse(&receiver.callback("raw")).expect("callback URL")),
+        }
     }
 
     fn body_bytes(&self) -> usize {
@@ -433,7 +437,7 @@ impl RawClient {
                 tokio::spawn(async move {
                     while Instant::now() < until {
                         let request = Request {
-                            url: &url,
+                            url: Some(&url),
                             item: &item,
                             attempt: 1,
                             timeout: Duration::from_secs(10),

@@ -29,7 +29,8 @@ pub fn message_id(subscription_id: i64, distribution_id: i64) -> String {
 }
 
 pub struct Request<'a> {
-    pub url: &'a str,
+    /// `None` when the callback URL does not parse.
+    pub url: Option<&'a reqwest::Url>,
     pub item: &'a Queued,
     pub attempt: u32,
     pub timeout: Duration,
@@ -51,6 +52,8 @@ pub enum CallbackError {
     ReadBody(#[source] reqwest::Error),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("the callback URL is not a valid URL")]
+    InvalidUrl,
 }
 
 pub async fn send(outbound: &Outbound, request: Request<'_>) -> Result<Answer, CallbackError> {
@@ -59,7 +62,7 @@ pub async fn send(outbound: &Outbound, request: Request<'_>) -> Result<Answer, C
     let id = message_id(item.subscription_id, item.distribution_id);
     let timestamp = jiff::Timestamp::now().as_second();
     let mut builder = outbound
-        .post(request.url)
+        .post(request.url.ok_or(CallbackError::InvalidUrl)?)
         .await?
         .timeout(request.timeout)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))

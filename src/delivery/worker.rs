@@ -181,7 +181,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         let answer = callback::send(
             &delivery.outbound,
             Request {
-                url: &effective.callback_url,
+                url: effective.callback.as_ref(),
                 item: &item,
                 attempt,
                 timeout: effective.timeout,

@@ -77,22 +77,19 @@ impl Outbound {
     /// reaches the resolver, so a host name is resolved and judged here, every address
     /// of it (the proxy resolves again and may pick any): the proxy must still enforce
     /// its own egress policy against a name that changes its answer in between.
-    pub async fn post(&self, url: &str) -> Result<reqwest::RequestBuilder, GuardError> {
+    pub async fn post(&self, url: &reqwest::Url) -> Result<reqwest::RequestBuilder, GuardError> {
         if let Some(ip) = literal_host(url) {
             self.guard.check(ip)?;
         } else if self.proxied {
-            // The URL itself stays out of the error: it may carry credentials.
-            let parsed = reqwest::Url::parse(url).map_err(|_| GuardError::NoAddress { host: "the URL".into() })?;
-            let host = parsed.host_str().unwrap_or_default();
-            self.guard.resolve_all(host, parsed.port_or_known_default().unwrap_or(80)).await?;
+            let host = url.host_str().unwrap_or_default();
+            self.guard.resolve_all(host, url.port_or_known_default().unwrap_or(80)).await?;
         }
-        Ok(self.client.post(url))
+        Ok(self.client.post(url.clone()))
     }
 }
 
 /// The host of `url` when it is an IP address (IPv6 in brackets or not).
-fn literal_host(url: &str) -> Option<IpAddr> {
-    let url = reqwest::Url::parse(url).ok()?;
+fn literal_host(url: &reqwest::Url) -> Option<IpAddr> {
     url.host_str()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
@@ -130,19 +127,23 @@ pub fn describe(error: &reqwest::Error) -> String {
 mod tests {
     use super::*;
 
+    fn url(text: &str) -> reqwest::Url {
+        reqwest::Url::parse(text).unwrap()
+    }
+
     #[test]
     fn literal_hosts_are_found_in_both_ip_families() {
-        assert_eq!(literal_host("http://127.0.0.1:9/x"), Some(IpAddr::from([127, 0, 0, 1])));
-        assert_eq!(literal_host("http://[::1]:9/x"), Some(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)));
-        assert_eq!(literal_host("http://localhost:9/x"), None);
+        assert_eq!(literal_host(&url("http://127.0.0.1:9/x")), Some(IpAddr::from([127, 0, 0, 1])));
+        assert_eq!(literal_host(&url("http://[::1]:9/x")), Some(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)));
+        assert_eq!(literal_host(&url("http://localhost:9/x")), None);
     }
 
     #[tokio::test]
     async fn literal_targets_in_refused_ranges_get_no_request() {
         let outbound = Outbound::new(&GuardConfig::default()).unwrap();
-        let refused = outbound.post("http://[::ffff:10.0.0.1]/").await.unwrap_err();
+        let refused = outbound.post(&url("http://[::ffff:10.0.0.1]/")).await.unwrap_err();
         assert!(matches!(refused, GuardError::Refused(r) if r.reason == "IPv4-mapped address of a refused range"));
-        assert!(outbound.post("http://8.8.8.8/").await.is_ok());
+        assert!(outbound.post(&url("http://8.8.8.8/")).await.is_ok());
     }
 
     #[tokio::test]
@@ -160,7 +161,7 @@ mod tests {
         let config = GuardConfig { proxy: Some(proxy_url), ..GuardConfig::default() };
         let outbound = Outbound::new(&config).unwrap();
         // "localhost" resolves (from /etc/hosts) to loopback only.
-        let refused = outbound.post("http://localhost:9/events").await.unwrap_err();
+        let refused = outbound.post(&url("http://localhost:9/events")).await.unwrap_err();
         assert!(matches!(refused, GuardError::Refused(_)), "{refused}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the proxy");

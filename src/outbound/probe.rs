@@ -56,7 +56,7 @@ impl Outbound {
         // The resolver checks again at connect time; this answers a refused host name
         // as refused input rather than as a transport failure.
         self.guard.resolve(host, parsed.port_or_known_default().unwrap_or(80)).await?;
-        let request = self.post(url).await?;
+        let request = self.post(&parsed).await?;
         let exchange = async {
             let mut response = request
                 .timeout(timeout)
