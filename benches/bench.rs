@@ -241,6 +241,14 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// CPU seconds (user + system) a process has used.
+/// CPU seconds the control plane's kube-apiserver and etcd have used (their PIDs from the
+/// state directory `tests/controlplane/up.sh` exports), when known.
+fn control_plane_cpu_seconds() -> Option<f64> {
+    let state = PathBuf::from(std::env::var("HERALD_CONTROLPLANE").ok()?);
+    let pid = |name: &str| std::fs::read_to_string(state.join(format!("{name}.pid"))).ok()?.trim().parse::<u32>().ok();
+    Some(cpu_seconds(pid("kube-apiserver")?) + cpu_seconds(pid("etcd")?))
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = read(&format!("/proc/{pid}/stat"));
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
@@ -1078,6 +1086,8 @@ struct Scale {
     ready_seconds: f64,
     rss_mb: f64,
     herald_cpu_seconds: f64,
+    /// kube-apiserver and etcd over the same span.
+    control_plane_cpu_seconds: Option<f64>,
     status_writes: f64,
     /// REST search over all `size` subscriptions.
     search: Option<Search>,
@@ -1094,6 +1104,7 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     let mut herald = Herald::start(settings, kubeconfig, &ns).await;
     let api = cluster.subscriptions(&ns);
     let w0 = cluster.status_patches().await;
+    let control_plane_cpu_before = control_plane_cpu_seconds();
     let within = Duration::from_secs(1800);
     let tracker = track_ready(api.clone(), size, within);
     let url = receiver.callback("scale");
@@ -1106,6 +1117,8 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     let ready_seconds = ready_at.map(|t| t.duration_since(started).as_secs_f64()).unwrap_or(f64::NAN);
     let rss_mb = vm_hwm_mb(herald.pid());
     let herald_cpu_seconds = cpu_seconds(herald.pid());
+    let control_plane_cpu_seconds =
+        control_plane_cpu_seconds().zip(control_plane_cpu_before).map(|(after, before)| after - before);
     let status_writes = cluster.status_patches().await - w0;
     eprintln!(
         "scale {size}: all Ready after {ready_seconds:.1} s; VmHWM {rss_mb:.0} MB; herald CPU {herald_cpu_seconds:.1} s"
@@ -1149,6 +1162,7 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
         ready_seconds,
         rss_mb,
         herald_cpu_seconds,
+        control_plane_cpu_seconds,
         status_writes,
         search,
         restart_ready_seconds,
@@ -1467,8 +1481,11 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             format!("{:.1} s", s.ready_seconds),
             if s.size >= 10_000 { format!("≤ 60 s: {}", verdict(s.ready_seconds <= 60.0)) } else { String::new() },
             format!(
-                "creates took {:.1} s; herald CPU {:.0} s; status PATCHes {:.0}",
-                s.create_seconds, s.herald_cpu_seconds, s.status_writes
+                "creates took {:.1} s; herald CPU {:.0} s; kube-apiserver + etcd CPU {}; status PATCHes {:.0}",
+                s.create_seconds,
+                s.herald_cpu_seconds,
+                s.control_plane_cpu_seconds.map(|c| format!("{c:.0} s")).unwrap_or_else(|| "not known".into()),
+                s.status_writes
             ),
         );
         row(

@@ -4,7 +4,7 @@
 //! Writes are server-side applies with the field manager `herald-api`, in herald's own
 //! namespace. Reads come from the controller's catalog (so kubectl-made subscriptions
 //! appear too) once it shows every write herald made: a read waits for that up to
-//! `READ_WAIT`, and past it reads the API server instead (docs/design.md §8).
+//! `READ_WAIT`, and past it reads the API server instead (docs/design.md §3).
 
 use super::auth::{Action, Identity};
 use super::{Refusal, Services};
@@ -268,13 +268,12 @@ impl Services {
     ) -> Result<serde_json::Value, Refusal> {
         self.auth.authorize(identity, account, Action::List).await?;
         let mut request = parse()?;
-        request.condition.force_owner(account);
         let (count, info) = match self.view(ErrorCode::QueryFailed).await? {
-            View::Catalog(catalog) => {
-                let records = catalog.records(account);
+            // The catalog's records are the account's own already (no owner condition).
+            View::Catalog(catalog) => catalog.with_records(account, |records| {
                 // Tenancy per namespace, decided once per search (records share a few).
                 let mut allowed: Vec<(&str, bool)> = Vec::new();
-                let visible = records.iter().filter(|record| {
+                let visible = records.filter(|record| {
                     let namespace = record.namespace.as_str();
                     match allowed.iter().find(|(ns, _)| *ns == namespace) {
                         Some((_, verdict)) => *verdict,
@@ -286,8 +285,9 @@ impl Services {
                     }
                 });
                 search(visible.map(|record| &record.value), &request, max_limit, InputOrder::ById)
-            }
+            }),
             View::Listed(all) => {
+                request.condition.force_owner(account);
                 let records: Vec<serde_json::Value> =
                     all.iter().filter(|s| self.owned_by(s, account)).map(|s| subscription_record(s, tz)).collect();
                 search(&records, &request, max_limit, InputOrder::Unordered)

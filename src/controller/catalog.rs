@@ -199,10 +199,13 @@ impl Catalog {
         self.state.read().objects.get(uid).map(|held| held.object.clone())
     }
 
-    /// The live records of `account`, in ascending id.
-    pub fn records(&self, account: &str) -> Vec<Arc<Record>> {
+    /// Runs `read` over the live records of `account`, in ascending id, under the
+    /// catalog's read lock: a search copies nothing but its page.
+    pub fn with_records<T>(&self, account: &str, read: impl FnOnce(&mut dyn Iterator<Item = &Record>) -> T) -> T {
         let state = self.state.read();
-        state.by_account.get(account).map(|records| records.values().cloned().collect()).unwrap_or_default()
+        let mut records =
+            state.by_account.get(account).into_iter().flat_map(|records| records.values().map(AsRef::as_ref));
+        read(&mut records)
     }
 
     /// The highest id any subscription has had.
@@ -450,7 +453,9 @@ mod tests {
         f.apply(other);
         f.apply(sub("new", 100, "new", None));
         let ids = |f: &Fixture, account| -> Vec<i64> {
-            f.catalog.records(account).iter().map(|r| r.value["subscription_id"].as_i64().unwrap()).collect()
+            f.catalog.with_records(account, |records| {
+                records.map(|r| r.value["subscription_id"].as_i64().unwrap()).collect()
+            })
         };
         assert_eq!(ids(&f, "0"), [0, 10, 30]);
         assert_eq!(ids(&f, "7"), [20]);
