@@ -8,6 +8,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::ops::Range;
+use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::Mutex;
 
 /// Key of the counter ConfigMap holding the next id that no allocator has reserved.
@@ -19,11 +20,41 @@ pub const IMPORTED_KEY: &str = "imported";
 /// Largest id accepted anywhere: ids are JSON numbers for bk-cmdb clients, exact up to 2^53.
 pub const MAX_ID: i64 = 1 << 53;
 
+/// Most ids one counter write reserves for a burst of new subscriptions.
+pub const MAX_BLOCK_SIZE: i64 = 1000;
+
 pub struct IdAllocator {
     api: Api<ConfigMap>,
     name: String,
     block_size: i64,
     state: Mutex<Range<i64>>,
+    /// Callers of `next_id` waiting for the block, to size the next reservation.
+    waiting: AtomicI64,
+}
+
+/// How many ids to reserve when `waiting` callers want one: every caller waiting gets one
+/// from the same counter write (a burst of 10,000 creates otherwise made 1,000 writes, one
+/// after the other, which bounded how fast they all became Ready), never fewer than the
+/// configured size, and at most `MAX_BLOCK_SIZE` (ids reserved and not handed out are a
+/// gap after a restart).
+fn reservation_size(configured: i64, waiting: i64) -> i64 {
+    waiting.clamp(configured, MAX_BLOCK_SIZE.max(configured))
+}
+
+/// One caller counted in `IdAllocator::waiting` until dropped (also when its future is).
+struct Queued<'a>(&'a AtomicI64);
+
+impl<'a> Queued<'a> {
+    fn join(waiting: &'a AtomicI64) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Queued(waiting)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What the counter ConfigMap records. Every id herald hands out comes from a reserved
@@ -129,14 +160,24 @@ fn parse_ranges(text: &str) -> Option<Vec<Range<i64>>> {
 
 impl IdAllocator {
     pub fn new(api: Api<ConfigMap>, name: String, block_size: u32) -> Self {
-        IdAllocator { api, name, block_size: i64::from(block_size.max(1)), state: Mutex::default() }
+        IdAllocator {
+            api,
+            name,
+            block_size: i64::from(block_size.max(1)),
+            state: Mutex::default(),
+            waiting: AtomicI64::new(0),
+        }
     }
 
     /// A fresh id, at least `floor`.
     pub async fn next_id(&self, floor: i64) -> Result<i64, Error> {
+        let queued = Queued::join(&self.waiting);
         let mut block = self.state.lock().await;
+        // This caller and those queued behind it.
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        drop(queued);
         if block.is_empty() || block.start < floor {
-            let block_size = self.block_size;
+            let block_size = reservation_size(self.block_size, waiting);
             *block =
                 match self.update(|counter| Ok::<_, Infallible>((counter.reserve(floor, block_size), true))).await? {
                     Ok(reserved) => reserved,
@@ -209,6 +250,14 @@ impl IdAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_reserves_an_id_for_every_caller_waiting_within_bounds() {
+        assert_eq!(reservation_size(10, 1), 10, "never fewer than configured");
+        assert_eq!(reservation_size(10, 64), 64, "one write serves every caller waiting");
+        assert_eq!(reservation_size(10, 50_000), MAX_BLOCK_SIZE);
+        assert_eq!(reservation_size(5000, 3), 5000, "a configured size above the cap stands");
+    }
 
     fn counter(next: &str, reserved: Option<&str>) -> Counter {
         let mut data = BTreeMap::from([(NEXT_ID_KEY.to_string(), next.to_string())]);
