@@ -10,6 +10,8 @@
 //! record is skipped, or applied again with `--existing update`.
 
 use crate::compat::input::parse_subscription;
+// Read as the controller reads it, so import and controller agree on which id is asked for.
+use crate::controller::validation::imported_id;
 use crate::crd::{
     EventSubscription, EventSubscriptionSpec, IMPORTED_ID_ANNOTATION, IMPORTED_STATISTICS_ANNOTATION,
     OPERATOR_ANNOTATION, apply_body,
@@ -302,7 +304,7 @@ impl<'a> Record<'a> {
     fn is_ours(&self, sub: &EventSubscription) -> bool {
         sub.namespace().as_deref() == Some(self.namespace.as_str())
             && sub.name_any() == self.object
-            && sub.annotations().get(IMPORTED_ID_ANNOTATION) == Some(&self.id.to_string())
+            && imported_id(sub) == Some(self.id)
     }
 
     async fn apply(&self, client: &kube::Client) -> Result<(), String> {
@@ -360,8 +362,8 @@ impl Plan<'_> {
         let live = self.existing.iter().filter(|s| s.metadata.deletion_timestamp.is_none());
         let held_by = |s: &EventSubscription| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any());
         for other in live.clone().filter(|s| !record.is_ours(s)) {
-            let held = other.status.as_ref().and_then(|st| st.subscription_id) == Some(id)
-                || other.annotations().get(IMPORTED_ID_ANNOTATION) == Some(&id.to_string());
+            let held =
+                other.status.as_ref().and_then(|st| st.subscription_id) == Some(id) || imported_id(other) == Some(id);
             if held {
                 return Action::Refused(format!("id {id} is held by {}", held_by(other)));
             }

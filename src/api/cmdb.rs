@@ -121,10 +121,9 @@ async fn search(
 ) -> Response {
     let call = Call::from_headers(&headers);
     let account = account(&call, &path_account);
-    let tz = state.config.time_zone.clone();
     answer(&state, call, |services, identity| async move {
         let raw = read_body(body)?;
-        services.search(&identity, &account, || SearchRequest::parse(&raw), None, &tz).await
+        services.search(&identity, &account, || SearchRequest::parse(&raw), None).await
     })
     .await
 }

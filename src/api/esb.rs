@@ -157,10 +157,9 @@ async fn update(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 }
 
 async fn search(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let tz = state.config.time_zone.clone();
     answer(&state, headers, body, |services, identity, request, _| async move {
         let parse = || SearchRequest::from_value(&Value::Object(request.body.clone()));
-        services.search(&identity, &request.account, parse, Some(ESB_MAX_LIMIT), &tz).await
+        services.search(&identity, &request.account, parse, Some(ESB_MAX_LIMIT)).await
     })
     .await
 }

@@ -11,7 +11,6 @@ use super::{Refusal, Services};
 use crate::compat::input::{DialTarget, PingInput, SubscriptionInput};
 use crate::compat::search::{InputOrder, SearchRequest, search};
 use crate::compat::subscription_record::subscription_record;
-use crate::compat::time::TimeZoneSetting;
 use crate::compat::{ApiError, ErrorCode};
 use crate::controller::catalog::Catalog;
 use crate::crd::{EventSubscription, OPERATOR_ANNOTATION, apply_body};
@@ -73,7 +72,7 @@ impl Drop for NameLock<'_> {
 /// server when it does not within `READ_WAIT`.
 enum View<'a> {
     Catalog(&'a Catalog),
-    Listed(Vec<EventSubscription>),
+    Listed(Vec<Arc<EventSubscription>>),
 }
 
 fn is_live(sub: &EventSubscription) -> bool {
@@ -116,7 +115,7 @@ impl Services {
             .list(&ListParams::default())
             .await
             .map_err(|e| Refusal::from(ApiError::new(code).with_detail(kube_detail(&e))))?;
-        Ok(View::Listed(listed.items))
+        Ok(View::Listed(listed.items.into_iter().map(Arc::new).collect()))
     }
 
     /// Whether `sub` counts for `account`: its namespace is allowed for the account.
@@ -132,10 +131,10 @@ impl Services {
     }
 
     /// The subscription with `id` of `account`.
-    fn find(&self, view: &View<'_>, account: &str, id: i64) -> Option<EventSubscription> {
+    fn find(&self, view: &View<'_>, account: &str, id: i64) -> Option<Arc<EventSubscription>> {
         let has_id = |s: &EventSubscription| s.status.as_ref().and_then(|st| st.subscription_id) == Some(id);
         match view {
-            View::Catalog(catalog) => catalog.by_id(id).map(|s| s.as_ref().clone()),
+            View::Catalog(catalog) => catalog.by_id(id),
             View::Listed(all) => all.iter().find(|s| has_id(s)).cloned(),
         }
         .filter(|s| self.owned_by(s, account))
@@ -145,9 +144,7 @@ impl Services {
     fn name_holder(&self, view: &View<'_>, account: &str, name: &str) -> Option<(String, String)> {
         let holds = |s: &EventSubscription| name_key(&s.spec) == (account, name) && self.owned_by(s, account);
         let holder = match view {
-            View::Catalog(catalog) => {
-                catalog.holders(account, name).into_iter().find(|s| holds(s)).map(|s| s.as_ref().clone())
-            }
+            View::Catalog(catalog) => catalog.holders(account, name).into_iter().find(|s| holds(s)),
             View::Listed(all) => all.iter().find(|s| holds(s)).cloned(),
         };
         holder.map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
@@ -264,7 +261,6 @@ impl Services {
         account: &str,
         parse: impl FnOnce() -> Result<SearchRequest, ApiError>,
         max_limit: Option<usize>,
-        tz: &TimeZoneSetting,
     ) -> Result<serde_json::Value, Refusal> {
         self.auth.authorize(identity, account, Action::List).await?;
         let mut request = parse()?;
@@ -288,8 +284,11 @@ impl Services {
             }),
             View::Listed(all) => {
                 request.condition.force_owner(account);
-                let records: Vec<serde_json::Value> =
-                    all.iter().filter(|s| self.owned_by(s, account)).map(|s| subscription_record(s, tz)).collect();
+                let records: Vec<serde_json::Value> = all
+                    .iter()
+                    .filter(|s| self.owned_by(s, account))
+                    .map(|s| subscription_record(s, &self.controller.config.time_zone))
+                    .collect();
                 search(&records, &request, max_limit, InputOrder::Unordered)
             }
         };

@@ -52,7 +52,7 @@ struct State {
     /// Uid of the object with each id.
     by_id: HashMap<i64, String>,
     /// Live records of each account by (id, uid): ascending id is bk-cmdb's default order.
-    by_account: HashMap<String, BTreeMap<(i64, String), Arc<Record>>>,
+    by_account: HashMap<String, BTreeMap<(i64, String), Record>>,
     /// The highest id ever seen: ids are never handed out again.
     highest_id: i64,
     /// The highest resourceVersion applied; `None` once one was not a number (then reads
@@ -163,7 +163,7 @@ impl Catalog {
                 namespace: sub.namespace().unwrap_or_default(),
                 value: subscription_record(&sub, &self.time_zone),
             };
-            state.by_account.entry(key.0.clone()).or_default().insert(slot.clone(), Arc::new(record));
+            state.by_account.entry(key.0.clone()).or_default().insert(slot.clone(), record);
             (key.0.clone(), slot)
         });
         state.objects.insert(uid, Held { object: sub, key, id, record });
@@ -203,8 +203,7 @@ impl Catalog {
     /// catalog's read lock: a search copies nothing but its page.
     pub fn with_records<T>(&self, account: &str, read: impl FnOnce(&mut dyn Iterator<Item = &Record>) -> T) -> T {
         let state = self.state.read();
-        let mut records =
-            state.by_account.get(account).into_iter().flat_map(|records| records.values().map(AsRef::as_ref));
+        let mut records = state.by_account.get(account).into_iter().flat_map(BTreeMap::values);
         read(&mut records)
     }
 

@@ -42,16 +42,16 @@ fn reservation_size(configured: i64, waiting: i64) -> i64 {
 }
 
 /// One caller counted in `IdAllocator::waiting` until dropped (also when its future is).
-struct Queued<'a>(&'a AtomicI64);
+struct Waiter<'a>(&'a AtomicI64);
 
-impl<'a> Queued<'a> {
+impl<'a> Waiter<'a> {
     fn join(waiting: &'a AtomicI64) -> Self {
         waiting.fetch_add(1, Ordering::Relaxed);
-        Queued(waiting)
+        Waiter(waiting)
     }
 }
 
-impl Drop for Queued<'_> {
+impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -171,11 +171,11 @@ impl IdAllocator {
 
     /// A fresh id, at least `floor`.
     pub async fn next_id(&self, floor: i64) -> Result<i64, Error> {
-        let queued = Queued::join(&self.waiting);
+        let waiter = Waiter::join(&self.waiting);
         let mut block = self.state.lock().await;
         // This caller and those queued behind it.
         let waiting = self.waiting.load(Ordering::Relaxed);
-        drop(queued);
+        drop(waiter);
         if block.is_empty() || block.start < floor {
             let block_size = reservation_size(self.block_size, waiting);
             *block =

@@ -173,19 +173,13 @@ impl Guard {
 
     /// Resolves `host:port` and refuses it unless every address is permitted: for a
     /// request whose connection someone else (a proxy) makes, to any of them.
-    pub async fn resolve_all(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+    pub async fn resolve_all(&self, host: &str, port: u16) -> Result<(), GuardError> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|source| GuardError::Resolve { host: host.to_string(), source })?
-            .collect();
+        let resolved = lookup(host, port).await?;
         if resolved.is_empty() {
             return Err(GuardError::NoAddress { host: host.to_string() });
         }
-        for addr in &resolved {
-            self.check(addr.ip())?;
-        }
-        Ok(resolved)
+        Ok(resolved.iter().try_for_each(|addr| self.check(addr.ip()))?)
     }
 
     /// Resolves `host:port` and keeps only the permitted addresses.
@@ -195,10 +189,7 @@ impl Guard {
             self.check(ip)?;
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|source| GuardError::Resolve { host: host.to_string(), source })?
-            .collect();
+        let resolved = lookup(host, port).await?;
         let mut refused = None;
         let permitted: Vec<SocketAddr> = resolved
             .into_iter()
@@ -243,6 +234,14 @@ impl reqwest::dns::Resolve for GuardedResolver {
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// The addresses `host:port` resolves to (`host` without brackets).
+async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, GuardError> {
+    let resolved = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| GuardError::Resolve { host: host.to_string(), source })?;
+    Ok(resolved.collect())
 }
 
 #[cfg(test)]

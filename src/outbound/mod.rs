@@ -160,10 +160,16 @@ mod tests {
         // The proxy itself is the operator's choice; the destinations are not.
         let config = GuardConfig { proxy: Some(proxy_url), ..GuardConfig::default() };
         let outbound = Outbound::new(&config).unwrap();
-        // "localhost" resolves (from /etc/hosts) to loopback only.
+        let reached = || connections.load(std::sync::atomic::Ordering::SeqCst);
+        // A permitted destination goes through the proxy (which never answers)...
+        let permitted = outbound.post(&url("http://8.8.8.8:9/events")).await.unwrap();
+        let _ = permitted.timeout(std::time::Duration::from_millis(300)).send().await;
+        assert_eq!(reached(), 1, "the permitted request reached the proxy");
+        // ...a refused one is refused before any request: "localhost" resolves (from
+        // /etc/hosts) to loopback only.
         let refused = outbound.post(&url("http://localhost:9/events")).await.unwrap_err();
         assert!(matches!(refused, GuardError::Refused(_)), "{refused}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the proxy");
+        assert_eq!(reached(), 1, "nothing more reached the proxy");
     }
 }
