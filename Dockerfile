@@ -1,17 +1,32 @@
-# herald container image: a release build on Debian bookworm, run on distroless
-# (glibc + libgcc, no shell, no package manager) as the nonroot user.
-# Build: docker build -t ghcr.io/herald-dev/herald:0.1.0 .
+# herald container image: a release build, run as the nonroot user (65532) on a base with
+# glibc and libgcc only (no shell, no package manager).
+#
+#   docker build -t ghcr.io/herald-dev/herald:0.1.0 .
+#
+# The bases are build arguments so that a machine that cannot pull them can use its own
+# (tests/node/image.sh makes both from Debian packages). BINARY picks where /herald comes
+# from: `compiled` builds it from this context; `prebuilt` takes an already built binary,
+# `herald` at the root of the build context (tests/node/image.sh uses a directory holding
+# only that file).
+ARG BUILD_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG BINARY=compiled
 
-FROM rust:1.95-bookworm AS build
+FROM ${BUILD_IMAGE} AS compiled
 WORKDIR /src
 COPY . .
 # --locked: exactly the dependency versions of Cargo.lock.
 RUN cargo build --release --locked --bin herald \
  && cp target/release/herald /herald
 
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /herald /herald
-# 65532 is distroless's nonroot; the chart's securityContext expects it.
+FROM scratch AS prebuilt
+COPY herald /herald
+
+FROM ${BINARY} AS binary
+
+FROM ${RUNTIME_IMAGE}
+COPY --from=binary /herald /herald
+# The chart's securityContext runs as 65532 too (distroless's nonroot).
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/herald"]

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::helm::*;
 use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
@@ -18,119 +19,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/herald");
-
-/// What a finished command said.
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Output {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "success={}\nstdout:\n{}\nstderr:\n{}", self.ok, self.stdout, self.stderr)
-    }
-}
-
-fn run(command: &mut Command) -> Output {
-    let out = command.output().unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn tools() -> PathBuf {
-    PathBuf::from(std::env::var("HERALD_TOOLS_BIN").unwrap_or_else(|_| {
-        panic!("HERALD_TOOLS_BIN is not set: run the chart tests with tests/run.sh, which builds helm and kubectl")
-    }))
-}
-
-/// helm from the tools directory, talking to the cluster of `kubeconfig`.
-fn helm(kubeconfig: &Path, args: &[&str]) -> Output {
-    run(Command::new(tools().join("helm")).arg("--kubeconfig").arg(kubeconfig).args(args))
-}
-
-/// kubectl as whoever `kubeconfig` names.
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
-    run(Command::new(tools().join("kubectl")).arg("--kubeconfig").arg(kubeconfig).args(args))
-}
-
-/// Polls `attempt` every half second until it returns Ok, failing the test after `within`
-/// with the last Err.
-async fn eventually<T>(within: Duration, what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        match attempt() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => panic!("{what}: not within {within:?}; last: {last}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
-}
-
-/// A Helm release of the chart in a test namespace, uninstalled when dropped (unless
-/// HERALD_TEST_KEEP is set): its cluster-scoped roles would outlive the namespace.
-struct Release {
-    name: String,
-    namespace: String,
-    kubeconfig: PathBuf,
-}
-
-impl Release {
-    /// `helm install` without --wait. The release is named after the namespace, which
-    /// contains "herald", so the fullname (object name prefix) is the release name and
-    /// every test's ClusterRoles have names of their own.
-    fn install(cluster: &Cluster, namespace: &str, values: &[&str]) -> Release {
-        assert!(namespace.contains("herald"), "the fullname is the release name only when it contains the chart name");
-        let mut args = vec!["install", namespace, CHART, "--namespace", namespace];
-        args.extend(values);
-        let out = helm(&cluster.kubeconfig, &args);
-        assert!(out.ok, "helm install: {out}");
-        Release {
-            name: namespace.to_string(),
-            namespace: namespace.to_string(),
-            kubeconfig: cluster.kubeconfig.clone(),
-        }
-    }
-
-    fn upgrade(&self, values: &[&str]) -> Output {
-        let mut args = vec!["upgrade", self.name.as_str(), CHART, "--namespace", self.namespace.as_str()];
-        args.extend(values);
-        helm(&self.kubeconfig, &args)
-    }
-
-    fn uninstall(&self) -> Output {
-        helm(&self.kubeconfig, &["uninstall", &self.name, "--namespace", &self.namespace])
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if std::env::var_os("HERALD_TEST_KEEP").is_none() {
-            // Already gone after a successful uninstall test; nothing to report then.
-            let _ = self.uninstall();
-        }
-    }
-}
-
-/// A cluster-scoped object a test created, deleted when dropped (unless HERALD_TEST_KEEP is
-/// set): deleting the test namespace would leave it behind.
-struct ClusterScoped {
-    kind: &'static str,
-    name: String,
-    kubeconfig: PathBuf,
-}
-
-impl Drop for ClusterScoped {
-    fn drop(&mut self) {
-        if std::env::var_os("HERALD_TEST_KEEP").is_none() {
-            let _ = kubectl(&self.kubeconfig, &["delete", self.kind, &self.name, "--ignore-not-found"]);
-        }
-    }
-}
 
 /// A ServiceAccount token from the TokenRequest API.
 fn token(cluster: &Cluster, namespace: &str, service_account: &str) -> String {
@@ -264,6 +152,14 @@ fn values_switch_the_optional_parts() {
         !no_token_auth.contains("tokenreviews") && !no_token_auth.contains("subjectaccessreviews"),
         "{no_token_auth}"
     );
+
+    assert!(!defaults.contains("hostNetwork") && defaults.contains("containerPort: 8080"), "{defaults}");
+    let on_the_node = render(&["--set", "hostNetwork=true", "--set", "containerPort=9443"]);
+    for wanted in
+        ["hostNetwork: true", "dnsPolicy: ClusterFirstWithHostNet", "containerPort: 9443", "listen: 0.0.0.0:9443"]
+    {
+        assert!(on_the_node.contains(wanted), "host network render lacks {wanted}: {on_the_node}");
+    }
 }
 
 /// herald refuses unknown config keys, so a key the chart writes and herald does not know
@@ -612,37 +508,19 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     let mut bindings = Vec::new();
     let mut tokens = Vec::new();
     for (client, role, publish_status) in [("producer", "account-0-writer", 200), ("viewer", "account-0-reader", 403)] {
-        let (ok, _, err) = cluster.kubectl(&["create", "serviceaccount", client, "-n", &ns]);
-        assert!(ok, "{err}");
-        let binding = format!("{}-{client}", ns.name);
-        let subject = format!("--serviceaccount={}:{client}", ns.name);
-        let (ok, _, err) = cluster.kubectl(&[
-            "create",
-            "clusterrolebinding",
-            &binding,
-            &format!("--clusterrole={service_account}-{role}"),
-            &subject,
-        ]);
-        assert!(ok, "{err}");
-        bindings.push(ClusterScoped {
-            kind: "clusterrolebinding",
-            name: binding,
-            kubeconfig: cluster.kubeconfig.clone(),
-        });
-        let (ok, token, err) =
-            cluster.kubectl(&["create", "token", client, "-n", &ns, "--audience", "herald", "--duration", "1h"]);
-        assert!(ok, "{err}");
+        let (token, binding) = release.account_token(&cluster, client, role);
+        bindings.push(binding);
         // herald caches review answers for a few seconds; RBAC caches take a moment too.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let (status, body) = call(reqwest::Method::POST, "/api/v3/event/publish", token.trim(), &event).await;
+            let (status, body) = call(reqwest::Method::POST, "/api/v3/event/publish", &token, &event).await;
             if status == publish_status {
                 break;
             }
             assert!(Instant::now() < deadline, "{client} ({role}) publishing: {status} {body}\n{}", herald.log_text());
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokens.push(token.trim().to_string());
+        tokens.push(token);
     }
     let (producer, viewer) = (&tokens[0], &tokens[1]);
     let mut form = serde_json::json!({"subscription_name": "rest", "callback_url": "http://127.0.0.1:9/x", "subscription_form": "hostcreate"});

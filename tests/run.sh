@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
 # The whole test suite: checks formatting and lints (cargo fmt --check, cargo clippy
-# -D warnings), builds the control plane tools (cached outside the clone),
-# starts etcd + kube-apiserver + kube-controller-manager on loopback, installs the CRD,
-# runs every unit and integration test against it, and stops it at the end.
+# -D warnings), builds the control plane tools (cached outside the clone) and the tests,
+# builds herald's image here and installs the node's Debian packages (tests/node/prepare.sh),
+# then, in a network namespace of its own, starts etcd + kube-apiserver +
+# kube-controller-manager on loopback, installs the CRD, adds a node (kubelet, containerd,
+# kube-scheduler: tests/node/up.sh), runs every unit and integration test against it, and
+# stops it all at the end. Needs root (the namespace, containerd).
 # Extra arguments go to `cargo test` (for example a test name filter).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-# Format and lint first: they are the cheapest failures.
-cargo fmt --check
-cargo clippy --locked --all-targets -- -D warnings
+if [ -z "${HERALD_TEST_NETNS:-}" ]; then
+  # Format and lint first: they are the cheapest failures.
+  cargo fmt --check
+  cargo clippy --locked --all-targets -- -D warnings
 
-bin=$(tests/controlplane/build-tools.sh)
-export HERALD_TOOLS_BIN=$bin PATH="$bin:$PATH"
-cargo build --locked --bins --tests
+  bin=$(tests/controlplane/build-tools.sh)
+  cargo build --locked --bins --tests
+  images=$(mktemp -d "${HERALD_STATE_ROOT:-/dev/shm}/herald-images.XXXXXX")
+  trap 'rm -rf "$images"' EXIT
+  tests/node/prepare.sh "$images" target/debug/herald
+
+  # Everything that needs the network is done. The tests run where loopback is the only
+  # device, so nothing they start (the node's pods included) reaches past this machine.
+  HERALD_TEST_NETNS=1 HERALD_TOOLS_BIN=$bin HERALD_NODE_IMAGES=$images unshare --net "$0" "$@"
+  exit
+fi
+
+ip link set lo up
+# kubelet refuses a loopback node address; a second address on lo serves.
+export HERALD_NODE_IP=10.244.0.1
+ip addr add "$HERALD_NODE_IP/32" dev lo
+export PATH="$HERALD_TOOLS_BIN:$PATH"
 
 state=$(mktemp -d "${HERALD_STATE_ROOT:-/dev/shm}/herald-test.XXXXXX")
-trap 'tests/controlplane/down.sh "$state"; rm -rf "$state"' EXIT
+trap 'tests/node/down.sh "$state"; tests/controlplane/down.sh "$state"; rm -rf "$state"' EXIT
 tests/controlplane/up.sh "$state"
 source "$state/env"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev --timeout=60s >/dev/null
+tests/node/up.sh "$state" "$HERALD_NODE_IMAGES"
+source "$state/env"
 
 cargo test --locked "$@"

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod callback;
+pub mod helm;
 pub mod launch;
 
 #[allow(unused_imports)] // each test binary uses a different part of the harness

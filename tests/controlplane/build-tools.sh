@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test/dev control plane (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm) from Go modules, as docs/design.md §8 prescribes, and caches the
+# kubectl, etcd, helm, and for tests/node kubelet and kube-scheduler) from Go modules, as docs/design.md §8 prescribes, and caches the
 # binaries outside the clone, keyed by version. Prints the bin directory.
 # A cold build takes 20-35 minutes on 2 cores; a warm one is instant.
 set -euo pipefail
@@ -39,11 +39,16 @@ done
 build_tool "etcd-$ETCD_VERSION" "$tools/etcd" "" .
 build_tool "kubernetes-$KUBERNETES_VERSION" "$tools/kubernetes" "$kver_flags" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+# The node (kubelet, kube-scheduler) only serves tests/node; cached apart so adding it does
+# not rebuild the control plane.
+build_tool "kubernetes-node-$KUBERNETES_VERSION" "$tools/kubernetes" "$kver_flags" \
+  k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler
 build_tool "helm-$HELM_VERSION" "$tools/helm" "$helm_flags" helm.sh/helm/v3/cmd/helm
 
 bin="$cache/bin-$KUBERNETES_VERSION-$ETCD_VERSION-$HELM_VERSION"
 mkdir -p "$bin"
 ln -sf "$cache/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
 for t in kube-apiserver kube-controller-manager kubectl; do ln -sf "$cache/kubernetes-$KUBERNETES_VERSION/$t" "$bin/$t"; done
+for t in kubelet kube-scheduler; do ln -sf "$cache/kubernetes-node-$KUBERNETES_VERSION/$t" "$bin/$t"; done
 ln -sf "$cache/helm-$HELM_VERSION/helm" "$bin/helm"
 echo "$bin"

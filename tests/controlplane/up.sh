@@ -10,7 +10,7 @@ state=${1:?usage: up.sh STATE_DIR}
 mkdir -p "$state" && state=$(cd "$state" && pwd)
 bin=${HERALD_TOOLS_BIN:-$("$here/build-tools.sh")}
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+source "$here/lib.sh"
 etcd_client=$(free_port); etcd_peer=$(free_port); apiserver_port=$(free_port)
 
 pki="$state/pki"; mkdir -p "$pki"
@@ -54,13 +54,6 @@ KUBECONFIG
 write_kubeconfig "$state/kubeconfig" admin "$admin_token"
 write_kubeconfig "$state/kcm.kubeconfig" system:kube-controller-manager "$kcm_token"
 
-start() { # NAME ARGS...: starts a component in the background, logging to STATE/NAME.log
-  local name=$1; shift
-  printf '%q ' "$@" > "$state/$name.cmd"
-  "$@" >> "$state/$name.log" 2>&1 &
-  echo $! > "$state/$name.pid"
-}
-
 start etcd "$bin/etcd" --name herald-test --data-dir "$state/etcd-data" \
   --listen-client-urls "http://127.0.0.1:$etcd_client" --advertise-client-urls "http://127.0.0.1:$etcd_client" \
   --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
@@ -74,7 +67,7 @@ start kube-apiserver "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etc
   --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$pki/sa.pub" \
   --service-account-signing-key-file "$pki/sa.key" --api-audiences https://kubernetes.default.svc \
   --authorization-mode RBAC --service-cluster-ip-range 10.96.0.0/16 \
-  --disable-admission-plugins ServiceAccount --v 1
+  --kubelet-preferred-address-types InternalIP --v 1
 
 kubectl=("$bin/kubectl" --kubeconfig "$state/kubeconfig")
 for _ in $(seq 1 120); do
@@ -87,7 +80,7 @@ start kube-controller-manager "$bin/kube-controller-manager" --kubeconfig "$stat
   --authentication-kubeconfig "$state/kcm.kubeconfig" --authorization-kubeconfig "$state/kcm.kubeconfig" \
   --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false \
   --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
-  --use-service-account-credentials=true --controllers '*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-persistentvolume-binder' --v 1
+  --use-service-account-credentials=true --controllers '*,-nodeipam,-cloud-node-lifecycle' --v 1
 
 cat > "$state/env" <<ENV
 export KUBECONFIG=$state/kubeconfig

@@ -46,7 +46,7 @@ herald's config file: .Values.config merged over the values the pod spec is wire
 {{- if .Values.persistence.enabled -}}
 {{- $_ := set $store "quotaBytes" (include "herald.quotaBytes" . | atoi) -}}
 {{- end -}}
-{{- $config := mergeOverwrite (dict "listen" "0.0.0.0:8080" "store" $store) (deepCopy .Values.config) -}}
+{{- $config := mergeOverwrite (dict "listen" (printf "0.0.0.0:%v" .Values.containerPort) "store" $store) (deepCopy .Values.config) -}}
 {{- $config = mergeOverwrite $config (dict "api" (dict "auth" (dict "kubernetes" .Values.api.auth.kubernetes))) -}}
 {{- if .Values.tls.enabled -}}
 {{- $tls := dict "certFile" "/etc/herald/tls/tls.crt" "keyFile" "/etc/herald/tls/tls.key" -}}

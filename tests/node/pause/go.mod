@@ -1,0 +1,3 @@
+module herald.test/node/pause
+
+go 1.25.0
