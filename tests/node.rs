@@ -69,8 +69,8 @@ impl Node {
         .to_string()
     }
 
-    /// The host PID of a running container, from containerd's task list.
-    fn container_pid(&self, container_id: &str) -> u32 {
+    /// containerd's tasks (pod sandboxes and containers): id, host PID, status.
+    fn tasks(&self) -> Vec<(String, u32, String)> {
         let out = run(std::process::Command::new("ctr").args([
             "--address",
             &self.containerd,
@@ -80,22 +80,15 @@ impl Node {
             "ls",
         ]));
         assert!(out.ok, "ctr tasks ls: {out}");
-        let line = out.stdout.lines().find(|l| l.starts_with(container_id)).unwrap_or_else(|| panic!("{out}"));
-        line.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("a PID")
-    }
-
-    /// Tasks containerd still runs (pod sandboxes and containers).
-    fn running_tasks(&self) -> Vec<String> {
-        let out = run(std::process::Command::new("ctr").args([
-            "--address",
-            &self.containerd,
-            "--namespace",
-            "k8s.io",
-            "tasks",
-            "ls",
-        ]));
-        assert!(out.ok, "ctr tasks ls: {out}");
-        out.stdout.lines().skip(1).filter(|l| l.contains("RUNNING")).map(str::to_string).collect()
+        out.stdout
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let (id, pid, status) = (fields.next()?, fields.next()?.parse().ok()?, fields.next()?);
+                Some((id.to_string(), pid, status.to_string()))
+            })
+            .collect()
     }
 }
 
@@ -168,10 +161,31 @@ async fn helm_install_runs_herald_as_a_pod_that_delivers_and_keeps_accepted_even
     let (pod, container, restarts) = ready_pod(&cluster, &release, Duration::from_secs(10)).await;
     let (_, scheduled, _) = cluster.kubectl(&["get", "pod", &pod, "-n", &ns, "-o", "jsonpath={.spec.nodeName}"]);
     assert_eq!(scheduled, node.name, "the pod runs on the test node");
-    assert_eq!(restarts, 0, "the liveness probe has not restarted herald");
+    assert_eq!(restarts, 0, "herald has not been restarted");
+    // Ready means the readiness probe passed; the kubelet's probe counters show liveness.
+    let probes = format!("/api/v1/nodes/{}/proxy/metrics/probes", node.name);
+    eventually(Duration::from_secs(30), "a successful liveness probe and no failed ones", || {
+        let (ok, metrics, err) = cluster.kubectl(&["get", "--raw", &probes]);
+        let count = |result: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.contains(&format!("pod=\"{pod}\"")) && l.contains("probe_type=\"Liveness\""))
+                .filter(|l| l.contains(&format!("result=\"{result}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        match (ok, count("successful"), count("failed")) {
+            (true, passed, 0.0) if passed >= 1.0 => Ok(()),
+            (true, passed, failed) => Err(format!("{passed} passed, {failed} failed")),
+            (false, ..) => Err(err),
+        }
+    })
+    .await;
 
     // The chart's security settings, as the kernel sees the process.
-    let pid = node.container_pid(&container);
+    let tasks = node.tasks();
+    let pid = tasks.iter().find(|(id, ..)| *id == container).map(|(_, pid, _)| *pid);
+    let pid = pid.unwrap_or_else(|| panic!("container {container} among containerd's tasks: {tasks:?}"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
     let field =
         |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_string();
@@ -334,7 +348,7 @@ async fn helm_install_runs_herald_as_a_pod_that_delivers_and_keeps_accepted_even
         ]);
         let (_, cluster_objects, _) =
             cluster.kubectl(&["get", "clusterrole,clusterrolebinding", "-l", &selector, "-o", "name"]);
-        let tasks = node.running_tasks();
+        let tasks: Vec<_> = node.tasks().into_iter().filter(|(.., status)| status == "RUNNING").collect();
         if objects.trim().is_empty() && cluster_objects.trim().is_empty() && tasks.is_empty() {
             Ok(())
         } else {

@@ -17,7 +17,7 @@ if [ -f "$state/containerd.pid" ]; then
     "${ctr[@]}" tasks kill --signal SIGKILL "$task" >/dev/null 2>&1
   done
   for _ in $(seq 1 50); do
-    [ -z "$("${ctr[@]}" tasks ls -q 2>/dev/null | while read -r t; do "${ctr[@]}" tasks ls | grep "^$t .*RUNNING"; done)" ] && break
+    "${ctr[@]}" tasks ls 2>/dev/null | grep -q RUNNING || break
     sleep 0.1
   done
 fi

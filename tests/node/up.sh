@@ -121,10 +121,17 @@ for _ in $(seq 1 120); do "${kubectl[@]}" get node "$node" >/dev/null 2>&1 && br
   || { echo "node $node not Ready; see $state/kubelet.log and $state/containerd.log" >&2; exit 1; }
 
 # A local volume on this node for the chart's claim (root-owned, 0755: the chart's
-# fsGroup is what must make it writable for herald's user).
+# fsGroup is what must make it writable for herald's user), in a class that binds when
+# the scheduler places the pod, as local volumes do.
 volume="$state/node-volume"
 mkdir -p "$volume" && chmod 0755 "$volume"
 "${kubectl[@]}" apply -f - >&2 <<PV
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: $storage_class}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+---
 apiVersion: v1
 kind: PersistentVolume
 metadata: {name: $node-data}
