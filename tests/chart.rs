@@ -2,8 +2,8 @@
 //! schema, server-side dry runs, drift of the chart's CRD copy and of deploy/herald.yaml,
 //! install/upgrade/uninstall, aggregation of the user roles into view/edit, and herald
 //! running with exactly the chart's permissions. Run through tests/run.sh (helm and
-//! kubectl come from $HERALD_TOOLS_BIN). Pods never start (there is no kubelet), so nothing
-//! here waits for them.
+//! kubectl come from $HERALD_TOOLS_BIN). These releases' pods never start: the one node is
+//! tainted for tests/node.rs, which runs the chart's pod for real.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
 
