@@ -254,6 +254,78 @@ async fn retries_dead_letters_and_replay() {
     assert_eq!(replay.header("herald-attempt"), "1");
 }
 
+/// GET `path` on herald; the envelope's `data`.
+async fn get_data(herald: &Herald, path: &str) -> serde_json::Value {
+    let answer: serde_json::Value =
+        reqwest::get(herald.url(path)).await.expect("GET").json().await.expect("JSON envelope");
+    assert_eq!(answer["result"], true, "GET {path}: {answer}");
+    answer["data"].clone()
+}
+
+#[tokio::test]
+async fn the_delivery_log_shows_each_attempt_and_the_minutes_count_them() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("deliveries", &[]).await;
+    let server = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let api = cluster.subscriptions(&ns);
+    let fast = serde_json::json!({"initialBackoffSeconds": 1, "maxBackoffSeconds": 1, "jitterPercent": 0});
+    let flaky = subscribe(&api, "flaky", &server.url("fail-2", "flaky"), serde_json::json!({"retry": fast})).await;
+    let mut refusing_retry = fast.clone();
+    refusing_retry["maxAttempts"] = 2.into();
+    let refusing = serde_json::json!({
+        "confirm": {"mode": "regular", "pattern": "\"result\":\\s*true"}, "retry": refusing_retry,
+    });
+    let refused = subscribe(&api, "refused", &server.url("body-no", "refused"), refusing).await;
+
+    publish(&herald, host_event("0", 1)).await;
+    server.wait_for("flaky", 3, Duration::from_secs(30)).await;
+    wait_statistics(&api, "flaky", 3, 2).await;
+    wait_statistics(&api, "refused", 2, 2).await;
+
+    let log = get_data(&herald, &format!("/api/v3/herald/deliveries/{flaky}")).await;
+    let attempts = log["info"].as_array().expect("info");
+    let summary: Vec<_> =
+        attempts.iter().map(|a| (a["attempt"].clone(), a["result"].clone(), a["http_status"].clone())).collect();
+    assert_eq!(
+        summary,
+        [
+            (3.into(), "delivered".into(), 200.into()),
+            (2.into(), "failed".into(), 500.into()),
+            (1.into(), "failed".into(), 500.into())
+        ],
+        "newest first: {log}"
+    );
+    for attempt in attempts {
+        assert_eq!(attempt["distribution_id"], 1);
+        assert!(
+            attempt["latency_ms"].as_u64().is_some() && attempt["time"].as_str().is_some_and(|t| t.len() == 19),
+            "{attempt}"
+        );
+    }
+    assert!(attempts[1]["error"].as_str().is_some_and(|e| e.contains("500")), "{log}");
+    let limited = get_data(&herald, &format!("/api/v3/herald/deliveries/{flaky}?limit=1")).await;
+    assert_eq!(limited["count"], 1);
+
+    // Confirmed by the answer's body: the log keeps the start of what the callback said.
+    let log = get_data(&herald, &format!("/api/v3/herald/deliveries/{refused}")).await;
+    let results: Vec<_> = log["info"].as_array().expect("info").iter().map(|a| a["result"].clone()).collect();
+    assert_eq!(results, ["dead_lettered", "failed"], "{log}");
+    assert_eq!(log["info"][0]["answer"], r#"{"result": false}"#);
+    assert_eq!(log["info"][0]["http_status"], 200);
+
+    let minutes = get_data(&herald, &format!("/api/v3/herald/deliveries/{flaky}/minutes")).await;
+    let sum = |field: &str| {
+        minutes["info"].as_array().expect("info").iter().map(|m| m[field].as_i64().unwrap_or(0)).sum::<i64>()
+    };
+    assert_eq!((sum("attempts"), sum("failures")), (3, 2), "{minutes}");
+
+    let unknown = reqwest::get(herald.url("/api/v3/herald/deliveries/999999")).await.expect("GET");
+    let answer: serde_json::Value = unknown.json().await.expect("JSON envelope");
+    assert_eq!(answer["bk_error_code"], 1199006, "an unknown subscription: {answer}");
+}
+
 #[tokio::test]
 async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
     let _turn = exclusive().await;

@@ -34,7 +34,7 @@ struct ReplayBody {
     distribution_ids: Option<Vec<i64>>,
 }
 
-fn subscription_id(raw: &str) -> Result<i64, Refusal> {
+pub(super) fn subscription_id(raw: &str) -> Result<i64, Refusal> {
     raw.parse().map_err(|_| ApiError::invalid("subscription_id").into())
 }
 
@@ -42,7 +42,7 @@ fn subscription_id(raw: &str) -> Result<i64, Refusal> {
 /// account. For an id herald does not know, the check is on every account (an empty
 /// resource name, which only grants without `resourceNames` pass), so only callers
 /// allowed everywhere learn that the id does not exist (1199006).
-async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action) -> Result<(), Refusal> {
+pub(super) async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action) -> Result<(), Refusal> {
     let identity = services.auth.bearer(call.authorization.as_deref()).await?;
     let account = services.delivery.account_of(id);
     services.auth.authorize(&identity, account.as_deref().unwrap_or_default(), action).await?;

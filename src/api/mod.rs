@@ -1,10 +1,12 @@
 //! The HTTP server: the bk-cmdb REST API (`cmdb`), its ESB gateway flavour (`esb`),
-//! event publishing (`publish`), dead letters (`admin`), health, readiness and metrics.
+//! event publishing (`publish`), dead letters (`admin`), the delivery log (`deliveries`),
+//! health, readiness and metrics.
 //! Authentication and authorisation live in `auth`.
 
 pub mod admin;
 pub mod auth;
 pub mod cmdb;
+pub mod deliveries;
 pub mod esb;
 pub mod publish;
 pub mod subscriptions;
@@ -69,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(esb::routes())
         .merge(publish::routes())
         .merge(admin::routes())
+        .merge(deliveries::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)

@@ -19,7 +19,10 @@ use crate::config::DeliveryConfig;
 use crate::crd::EventSubscription;
 use crate::event::StoredEvent;
 use crate::outbound::Outbound;
-use crate::store::{DeadLetter, EventStore, Fanout, NewEvent, StoreError, now_millis};
+use crate::store::{
+    DeadLetter, EventStore, Fanout, LoggedAttempt, MINUTES_KEPT, MinuteCount, NewEvent, StoreError, minute_of,
+    now_millis,
+};
 use crate::telemetry::Metrics;
 use crate::tenancy::Tenancy;
 use index::{Subscriber, SubscriptionIndex};
@@ -122,6 +125,16 @@ impl Delivery {
     /// Up to `limit` of a subscription's dead letters, oldest event first.
     pub async fn dead_letters(&self, id: i64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.store.dead_letters(id, limit).await
+    }
+
+    /// Up to `limit` of a subscription's logged attempts, newest first.
+    pub async fn delivery_log(&self, id: i64, limit: usize) -> Result<Vec<LoggedAttempt>, StoreError> {
+        self.store.delivery_log(id, limit).await
+    }
+
+    /// A subscription's per-minute attempts and failures over the last `MINUTES_KEPT`.
+    pub async fn attempts_per_minute(&self, id: i64) -> Result<Vec<MinuteCount>, StoreError> {
+        self.store.attempts_per_minute(id, minute_of(now_millis()) - MINUTES_KEPT + 1).await
     }
 
     /// Refreshes the store gauges (`store_bytes`, `queue_depth`) for a scrape.

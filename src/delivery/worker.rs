@@ -8,7 +8,7 @@ use super::confirm::{Confirmation, judge};
 use super::index::Subscriber;
 use super::retry::backoff;
 use crate::effective::compile_confirm_regex;
-use crate::store::{Attempt, Outcome, Queued, UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION, now_millis};
+use crate::store::{Attempt, Exchange, Outcome, Queued, UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION, now_millis};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -152,6 +152,7 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
                 handle,
                 &item,
                 Outcome::DeadLettered { error, reason: "Expired".into(), attempted: false },
+                Exchange::default(),
             )
             .await;
             return Handled::Done;
@@ -168,7 +169,8 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
             Some(secret) => match delivery.secrets.key(&sub.namespace, secret).await {
                 Ok(key) => Some(key),
                 Err(error) => {
-                    if fail(delivery, handle, &sub, &mut item, error.to_string(), None).await {
+                    let (error, exchange) = (error.to_string(), Exchange::default());
+                    if fail(delivery, handle, &sub, &mut item, error, None, exchange).await {
                         return Handled::Done;
                     }
                     continue;
@@ -192,6 +194,11 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         )
         .await;
         let elapsed = started.elapsed().as_secs_f64();
+        let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let exchange = match &answer {
+            Ok(answer) => Exchange::answered(answer.status, latency_ms, &answer.body),
+            Err(_) => Exchange::unanswered(latency_ms),
+        };
         let confirmation = match answer {
             Ok(answer) => judge(
                 effective.confirm_mode,
@@ -206,12 +213,13 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
         match confirmation {
             Confirmation::Confirmed => {
                 delivery.metrics.attempt("delivered", id, elapsed);
-                record_outcome(delivery, handle, &item, Outcome::Delivered).await;
+                record_outcome(delivery, handle, &item, Outcome::Delivered, exchange).await;
                 return Handled::Done;
             }
             Confirmation::Gone => {
                 delivery.metrics.attempt("gone", id, elapsed);
-                record_outcome(delivery, handle, &item, Outcome::Failed { error: "410 Gone".into() }).await;
+                let outcome = Outcome::Failed { error: "410 Gone".into() };
+                record_outcome(delivery, handle, &item, outcome, exchange).await;
                 handle.gone_generation.store(sub.generation, Ordering::Release);
                 delivery.projector.set_gone(id, true);
                 tracing::warn!(subscription = id, "callback answered 410 Gone; delivery stops until the spec changes");
@@ -219,13 +227,14 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
             }
             Confirmation::Throttled { retry_after } => {
                 delivery.metrics.attempt("throttled", id, elapsed);
-                if fail(delivery, handle, &sub, &mut item, "429 Too Many Requests".into(), retry_after).await {
+                let error = "429 Too Many Requests".to_string();
+                if fail(delivery, handle, &sub, &mut item, error, retry_after, exchange).await {
                     return Handled::Done;
                 }
             }
             Confirmation::Failed(error) => {
                 delivery.metrics.attempt("failed", id, elapsed);
-                if fail(delivery, handle, &sub, &mut item, error, None).await {
+                if fail(delivery, handle, &sub, &mut item, error, None, exchange).await {
                     return Handled::Done;
                 }
             }
@@ -242,14 +251,16 @@ async fn fail(
     item: &mut Queued,
     error: String,
     retry_after: Option<Duration>,
+    exchange: Exchange,
 ) -> bool {
     let attempt = item.attempts + 1;
     if attempt >= sub.effective.retry.max_attempts {
         let reason = "MaxAttempts".to_string();
-        record_outcome(delivery, handle, item, Outcome::DeadLettered { error, reason, attempted: true }).await;
+        let outcome = Outcome::DeadLettered { error, reason, attempted: true };
+        record_outcome(delivery, handle, item, outcome, exchange).await;
         return true;
     }
-    record_outcome(delivery, handle, item, Outcome::Failed { error }).await;
+    record_outcome(delivery, handle, item, Outcome::Failed { error }, exchange).await;
     item.attempts = attempt;
     let wait = backoff(&sub.effective.retry, attempt, fastrand::f64()).max(retry_after.unwrap_or_default());
     tokio::select! {
@@ -261,8 +272,15 @@ async fn fail(
 
 /// Hands an outcome to the store; once this worker has enough uncommitted outcomes, waits
 /// for them to be durable, bounding what a crash can redeliver.
-async fn record_outcome(delivery: &Delivery, handle: &WorkerHandle, item: &Queued, outcome: Outcome) {
-    let attempt = Attempt { subscription_id: item.subscription_id, position: item.position, outcome, at: now_millis() };
+async fn record_outcome(
+    delivery: &Delivery,
+    handle: &WorkerHandle,
+    item: &Queued,
+    outcome: Outcome,
+    exchange: Exchange,
+) {
+    let (subscription_id, position, at) = (item.subscription_id, item.position, now_millis());
+    let attempt = Attempt { subscription_id, position, outcome, at, exchange };
     match delivery.store.record_attempt(attempt) {
         Ok(ticket) => {
             delivery.projector.touch(item.subscription_id, ticket);

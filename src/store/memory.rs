@@ -4,12 +4,12 @@
 //! Every write is "committed" when it returns.
 
 use super::{
-    Attempt, Counters, DeadLetter, EventStore, Fanout, Limits, Millis, NewEvent, Outcome, Queued, StoreError,
-    now_millis,
+    Attempt, AttemptResult, Counters, DeadLetter, EventStore, Fanout, LOGGED_ATTEMPTS, Limits, LoggedAttempt,
+    MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError, minute_of, now_millis,
 };
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 struct Entry {
     event_id: i64,
@@ -32,6 +32,10 @@ struct Subscription {
     counters: Counters,
     queue: BTreeMap<i64, Entry>,
     dead: BTreeMap<i64, Letter>,
+    /// Newest last.
+    log: VecDeque<LoggedAttempt>,
+    /// minute → (attempts, failures).
+    minutes: BTreeMap<i64, (i64, i64)>,
 }
 
 impl Default for Subscription {
@@ -42,6 +46,8 @@ impl Default for Subscription {
             counters: Counters::default(),
             queue: BTreeMap::new(),
             dead: BTreeMap::new(),
+            log: VecDeque::new(),
+            minutes: BTreeMap::new(),
         }
     }
 }
@@ -181,6 +187,31 @@ impl EventStore for MemoryStore {
             }
         }
         let Some(sub) = state.subscriptions.get_mut(&attempt.subscription_id) else { return Ok(ticket) };
+        let Some(&Entry { distribution_id, attempts, .. }) = sub.queue.get(&attempt.position) else {
+            return Ok(ticket);
+        };
+        if let Some(result) = AttemptResult::of(&attempt.outcome) {
+            let error = match &attempt.outcome {
+                Outcome::Delivered => String::new(),
+                Outcome::Failed { error } | Outcome::DeadLettered { error, .. } => error.clone(),
+            };
+            sub.log.push_back(LoggedAttempt {
+                at: attempt.at,
+                distribution_id,
+                attempt: i64::from(attempts) + 1,
+                result,
+                error,
+                exchange: attempt.exchange.clone(),
+            });
+            if sub.log.len() > LOGGED_ATTEMPTS {
+                sub.log.pop_front();
+            }
+            let minute = minute_of(attempt.at);
+            let counts = sub.minutes.entry(minute).or_default();
+            counts.0 += 1;
+            counts.1 += i64::from(result != AttemptResult::Delivered);
+            sub.minutes.retain(|&m, _| m > minute - MINUTES_KEPT);
+        }
         let released = match attempt.outcome {
             Outcome::Delivered => sub.queue.remove(&attempt.position).map(|entry| {
                 let c = &mut sub.counters;
@@ -232,6 +263,32 @@ impl EventStore for MemoryStore {
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {
         let state = self.state.lock();
         ready(Ok(state.subscriptions.get(&subscription_id).map(|s| s.counters.clone()).unwrap_or_default()))
+    }
+
+    fn delivery_log(
+        &self,
+        subscription_id: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<LoggedAttempt>, StoreError>> {
+        let state = self.state.lock();
+        let log =
+            state.subscriptions.get(&subscription_id).map(|sub| sub.log.iter().rev().take(limit).cloned().collect());
+        ready(Ok(log.unwrap_or_default()))
+    }
+
+    fn attempts_per_minute(
+        &self,
+        subscription_id: i64,
+        since_minute: i64,
+    ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>> {
+        let state = self.state.lock();
+        let counts = state.subscriptions.get(&subscription_id).map(|sub| {
+            sub.minutes
+                .range(since_minute..)
+                .map(|(&minute, &(attempts, failures))| MinuteCount { minute, attempts, failures })
+                .collect()
+        });
+        ready(Ok(counts.unwrap_or_default()))
     }
 
     fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>> {

@@ -1,5 +1,6 @@
-//! The event store: accepted events, per-subscription queues, dead letters and delivery
-//! counters. One small trait so that a distributed engine can replace the embedded
+//! The event store: accepted events, per-subscription queues, dead letters, delivery
+//! counters, and what the console shows of recent deliveries (a bounded log of attempts and
+//! per-minute counts for a day). One small trait so that a distributed engine can replace the embedded
 //! SQLite implementation (`sqlite`) when one pod is not enough (docs/design.md §6).
 
 #[cfg(test)]
@@ -14,6 +15,16 @@ pub const UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION: u64 = 64;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
+
+/// Attempts kept in each subscription's delivery log: the newest, older ones are dropped
+/// as new ones are recorded.
+pub const LOGGED_ATTEMPTS: usize = 100;
+
+/// Minutes of per-minute attempt counts kept per subscription.
+pub const MINUTES_KEPT: i64 = 24 * 60;
+
+/// Bytes of the callback's answer kept in the delivery log.
+pub const ANSWER_HEAD_BYTES: usize = 256;
 
 /// One accepted event and the subscriptions it was matched to at publish time.
 #[derive(Clone, Debug)]
@@ -65,6 +76,92 @@ pub struct Attempt {
     pub position: i64,
     pub outcome: Outcome,
     pub at: Millis,
+    pub exchange: Exchange,
+}
+
+/// What passed between herald and the callback in one attempt, for the delivery log.
+/// Empty when no request was made (a missing signing key, an expired entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exchange {
+    /// The callback's HTTP status; None when no answer came (refused, timed out).
+    pub http_status: Option<u16>,
+    pub latency_ms: Option<u32>,
+    /// The start of the answer's body (`ANSWER_HEAD_BYTES` at most, whole characters).
+    pub answer_head: String,
+}
+
+impl Exchange {
+    pub fn answered(http_status: u16, latency_ms: u32, body: &[u8]) -> Self {
+        let head = String::from_utf8_lossy(&body[..body.len().min(ANSWER_HEAD_BYTES)]);
+        // A multi-byte character cut at the limit decodes as U+FFFD; drop it.
+        let head = if body.len() > ANSWER_HEAD_BYTES { head.trim_end_matches('\u{FFFD}') } else { &head };
+        Exchange { http_status: Some(http_status), latency_ms: Some(latency_ms), answer_head: head.to_string() }
+    }
+
+    pub fn unanswered(latency_ms: u32) -> Self {
+        Exchange { http_status: None, latency_ms: Some(latency_ms), answer_head: String::new() }
+    }
+}
+
+/// One attempt in a subscription's delivery log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedAttempt {
+    pub at: Millis,
+    pub distribution_id: i64,
+    /// 1 for the first attempt at this delivery.
+    pub attempt: i64,
+    pub result: AttemptResult,
+    /// The error the attempt failed with; empty when delivered.
+    pub error: String,
+    pub exchange: Exchange,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptResult {
+    Delivered,
+    /// Failed, to be retried.
+    Failed,
+    /// Failed for the last time: the delivery is a dead letter now.
+    DeadLettered,
+}
+
+impl AttemptResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Delivered => "delivered",
+            AttemptResult::Failed => "failed",
+            AttemptResult::DeadLettered => "dead_lettered",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [AttemptResult::Delivered, AttemptResult::Failed, AttemptResult::DeadLettered]
+            .into_iter()
+            .find(|r| r.as_str() == text)
+    }
+
+    /// What an outcome logs: None for one that was not an attempt (an expired entry).
+    fn of(outcome: &Outcome) -> Option<Self> {
+        match outcome {
+            Outcome::Delivered => Some(AttemptResult::Delivered),
+            Outcome::Failed { .. } => Some(AttemptResult::Failed),
+            Outcome::DeadLettered { attempted: true, .. } => Some(AttemptResult::DeadLettered),
+            Outcome::DeadLettered { attempted: false, .. } => None,
+        }
+    }
+}
+
+/// Attempts and failures of one subscription in one minute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MinuteCount {
+    /// Minutes since the Unix epoch.
+    pub minute: i64,
+    pub attempts: i64,
+    pub failures: i64,
+}
+
+pub fn minute_of(at: Millis) -> i64 {
+    at.div_euclid(60_000)
 }
 
 /// Delivery counters of one subscription (status `statistics`).
@@ -159,13 +256,23 @@ pub trait EventStore: Send + Sync {
     fn committed(&self, ticket: u64) -> BoxFuture<'_, Result<(), StoreError>>;
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>>;
     fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>>;
+    /// Up to `limit` of the subscription's logged attempts, newest first.
+    fn delivery_log(&self, subscription_id: i64, limit: usize)
+    -> BoxFuture<'_, Result<Vec<LoggedAttempt>, StoreError>>;
+    /// The subscription's per-minute counts from `since_minute` on, oldest first; minutes
+    /// without attempts are absent.
+    fn attempts_per_minute(
+        &self,
+        subscription_id: i64,
+        since_minute: i64,
+    ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>>;
     /// Moves dead letters (all, or the given distribution ids) to the queue's tail.
     fn replay(
         &self,
         subscription_id: i64,
         distribution_ids: Option<Vec<i64>>,
     ) -> BoxFuture<'_, Result<usize, StoreError>>;
-    /// Forgets a deleted subscription: its queue, dead letters and counters.
+    /// Forgets a deleted subscription: its queue, dead letters, counters and log.
     fn drop_subscription(&self, subscription_id: i64) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Every subscription the store holds anything for.
     fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>>;

@@ -14,8 +14,8 @@
 //! An exclusive lock on `herald.lock` in the store directory keeps a second herald out.
 
 use super::{
-    Attempt, Counters, DeadLetter, EventStore, Fanout, Limits, Millis, NewEvent, Outcome, Queued, StoreError,
-    now_millis,
+    Attempt, AttemptResult, Counters, DeadLetter, EventStore, Exchange, Fanout, LOGGED_ATTEMPTS, Limits, LoggedAttempt,
+    MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError, minute_of, now_millis,
 };
 use futures::future::BoxFuture;
 use rusqlite::config::DbConfig;
@@ -34,7 +34,8 @@ const DATABASE_FILE: &str = "herald.db";
 const LOCK_FILE: &str = "herald.lock";
 
 /// Schema migrations; `PRAGMA user_version` is the number applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
     body TEXT NOT NULL,
@@ -74,7 +75,31 @@ CREATE TABLE dead_letters (
     PRIMARY KEY (subscription_id, distribution_id)
 ) WITHOUT ROWID;
 CREATE INDEX dead_letters_by_age ON dead_letters (dead_at);
-"#];
+"#,
+    r#"
+ALTER TABLE subscriptions ADD COLUMN logged INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE attempt_log (
+    subscription_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    distribution_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT NOT NULL,
+    http_status INTEGER,
+    latency_ms INTEGER,
+    answer_head TEXT NOT NULL,
+    PRIMARY KEY (subscription_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE attempt_minutes (
+    subscription_id INTEGER NOT NULL,
+    minute INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    PRIMARY KEY (subscription_id, minute)
+) WITHOUT ROWID;
+"#,
+];
 
 /// A subscription's next queue entries, the read every worker makes per page.
 const QUEUED_SQL: &str = "SELECT q.position, q.event_id, q.distribution_id, q.attempts, q.enqueued_at, e.body
@@ -188,9 +213,39 @@ static COUNTERS: SetStatement = SetStatement::new(
     "UPDATE subscriptions SET total = total + v.column2, failure = failure + v.column3,
          delivered = delivered + v.column4, dead_lettered = dead_lettered + v.column5, pending = pending - v.column6,
          consecutive_failures = CASE WHEN v.column7 THEN v.column8 ELSE consecutive_failures + v.column8 END,
-         last_error = COALESCE(v.column9, last_error), last_delivery_at = COALESCE(v.column10, last_delivery_at)
+         last_error = COALESCE(v.column9, last_error), last_delivery_at = COALESCE(v.column10, last_delivery_at),
+         logged = logged + v.column11
      FROM (VALUES {rows}) AS v WHERE subscriptions.subscription_id = v.column1",
+    "(?,?,?,?,?,?,?,?,?,?,?)",
+);
+static LOGGED: SetStatement = SetStatement::new(
+    "SELECT subscription_id, logged FROM subscriptions WHERE subscription_id IN (VALUES {rows})",
+    "(?)",
+);
+static LOG: SetStatement = SetStatement::new(
+    "INSERT INTO attempt_log (subscription_id, seq, at, distribution_id, attempt, result, error, http_status,
+         latency_ms, answer_head) VALUES {rows}",
     "(?,?,?,?,?,?,?,?,?,?)",
+);
+/// Drops each subscription's log entries up to a sequence number.
+static LOG_TRIM: SetStatement = SetStatement::new(
+    "DELETE FROM attempt_log WHERE (subscription_id, seq) IN
+         (SELECT l.subscription_id, l.seq FROM (VALUES {rows}) AS v
+          JOIN attempt_log l ON l.subscription_id = v.column1 AND l.seq <= v.column2)",
+    "(?,?)",
+);
+static MINUTES: SetStatement = SetStatement::new(
+    "INSERT INTO attempt_minutes (subscription_id, minute, attempts, failures) VALUES {rows}
+     ON CONFLICT (subscription_id, minute) DO UPDATE
+         SET attempts = attempts + excluded.attempts, failures = failures + excluded.failures",
+    "(?,?,?,?)",
+);
+/// Drops each subscription's per-minute counts up to a minute.
+static MINUTES_TRIM: SetStatement = SetStatement::new(
+    "DELETE FROM attempt_minutes WHERE (subscription_id, minute) IN
+         (SELECT m.subscription_id, m.minute FROM (VALUES {rows}) AS v
+          JOIN attempt_minutes m ON m.subscription_id = v.column1 AND m.minute <= v.column2)",
+    "(?,?)",
 );
 static RELEASE: SetStatement = SetStatement::new(
     "UPDATE events SET refs = refs - v.column2 FROM (VALUES {rows}) AS v WHERE events.id = v.column1",
@@ -431,6 +486,50 @@ impl EventStore for SqliteStore {
                     dead_at: r.get(5)?,
                     body: r.get(6)?,
                 })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn delivery_log(
+        &self,
+        subscription_id: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<LoggedAttempt>, StoreError>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT at, distribution_id, attempt, result, error, http_status, latency_ms, answer_head
+                 FROM attempt_log WHERE subscription_id = ?1 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![subscription_id, limit], |r| {
+                let result: String = r.get(3)?;
+                Ok(LoggedAttempt {
+                    at: r.get(0)?,
+                    distribution_id: r.get(1)?,
+                    attempt: r.get(2)?,
+                    // Only this module writes the column, from AttemptResult::as_str.
+                    result: AttemptResult::parse(&result).unwrap_or(AttemptResult::Failed),
+                    error: r.get(4)?,
+                    exchange: Exchange { http_status: r.get(5)?, latency_ms: r.get(6)?, answer_head: r.get(7)? },
+                })
+            })?;
+            rows.collect()
+        }))
+    }
+
+    fn attempts_per_minute(
+        &self,
+        subscription_id: i64,
+        since_minute: i64,
+    ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>> {
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT minute, attempts, failures FROM attempt_minutes
+                 WHERE subscription_id = ?1 AND minute >= ?2 ORDER BY minute",
+            )?;
+            let rows = stmt.query_map(params![subscription_id, since_minute], |r| {
+                Ok(MinuteCount { minute: r.get(0)?, attempts: r.get(1)?, failures: r.get(2)? })
             })?;
             rows.collect()
         }))
@@ -843,6 +942,8 @@ struct CounterDelta {
     consecutive: i64,
     last_error: Option<String>,
     last_delivery_at: Option<Millis>,
+    /// Attempts it logged.
+    logged: i64,
 }
 
 /// Applies a run of outcomes, in the order they were recorded, as sets: a statement per
@@ -850,7 +951,8 @@ struct CounterDelta {
 /// over the queue rows they are about (an outcome for a row that is gone counts for
 /// nothing, as does one for a row settled earlier in the run), then written: settled rows
 /// deleted, retried rows' attempts raised, dead letters inserted, delivered events
-/// released, and the counters moved.
+/// released, the counters moved, and the attempts logged (the log and the per-minute
+/// counts cut to their bounds for the subscriptions the run touched).
 fn record(conn: &Connection, attempts: &[Attempt]) -> Result<(), StoreError> {
     let keys: BTreeSet<(i64, i64)> = attempts.iter().map(|a| (a.subscription_id, a.position)).collect();
     let mut rows: HashMap<(i64, i64), OutcomeRow> = HashMap::with_capacity(keys.len());
@@ -869,10 +971,25 @@ fn record(conn: &Connection, attempts: &[Attempt]) -> Result<(), StoreError> {
     let mut deltas: BTreeMap<i64, CounterDelta> = BTreeMap::new();
     let mut letters: Vec<(i64, i64, i64, i64, &str, &str, Millis)> = Vec::new();
     let mut released: BTreeMap<i64, i64> = BTreeMap::new();
+    // (subscription, at, distribution id, attempt number, result, error, exchange)
+    let mut logged: Vec<(i64, Millis, i64, i64, &'static str, &str, &Exchange)> = Vec::new();
+    let mut minutes: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
     for attempt in attempts {
         let Some(row) = rows.get_mut(&(attempt.subscription_id, attempt.position)) else { continue };
         if row.settled {
             continue;
+        }
+        if let Some(result) = AttemptResult::of(&attempt.outcome) {
+            let error = match &attempt.outcome {
+                Outcome::Delivered => "",
+                Outcome::Failed { error } | Outcome::DeadLettered { error, .. } => error,
+            };
+            let number = row.attempts + row.failed + 1;
+            let id = attempt.subscription_id;
+            logged.push((id, attempt.at, row.distribution_id, number, result.as_str(), error, &attempt.exchange));
+            let counts = minutes.entry((id, minute_of(attempt.at))).or_default();
+            counts.0 += 1;
+            counts.1 += i64::from(result != AttemptResult::Delivered);
         }
         let delta = deltas.entry(attempt.subscription_id).or_default();
         match &attempt.outcome {
@@ -932,6 +1049,7 @@ fn record(conn: &Connection, attempts: &[Attempt]) -> Result<(), StoreError> {
     if !released.is_empty() {
         release_events(conn, &released)?;
     }
+    log_attempts(conn, &logged, &minutes, &mut deltas)?;
     let values: Vec<&dyn ToSql> = deltas
         .iter()
         .flat_map(|(id, d)| {
@@ -946,10 +1064,64 @@ fn record(conn: &Connection, attempts: &[Attempt]) -> Result<(), StoreError> {
                 &d.consecutive,
                 &d.last_error,
                 &d.last_delivery_at,
+                &d.logged,
             ]
         })
         .collect();
     COUNTERS.execute(conn, &values)
+}
+
+/// Appends a run's attempts to the log with the sequence numbers that follow each
+/// subscription's last, drops what falls out of `LOGGED_ATTEMPTS`, and adds the per-minute
+/// counts, dropping minutes older than `MINUTES_KEPT`. `deltas` learn how many each logged.
+#[allow(clippy::type_complexity)] // one row of the LOG statement
+fn log_attempts(
+    conn: &Connection,
+    logged: &[(i64, Millis, i64, i64, &'static str, &str, &Exchange)],
+    minutes: &BTreeMap<(i64, i64), (i64, i64)>,
+    deltas: &mut BTreeMap<i64, CounterDelta>,
+) -> Result<(), StoreError> {
+    if logged.is_empty() {
+        return Ok(());
+    }
+    let ids: BTreeSet<i64> = logged.iter().map(|row| row.0).collect();
+    let mut last: HashMap<i64, i64> = HashMap::with_capacity(ids.len());
+    let values: Vec<&dyn ToSql> = ids.iter().map(|id| id as &dyn ToSql).collect();
+    LOGGED.run(conn, &values, |r| {
+        last.insert(r.get(0)?, r.get(1)?);
+        Ok(())
+    })?;
+    let mut rows: Vec<(i64, i64, Millis, i64, i64, &str, &str, Option<u16>, Option<u32>, &str)> =
+        Vec::with_capacity(logged.len());
+    for &(id, at, distribution_id, number, result, error, exchange) in logged {
+        let seq = last.entry(id).or_default();
+        *seq += 1;
+        deltas.entry(id).or_default().logged += 1;
+        let (status, latency, head) = (exchange.http_status, exchange.latency_ms, exchange.answer_head.as_str());
+        rows.push((id, *seq, at, distribution_id, number, result, error, status, latency, head));
+    }
+    let values: Vec<&dyn ToSql> = rows
+        .iter()
+        .flat_map(|(id, seq, at, d, n, result, error, status, latency, head)| {
+            [id as &dyn ToSql, seq, at, d, n, result, error, status, latency, head]
+        })
+        .collect();
+    LOG.execute(conn, &values)?;
+    let keep = i64::try_from(LOGGED_ATTEMPTS).unwrap_or(i64::MAX);
+    let cuts: Vec<(i64, i64)> = last.iter().map(|(&id, &seq)| (id, seq - keep)).filter(|&(_, cut)| cut > 0).collect();
+    let values: Vec<&dyn ToSql> = cuts.iter().flat_map(|(id, cut)| [id as &dyn ToSql, cut]).collect();
+    LOG_TRIM.execute(conn, &values)?;
+    let values: Vec<&dyn ToSql> =
+        minutes.iter().flat_map(|((id, minute), (a, f))| [id as &dyn ToSql, minute, a, f]).collect();
+    MINUTES.execute(conn, &values)?;
+    let mut newest: BTreeMap<i64, i64> = BTreeMap::new();
+    for &(id, minute) in minutes.keys() {
+        let entry = newest.entry(id).or_insert(minute);
+        *entry = (*entry).max(minute);
+    }
+    let cuts: Vec<(i64, i64)> = newest.into_iter().map(|(id, minute)| (id, minute - MINUTES_KEPT)).collect();
+    let values: Vec<&dyn ToSql> = cuts.iter().flat_map(|(id, cut)| [id as &dyn ToSql, cut]).collect();
+    MINUTES_TRIM.execute(conn, &values)
 }
 
 fn replay(
@@ -1006,7 +1178,7 @@ fn drop_subscription(conn: &Connection, subscription_id: i64) -> Result<(), Stor
         rows.collect::<Result<_, _>>()?
     };
     release_events(conn, &reference_counts(events))?;
-    for table in ["queue", "dead_letters", "subscriptions"] {
+    for table in ["queue", "dead_letters", "attempt_log", "attempt_minutes", "subscriptions"] {
         conn.execute(&format!("DELETE FROM {table} WHERE subscription_id = ?1"), [subscription_id])?;
     }
     Ok(())
@@ -1025,6 +1197,7 @@ fn expire(conn: &Connection, before: Millis) -> Result<usize, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ANSWER_HEAD_BYTES;
     use std::path::PathBuf;
 
     fn limits() -> Limits {
@@ -1042,7 +1215,8 @@ mod tests {
     }
 
     async fn attempt(store: &SqliteStore, subscription_id: i64, position: i64, outcome: Outcome) {
-        let ticket = store.record_attempt(Attempt { subscription_id, position, outcome, at: 1 }).unwrap();
+        let attempt = Attempt { subscription_id, position, outcome, at: 1, exchange: Exchange::default() };
+        let ticket = store.record_attempt(attempt).unwrap();
         store.committed(ticket).await.unwrap();
     }
 
@@ -1210,6 +1384,12 @@ mod tests {
                 let letter = (d.distribution_id, d.attempts, &d.reason, &d.error, dead_at, &d.body);
                 shown.push(format!("{id} dead {letter:?}"));
             }
+            for logged in store.delivery_log(id, LOGGED_ATTEMPTS).await.unwrap() {
+                shown.push(format!("{id} logged {logged:?}"));
+            }
+            for minute in store.attempts_per_minute(id, i64::MIN).await.unwrap() {
+                shown.push(format!("{id} minute {minute:?}"));
+            }
         }
         shown
     }
@@ -1217,7 +1397,8 @@ mod tests {
     /// The set-based writer against the in-memory store's one-at-a-time semantics:
     /// random publishes (past the backlog cap), outcomes for rows that exist, are already
     /// settled or never existed, replays and dead-letter expiry, recorded in bursts so the
-    /// writer folds them into runs; both stores must end up holding the same.
+    /// writer folds them into runs, over more time than the per-minute counts keep; both
+    /// stores must end up holding the same.
     #[tokio::test]
     async fn runs_of_outcomes_leave_what_one_at_a_time_would() {
         let subscriptions = [1, 2, 3, 4];
@@ -1228,6 +1409,7 @@ mod tests {
             let sqlite = SqliteStore::open(&dir, limits()).unwrap();
             let memory = crate::store::memory::MemoryStore::new(limits());
             let mut published = 0;
+            let mut clock: Millis = 0;
             for step in 0..30 {
                 let chosen: Vec<i64> = subscriptions.iter().copied().filter(|_| rng.bool()).collect();
                 let events: Vec<NewEvent> =
@@ -1244,11 +1426,22 @@ mod tests {
                             Outcome::DeadLettered { error: "gone".into(), reason: "Gone".into(), attempted: rng.bool() }
                         }
                     };
+                    clock += rng.i64(0..=60) * 60_000;
+                    let exchange = match rng.u8(0..3) {
+                        0 => Exchange::default(),
+                        1 => Exchange::unanswered(rng.u32(..)),
+                        _ => Exchange::answered(
+                            rng.u16(100..600),
+                            rng.u32(..),
+                            format!("body {}", rng.u8(..)).as_bytes(),
+                        ),
+                    };
                     let attempt = Attempt {
                         subscription_id: rng.i64(1..=5),
                         position: rng.i64(1..=published * 3),
                         outcome,
-                        at: rng.i64(1..1000),
+                        at: clock,
+                        exchange,
                     };
                     memory.record_attempt(attempt.clone()).unwrap();
                     last_ticket = sqlite.record_attempt(attempt).unwrap();
@@ -1259,7 +1452,7 @@ mod tests {
                     assert_eq!(sqlite.replay(id, None).await.unwrap(), memory.replay(id, None).await.unwrap());
                 }
                 if rng.u8(0..10) == 0 {
-                    let before = rng.i64(1..1000);
+                    let before = rng.i64(0..=clock);
                     let expired = sqlite.expire_dead_letters(before).await.unwrap();
                     assert_eq!(expired, memory.expire_dead_letters(before).await.unwrap(), "seed {seed}: expiry");
                 }
@@ -1287,13 +1480,79 @@ mod tests {
                     1 => Outcome::Failed { error: format!("{i}") },
                     _ => Outcome::DeadLettered { error: "x".into(), reason: "Gone".into(), attempted: true },
                 };
-                let attempt = Attempt { subscription_id, position, outcome, at: 5 };
+                let attempt = Attempt { subscription_id, position, outcome, at: 5, exchange: Exchange::default() };
                 memory.record_attempt(attempt.clone()).unwrap();
                 last_ticket = sqlite.record_attempt(attempt).unwrap();
             }
         }
         sqlite.committed(last_ticket).await.unwrap();
         assert_eq!(contents(&sqlite, &subscriptions).await, contents(&memory, &subscriptions).await);
+    }
+
+    /// The log keeps the newest `LOGGED_ATTEMPTS` attempts and the per-minute counts the
+    /// last `MINUTES_KEPT` minutes, however many runs they arrive in; an expired entry is
+    /// not an attempt and logs nothing.
+    #[tokio::test]
+    async fn the_delivery_log_and_the_minute_counts_stay_within_their_bounds() {
+        let dir = temp_dir("log-bounds");
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        store.publish(vec![event("a", &[1]), event("b", &[1])]).await.unwrap();
+        let minute = 60_000;
+        let total = i64::try_from(LOGGED_ATTEMPTS).unwrap() + 50;
+        for n in 1..=total {
+            // One failed attempt every 20 minutes, a few per run.
+            let exchange = Exchange::answered(500, u32::try_from(n).unwrap(), format!("no {n}").as_bytes());
+            let outcome = Outcome::Failed { error: format!("HTTP 500 ({n})") };
+            let ticket = store.record_attempt(Attempt {
+                subscription_id: 1,
+                position: 1,
+                outcome,
+                at: n * 20 * minute,
+                exchange,
+            });
+            if n % 7 == 0 {
+                store.committed(ticket.unwrap()).await.unwrap();
+            }
+        }
+        let outcome = Outcome::DeadLettered { error: "late".into(), reason: "Expired".into(), attempted: false };
+        let ticket = store.record_attempt(Attempt {
+            subscription_id: 1,
+            position: 2,
+            outcome,
+            at: total * 20 * minute,
+            exchange: Exchange::default(),
+        });
+        store.committed(ticket.unwrap()).await.unwrap();
+
+        let log = store.delivery_log(1, 1000).await.unwrap();
+        assert_eq!(log.len(), LOGGED_ATTEMPTS, "only the newest are kept");
+        let numbers: Vec<i64> = log.iter().map(|a| a.attempt).collect();
+        assert_eq!(numbers, (51..=total).rev().collect::<Vec<_>>(), "newest first, numbered per delivery");
+        let newest = &log[0];
+        assert_eq!(
+            (newest.result, newest.distribution_id, newest.error.as_str()),
+            (AttemptResult::Failed, 1, "HTTP 500 (150)")
+        );
+        assert_eq!(newest.exchange, Exchange::answered(500, 150, b"no 150"));
+
+        let counts = store.attempts_per_minute(1, i64::MIN).await.unwrap();
+        let newest_minute = total * 20;
+        assert_eq!(counts.len(), usize::try_from(MINUTES_KEPT / 20).unwrap(), "a day of 20-minute steps: {counts:?}");
+        assert!(counts.iter().all(|c| c.minute > newest_minute - MINUTES_KEPT && (c.attempts, c.failures) == (1, 1)));
+        assert_eq!(store.attempts_per_minute(1, newest_minute).await.unwrap().len(), 1, "from a minute on");
+
+        store.drop_subscription(1).await.unwrap();
+        assert!(store.delivery_log(1, 1000).await.unwrap().is_empty());
+        assert!(store.attempts_per_minute(1, i64::MIN).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn answer_heads_keep_whole_characters() {
+        // "a" and then two-byte characters: the limit falls inside one.
+        let body = format!("a{}", "é".repeat(ANSWER_HEAD_BYTES));
+        let head = Exchange::answered(200, 1, body.as_bytes()).answer_head;
+        assert_eq!(head, format!("a{}", "é".repeat(ANSWER_HEAD_BYTES / 2 - 1)), "whole characters up to the limit");
+        assert_eq!(Exchange::answered(200, 1, b"short").answer_head, "short");
     }
 
     #[test]
@@ -1314,6 +1573,11 @@ mod tests {
             &COUNTERS,
             &RELEASE,
             &DROP_RELEASED,
+            &LOGGED,
+            &LOG,
+            &LOG_TRIM,
+            &MINUTES,
+            &MINUTES_TRIM,
         ] {
             for (size_index, size) in CHUNK_SIZES.iter().enumerate() {
                 let sql = statement.sql(size_index);
@@ -1326,7 +1590,7 @@ mod tests {
                 while let Some(row) = rows.next().unwrap() {
                     plan.push(row.get::<_, String>(3).unwrap());
                 }
-                for table in ["queue", "q", "subscriptions", "events", "dead_letters"] {
+                for table in ["queue", "q", "subscriptions", "events", "dead_letters", "attempt_log", "l", "m"] {
                     let scan = format!("SCAN {table}");
                     let scans = |step: &String| *step == scan || step.starts_with(&format!("{scan} "));
                     assert!(!plan.iter().any(scans), "{size} rows: {}\n{plan:?}", statement.sql);

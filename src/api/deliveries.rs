@@ -1,0 +1,99 @@
+//! The delivery log: a subscription's latest attempts
+//! (`GET /api/v3/herald/deliveries/{subscription_id}`, newest first, the last 100 kept) and
+//! its attempts and failures per minute over the last 24 hours
+//! (`GET /api/v3/herald/deliveries/{subscription_id}/minutes`). Authorised like reading
+//! its dead letters (`list` on the subscription's supplier account).
+
+use super::admin::{authorize_on, subscription_id};
+use super::auth::Action;
+use super::{AppState, Call, CmdbPath, CmdbQuery, Refusal};
+use crate::compat::time::format_cmdb;
+use crate::compat::{ApiError, ErrorCode};
+use crate::store::{LOGGED_ATTEMPTS, Millis, StoreError};
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/{version}/herald/deliveries/{subscription_id}", get(log))
+        .route("/api/{version}/herald/deliveries/{subscription_id}/minutes", get(minutes))
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    limit: Option<usize>,
+}
+
+fn time(state: &AppState, at: Millis) -> String {
+    format_cmdb(jiff::Timestamp::from_millisecond(at).unwrap_or_default(), &state.config.time_zone)
+}
+
+fn query_failed(error: StoreError) -> Refusal {
+    ApiError::new(ErrorCode::QueryFailed).with_detail(error.to_string()).into()
+}
+
+async fn log(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    CmdbPath((_, raw_id)): CmdbPath<(String, String)>,
+    CmdbQuery(query): CmdbQuery<LogQuery>,
+) -> Response {
+    let call = Call::from_headers(&headers);
+    let result = async {
+        let id = subscription_id(&raw_id)?;
+        let services = state.services()?;
+        authorize_on(&services, &call, id, Action::List).await?;
+        let limit = query.limit.unwrap_or(LOGGED_ATTEMPTS).clamp(1, LOGGED_ATTEMPTS);
+        let attempts = services.delivery.delivery_log(id, limit).await.map_err(query_failed)?;
+        let info: Vec<Value> = attempts
+            .into_iter()
+            .map(|a| {
+                json!({
+                    "time": time(&state, a.at),
+                    "distribution_id": a.distribution_id,
+                    "attempt": a.attempt,
+                    "result": a.result.as_str(),
+                    "http_status": a.exchange.http_status,
+                    "latency_ms": a.exchange.latency_ms,
+                    "error": a.error,
+                    "answer": a.exchange.answer_head,
+                })
+            })
+            .collect();
+        Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
+    }
+    .await;
+    match result {
+        Ok(data) => call.direct_ok(data),
+        Err(refusal) => call.refuse(refusal),
+    }
+}
+
+async fn minutes(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    CmdbPath((_, raw_id)): CmdbPath<(String, String)>,
+) -> Response {
+    let call = Call::from_headers(&headers);
+    let result = async {
+        let id = subscription_id(&raw_id)?;
+        let services = state.services()?;
+        authorize_on(&services, &call, id, Action::List).await?;
+        let counts = services.delivery.attempts_per_minute(id).await.map_err(query_failed)?;
+        let info: Vec<Value> = counts
+            .into_iter()
+            .map(|m| json!({ "minute": time(&state, m.minute * 60_000), "attempts": m.attempts, "failures": m.failures }))
+            .collect();
+        Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
+    }
+    .await;
+    match result {
+        Ok(data) => call.direct_ok(data),
+        Err(refusal) => call.refuse(refusal),
+    }
+}
