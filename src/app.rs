@@ -55,7 +55,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     // Health answers from the start; readiness waits for leadership, store and caches.
     let state = AppState::new(config.clone(), metrics.clone());
-    let router = api::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(config.api.max_body_bytes));
+    let router = crate::console::with_console(state.clone(), api::router(state.clone()))
+        .layer(axum::extract::DefaultBodyLimit::max(config.api.max_body_bytes));
     let mut tasks = Supervisor::new(shutdown.clone());
     let server = api::serve(listener, router, config.api.tls.clone(), shutdown.clone());
     tasks.spawn("HTTP server", async move { server.await.map_err(RunError::Serve) });

@@ -25,6 +25,7 @@ pub mod app;
 pub mod compat;
 pub mod conditions;
 pub mod config;
+pub mod console;
 pub mod controller;
 pub mod crd;
 pub mod delivery;

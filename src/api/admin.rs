@@ -44,7 +44,12 @@ pub(super) fn subscription_id(raw: &str) -> Result<i64, Refusal> {
 /// allowed everywhere learn that the id does not exist (1199006).
 pub(super) async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action) -> Result<(), Refusal> {
     let identity = services.auth.bearer(call.authorization.as_deref()).await?;
-    let account = services.delivery.account_of(id);
+    // Delivery learns of a subscription after the catalog does: one just created is known
+    // to the catalog first.
+    let account = services.delivery.account_of(id).or_else(|| {
+        let sub = services.controller.catalog.by_id(id)?;
+        Some(crate::effective::name_key(&sub.spec).0.to_string())
+    });
     services.auth.authorize(&identity, account.as_deref().unwrap_or_default(), action).await?;
     match account {
         Some(_) => Ok(()),

@@ -87,7 +87,14 @@ async fn minutes(
         let counts = services.delivery.attempts_per_minute(id).await.map_err(query_failed)?;
         let info: Vec<Value> = counts
             .into_iter()
-            .map(|m| json!({ "minute": time(&state, m.minute * 60_000), "attempts": m.attempts, "failures": m.failures }))
+            .map(|m| {
+                json!({
+                    "minute": time(&state, m.minute * 60_000),
+                    "epoch_minute": m.minute,
+                    "attempts": m.attempts,
+                    "failures": m.failures,
+                })
+            })
             .collect();
         Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
     }

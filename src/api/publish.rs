@@ -45,7 +45,7 @@ fn parse_events(body: &Bytes) -> Result<Vec<PublishedEvent>, Refusal> {
         .collect()
 }
 
-pub(super) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
+pub fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
     body.map_err(|rejection| Refusal {
         error: ApiError::new(ErrorCode::JsonDecode).with_detail(rejection.body_text()),
         status: Some(rejection.status()),

@@ -295,6 +295,30 @@ impl Services {
         Ok(serde_json::json!({ "count": count, "info": info }))
     }
 
+    /// The account's subscriptions the caller may list, as a search sees them (the same
+    /// authorisation, read-your-writes and tenancy), in id order: the console's list.
+    pub async fn visible_subscriptions(
+        &self,
+        identity: &Identity,
+        account: &str,
+    ) -> Result<Vec<Arc<EventSubscription>>, Refusal> {
+        self.auth.authorize(identity, account, Action::List).await?;
+        let mut visible: Vec<Arc<EventSubscription>> = match self.view(ErrorCode::QueryFailed).await? {
+            View::Catalog(catalog) => {
+                let ids: Vec<i64> = catalog.with_records(account, |records| {
+                    records
+                        .filter(|record| self.controller.tenancy.allows(account, &record.namespace))
+                        .filter_map(|record| record.value["subscription_id"].as_i64())
+                        .collect()
+                });
+                ids.into_iter().filter_map(|id| catalog.by_id(id)).collect()
+            }
+            View::Listed(all) => all.into_iter().filter(|s| self.owned_by(s, account)).collect(),
+        };
+        visible.sort_by_key(|s| s.status.as_ref().and_then(|st| st.subscription_id));
+        Ok(visible)
+    }
+
     /// POSTs `data` verbatim to the URL; any HTTP answer is a result, only a transport
     /// failure is an error (1103004).
     pub async fn ping(

@@ -2,6 +2,7 @@
 //! `tests/run.sh`, per-test namespaces, and herald as a real child process.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod browser;
 pub mod callback;
 pub mod helm;
 pub mod launch;
