@@ -76,6 +76,8 @@ kubectl get esub -n herald-system
 cat <<TXT
 
 herald is running: REST API on http://127.0.0.1:18080, log in $state/herald.log.
+Console: http://127.0.0.1:18080/console/ (sign in with the token field empty: this
+development setup allows anonymous access).
 Use kubectl against the local control plane:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get esub -A

@@ -105,6 +105,7 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
     browser.click("#test-push").await;
     let probe = browser.wait_text("#probe-result", "200").await;
     assert!(probe.contains("ok"), "the receiver's answer body: {probe}");
+    assert_eq!(browser.text_of("#f-callback_url-error").await, "", "the fixed field's error is gone");
     assert_eq!(receiver.received("console-made").len(), 1, "the test push reached the receiver");
     browser.screenshot("form-test-push").await;
     browser.click("#telnet").await;
@@ -254,5 +255,75 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
         with_cookie(&herald, reqwest::Method::GET, "/console/subscriptions/0", &session, None, serde_json::json!(null))
             .await;
     assert_eq!(status, 401, "the old cookie no longer signs anything");
+    only_refusals(browser.console_errors().await, &[]);
+}
+
+/// The session cookie a sign-in answer set.
+fn session_of(response: &reqwest::Response) -> Option<String> {
+    let cookie = response.headers().get("set-cookie")?.to_str().ok()?;
+    let value = cookie.split(';').next()?.strip_prefix("herald_console=")?;
+    Some(value.to_string())
+}
+
+#[tokio::test]
+async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("console-esb", &[]).await;
+    let dir = std::env::temp_dir().join(format!("{}-herald", ns.name));
+    std::fs::create_dir_all(&dir).expect("directory");
+    let apps = dir.join("apps.yaml");
+    std::fs::write(&apps, "apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts: ['0']\n").expect("apps file");
+    let config = format!("api: {{auth: {{anonymous: false}}, esbCredentialsFile: {}}}\n", apps.display());
+    let herald = Herald::start_in(&cluster, &ns, &config, &dir).await;
+    let api = cluster.subscriptions(&ns);
+    api.create(&PostParams::default(), &subscription("mine", basic_spec("mine"))).await.expect("create");
+    wait_ready(&api, "mine").await;
+
+    let http = reqwest::Client::new();
+    let sign_in = |body: serde_json::Value| http.post(herald.url("/console/session")).json(&body).send();
+    let wrong = sign_in(serde_json::json!({"app_code": "cmdb", "app_secret": "guess"})).await.expect("sign in");
+    assert_eq!(wrong.status(), 401, "a wrong secret opens no session");
+    assert!(session_of(&wrong).is_none());
+    let signed = sign_in(serde_json::json!({"app_code": "cmdb", "app_secret": "s3cret"})).await.expect("sign in");
+    assert_eq!(signed.status(), 200);
+    let session = session_of(&signed).expect("a session cookie");
+    let set_cookie = signed.headers()["set-cookie"].to_str().expect("ASCII").to_string();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=1800"] {
+        assert!(set_cookie.contains(attribute), "{attribute} in {set_cookie}");
+    }
+    let me: serde_json::Value = signed.json().await.expect("JSON");
+    assert_eq!(me["data"]["user"], "cmdb");
+    let csrf = me["data"]["csrf"].as_str().expect("csrf").to_string();
+
+    let null = serde_json::Value::Null;
+    let (status, mine) =
+        with_cookie(&herald, reqwest::Method::GET, "/console/subscriptions/0", &session, None, null.clone()).await;
+    assert_eq!(status, 200, "{mine}");
+    assert_eq!(mine["data"]["info"][0]["subscription_name"], "mine");
+    let (status, _) =
+        with_cookie(&herald, reqwest::Method::GET, "/console/subscriptions/1", &session, None, null).await;
+    assert_eq!(status, 403, "the app's accounts are 0 only");
+    // The REST API through the session: a search of account 0 (POST, so with the CSRF token).
+    let search = serde_json::json!({"condition": {}});
+    let (status, found) = with_cookie(
+        &herald,
+        reqwest::Method::POST,
+        "/api/v3/event/subscribe/search/0/0",
+        &session,
+        Some(&csrf),
+        search,
+    )
+    .await;
+    assert_eq!((status, &found["data"]["count"]), (200, &1.into()), "{found}");
+
+    // The same in the browser's sign-in form.
+    let browser = Browser::start((1280, 800)).await;
+    browser.goto(&herald.url("/console/")).await;
+    browser.fill("#app-code", "cmdb").await;
+    browser.fill("#app-secret", "s3cret").await;
+    browser.click("#sign-in").await;
+    browser.wait_text("#subscriptions", "mine").await;
+    browser.wait_text("#user", "cmdb").await;
     only_refusals(browser.console_errors().await, &[]);
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: checks formatting and lints (cargo fmt --check, cargo clippy
 # -D warnings), builds the control plane tools (cached outside the clone) and the tests,
-# builds herald's image here and installs the node's Debian packages (tests/node/prepare.sh),
+# builds herald's image here and installs the node's Debian packages (tests/node/prepare.sh)
+# and Chromium for the console tests,
 # then, in a network namespace of its own, starts etcd + kube-apiserver +
 # kube-controller-manager on loopback, installs the CRD, adds a node (kubelet, containerd,
 # kube-scheduler: tests/node/up.sh), runs every unit and integration test against it, and
@@ -21,6 +22,8 @@ if [ -z "${HERALD_TEST_NETNS:-}" ]; then
   images=$(mktemp -d "${HERALD_STATE_ROOT:-/dev/shm}/herald-images.XXXXXX")
   trap 'rm -rf "$images"' EXIT
   tests/node/prepare.sh "$images" target/debug/herald
+  # The console tests' browser, and a CJK font for its screenshots.
+  tests/debian-packages.sh chromium chromium-driver fonts-wqy-microhei
 
   # Everything that needs the network is done. The tests run where loopback is the only
   # device, so nothing they start (the node's pods included) reaches past this machine.

@@ -43,7 +43,7 @@ pub(super) fn subscription_id(raw: &str) -> Result<i64, Refusal> {
 /// resource name, which only grants without `resourceNames` pass), so only callers
 /// allowed everywhere learn that the id does not exist (1199006).
 pub(super) async fn authorize_on(services: &Services, call: &Call, id: i64, action: Action) -> Result<(), Refusal> {
-    let identity = services.auth.bearer(call.authorization.as_deref()).await?;
+    let identity = call.identity(&services.auth).await?;
     // Delivery learns of a subscription after the catalog does: one just created is known
     // to the catalog first.
     let account = services.delivery.account_of(id).or_else(|| {

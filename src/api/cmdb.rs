@@ -38,7 +38,7 @@ where
 {
     let result = async {
         let services = state.services()?;
-        let identity = services.auth.bearer(call.authorization.as_deref()).await?;
+        let identity = call.identity(&services.auth).await?;
         operation(services, identity).await
     }
     .await;

@@ -5,7 +5,7 @@
 
 use super::auth::{Action, AuthError, Identity};
 use super::publish::read_body;
-use super::{AppState, Call, Refusal, Services, header};
+use super::{AppCredentials, AppState, Call, Refusal, Services, app_credentials, header};
 use crate::compat::input::{parse_subscription, parse_telnet};
 use crate::compat::search::SearchRequest;
 use crate::compat::{ApiError, ErrorCode, envelope};
@@ -76,12 +76,10 @@ impl EsbRequest {
     }
 
     /// App credentials: the `X-Bkapi-Authorization` JSON header, else the body's keys.
-    fn credentials(&self, headers: &HeaderMap) -> Option<(String, String, Option<String>)> {
+    fn credentials(&self, headers: &HeaderMap) -> Option<AppCredentials> {
         let from_header: Option<serde_json::Map<String, Value>> =
             header(headers, "X-Bkapi-Authorization").and_then(|h| serde_json::from_str(h).ok());
-        let source = from_header.as_ref().unwrap_or(&self.body);
-        let text = |key: &str| source.get(key).and_then(Value::as_str).map(str::to_string).filter(|v| !v.is_empty());
-        Some((text("bk_app_code")?, text("bk_app_secret")?, text("bk_username")))
+        app_credentials(from_header.as_ref().unwrap_or(&self.body))
     }
 }
 

@@ -128,6 +128,7 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub const REQUEST_ID_HEADER: &str = "Cc_Request_Id";
 
 /// Per-request facts from the headers.
+#[derive(Clone)]
 pub struct Call {
     pub request_id: String,
     pub lang: Lang,
@@ -136,6 +137,22 @@ pub struct Call {
     /// `HTTP_BK_SUPPLIER_ACCOUNT`, else `HTTP_BLUEKING_SUPPLIER_ID`.
     pub owner: Option<String>,
     pub authorization: Option<String>,
+    /// ESB app credentials of `X-Bkapi-Authorization` (code, secret, username).
+    pub app_credentials: Option<AppCredentials>,
+}
+
+/// An ESB app's `bk_app_code`, `bk_app_secret` and optional `bk_username`.
+pub type AppCredentials = (String, String, Option<String>);
+
+/// The app credentials in an ESB credentials object (the `X-Bkapi-Authorization` header,
+/// or an ESB request's body).
+pub fn app_credentials(source: &serde_json::Map<String, serde_json::Value>) -> Option<AppCredentials> {
+    let text = |key: &str| source.get(key).and_then(serde_json::Value::as_str).filter(|v| !v.is_empty());
+    Some((
+        text("bk_app_code")?.to_string(),
+        text("bk_app_secret")?.to_string(),
+        text("bk_username").map(str::to_string),
+    ))
 }
 
 impl Call {
@@ -152,6 +169,22 @@ impl Call {
                 .get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
+            app_credentials: header(headers, "X-Bkapi-Authorization")
+                .and_then(|h| serde_json::from_str(h).ok())
+                .and_then(|object| app_credentials(&object)),
+        }
+    }
+
+    /// Who is calling: the ESB app of `X-Bkapi-Authorization`, else the bearer token's
+    /// user (or anonymous, when allowed).
+    pub async fn identity(&self, auth: &auth::Authenticator) -> Result<auth::Identity, auth::AuthError> {
+        match &self.app_credentials {
+            Some((code, secret, username)) => auth
+                .esb
+                .verify(code, secret)
+                .map(|app| app.identity(username.clone()))
+                .ok_or(auth::AuthError::Unauthenticated),
+            None => auth.bearer(self.authorization.as_deref()).await,
         }
     }
 
@@ -229,7 +262,7 @@ impl From<auth::AuthError> for Refusal {
 
 /// Authenticates the caller's bearer token and authorises `action` on `account`.
 pub async fn authorize(services: &Services, call: &Call, account: &str, action: Action) -> Result<Identity, Refusal> {
-    let identity = services.auth.bearer(call.authorization.as_deref()).await?;
+    let identity = call.identity(&services.auth).await?;
     services.auth.authorize(&identity, account, action).await?;
     Ok(identity)
 }

@@ -83,21 +83,36 @@ async fn bridge(State(console): State<Arc<Console>>, mut request: Request, next:
                 ApiError::new(ErrorCode::NoPermission).with_detail("the console's CSRF token is missing or wrong");
             return Call::from_headers(request.headers()).refuse(refusal.into());
         }
-        if let Credential::Bearer(token) = &session.credential
-            && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
+        let presented = match &session.credential {
+            Credential::Bearer(token) => Some((AUTHORIZATION, format!("Bearer {token}"))),
+            Credential::App { code, secret } if !request.headers().contains_key(APP_HEADER) => {
+                Some((APP_HEADER, json!({"bk_app_code": code, "bk_app_secret": secret}).to_string()))
+            }
+            Credential::App { .. } | Credential::Anonymous => None,
+        };
+        if let Some((name, value)) = presented
+            && let Ok(value) = HeaderValue::from_str(&value)
         {
-            request.headers_mut().insert(AUTHORIZATION, value);
+            request.headers_mut().insert(name, value);
         }
     }
     next.run(request).await
 }
 
+/// The header ESB app credentials travel in.
+const APP_HEADER: axum::http::HeaderName = axum::http::HeaderName::from_static("x-bkapi-authorization");
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignIn {
-    /// A Kubernetes token; empty for the anonymous development switch.
+    /// A Kubernetes token; empty, and no app code, for the anonymous development switch.
     #[serde(default)]
     token: String,
+    /// ESB app credentials instead of a token.
+    #[serde(default)]
+    app_code: String,
+    #[serde(default)]
+    app_secret: String,
 }
 
 fn session_cookie(console: &Console, value: &str, max_age: u64) -> Option<HeaderValue> {
@@ -117,13 +132,21 @@ async fn sign_in(
     let result = async {
         let services = console.app.services()?;
         let request: SignIn = json_body(&crate::api::publish::read_body(body)?)?;
-        let token = request.token.trim();
-        let credential = if token.is_empty() { Credential::Anonymous } else { Credential::Bearer(token.to_string()) };
-        let authorization = match &credential {
-            Credential::Bearer(token) => Some(format!("Bearer {token}")),
-            Credential::Anonymous => None,
+        let (token, code) = (request.token.trim(), request.app_code.trim());
+        let credential = match (token.is_empty(), code.is_empty()) {
+            (_, false) => Credential::App { code: code.to_string(), secret: request.app_secret },
+            (false, true) => Credential::Bearer(token.to_string()),
+            (true, true) => Credential::Anonymous,
         };
-        let identity = services.auth.bearer(authorization.as_deref()).await?;
+        // Reviewed exactly as a REST call presenting the same credential.
+        let call = match &credential {
+            Credential::Bearer(token) => Call { authorization: Some(format!("Bearer {token}")), ..call.clone() },
+            Credential::App { code, secret } => {
+                Call { app_credentials: Some((code.clone(), secret.clone(), None)), ..call.clone() }
+            }
+            Credential::Anonymous => Call { authorization: None, app_credentials: None, ..call.clone() },
+        };
+        let identity = call.identity(&services.auth).await?;
         let user = identity.name();
         let (id, csrf) = console
             .sessions
@@ -174,7 +197,7 @@ async fn list(State(console): State<Arc<Console>>, headers: HeaderMap, Path(acco
     let call = Call::from_headers(&headers);
     let result = async {
         let services = console.app.services()?;
-        let identity = services.auth.bearer(call.authorization.as_deref()).await?;
+        let identity = call.identity(&services.auth).await?;
         let visible = services.visible_subscriptions(&identity, &account).await?;
         let rows: Vec<Value> = visible.iter().map(|sub| row(&console.app, sub)).collect();
         Ok::<_, Refusal>(json!({"count": rows.len(), "info": rows}))

@@ -1,5 +1,5 @@
-//! Console sessions: a sign-in exchanges a Kubernetes token (or, with the development
-//! anonymous switch, nothing) for a random session id in an HttpOnly, SameSite=Strict cookie
+//! Console sessions: a sign-in exchanges a Kubernetes token or ESB app credentials (or,
+//! with the development anonymous switch, nothing) for a random session id in an HttpOnly, SameSite=Strict cookie
 //! and a CSRF token the page sends back on every change. Sessions live in memory, end after
 //! `IDLE` without use or `LIFETIME` after sign-in, and are bounded in number: signing in
 //! past `MAX_SESSIONS` ends the session closest to its end.
@@ -21,6 +21,7 @@ const MAX_SESSIONS: usize = 10_000;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Credential {
     Bearer(String),
+    App { code: String, secret: String },
     Anonymous,
 }
 

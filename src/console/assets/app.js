@@ -7,7 +7,7 @@ const TEXT = {
   zh: {
     title: "事件推送", language: "语言", signIn: "登录", signOut: "退出登录",
     signInHint: "使用 Kubernetes 令牌登录（受众 herald）。开发模式允许匿名登录时可留空。",
-    token: "Kubernetes 令牌", account: "开发商账号", show: "查看", search: "搜索",
+    token: "Kubernetes 令牌", esbApp: "或使用蓝鲸 ESB 应用身份", appCode: "应用 ID（bk_app_code）", appSecret: "应用密钥（bk_app_secret）", account: "开发商账号", show: "查看", search: "搜索",
     searchHint: "按名称、系统、事件或回调地址过滤", sortBy: "排序", newSubscription: "新建订阅",
     id: "ID", name: "名称", system: "系统", events: "事件", callback: "回调地址", ready: "就绪",
     healthy: "回调健康", total: "推送总数", failure: "失败", successRate: "成功率", pending: "待推送",
@@ -33,7 +33,7 @@ const TEXT = {
   en: {
     title: "Event push", language: "Language", signIn: "Sign in", signOut: "Sign out",
     signInHint: "Sign in with a Kubernetes token (audience herald). Leave it empty when the development anonymous switch is on.",
-    token: "Kubernetes token", account: "Supplier account", show: "Show", search: "Search",
+    token: "Kubernetes token", esbApp: "Or a BlueKing ESB app", appCode: "App code (bk_app_code)", appSecret: "App secret (bk_app_secret)", account: "Supplier account", show: "Show", search: "Search",
     searchHint: "Filter by name, system, event or callback URL", sortBy: "Sort by", newSubscription: "New subscription",
     id: "ID", name: "Name", system: "System", events: "Events", callback: "Callback", ready: "Ready",
     healthy: "Callback healthy", total: "Total", failure: "Failures", successRate: "Success rate", pending: "Pending",
@@ -134,10 +134,15 @@ function alertBox(error) {
 function signInView() {
   const error = el("div");
   const token = el("textarea", { id: "token", name: "token", autocomplete: "off", "aria-describedby": "token-hint" });
+  const appCode = el("input", { id: "app-code", name: "app_code", autocomplete: "username" });
+  const appSecret = el("input", { id: "app-secret", name: "app_secret", type: "password", autocomplete: "current-password" });
   const form = el("form", { className: "card", onsubmit: async (e) => {
     e.preventDefault();
+    const credentials = appCode.value.trim()
+      ? { app_code: appCode.value.trim(), app_secret: appSecret.value }
+      : { token: token.value.trim() };
     try {
-      const data = await api("POST", "/console/session", { token: token.value.trim() });
+      const data = await api("POST", "/console/session", credentials);
       Object.assign(state, { csrf: data.csrf, user: data.user });
       location.hash = "#/";
       route();
@@ -148,6 +153,9 @@ function signInView() {
     el("h2", {}, t("signIn")), error,
     el("label", { for: "token" }, t("token")), token,
     el("p", { id: "token-hint", className: "hint muted" }, t("signInHint")),
+    el("fieldset", { className: "row" }, el("legend", {}, t("esbApp")),
+      el("div", { className: "field" }, el("label", { for: "app-code" }, t("appCode")), appCode),
+      el("div", { className: "field" }, el("label", { for: "app-secret" }, t("appSecret")), appSecret)),
     el("button", { type: "submit", id: "sign-in" }, t("signIn")));
   show(form);
   token.focus();
@@ -230,10 +238,14 @@ function formField(name, labelKey, input, hintKey) {
     hintKey ? el("div", { className: "hint", id: `f-${name}-hint` }, t(hintKey)) : null, error);
 }
 
-// The REST API's 1199xxx field errors name the field; show them next to it.
-function showFieldError(form, err) {
+function clearFieldErrors(form) {
   for (const node of form.querySelectorAll(".error")) node.textContent = "";
   for (const node of form.querySelectorAll("[aria-invalid]")) node.removeAttribute("aria-invalid");
+}
+
+// The REST API's 1199xxx field errors name the field; show them next to it.
+function showFieldError(form, err) {
+  clearFieldErrors(form);
   const field = FIELDS.find((f) => err.message.includes(f));
   if (!field) return false;
   form.querySelector(`#f-${field}-error`).textContent = err.message;
@@ -270,6 +282,7 @@ async function formView(id) {
   const form = el("form", { className: "card", id: "subscription-form", novalidate: true, onsubmit: async (e) => {
     e.preventDefault();
     general.replaceChildren();
+    clearFieldErrors(form);
     try {
       if (id) await api("PUT", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/0/${id}`, body());
       const created = id ? null : await api("POST", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/0`, body());
@@ -286,6 +299,7 @@ async function formView(id) {
     el("div", { className: "row" },
       el("button", { type: "button", className: "secondary", id: "test-push", onclick: async () => {
         probe.replaceChildren();
+        clearFieldErrors(form);
         try {
           const answer = await api("POST", "/api/v3/event/subscribe/ping", { callback_url: inputs.callback_url.value, data: { herald: "test push" } });
           probe.replaceChildren(el("div", { className: "result" }, `${t("status")}: ${answer.http_status}\n${t("answer")}: ${answer.response_body}`));
@@ -293,6 +307,7 @@ async function formView(id) {
       } }, t("testPush")),
       el("button", { type: "button", className: "secondary", id: "telnet", onclick: async () => {
         probe.replaceChildren();
+        clearFieldErrors(form);
         try {
           await api("POST", "/api/v3/event/subscribe/telnet", { callback_url: inputs.callback_url.value });
           probe.replaceChildren(el("div", { className: "result" }, t("reachable")));
@@ -417,6 +432,7 @@ async function start() {
   document.getElementById("lang").addEventListener("change", (e) => {
     state.lang = e.target.value;
     localStorage.setItem("herald.lang", state.lang);
+    document.getElementById("notice").textContent = "";
     route();
   });
   document.getElementById("sign-out").addEventListener("click", async () => {
