@@ -289,7 +289,7 @@ async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
     assert_eq!(signed.status(), 200);
     let session = session_of(&signed).expect("a session cookie");
     let set_cookie = signed.headers()["set-cookie"].to_str().expect("ASCII").to_string();
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=1800"] {
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
         assert!(set_cookie.contains(attribute), "{attribute} in {set_cookie}");
     }
     let me: serde_json::Value = signed.json().await.expect("JSON");
@@ -316,6 +316,38 @@ async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
     )
     .await;
     assert_eq!((status, &found["data"]["count"]), (200, &1.into()), "{found}");
+
+    // What the ESB gateway never offered apps stays refused: publishing.
+    let publish = http
+        .post(herald.url("/api/v3/event/publish"))
+        .header("X-Bkapi-Authorization", r#"{"bk_app_code": "cmdb", "bk_app_secret": "s3cret"}"#)
+        .json(&host_event(1))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(publish.status(), 403, "an app may not publish");
+
+    // Only a JSON sign-in (a cross-site form cannot send one), and a new sign-in ends the
+    // session the browser had.
+    let form_post = http
+        .post(herald.url("/console/session"))
+        .header("Content-Type", "text/plain")
+        .body(r#"{"app_code": "cmdb", "app_secret": "s3cret"}"#)
+        .send()
+        .await
+        .expect("sign in");
+    assert!(form_post.status().is_client_error() && session_of(&form_post).is_none(), "{}", form_post.status());
+    let again = http
+        .post(herald.url("/console/session"))
+        .header("Cookie", format!("herald_console={session}"))
+        .json(&serde_json::json!({"app_code": "cmdb", "app_secret": "s3cret"}))
+        .send()
+        .await
+        .expect("sign in again");
+    assert!(session_of(&again).is_some_and(|new| new != session));
+    let (_, me) =
+        with_cookie(&herald, reqwest::Method::GET, "/console/session", &session, None, serde_json::Value::Null).await;
+    assert!(me["data"]["user"].is_null(), "the previous session ended: {me}");
 
     // The same in the browser's sign-in form.
     let browser = Browser::start((1280, 800)).await;

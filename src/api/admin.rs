@@ -47,8 +47,10 @@ pub(super) async fn authorize_on(services: &Services, call: &Call, id: i64, acti
     // Delivery learns of a subscription after the catalog does: one just created is known
     // to the catalog first.
     let account = services.delivery.account_of(id).or_else(|| {
-        let sub = services.controller.catalog.by_id(id)?;
-        Some(crate::effective::name_key(&sub.spec).0.to_string())
+        let sub = services.controller.catalog.by_id(id).filter(|s| s.metadata.deletion_timestamp.is_none())?;
+        let account = crate::effective::name_key(&sub.spec).0;
+        let namespace = sub.metadata.namespace.as_deref().unwrap_or_default();
+        services.controller.tenancy.allows(account, namespace).then(|| account.to_string())
     });
     services.auth.authorize(&identity, account.as_deref().unwrap_or_default(), action).await?;
     match account {

@@ -307,7 +307,11 @@ impl Authenticator {
     pub async fn authorize(&self, identity: &Identity, account: &str, action: Action) -> Result<(), AuthError> {
         let allowed = match identity {
             Identity::Anonymous => true,
-            Identity::EsbApp { accounts, .. } => app_allows(accounts, account),
+            // What the ESB gateway offered apps: their accounts' subscriptions (and reading
+            // their deliveries); publishing and replaying need a Kubernetes identity.
+            Identity::EsbApp { accounts, .. } => {
+                !matches!(action, Action::Publish | Action::Replay) && app_allows(accounts, account)
+            }
             Identity::Kubernetes { username, uid, groups, extra } => {
                 let key = decision_key(username, uid, groups, extra, account, action);
                 let cached = self.decisions.lock().get(&key).copied();

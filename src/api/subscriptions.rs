@@ -311,7 +311,8 @@ impl Services {
                         .filter_map(|record| record.value["subscription_id"].as_i64())
                         .collect()
                 });
-                ids.into_iter().filter_map(|id| catalog.by_id(id)).collect()
+                // Re-checked on the object: it may have changed since the records were read.
+                ids.into_iter().filter_map(|id| catalog.by_id(id)).filter(|s| self.owned_by(s, account)).collect()
             }
             View::Listed(all) => all.into_iter().filter(|s| self.owned_by(s, account)).collect(),
         };

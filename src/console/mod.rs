@@ -72,13 +72,15 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// then carry the session's CSRF token in `X-CSRF-Token`, except signing in again.
 async fn bridge(State(console): State<Arc<Console>>, mut request: Request, next: Next) -> Response {
     let session = session::cookie_value(request.headers()).and_then(|id| console.sessions.get(id));
+    // Signing in presents its own credential, never the session's.
+    let signing_in = request.method() == Method::POST && request.uri().path() == "/console/session";
     if let Some(session) = session
+        && !signing_in
         && !request.headers().contains_key(AUTHORIZATION)
     {
         let safe = matches!(*request.method(), Method::GET | Method::HEAD);
-        let signing_in = request.method() == Method::POST && request.uri().path() == "/console/session";
         let token = request.headers().get(CSRF_HEADER).and_then(|v| v.to_str().ok());
-        if !safe && !signing_in && token != Some(session.csrf.as_str()) {
+        if !safe && token != Some(session.csrf.as_str()) {
             let refusal =
                 ApiError::new(ErrorCode::NoPermission).with_detail("the console's CSRF token is missing or wrong");
             return Call::from_headers(request.headers()).refuse(refusal.into());
@@ -121,8 +123,10 @@ fn session_cookie(console: &Console, value: &str, max_age: u64) -> Option<Header
     HeaderValue::from_str(&cookie).ok()
 }
 
-/// `POST /console/session {"token": "..."}`: the token is reviewed as the REST API reviews
-/// it; the answer sets the session cookie and carries the CSRF token.
+/// `POST /console/session {"token": "..."}` (or `{"app_code", "app_secret"}`): the
+/// credential is reviewed as the REST API reviews it; the answer sets the session cookie
+/// (ending the one the request came with) and carries the CSRF token. Only a JSON body is
+/// taken, which a cross-site form cannot send: no other site can sign a browser in.
 async fn sign_in(
     State(console): State<Arc<Console>>,
     headers: HeaderMap,
@@ -130,6 +134,11 @@ async fn sign_in(
 ) -> Response {
     let call = Call::from_headers(&headers);
     let result = async {
+        let json =
+            headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+        if !json {
+            return Err(ApiError::new(ErrorCode::JsonDecode).with_detail("a sign-in is application/json").into());
+        }
         let services = console.app.services()?;
         let request: SignIn = json_body(&crate::api::publish::read_body(body)?)?;
         let (token, code) = (request.token.trim(), request.app_code.trim());
@@ -139,13 +148,12 @@ async fn sign_in(
             (true, true) => Credential::Anonymous,
         };
         // Reviewed exactly as a REST call presenting the same credential.
-        let call = match &credential {
-            Credential::Bearer(token) => Call { authorization: Some(format!("Bearer {token}")), ..call.clone() },
-            Credential::App { code, secret } => {
-                Call { app_credentials: Some((code.clone(), secret.clone(), None)), ..call.clone() }
-            }
-            Credential::Anonymous => Call { authorization: None, app_credentials: None, ..call.clone() },
+        let (authorization, app_credentials) = match &credential {
+            Credential::Bearer(token) => (Some(format!("Bearer {token}")), None),
+            Credential::App { code, secret } => (None, Some((code.clone(), secret.clone(), None))),
+            Credential::Anonymous => (None, None),
         };
+        let call = Call { authorization, app_credentials, ..call.clone() };
         let identity = call.identity(&services.auth).await?;
         let user = identity.name();
         let (id, csrf) = console
@@ -158,8 +166,12 @@ async fn sign_in(
     match result {
         Ok((id, csrf, user, identity)) => {
             let anonymous = identity == Identity::Anonymous;
+            if let Some(previous) = session::cookie_value(&headers) {
+                console.sessions.close(previous);
+            }
             let mut response = call.direct_ok(json!({"user": user, "csrf": csrf, "anonymous": anonymous}));
-            if let Some(cookie) = session_cookie(&console, &id, session::IDLE.as_secs()) {
+            // The browser keeps it for the session's lifetime; herald ends it sooner when idle.
+            if let Some(cookie) = session_cookie(&console, &id, session::LIFETIME.as_secs()) {
                 response.headers_mut().insert(SET_COOKIE, cookie);
             }
             response

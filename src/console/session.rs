@@ -2,7 +2,7 @@
 //! with the development anonymous switch, nothing) for a random session id in an HttpOnly, SameSite=Strict cookie
 //! and a CSRF token the page sends back on every change. Sessions live in memory, end after
 //! `IDLE` without use or `LIFETIME` after sign-in, and are bounded in number: signing in
-//! past `MAX_SESSIONS` ends the session closest to its end.
+//! past `MAX_PER_USER` ends that user's oldest, past `MAX_SESSIONS` the one nearest its end.
 
 use base64::Engine;
 use parking_lot::Mutex;
@@ -13,19 +13,33 @@ use std::time::{Duration, Instant};
 pub const COOKIE: &str = "herald_console";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 pub const IDLE: Duration = Duration::from_secs(30 * 60);
-const LIFETIME: Duration = Duration::from_secs(8 * 60 * 60);
+pub const LIFETIME: Duration = Duration::from_secs(8 * 60 * 60);
 const MAX_SESSIONS: usize = 10_000;
+/// Sessions one user may hold: signing in past it ends that user's oldest, so no user can
+/// push the others' sessions out.
+const MAX_PER_USER: usize = 16;
 
 /// What the session acts with: every request is authenticated and authorised again with it,
 /// exactly as the REST API does for a caller presenting it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum Credential {
     Bearer(String),
     App { code: String, secret: String },
     Anonymous,
 }
 
-#[derive(Clone, Debug)]
+/// Never the token or the secret.
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Bearer(_) => f.write_str("Bearer(…)"),
+            Credential::App { code, .. } => write!(f, "App({code}, …)"),
+            Credential::Anonymous => f.write_str("Anonymous"),
+        }
+    }
+}
+
+#[derive(Clone)]
 pub struct Session {
     pub credential: Credential,
     pub csrf: String,
@@ -58,6 +72,12 @@ impl Sessions {
         let session = Session { credential, csrf: csrf.clone(), user, ends: now + LIFETIME, idle_until: now + IDLE };
         let mut open = self.open.lock();
         open.retain(|_, s| s.live(now));
+        let theirs = open.iter().filter(|(_, s)| s.user == session.user);
+        if theirs.clone().count() >= MAX_PER_USER
+            && let Some(oldest) = theirs.min_by_key(|(_, s)| s.ends).map(|(k, _)| k.clone())
+        {
+            open.remove(&oldest);
+        }
         if open.len() >= MAX_SESSIONS
             && let Some(oldest) = open.iter().min_by_key(|(_, s)| s.idle_until.min(s.ends)).map(|(k, _)| k.clone())
         {
@@ -129,6 +149,19 @@ mod tests {
         sessions.close(&a);
         assert!(sessions.get(&a).is_none());
         assert!(sessions.get("forged").is_none());
+    }
+
+    #[test]
+    fn one_user_signing_in_again_and_again_ends_only_their_own_oldest_sessions() {
+        let sessions = Sessions::default();
+        let (other, _) = sessions.open(Credential::Anonymous, "bob".into()).unwrap();
+        let first = sessions.open(Credential::Bearer("t".into()), "alice".into()).unwrap().0;
+        for _ in 0..MAX_PER_USER {
+            sessions.open(Credential::Bearer("t".into()), "alice".into()).unwrap();
+        }
+        assert!(sessions.get(&first).is_none(), "alice's oldest went");
+        assert!(sessions.get(&other).is_some(), "bob's stays");
+        assert_eq!(format!("{:?}", Credential::Bearer("secret-token".into())), "Bearer(…)");
     }
 
     #[test]

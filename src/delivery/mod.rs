@@ -134,7 +134,8 @@ impl Delivery {
 
     /// A subscription's per-minute attempts and failures over the last `MINUTES_KEPT`.
     pub async fn attempts_per_minute(&self, id: i64) -> Result<Vec<MinuteCount>, StoreError> {
-        self.store.attempts_per_minute(id, minute_of(now_millis()) - MINUTES_KEPT + 1).await
+        let now = minute_of(now_millis());
+        self.store.attempts_per_minute(id, now - MINUTES_KEPT + 1..=now).await
     }
 
     /// Refreshes the store gauges (`store_bytes`, `queue_depth`) for a scrape.

@@ -193,8 +193,9 @@ async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -
             },
         )
         .await;
-        let elapsed = started.elapsed().as_secs_f64();
-        let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let took = started.elapsed();
+        let elapsed = took.as_secs_f64();
+        let latency_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
         let exchange = match &answer {
             Ok(answer) => Exchange::answered(answer.status, latency_ms, &answer.body),
             Err(_) => Exchange::unanswered(latency_ms),

@@ -210,7 +210,8 @@ impl EventStore for MemoryStore {
             let counts = sub.minutes.entry(minute).or_default();
             counts.0 += 1;
             counts.1 += i64::from(result != AttemptResult::Delivered);
-            sub.minutes.retain(|&m, _| m > minute - MINUTES_KEPT);
+            let newest = sub.minutes.keys().next_back().copied().unwrap_or(minute);
+            sub.minutes.retain(|&m, _| m > newest - MINUTES_KEPT);
         }
         let released = match attempt.outcome {
             Outcome::Delivered => sub.queue.remove(&attempt.position).map(|entry| {
@@ -279,12 +280,12 @@ impl EventStore for MemoryStore {
     fn attempts_per_minute(
         &self,
         subscription_id: i64,
-        since_minute: i64,
+        minutes: std::ops::RangeInclusive<i64>,
     ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>> {
         let state = self.state.lock();
         let counts = state.subscriptions.get(&subscription_id).map(|sub| {
             sub.minutes
-                .range(since_minute..)
+                .range(minutes)
                 .map(|(&minute, &(attempts, failures))| MinuteCount { minute, attempts, failures })
                 .collect()
         });

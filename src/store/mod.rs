@@ -92,14 +92,30 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn answered(http_status: u16, latency_ms: u32, body: &[u8]) -> Self {
-        let head = String::from_utf8_lossy(&body[..body.len().min(ANSWER_HEAD_BYTES)]);
-        // A multi-byte character cut at the limit decodes as U+FFFD; drop it.
-        let head = if body.len() > ANSWER_HEAD_BYTES { head.trim_end_matches('\u{FFFD}') } else { &head };
-        Exchange { http_status: Some(http_status), latency_ms: Some(latency_ms), answer_head: head.to_string() }
+        Exchange { http_status: Some(http_status), latency_ms: Some(latency_ms), answer_head: answer_head(body) }
     }
 
     pub fn unanswered(latency_ms: u32) -> Self {
         Exchange { http_status: None, latency_ms: Some(latency_ms), answer_head: String::new() }
+    }
+}
+
+/// At most `ANSWER_HEAD_BYTES` of the start of an answer, whole characters: a character
+/// the limit cuts is left out; bytes that are not UTF-8 become U+FFFD.
+fn answer_head(body: &[u8]) -> String {
+    let cut = &body[..body.len().min(ANSWER_HEAD_BYTES)];
+    match std::str::from_utf8(cut) {
+        Ok(text) => text.to_string(),
+        // Valid up to a character the cut split.
+        Err(error) if error.error_len().is_none() => String::from_utf8_lossy(&cut[..error.valid_up_to()]).into_owned(),
+        Err(_) => {
+            let lossy = String::from_utf8_lossy(cut);
+            let mut end = lossy.len().min(ANSWER_HEAD_BYTES);
+            while !lossy.is_char_boundary(end) {
+                end -= 1;
+            }
+            lossy[..end].to_string()
+        }
     }
 }
 
@@ -259,12 +275,12 @@ pub trait EventStore: Send + Sync {
     /// Up to `limit` of the subscription's logged attempts, newest first.
     fn delivery_log(&self, subscription_id: i64, limit: usize)
     -> BoxFuture<'_, Result<Vec<LoggedAttempt>, StoreError>>;
-    /// The subscription's per-minute counts from `since_minute` on, oldest first; minutes
-    /// without attempts are absent.
+    /// The subscription's per-minute counts in `minutes` (minutes since the epoch), oldest
+    /// first; minutes without attempts are absent.
     fn attempts_per_minute(
         &self,
         subscription_id: i64,
-        since_minute: i64,
+        minutes: std::ops::RangeInclusive<i64>,
     ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>>;
     /// Moves dead letters (all, or the given distribution ids) to the queue's tail.
     fn replay(

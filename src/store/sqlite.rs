@@ -240,11 +240,14 @@ static MINUTES: SetStatement = SetStatement::new(
          SET attempts = attempts + excluded.attempts, failures = failures + excluded.failures",
     "(?,?,?,?)",
 );
-/// Drops each subscription's per-minute counts up to a minute.
+/// Drops each subscription's per-minute counts more than a number of minutes older than its
+/// newest.
 static MINUTES_TRIM: SetStatement = SetStatement::new(
     "DELETE FROM attempt_minutes WHERE (subscription_id, minute) IN
          (SELECT m.subscription_id, m.minute FROM (VALUES {rows}) AS v
-          JOIN attempt_minutes m ON m.subscription_id = v.column1 AND m.minute <= v.column2)",
+          JOIN attempt_minutes m ON m.subscription_id = v.column1
+              AND m.minute <= (SELECT max(n.minute) FROM attempt_minutes n WHERE n.subscription_id = v.column1)
+                  - v.column2)",
     "(?,?)",
 );
 static RELEASE: SetStatement = SetStatement::new(
@@ -521,14 +524,15 @@ impl EventStore for SqliteStore {
     fn attempts_per_minute(
         &self,
         subscription_id: i64,
-        since_minute: i64,
+        minutes: std::ops::RangeInclusive<i64>,
     ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>> {
+        let (first, last) = minutes.into_inner();
         Box::pin(self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT minute, attempts, failures FROM attempt_minutes
-                 WHERE subscription_id = ?1 AND minute >= ?2 ORDER BY minute",
+                 WHERE subscription_id = ?1 AND minute BETWEEN ?2 AND ?3 ORDER BY minute",
             )?;
-            let rows = stmt.query_map(params![subscription_id, since_minute], |r| {
+            let rows = stmt.query_map(params![subscription_id, first, last], |r| {
                 Ok(MinuteCount { minute: r.get(0)?, attempts: r.get(1)?, failures: r.get(2)? })
             })?;
             rows.collect()
@@ -1073,7 +1077,7 @@ fn record(conn: &Connection, attempts: &[Attempt]) -> Result<(), StoreError> {
 
 /// Appends a run's attempts to the log with the sequence numbers that follow each
 /// subscription's last, drops what falls out of `LOGGED_ATTEMPTS`, and adds the per-minute
-/// counts, dropping minutes older than `MINUTES_KEPT`. `deltas` learn how many each logged.
+/// counts, dropping minutes more than `MINUTES_KEPT` older than each subscription's newest. `deltas` learn how many each logged.
 #[allow(clippy::type_complexity)] // one row of the LOG statement
 fn log_attempts(
     conn: &Connection,
@@ -1114,13 +1118,8 @@ fn log_attempts(
     let values: Vec<&dyn ToSql> =
         minutes.iter().flat_map(|((id, minute), (a, f))| [id as &dyn ToSql, minute, a, f]).collect();
     MINUTES.execute(conn, &values)?;
-    let mut newest: BTreeMap<i64, i64> = BTreeMap::new();
-    for &(id, minute) in minutes.keys() {
-        let entry = newest.entry(id).or_insert(minute);
-        *entry = (*entry).max(minute);
-    }
-    let cuts: Vec<(i64, i64)> = newest.into_iter().map(|(id, minute)| (id, minute - MINUTES_KEPT)).collect();
-    let values: Vec<&dyn ToSql> = cuts.iter().flat_map(|(id, cut)| [id as &dyn ToSql, cut]).collect();
+    let touched: BTreeSet<i64> = minutes.keys().map(|&(id, _)| id).collect();
+    let values: Vec<&dyn ToSql> = touched.iter().flat_map(|id| [id as &dyn ToSql, &MINUTES_KEPT]).collect();
     MINUTES_TRIM.execute(conn, &values)
 }
 
@@ -1387,7 +1386,7 @@ mod tests {
             for logged in store.delivery_log(id, LOGGED_ATTEMPTS).await.unwrap() {
                 shown.push(format!("{id} logged {logged:?}"));
             }
-            for minute in store.attempts_per_minute(id, i64::MIN).await.unwrap() {
+            for minute in store.attempts_per_minute(id, i64::MIN..=i64::MAX).await.unwrap() {
                 shown.push(format!("{id} minute {minute:?}"));
             }
         }
@@ -1535,15 +1534,15 @@ mod tests {
         );
         assert_eq!(newest.exchange, Exchange::answered(500, 150, b"no 150"));
 
-        let counts = store.attempts_per_minute(1, i64::MIN).await.unwrap();
+        let counts = store.attempts_per_minute(1, i64::MIN..=i64::MAX).await.unwrap();
         let newest_minute = total * 20;
         assert_eq!(counts.len(), usize::try_from(MINUTES_KEPT / 20).unwrap(), "a day of 20-minute steps: {counts:?}");
         assert!(counts.iter().all(|c| c.minute > newest_minute - MINUTES_KEPT && (c.attempts, c.failures) == (1, 1)));
-        assert_eq!(store.attempts_per_minute(1, newest_minute).await.unwrap().len(), 1, "from a minute on");
+        assert_eq!(store.attempts_per_minute(1, newest_minute..=i64::MAX).await.unwrap().len(), 1, "from a minute on");
 
         store.drop_subscription(1).await.unwrap();
         assert!(store.delivery_log(1, 1000).await.unwrap().is_empty());
-        assert!(store.attempts_per_minute(1, i64::MIN).await.unwrap().is_empty());
+        assert!(store.attempts_per_minute(1, i64::MIN..=i64::MAX).await.unwrap().is_empty());
     }
 
     #[test]
@@ -1552,6 +1551,11 @@ mod tests {
         let body = format!("a{}", "é".repeat(ANSWER_HEAD_BYTES));
         let head = Exchange::answered(200, 1, body.as_bytes()).answer_head;
         assert_eq!(head, format!("a{}", "é".repeat(ANSWER_HEAD_BYTES / 2 - 1)), "whole characters up to the limit");
+        // Not UTF-8 at all: replacement characters, still within the limit.
+        let binary = Exchange::answered(200, 1, &[0xff; 300]).answer_head;
+        assert!(binary.len() <= ANSWER_HEAD_BYTES && binary.chars().all(|c| c == '\u{FFFD}'), "{}", binary.len());
+        // A real U+FFFD at the end is kept.
+        assert_eq!(Exchange::answered(200, 1, "ok\u{FFFD}".as_bytes()).answer_head, "ok\u{FFFD}");
         assert_eq!(Exchange::answered(200, 1, b"short").answer_head, "short");
     }
 
@@ -1590,7 +1594,18 @@ mod tests {
                 while let Some(row) = rows.next().unwrap() {
                     plan.push(row.get::<_, String>(3).unwrap());
                 }
-                for table in ["queue", "q", "subscriptions", "events", "dead_letters", "attempt_log", "l", "m"] {
+                for table in [
+                    "queue",
+                    "q",
+                    "subscriptions",
+                    "events",
+                    "dead_letters",
+                    "attempt_log",
+                    "attempt_minutes",
+                    "l",
+                    "m",
+                    "n",
+                ] {
                     let scan = format!("SCAN {table}");
                     let scans = |step: &String| *step == scan || step.starts_with(&format!("{scan} "));
                     assert!(!plan.iter().any(scans), "{size} rows: {}\n{plan:?}", statement.sql);

@@ -260,7 +260,8 @@ async function formView(id) {
   if (id) {
     try {
       existing = (await api("GET", `/console/subscriptions/${encodeURIComponent(state.account)}`)).info.find((r) => String(r.subscription_id) === id);
-    } catch (err) { show(alertBox(err)); return; }
+      if (!existing) throw new Error(`${t("id")} ${id}: ${t("unknown")}`);
+    } catch (err) { show(el("a", { href: "#/" }, t("back")), alertBox(err)); return; }
   }
   const value = (k, d) => (existing && existing[k] !== undefined && existing[k] !== null ? String(existing[k]) : d);
   const inputs = {
@@ -284,7 +285,7 @@ async function formView(id) {
     general.replaceChildren();
     clearFieldErrors(form);
     try {
-      if (id) await api("PUT", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/0/${id}`, body());
+      if (id) await api("PUT", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/${existing.bk_biz_id}/${id}`, body());
       const created = id ? null : await api("POST", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/0`, body());
       notice(t("saved"));
       location.hash = `#/subscription/${id || created.subscription_id}`;
@@ -372,7 +373,7 @@ async function detailView(id) {
   const remove = async () => {
     if (!confirm(t("confirmDelete", row.subscription_name))) return;
     try {
-      await api("DELETE", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/0/${id}`, {});
+      await api("DELETE", `/api/v3/event/subscribe/${encodeURIComponent(state.account)}/${row.bk_biz_id}/${id}`, {});
       notice(t("deleted"));
       location.hash = "#/";
     } catch (err) { notice(err.message); }
@@ -421,7 +422,9 @@ async function detailView(id) {
 
 function route() {
   if (!state.user) { signInView(); return; }
-  const [, view, id] = (location.hash || "#/").split("/");
+  const [, view, raw] = (location.hash || "#/").split("/");
+  // Subscription ids are numbers; anything else in the address is not one.
+  const id = /^\d+$/.test(raw || "") ? raw : null;
   if (view === "new") formView(null);
   else if (view === "edit" && id) formView(id);
   else if (view === "subscription" && id) detailView(id);
