@@ -29,6 +29,12 @@ fn only_refusals(errors: Vec<String>, statuses: &[u16]) {
     }
 }
 
+/// `kubectl get esub` of the subscription with bk-cmdb id `id`, printed as `output`.
+fn esub_with_id(cluster: &Cluster, ns: &str, id: i64, output: &str) -> (bool, String, String) {
+    let selector = format!("herald.dev/subscription-id={id}");
+    cluster.kubectl(&["get", "esub", "-n", ns, "-l", &selector, "-o", output])
+}
+
 /// `herald` answered `path` with the session cookie `cookie` (and `csrf`, when given).
 async fn with_cookie(
     herald: &Herald,
@@ -113,16 +119,7 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
     browser.click("#save").await;
     browser.wait_text("h2", "console-made").await;
     let made_id: i64 = browser.find("#fact-id").await.text().await.parse().expect("a number");
-    let (ok, listed, err) = cluster.kubectl(&[
-        "get",
-        "esub",
-        "-n",
-        &ns,
-        "-l",
-        &format!("herald.dev/subscription-id={made_id}"),
-        "-o",
-        "jsonpath={.items[*].spec.subscriptionName}",
-    ]);
+    let (ok, listed, err) = esub_with_id(&cluster, &ns, made_id, "jsonpath={.items[*].spec.subscriptionName}");
     assert!(ok && listed == "console-made", "kubectl get esub shows it with its id: {listed}{err}");
 
     // Edit.
@@ -232,16 +229,7 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
     browser.accept_alert().await;
     let list = browser.wait_text("#subscriptions", "failing").await;
     assert!(!list.contains("console-made"), "{list}");
-    let (_, left, _) = cluster.kubectl(&[
-        "get",
-        "esub",
-        "-n",
-        &ns,
-        "-l",
-        &format!("herald.dev/subscription-id={made_id}"),
-        "-o",
-        "name",
-    ]);
+    let (_, left, _) = esub_with_id(&cluster, &ns, made_id, "name");
     assert!(left.trim().is_empty(), "deleted: {left}");
     only_refusals(browser.console_errors().await, &[]);
 

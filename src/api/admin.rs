@@ -91,10 +91,7 @@ async fn list(
         Ok::<_, Refusal>(serde_json::json!({ "count": info.len(), "info": info }))
     }
     .await;
-    match result {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(result)
 }
 
 async fn replay(
@@ -119,8 +116,5 @@ async fn replay(
         Ok::<_, Refusal>(serde_json::json!({ "replayed": replayed }))
     }
     .await;
-    match result {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(result)
 }

@@ -42,10 +42,7 @@ where
         operation(services, identity).await
     }
     .await;
-    match result {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(result)
 }
 
 fn account(call: &Call, path_account: &str) -> String {

@@ -68,10 +68,7 @@ async fn log(
         Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
     }
     .await;
-    match result {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(result)
 }
 
 async fn minutes(
@@ -99,8 +96,5 @@ async fn minutes(
         Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
     }
     .await;
-    match result {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(result)
 }

@@ -210,6 +210,14 @@ impl Call {
         self.direct(status, envelope::direct_err(error, self.lang, permission))
     }
 
+    /// A direct-path answer: `data` in the envelope, or the refusal.
+    pub fn answer(&self, result: Result<serde_json::Value, Refusal>) -> Response {
+        match result {
+            Ok(data) => self.direct_ok(data),
+            Err(refusal) => self.refuse(refusal),
+        }
+    }
+
     pub fn refuse(&self, refusal: Refusal) -> Response {
         let status = refusal.status.unwrap_or_else(|| {
             StatusCode::from_u16(refusal.error.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST)

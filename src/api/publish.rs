@@ -60,10 +60,7 @@ async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let call = Call::from_headers(&headers);
-    match accept(&state, &call, body).await {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(accept(&state, &call, body).await)
 }
 
 async fn accept(

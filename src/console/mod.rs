@@ -215,10 +215,7 @@ async fn list(State(console): State<Arc<Console>>, headers: HeaderMap, Path(acco
         Ok::<_, Refusal>(json!({"count": rows.len(), "info": rows}))
     }
     .await;
-    match result {
-        Ok(data) => call.direct_ok(data),
-        Err(refusal) => call.refuse(refusal),
-    }
+    call.answer(result)
 }
 
 fn row(state: &AppState, sub: &EventSubscription) -> Value {
