@@ -270,6 +270,8 @@ async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
 
     let http = reqwest::Client::new();
     let sign_in = |body: serde_json::Value| http.post(herald.url("/console/session")).json(&body).send();
+    let anonymous = sign_in(serde_json::json!({})).await.expect("sign in");
+    assert_eq!(anonymous.status(), 401, "an empty sign-in needs the development switch");
     let wrong = sign_in(serde_json::json!({"app_code": "cmdb", "app_secret": "guess"})).await.expect("sign in");
     assert_eq!(wrong.status(), 401, "a wrong secret opens no session");
     assert!(session_of(&wrong).is_none());
@@ -346,4 +348,26 @@ async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
     browser.wait_text("#subscriptions", "mine").await;
     browser.wait_text("#user", "cmdb").await;
     only_refusals(browser.console_errors().await, &[]);
+}
+
+#[tokio::test]
+async fn with_the_development_switch_an_empty_sign_in_is_anonymous() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("console-anonymous", &[]).await;
+    // The test defaults turn the switch on, as scripts/quickstart.sh does.
+    let herald = Herald::start(&cluster, &ns, "").await;
+    let signed = reqwest::Client::new()
+        .post(herald.url("/console/session"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("sign in");
+    let session = session_of(&signed).expect("a session cookie");
+    let me: serde_json::Value = signed.json().await.expect("JSON");
+    assert_eq!((&me["data"]["user"], &me["data"]["anonymous"]), (&"anonymous".into(), &true.into()), "{me}");
+    let (status, list) =
+        with_cookie(&herald, reqwest::Method::GET, "/console/subscriptions/0", &session, None, serde_json::Value::Null)
+            .await;
+    assert_eq!(status, 200, "{list}");
 }
