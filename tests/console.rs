@@ -282,8 +282,19 @@ async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
         assert!(set_cookie.contains(attribute), "{attribute} in {set_cookie}");
     }
+    assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
     let me: serde_json::Value = signed.json().await.expect("JSON");
     assert_eq!(me["data"]["user"], "cmdb");
+    // Behind a TLS-terminating proxy the cookie is Secure.
+    let proxied = http
+        .post(herald.url("/console/session"))
+        .header("X-Forwarded-Proto", "https")
+        .json(&serde_json::json!({"app_code": "cmdb", "app_secret": "s3cret"}))
+        .send()
+        .await
+        .expect("sign in behind a proxy");
+    let proxied_cookie = proxied.headers()["set-cookie"].to_str().expect("ASCII").to_string();
+    assert!(proxied_cookie.ends_with("; Secure"), "{proxied_cookie}");
     let csrf = me["data"]["csrf"].as_str().expect("csrf").to_string();
 
     let null = serde_json::Value::Null;

@@ -117,8 +117,14 @@ struct SignIn {
     app_secret: String,
 }
 
-fn session_cookie(console: &Console, value: &str, max_age: u64) -> Option<HeaderValue> {
-    let secure = if console.app.config.api.tls.is_some() { "; Secure" } else { "" };
+/// The session cookie, `Secure` when herald serves TLS or a proxy in front of it says the
+/// browser's request was HTTPS (trusting that header can only make the cookie stricter).
+fn session_cookie(console: &Console, headers: &HeaderMap, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let proxied_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    let secure = if console.app.config.api.tls.is_some() || proxied_https { "; Secure" } else { "" };
     let cookie = format!("{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}", session::COOKIE);
     HeaderValue::from_str(&cookie).ok()
 }
@@ -171,7 +177,7 @@ async fn sign_in(
             }
             let mut response = call.direct_ok(json!({"user": user, "csrf": csrf, "anonymous": anonymous}));
             // The browser keeps it for the session's lifetime; herald ends it sooner when idle.
-            if let Some(cookie) = session_cookie(&console, &id, session::LIFETIME.as_secs()) {
+            if let Some(cookie) = session_cookie(&console, &headers, &id, session::LIFETIME.as_secs()) {
                 response.headers_mut().insert(SET_COOKIE, cookie);
             }
             response
@@ -196,7 +202,7 @@ async fn sign_out(State(console): State<Arc<Console>>, headers: HeaderMap) -> Re
         console.sessions.close(id);
     }
     let mut response = Call::from_headers(&headers).direct_ok(json!({}));
-    if let Some(cookie) = session_cookie(&console, "", 0) {
+    if let Some(cookie) = session_cookie(&console, &headers, "", 0) {
         response.headers_mut().insert(SET_COOKIE, cookie);
     }
     response

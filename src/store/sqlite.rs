@@ -1488,6 +1488,35 @@ mod tests {
         assert_eq!(contents(&sqlite, &subscriptions).await, contents(&memory, &subscriptions).await);
     }
 
+    /// A store the first schema wrote (before the delivery log) opens with the current one:
+    /// its queue and counters kept, its attempts logged from then on.
+    #[tokio::test]
+    async fn a_store_of_the_first_schema_upgrades_in_place() {
+        let dir = temp_dir("upgrade");
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let conn = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO events (id, body, refs, published_at) VALUES (1, 'e', 1, 1);
+                 INSERT INTO subscriptions (subscription_id, next_distribution_id, next_position, pending, total)
+                     VALUES (7, 2, 2, 1, 3);
+                 INSERT INTO queue (subscription_id, position, event_id, distribution_id, attempts, enqueued_at)
+                     VALUES (7, 1, 1, 1, 2, 1);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&dir, limits()).unwrap();
+        let version: i64 = store.reader.lock().unwrap().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
+        assert_eq!(store.queued(7, 0, 10).await.unwrap().len(), 1, "the queue is kept");
+        assert_eq!((store.counters(7).await.unwrap().total, store.counters(7).await.unwrap().pending), (3, 1));
+        attempt(&store, 7, 1, Outcome::Delivered).await;
+        let log = store.delivery_log(7, 10).await.unwrap();
+        assert_eq!(log.iter().map(|a| (a.distribution_id, a.attempt)).collect::<Vec<_>>(), [(1, 3)]);
+    }
+
     /// The log keeps the newest `LOGGED_ATTEMPTS` attempts and the per-minute counts the
     /// last `MINUTES_KEPT` minutes, however many runs they arrive in; an expired entry is
     /// not an attempt and logs nothing.
