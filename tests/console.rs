@@ -78,7 +78,7 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
         serde_json::json!({"maxAttempts": 2, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1, "jitterPercent": 0});
     api.create(&PostParams::default(), &subscription("failing", failing)).await.expect("create");
     let failing_id = id(&wait_ready(&api, "failing").await).expect("an id");
-    wait_ready(&api, "other").await;
+    let other_id = id(&wait_ready(&api, "other").await).expect("an id");
 
     let browser = Browser::start((1280, 800)).await;
     let console = herald.url("/console/");
@@ -195,6 +195,26 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
         with_cookie(&herald, reqwest::Method::GET, "/console/subscriptions/1", &session, None, serde_json::json!(null))
             .await;
     assert_eq!(status, 403, "forged: another account's list");
+    let (status, _) = with_cookie(
+        &herald,
+        reqwest::Method::GET,
+        &format!("/console/subscriptions/1/{other_id}"),
+        &session,
+        None,
+        serde_json::json!(null),
+    )
+    .await;
+    assert_eq!(status, 403, "forged: another account's subscription");
+    let (status, _) = with_cookie(
+        &herald,
+        reqwest::Method::GET,
+        &format!("/console/subscriptions/0/{other_id}"),
+        &session,
+        None,
+        serde_json::json!(null),
+    )
+    .await;
+    assert_eq!(status, 400, "account 1's id is not found under account 0 (1199006)");
     let form = serde_json::json!({"subscription_name": "forged", "callback_url": receiver.url("ok", "forged"), "subscription_form": "hostcreate"});
     let (status, _) =
         with_cookie(&herald, reqwest::Method::POST, "/api/v3/event/subscribe/1/0", &session, Some(&csrf), form.clone())

@@ -4,12 +4,10 @@
 //! (`GET /api/v3/herald/deliveries/{subscription_id}/minutes`). Authorised like reading
 //! its dead letters (`list` on the subscription's supplier account).
 
-use super::admin::{authorize_on, subscription_id};
+use super::admin::{cmdb_time, on_subscription, query_failed};
 use super::auth::Action;
-use super::{AppState, Call, CmdbPath, CmdbQuery, Refusal};
-use crate::compat::time::format_cmdb;
-use crate::compat::{ApiError, ErrorCode};
-use crate::store::{LOGGED_ATTEMPTS, Millis, StoreError};
+use super::{AppState, CmdbPath, CmdbQuery};
+use crate::store::LOGGED_ATTEMPTS;
 use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -29,32 +27,21 @@ struct LogQuery {
     limit: Option<usize>,
 }
 
-fn time(state: &AppState, at: Millis) -> String {
-    format_cmdb(jiff::Timestamp::from_millisecond(at).unwrap_or_default(), &state.config.time_zone)
-}
-
-fn query_failed(error: StoreError) -> Refusal {
-    ApiError::new(ErrorCode::QueryFailed).with_detail(error.to_string()).into()
-}
-
 async fn log(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     CmdbPath((_, raw_id)): CmdbPath<(String, String)>,
     CmdbQuery(query): CmdbQuery<LogQuery>,
 ) -> Response {
-    let call = Call::from_headers(&headers);
-    let result = async {
-        let id = subscription_id(&raw_id)?;
-        let services = state.services()?;
-        authorize_on(&services, &call, id, Action::List).await?;
+    let app: &AppState = &state;
+    on_subscription(app, &headers, &raw_id, Action::List, |services, id| async move {
         let limit = query.limit.unwrap_or(LOGGED_ATTEMPTS).clamp(1, LOGGED_ATTEMPTS);
         let attempts = services.delivery.delivery_log(id, limit).await.map_err(query_failed)?;
         let info: Vec<Value> = attempts
             .into_iter()
             .map(|a| {
                 json!({
-                    "time": time(&state, a.at),
+                    "time": cmdb_time(app, a.at),
                     "distribution_id": a.distribution_id,
                     "attempt": a.attempt,
                     "result": a.result.as_str(),
@@ -65,10 +52,9 @@ async fn log(
                 })
             })
             .collect();
-        Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
-    }
-    .await;
-    call.answer(result)
+        Ok(json!({ "count": info.len(), "info": info }))
+    })
+    .await
 }
 
 async fn minutes(
@@ -76,25 +62,21 @@ async fn minutes(
     headers: HeaderMap,
     CmdbPath((_, raw_id)): CmdbPath<(String, String)>,
 ) -> Response {
-    let call = Call::from_headers(&headers);
-    let result = async {
-        let id = subscription_id(&raw_id)?;
-        let services = state.services()?;
-        authorize_on(&services, &call, id, Action::List).await?;
+    let app: &AppState = &state;
+    on_subscription(app, &headers, &raw_id, Action::List, |services, id| async move {
         let counts = services.delivery.attempts_per_minute(id).await.map_err(query_failed)?;
         let info: Vec<Value> = counts
             .into_iter()
             .map(|m| {
                 json!({
-                    "minute": time(&state, m.minute * 60_000),
+                    "minute": cmdb_time(app, m.minute * 60_000),
                     "epoch_minute": m.minute,
                     "attempts": m.attempts,
                     "failures": m.failures,
                 })
             })
             .collect();
-        Ok::<_, Refusal>(json!({ "count": info.len(), "info": info }))
-    }
-    .await;
-    call.answer(result)
+        Ok(json!({ "count": info.len(), "info": info }))
+    })
+    .await
 }

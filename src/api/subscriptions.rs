@@ -306,18 +306,29 @@ impl Services {
         let mut visible: Vec<Arc<EventSubscription>> = match self.view(ErrorCode::QueryFailed).await? {
             View::Catalog(catalog) => {
                 let ids: Vec<i64> = catalog.with_records(account, |records| {
-                    records
-                        .filter(|record| self.controller.tenancy.allows(account, &record.namespace))
-                        .filter_map(|record| record.value["subscription_id"].as_i64())
-                        .collect()
+                    records.filter_map(|r| r.value["subscription_id"].as_i64()).collect()
                 });
-                // Re-checked on the object: it may have changed since the records were read.
+                // Account and tenancy checked on the object (it may have changed since the
+                // records were read), as for a LIST.
                 ids.into_iter().filter_map(|id| catalog.by_id(id)).filter(|s| self.owned_by(s, account)).collect()
             }
             View::Listed(all) => all.into_iter().filter(|s| self.owned_by(s, account)).collect(),
         };
         visible.sort_by_key(|s| s.status.as_ref().and_then(|st| st.subscription_id));
         Ok(visible)
+    }
+
+    /// The subscription `id` of the account, if the caller may list the account and a
+    /// search would show it (as `find` does for an update or a delete).
+    pub async fn visible_subscription(
+        &self,
+        identity: &Identity,
+        account: &str,
+        id: i64,
+    ) -> Result<Option<Arc<EventSubscription>>, Refusal> {
+        self.auth.authorize(identity, account, Action::List).await?;
+        let view = self.view(ErrorCode::QueryFailed).await?;
+        Ok(self.find(&view, account, id))
     }
 
     /// POSTs `data` verbatim to the URL; any HTTP answer is a result, only a transport

@@ -2,8 +2,9 @@
 //! One page of HTML, CSS and plain JavaScript compiled into the binary (nothing from a CDN,
 //! no build step) that signs in for a session (`session`) and then calls herald's REST API
 //! with it, so the console can do exactly what the REST API lets its user do. Besides the
-//! session endpoints the console adds one read, its subscription list: the REST search
-//! record with what the list shows beyond it (namespace, conditions, queue counters).
+//! session endpoints the console adds one read, its subscription list (and one row of it):
+//! the REST search record with what the list shows beyond it (namespace, conditions, queue
+//! counters).
 
 pub mod session;
 
@@ -51,6 +52,7 @@ fn routes() -> Router<Arc<Console>> {
         .route("/console/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
         .route("/console/session", get(whoami).post(sign_in).delete(sign_out))
         .route("/console/subscriptions/{account}", get(list))
+        .route("/console/subscriptions/{account}/{id}", get(one))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -219,6 +221,26 @@ async fn list(State(console): State<Arc<Console>>, headers: HeaderMap, Path(acco
         let visible = services.visible_subscriptions(&identity, &account).await?;
         let rows: Vec<Value> = visible.iter().map(|sub| row(&console.app, sub)).collect();
         Ok::<_, Refusal>(json!({"count": rows.len(), "info": rows}))
+    }
+    .await;
+    call.answer(result)
+}
+
+/// `GET /console/subscriptions/{account}/{id}`: one row of that list, for the detail and
+/// edit pages (1199006 when the caller's search would not show it).
+async fn one(
+    State(console): State<Arc<Console>>,
+    headers: HeaderMap,
+    Path((account, id)): Path<(String, i64)>,
+) -> Response {
+    let call = Call::from_headers(&headers);
+    let result = async {
+        let services = console.app.services()?;
+        let identity = call.identity(&services.auth).await?;
+        match services.visible_subscription(&identity, &account, id).await? {
+            Some(sub) => Ok(row(&console.app, &sub)),
+            None => Err(ApiError::invalid_because("subscription_id", format!("{id} not found")).into()),
+        }
     }
     .await;
     call.answer(result)

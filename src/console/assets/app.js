@@ -259,8 +259,7 @@ async function formView(id) {
   let existing = null;
   if (id) {
     try {
-      existing = (await api("GET", `/console/subscriptions/${encodeURIComponent(state.account)}`)).info.find((r) => String(r.subscription_id) === id);
-      if (!existing) throw new Error(`${t("id")} ${id}: ${t("unknown")}`);
+      existing = await api("GET", `/console/subscriptions/${encodeURIComponent(state.account)}/${id}`);
     } catch (err) { show(el("a", { href: "#/" }, t("back")), alertBox(err)); return; }
   }
   const value = (k, d) => (existing && existing[k] !== undefined && existing[k] !== null ? String(existing[k]) : d);
@@ -354,10 +353,8 @@ async function detailView(id) {
   show(el("p", { className: "muted" }, t("loading")));
   let row, log, minutes, dead;
   try {
-    const rows = (await api("GET", `/console/subscriptions/${encodeURIComponent(state.account)}`)).info;
-    row = rows.find((r) => String(r.subscription_id) === id);
-    if (!row) throw new Error(`${t("id")} ${id}: ${t("unknown")}`);
-    [log, minutes, dead] = await Promise.all([
+    [row, log, minutes, dead] = await Promise.all([
+      api("GET", `/console/subscriptions/${encodeURIComponent(state.account)}/${id}`),
       api("GET", `/api/v3/herald/deliveries/${id}`),
       api("GET", `/api/v3/herald/deliveries/${id}/minutes`),
       api("GET", `/api/v3/herald/dead_letters/${id}`),
