@@ -5,11 +5,14 @@
 
 use crate::api::auth::{Authenticator, EsbApps, EsbCredentialsError};
 use crate::api::{self, AppState, Services};
+use crate::conditions::WriteBudget;
 use crate::config::Config;
 use crate::controller;
 use crate::delivery::{Delivery, DeliveryParts, index::SubscriptionIndex};
 use crate::leader::{LeaderError, Leadership};
 use crate::outbound::{ClientError, Outbound};
+use crate::source::SourceContext;
+use crate::store::EventStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Limits, StoreError};
 use crate::telemetry::Metrics;
@@ -92,13 +95,14 @@ async fn lead_and_serve(
         let renewing = shutdown.clone();
         tasks.spawn("lease renewal", async move { Ok(leadership.keep(&renewing).await?) });
     }
-    let store = Arc::new(SqliteStore::open(
+    let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(
         &config.store.path,
         Limits { quota_bytes: config.store.quota_bytes, backlog_cap: config.store.backlog_cap },
     )?);
     let outbound = Outbound::new(&config.callback_guard)?;
     let esb = EsbApps::load(&client, &config.api, &config.namespace).await?;
 
+    let status_budget = Arc::new(WriteBudget::new(config.delivery.status_writes_per_second));
     let (index, changes) = SubscriptionIndex::new();
     let (ctx, controller) = controller::build(client.clone(), config.clone(), index.clone(), shutdown.clone());
     tasks.spawn("controller", async move {
@@ -106,7 +110,7 @@ async fn lead_and_serve(
         Ok(())
     });
     let delivery = Delivery::new(DeliveryParts {
-        store,
+        store: store.clone(),
         index,
         outbound: outbound.clone(),
         client: client.clone(),
@@ -114,10 +118,11 @@ async fn lead_and_serve(
         tenancy: ctx.tenancy.clone(),
         config: config.delivery.clone(),
         dead_letter_retention: Duration::from_secs(config.store.dead_letter_retention_seconds),
-        metrics,
+        metrics: metrics.clone(),
+        status_budget: status_budget.clone(),
         shutdown: shutdown.clone(),
     });
-    let auth = Arc::new(Authenticator::new(client, &config.api.auth, esb));
+    let auth = Arc::new(Authenticator::new(client.clone(), &config.api.auth, esb));
 
     let caches = async {
         // The catalog is fed after the controller's cache, so its being ready covers both.
@@ -138,6 +143,21 @@ async fn lead_and_serve(
     if state.services.set(Arc::new(services)).is_err() {
         tracing::warn!("services were already set; keeping the first");
     }
+    let sources = Arc::new(SourceContext {
+        client: client.clone(),
+        store: store.clone(),
+        delivery: delivery.clone(),
+        tenancy: ctx.tenancy.clone(),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        recorder: ctx.recorder.clone(),
+        status_budget,
+    });
+    let stopping = shutdown.clone();
+    tasks.spawn("event sources", async move {
+        crate::source::run(sources, stopping).await;
+        Ok(())
+    });
     let dispatcher = delivery.clone();
     tasks.spawn("delivery dispatcher", async move {
         dispatcher.run(changes).await;

@@ -25,6 +25,7 @@ pub struct Config {
     pub leader_election: LeaderElectionConfig,
     pub metrics: MetricsConfig,
     pub api: ApiConfig,
+    pub sources: SourcesConfig,
     /// Time zone of bk-cmdb time strings (`last_time`, `action_time`): `UTC`, an offset
     /// such as `+08:00`, or an IANA name such as `Asia/Shanghai`.
     pub time_zone: TimeZoneSetting,
@@ -127,6 +128,15 @@ pub struct LeaderElectionConfig {
     pub lease_duration_seconds: u64,
 }
 
+/// `sources`: event sources (CmdbSource).
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SourcesConfig {
+    /// CIDRs that sources in herald's own namespace may reach besides `callbackGuard.allowCidrs`
+    /// (an in-cluster bk-cmdb); sources in other namespaces get the callback guard only.
+    pub own_namespace_allow_cidrs: Vec<crate::outbound::guard::Cidr>,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct MetricsConfig {
@@ -188,6 +198,7 @@ impl Default for Config {
             leader_election: LeaderElectionConfig::default(),
             metrics: MetricsConfig::default(),
             api: ApiConfig::default(),
+            sources: SourcesConfig::default(),
             time_zone: TimeZoneSetting::default(),
         }
     }

@@ -2,7 +2,7 @@
 //! table of where each concern lives, is docs/design.md.
 //!
 //! Modules, one concern each:
-//! - `crd`: the EventSubscription resource (types, schema, server-side apply bodies).
+//! - `crd`: the EventSubscription and CmdbSource resources (types, schema, apply bodies).
 //! - `effective`: the normalised, defaulted view of a spec and its field validation.
 //! - `conditions`: status-condition merging and the clock both status writers use.
 //! - `controller`: reconcile, id allocation, validation beyond the schema, Ready.
@@ -10,6 +10,8 @@
 //!   letters, and the status projector for statistics.
 //! - `outbound`: every request to a user-given destination: the callback guard, the HTTP
 //!   client, capped body reads, and the ping/telnet probes.
+//! - `source`: CmdbSource: bk-cmdb's resource watch read, converted to v3.5 events and
+//!   committed exactly once with its cursor; the supervisor and the status it writes.
 //! - `store`: the event store trait and its SQLite implementation.
 //! - `event`: bk-cmdb event instances, their names and the callback body.
 //! - `compat`: bk-cmdb's REST conventions: envelopes, error codes, input parsing, search,
@@ -34,6 +36,7 @@ pub mod event;
 pub mod import;
 pub mod leader;
 pub mod outbound;
+pub mod source;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;

@@ -28,8 +28,11 @@ enum Command {
         #[arg(long, env = "HERALD_LISTEN")]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Print the EventSubscription CRD as YAML.
-    Crd,
+    /// Print herald's CRDs as YAML (all of them, or the one committed as FILE in crds/).
+    Crd {
+        /// For example `cmdbsources.herald.dev.yaml`.
+        file: Option<String>,
+    },
     /// Import a bk-cmdb 3.5–3.9 event server's (or another herald's) subscriptions,
     /// keeping their ids (docs/migration.md).
     Import(ImportArgs),
@@ -108,9 +111,18 @@ impl ImportArgs {
 #[tokio::main]
 async fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Crd => match herald::crd::crd_yaml() {
-            Ok(yaml) => {
-                print!("{yaml}");
+        Command::Crd { file } => match herald::crd::crd_yamls() {
+            Ok(crds) => {
+                let chosen: Vec<String> = crds
+                    .into_iter()
+                    .filter(|(name, _)| file.as_deref().is_none_or(|f| f == *name))
+                    .map(|(_, yaml)| yaml)
+                    .collect();
+                if chosen.is_empty() {
+                    eprintln!("herald: no CRD is committed as {}", file.unwrap_or_default());
+                    return ExitCode::FAILURE;
+                }
+                print!("{}", chosen.join("---\n"));
                 ExitCode::SUCCESS
             }
             Err(error) => {

@@ -31,6 +31,21 @@ pub struct DeliveryLabels {
     pub subscription: String,
 }
 
+/// Labels of the event-source metrics: the CmdbSource (`namespace/name`) and the resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+    pub resource: &'static str,
+}
+
+/// Labels of watch errors: the source, the resource and the cause.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceErrorLabels {
+    pub source: String,
+    pub resource: &'static str,
+    pub cause: &'static str,
+}
+
 /// Every metric herald exports on `/metrics`.
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +57,10 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub store_bytes: Gauge<u64, AtomicU64>,
     pub status_writes: Counter,
+    pub source_events_read: Family<SourceLabels, Counter>,
+    pub source_watch_errors: Family<SourceErrorLabels, Counter>,
+    pub source_lag_seconds: Family<SourceLabels, Gauge>,
+    pub source_cursor_expiries: Family<SourceLabels, Counter>,
 }
 
 impl Metrics {
@@ -65,6 +84,22 @@ impl Metrics {
         registry.register("queue_depth", "Deliveries pending across all subscriptions", queue_depth.clone());
         registry.register("store_bytes", "Size of the embedded store on disk", store_bytes.clone());
         registry.register("status_writes", "Status writes to the Kubernetes API by delivery", status_writes.clone());
+        let source_events_read = Family::<SourceLabels, Counter>::default();
+        let source_watch_errors = Family::<SourceErrorLabels, Counter>::default();
+        let source_lag_seconds = Family::<SourceLabels, Gauge>::default();
+        let source_cursor_expiries = Family::<SourceLabels, Counter>::default();
+        registry.register("source_events_read", "Watch events read from bk-cmdb", source_events_read.clone());
+        registry.register("source_watch_errors", "Failed bk-cmdb watch requests by cause", source_watch_errors.clone());
+        registry.register(
+            "source_lag_seconds",
+            "Seconds a watch has been behind the end of bk-cmdb's stream",
+            source_lag_seconds.clone(),
+        );
+        registry.register(
+            "source_cursor_expiries",
+            "Times bk-cmdb no longer held a watch's cursor (changes may be missing)",
+            source_cursor_expiries.clone(),
+        );
         Metrics {
             registry,
             per_subscription,
@@ -75,6 +110,10 @@ impl Metrics {
             queue_depth,
             store_bytes,
             status_writes,
+            source_events_read,
+            source_watch_errors,
+            source_lag_seconds,
+            source_cursor_expiries,
         }
     }
 

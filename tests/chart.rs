@@ -91,15 +91,16 @@ fn the_values_schema_rejects_wrong_types() {
 
 #[test]
 fn the_charts_crd_and_deploy_manifests_are_not_stale() {
-    let committed = std::fs::read_to_string(format!("{ROOT}/crds/eventsubscriptions.herald.dev.yaml")).expect("crds/");
-    let chart_copy =
-        std::fs::read_to_string(format!("{CHART}/crds/eventsubscriptions.herald.dev.yaml")).expect("chart crds/");
-    let generated = run(Command::new(env!("CARGO_BIN_EXE_herald")).arg("crd"));
-    assert!(generated.ok, "herald crd: {generated}");
-    assert!(
-        chart_copy == committed && chart_copy == generated.stdout,
-        "charts/herald/crds/ is stale: run `cargo run -- crd > crds/eventsubscriptions.herald.dev.yaml` and copy it to charts/herald/crds/"
-    );
+    for file in ["eventsubscriptions.herald.dev.yaml", "cmdbsources.herald.dev.yaml"] {
+        let committed = std::fs::read_to_string(format!("{ROOT}/crds/{file}")).expect("crds/");
+        let chart_copy = std::fs::read_to_string(format!("{CHART}/crds/{file}")).expect("chart crds/");
+        let generated = run(Command::new(env!("CARGO_BIN_EXE_herald")).args(["crd", file]));
+        assert!(generated.ok, "herald crd: {generated}");
+        assert!(
+            chart_copy == committed && chart_copy == generated.stdout,
+            "charts/herald/crds/{file} is stale: run `cargo run -- crd {file} > crds/{file}` and copy it to charts/herald/crds/"
+        );
+    }
 
     let chart: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/Chart.yaml")).expect("Chart.yaml"))

@@ -20,8 +20,8 @@ use crate::crd::EventSubscription;
 use crate::event::StoredEvent;
 use crate::outbound::Outbound;
 use crate::store::{
-    DeadLetter, EventStore, Fanout, LoggedAttempt, MINUTES_KEPT, MinuteCount, NewEvent, StoreError, minute_of,
-    now_millis,
+    DeadLetter, EventStore, Fanout, LoggedAttempt, MINUTES_KEPT, MinuteCount, NewEvent, StoreError, WatchPage,
+    minute_of, now_millis,
 };
 use crate::telemetry::Metrics;
 use crate::tenancy::Tenancy;
@@ -76,6 +76,8 @@ pub struct DeliveryParts {
     pub config: DeliveryConfig,
     pub dead_letter_retention: Duration,
     pub metrics: Arc<Metrics>,
+    /// API-server writes per second, shared with the sources' status writer.
+    pub status_budget: Arc<crate::conditions::WriteBudget>,
     pub shutdown: CancellationToken,
 }
 
@@ -101,7 +103,7 @@ pub struct Delivery {
 impl Delivery {
     pub fn new(parts: DeliveryParts) -> Arc<Self> {
         Arc::new(Delivery {
-            projector: StatusProjector::new(parts.config.status_writes_per_second),
+            projector: StatusProjector::new(parts.status_budget),
             secrets: signing::SecretCache::new(parts.client.clone()),
             store: parts.store,
             index: parts.index,
@@ -149,16 +151,36 @@ impl Delivery {
     /// Matches each event (with its name) against the Ready subscriptions of its
     /// account, stores events and fan-out durably, and wakes the workers.
     pub async fn publish(self: &Arc<Self>, events: Vec<(StoredEvent, String)>) -> Result<Published, StoreError> {
-        let new_events: Vec<NewEvent> = events
+        let fanouts = self.store.publish(self.matched(&events)).await?;
+        Ok(self.queued(events.len(), fanouts))
+    }
+
+    /// Publishes a watch page's events as `publish` does, in one transaction with the
+    /// page's cursor and pre-images (`page.events` is filled here).
+    pub async fn ingest(
+        self: &Arc<Self>,
+        mut page: WatchPage,
+        events: Vec<(StoredEvent, String)>,
+    ) -> Result<Published, StoreError> {
+        page.events = self.matched(&events);
+        let fanouts = self.store.ingest(page).await?;
+        Ok(self.queued(events.len(), fanouts))
+    }
+
+    fn matched(&self, events: &[(StoredEvent, String)]) -> Vec<NewEvent> {
+        events
             .iter()
             .map(|(event, name)| {
                 let subscriptions = self.index.matching(&event.bk_supplier_account, name);
                 let body = serde_json::to_string(event).unwrap_or_default();
                 NewEvent { body, subscriptions }
             })
-            .collect();
-        let fanouts = self.store.publish(new_events).await?;
-        let mut summary = Published { accepted: events.len(), ..Default::default() };
+            .collect()
+    }
+
+    /// After a durable publish: wakes the workers with new entries, counts.
+    fn queued(self: &Arc<Self>, accepted: usize, fanouts: Vec<Vec<Fanout>>) -> Published {
+        let mut summary = Published { accepted, ..Default::default() };
         let mut woken = HashSet::new();
         for Fanout { subscription_id, queued, .. } in fanouts.into_iter().flatten() {
             if queued {
@@ -174,7 +196,7 @@ impl Delivery {
         }
         self.metrics.events_published.inc_by(u64::try_from(summary.accepted).unwrap_or(0));
         self.metrics.deliveries_queued.inc_by(u64::try_from(summary.queued).unwrap_or(0));
-        Ok(summary)
+        summary
     }
 
     /// Moves a subscription's dead letters (all, or the given distribution ids) to the

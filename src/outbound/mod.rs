@@ -32,6 +32,8 @@ pub enum ClientError {
     ReadCa { path: String, source: std::io::Error },
     #[error("callbackGuard.caBundle {path} holds no usable PEM certificate: {source}")]
     ParseCa { path: String, source: reqwest::Error },
+    #[error("the CA bundle holds no usable PEM certificate: {0}")]
+    ParseExtraCa(#[source] reqwest::Error),
     #[error("building the HTTP client: {0}")]
     Build(#[source] reqwest::Error),
 }
@@ -49,6 +51,12 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn new(config: &GuardConfig) -> Result<Self, ClientError> {
+        Self::with_roots(config, None)
+    }
+
+    /// As `new`, also trusting the PEM certificates `extra_roots` (a CmdbSource's
+    /// `caBundle`).
+    pub fn with_roots(config: &GuardConfig, extra_roots: Option<&[u8]>) -> Result<Self, ClientError> {
         let guard = Arc::new(Guard::new(config.allow_cidrs.clone()));
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -66,6 +74,11 @@ impl Outbound {
             let certificates = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|source| ClientError::ParseCa { path: shown.clone(), source })?;
             for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        if let Some(pem) = extra_roots {
+            for certificate in reqwest::Certificate::from_pem_bundle(pem).map_err(ClientError::ParseExtraCa)? {
                 builder = builder.add_root_certificate(certificate);
             }
         }

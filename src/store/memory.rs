@@ -5,7 +5,8 @@
 
 use super::{
     Attempt, AttemptResult, Counters, DeadLetter, EventStore, Fanout, LOGGED_ATTEMPTS, Limits, LoggedAttempt,
-    MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError, minute_of, now_millis,
+    MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError, WatchPage, WatchPosition, minute_of,
+    now_millis,
 };
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -59,6 +60,16 @@ struct State {
     next_event_id: i64,
     subscriptions: BTreeMap<i64, Subscription>,
     next_ticket: u64,
+    watches: BTreeMap<String, Watch>,
+}
+
+#[derive(Default)]
+struct Watch {
+    cursor: String,
+    events_read: i64,
+    /// instance → (detail, when it was last changed).
+    pre_images: HashMap<String, (String, i64)>,
+    next_touch: i64,
 }
 
 impl State {
@@ -94,10 +105,52 @@ impl MemoryStore {
         }
     }
 
+    fn check_quota(&self, state: &State) -> Result<(), StoreError> {
+        let size = state.size();
+        if size > self.limits.quota_bytes {
+            return Err(StoreError::OverQuota { size, quota: self.limits.quota_bytes });
+        }
+        Ok(())
+    }
+
     /// Makes the next `count` outcome writes fail, as a failed commit would.
     pub fn fail_next_records(&self, count: usize) {
         *self.failing_records.lock() = count;
     }
+}
+
+fn publish(state: &mut State, events: Vec<NewEvent>, backlog_cap: i64) -> Vec<Vec<Fanout>> {
+    let now = now_millis();
+    let mut fanouts = Vec::with_capacity(events.len());
+    for event in events {
+        if event.subscriptions.is_empty() {
+            fanouts.push(Vec::new());
+            continue;
+        }
+        state.next_event_id += 1;
+        let event_id = state.next_event_id;
+        state.events.insert(event_id, (event.body, event.subscriptions.len()));
+        let mut fanout = Vec::with_capacity(event.subscriptions.len());
+        for subscription_id in event.subscriptions {
+            let sub = state.subscriptions.entry(subscription_id).or_default();
+            let distribution_id = sub.next_distribution_id;
+            sub.next_distribution_id += 1;
+            let queued = sub.counters.pending < backlog_cap;
+            if queued {
+                sub.queue.insert(sub.next_position, Entry { event_id, distribution_id, attempts: 0, enqueued_at: now });
+                sub.next_position += 1;
+                sub.counters.pending += 1;
+            } else {
+                let error = format!("backlog of {backlog_cap} pending events is full");
+                let letter = Letter { event_id, attempts: 0, reason: "BacklogFull".into(), error, dead_at: now };
+                sub.dead.insert(distribution_id, letter);
+                sub.counters.dead_lettered += 1;
+            }
+            fanout.push(Fanout { subscription_id, distribution_id, queued });
+        }
+        fanouts.push(fanout);
+    }
+    fanouts
 }
 
 fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
@@ -107,42 +160,71 @@ fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
 impl EventStore for MemoryStore {
     fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
         let mut state = self.state.lock();
-        let size = state.size();
-        if size > self.limits.quota_bytes {
-            return ready(Err(StoreError::OverQuota { size, quota: self.limits.quota_bytes }));
+        ready(self.check_quota(&state).map(|()| publish(&mut state, events, self.limits.backlog_cap)))
+    }
+
+    fn watch_position(&self, watch: &str) -> BoxFuture<'_, Result<Option<WatchPosition>, StoreError>> {
+        let state = self.state.lock();
+        ready(Ok(state.watches.get(watch).map(|w| WatchPosition {
+            cursor: w.cursor.clone(),
+            events_read: w.events_read,
+            pre_images: i64::try_from(w.pre_images.len()).unwrap_or(i64::MAX),
+        })))
+    }
+
+    fn ingest(&self, page: WatchPage) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
+        let mut state = self.state.lock();
+        let grows = page.events.iter().any(|e| !e.subscriptions.is_empty()) || !page.pre_images.is_empty();
+        if grows && let Err(error) = self.check_quota(&state) {
+            return ready(Err(error));
         }
-        let now = now_millis();
-        let mut fanouts = Vec::with_capacity(events.len());
-        for event in events {
-            if event.subscriptions.is_empty() {
-                fanouts.push(Vec::new());
-                continue;
-            }
-            state.next_event_id += 1;
-            let event_id = state.next_event_id;
-            state.events.insert(event_id, (event.body, event.subscriptions.len()));
-            let mut fanout = Vec::with_capacity(event.subscriptions.len());
-            for subscription_id in event.subscriptions {
-                let sub = state.subscriptions.entry(subscription_id).or_default();
-                let distribution_id = sub.next_distribution_id;
-                sub.next_distribution_id += 1;
-                let queued = sub.counters.pending < self.limits.backlog_cap;
-                if queued {
-                    sub.queue
-                        .insert(sub.next_position, Entry { event_id, distribution_id, attempts: 0, enqueued_at: now });
-                    sub.next_position += 1;
-                    sub.counters.pending += 1;
-                } else {
-                    let error = format!("backlog of {} pending events is full", self.limits.backlog_cap);
-                    let letter = Letter { event_id, attempts: 0, reason: "BacklogFull".into(), error, dead_at: now };
-                    sub.dead.insert(distribution_id, letter);
-                    sub.counters.dead_lettered += 1;
+        let fanouts = publish(&mut state, page.events, self.limits.backlog_cap);
+        let watch = state.watches.entry(page.watch).or_default();
+        watch.cursor = page.cursor;
+        watch.events_read += page.read;
+        for (instance, detail) in page.pre_images {
+            match detail {
+                Some(detail) => {
+                    watch.pre_images.insert(instance, (detail, watch.next_touch));
                 }
-                fanout.push(Fanout { subscription_id, distribution_id, queued });
+                None => {
+                    watch.pre_images.remove(&instance);
+                }
             }
-            fanouts.push(fanout);
+            watch.next_touch += 1;
+        }
+        let limit = usize::try_from(page.pre_image_limit.max(0)).unwrap_or(usize::MAX);
+        if watch.pre_images.len() > limit {
+            let mut ages: Vec<(i64, String)> = watch.pre_images.iter().map(|(k, (_, t))| (*t, k.clone())).collect();
+            ages.sort();
+            for (_, instance) in ages.into_iter().take(watch.pre_images.len() - limit) {
+                watch.pre_images.remove(&instance);
+            }
         }
         ready(Ok(fanouts))
+    }
+
+    fn pre_images(
+        &self,
+        watch: &str,
+        instances: Vec<String>,
+    ) -> BoxFuture<'_, Result<HashMap<String, String>, StoreError>> {
+        let state = self.state.lock();
+        let kept = state.watches.get(watch).map(|w| &w.pre_images);
+        let found = instances
+            .into_iter()
+            .filter_map(|i| kept.and_then(|k| k.get(&i)).map(|(detail, _)| (i, detail.clone())))
+            .collect();
+        ready(Ok(found))
+    }
+
+    fn drop_watch(&self, watch: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.state.lock().watches.remove(watch);
+        ready(Ok(()))
+    }
+
+    fn watches(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        ready(Ok(self.state.lock().watches.keys().cloned().collect()))
     }
 
     fn queued(

@@ -205,6 +205,34 @@ pub struct DeadLetter {
     pub body: String,
 }
 
+/// Where one watch of a bk-cmdb resource stands (`crate::source`), as last committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchPosition {
+    /// bk-cmdb's cursor after the last committed page.
+    pub cursor: String,
+    /// Watch events committed so far, pushed or not.
+    pub events_read: i64,
+    /// Instances whose last detail is kept for pre-images.
+    pub pre_images: i64,
+}
+
+/// One page of a watch: its events, the cursor after them and the pre-image changes they
+/// make, committed in one transaction, so that a crash neither skips nor repeats a watch
+/// event.
+#[derive(Clone, Debug, Default)]
+pub struct WatchPage {
+    /// The watch's key: source uid and resource.
+    pub watch: String,
+    pub events: Vec<NewEvent>,
+    pub cursor: String,
+    /// Watch events the page held, pushed or not.
+    pub read: i64,
+    /// In the page's order: an instance's new detail, or None when it was deleted.
+    pub pre_images: Vec<(String, Option<String>)>,
+    /// Instances kept for this watch; the least recently changed beyond it are forgotten.
+    pub pre_image_limit: i64,
+}
+
 /// Limits the store enforces.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -294,6 +322,21 @@ pub trait EventStore: Send + Sync {
     fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>>;
     /// Deletes dead letters older than `before`.
     fn expire_dead_letters(&self, before: Millis) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// A watch's position, None before its first page.
+    fn watch_position(&self, watch: &str) -> BoxFuture<'_, Result<Option<WatchPosition>, StoreError>>;
+    /// Commits a watch page: its events with their fan-out (as `publish`), its cursor and
+    /// its pre-image changes, atomically and durably.
+    fn ingest(&self, page: WatchPage) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>>;
+    /// The kept details of those of `instances` the watch has seen.
+    fn pre_images(
+        &self,
+        watch: &str,
+        instances: Vec<String>,
+    ) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>, StoreError>>;
+    /// Forgets a watch: its cursor and pre-images.
+    fn drop_watch(&self, watch: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Every watch the store holds a position for.
+    fn watches(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
     /// Deliveries pending across all subscriptions.
     fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>>;
     /// Size of the store on disk.

@@ -15,7 +15,8 @@
 
 use super::{
     Attempt, AttemptResult, Counters, DeadLetter, EventStore, Exchange, Fanout, LOGGED_ATTEMPTS, Limits, LoggedAttempt,
-    MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError, minute_of, now_millis,
+    MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError, WatchPage, WatchPosition, minute_of,
+    now_millis,
 };
 use futures::future::BoxFuture;
 use rusqlite::config::DbConfig;
@@ -98,6 +99,24 @@ CREATE TABLE attempt_minutes (
     failures INTEGER NOT NULL,
     PRIMARY KEY (subscription_id, minute)
 ) WITHOUT ROWID;
+"#,
+    r#"
+CREATE TABLE watches (
+    watch TEXT PRIMARY KEY,
+    cursor TEXT NOT NULL,
+    events_read INTEGER NOT NULL,
+    pre_images INTEGER NOT NULL DEFAULT 0,
+    next_touch INTEGER NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE pre_images (
+    watch TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    touched INTEGER NOT NULL,
+    PRIMARY KEY (watch, instance)
+) WITHOUT ROWID;
+CREATE INDEX pre_images_by_age ON pre_images (watch, touched);
 "#,
 ];
 
@@ -265,6 +284,8 @@ enum Write {
     Replay { subscription_id: i64, distribution_ids: Option<Vec<i64>>, reply: Reply<usize> },
     Drop { subscription_id: i64, reply: Reply<()> },
     Expire { before: Millis, reply: Reply<usize> },
+    Ingest { page: WatchPage, reply: Reply<Vec<Vec<Fanout>>> },
+    DropWatch { watch: String, reply: Reply<()> },
 }
 
 pub struct SqliteStore {
@@ -563,6 +584,52 @@ impl EventStore for SqliteStore {
         Box::pin(self.ask(move |reply| Write::Expire { before, reply }))
     }
 
+    fn watch_position(&self, watch: &str) -> BoxFuture<'_, Result<Option<WatchPosition>, StoreError>> {
+        let watch = watch.to_string();
+        Box::pin(self.read(move |conn| {
+            conn.prepare_cached("SELECT cursor, events_read, pre_images FROM watches WHERE watch = ?1")?
+                .query_row([watch], |r| {
+                    Ok(WatchPosition { cursor: r.get(0)?, events_read: r.get(1)?, pre_images: r.get(2)? })
+                })
+                .optional()
+        }))
+    }
+
+    fn ingest(&self, page: WatchPage) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
+        Box::pin(self.ask(|reply| Write::Ingest { page, reply }))
+    }
+
+    fn pre_images(
+        &self,
+        watch: &str,
+        instances: Vec<String>,
+    ) -> BoxFuture<'_, Result<HashMap<String, String>, StoreError>> {
+        let watch = watch.to_string();
+        Box::pin(self.read(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT detail FROM pre_images WHERE watch = ?1 AND instance = ?2")?;
+            let mut found = HashMap::new();
+            for instance in instances {
+                if let Some(detail) = stmt.query_row(params![watch, instance], |r| r.get::<_, String>(0)).optional()? {
+                    found.insert(instance, detail);
+                }
+            }
+            Ok(found)
+        }))
+    }
+
+    fn drop_watch(&self, watch: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let watch = watch.to_string();
+        Box::pin(self.ask(move |reply| Write::DropWatch { watch, reply }))
+    }
+
+    fn watches(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT watch FROM watches")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        }))
+    }
+
     fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
         Box::pin(
             self.read(|conn| conn.query_row("SELECT COALESCE(SUM(pending), 0) FROM subscriptions", [], |r| r.get(0))),
@@ -758,6 +825,22 @@ impl Writer {
                     note_full(&result, &mut full);
                     answers.push(Pending::Expired(reply, result));
                 }
+                Write::Ingest { page, reply } => {
+                    // A page that only moves the cursor (nothing to queue or keep) is taken over
+                    // the quota too, so an idle watch never falls behind bk-cmdb's retention.
+                    let grows = page.events.iter().any(|e| !e.subscriptions.is_empty()) || !page.pre_images.is_empty();
+                    let result = match over_quota {
+                        Some((size, quota)) if grows => Err(StoreError::OverQuota { size, quota }),
+                        _ => in_savepoint(&tx, |sp| ingest(sp, &page, self.limits.backlog_cap, now)),
+                    };
+                    note_full(&result, &mut full);
+                    answers.push(Pending::Published(reply, result));
+                }
+                Write::DropWatch { watch, reply } => {
+                    let result = in_savepoint(&tx, |sp| drop_watch(sp, &watch));
+                    note_full(&result, &mut full);
+                    answers.push(Pending::Dropped(reply, result));
+                }
             }
         }
         if tx.is_autocommit() {
@@ -811,6 +894,8 @@ fn fail_write(write: Write, failure: &BatchFailure, lost_outcomes: &parking_lot:
         Write::Replay { reply, .. } => drop(reply.send(Err(error()))),
         Write::Drop { reply, .. } => drop(reply.send(Err(error()))),
         Write::Expire { reply, .. } => drop(reply.send(Err(error()))),
+        Write::Ingest { reply, .. } => drop(reply.send(Err(error()))),
+        Write::DropWatch { reply, .. } => drop(reply.send(Err(error()))),
         Write::Record { attempt, .. } => {
             lost_outcomes.lock().insert(attempt.subscription_id);
         }
@@ -910,6 +995,67 @@ fn publish(
         .collect();
     ADVANCE.execute(conn, &values)?;
     Ok(fanouts)
+}
+
+/// Commits one watch page: its events as `publish` does, the cursor after them, and its
+/// pre-image changes, forgetting the least recently changed instances beyond the limit.
+fn ingest(conn: &Connection, page: &WatchPage, backlog_cap: i64, now: Millis) -> Result<Vec<Vec<Fanout>>, StoreError> {
+    let fanouts = publish(conn, &page.events, backlog_cap, now)?;
+    conn.prepare_cached(
+        "INSERT INTO watches (watch, cursor, events_read, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (watch) DO UPDATE SET cursor = excluded.cursor,
+             events_read = watches.events_read + excluded.events_read, updated_at = excluded.updated_at",
+    )?
+    .execute(params![page.watch, page.cursor, page.read, now])?;
+    if page.pre_images.is_empty() {
+        return Ok(fanouts);
+    }
+    let (mut touch, mut kept): (i64, i64) = conn
+        .prepare_cached("SELECT next_touch, pre_images FROM watches WHERE watch = ?1")?
+        .query_row([&page.watch], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    for (instance, detail) in &page.pre_images {
+        match detail {
+            Some(detail) => {
+                let updated = conn
+                    .prepare_cached(
+                        "UPDATE pre_images SET detail = ?3, touched = ?4 WHERE watch = ?1 AND instance = ?2",
+                    )?
+                    .execute(params![page.watch, instance, detail, touch])?;
+                if updated == 0 {
+                    conn.prepare_cached(
+                        "INSERT INTO pre_images (watch, instance, detail, touched) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![page.watch, instance, detail, touch])?;
+                    kept += 1;
+                }
+            }
+            None => {
+                let deleted = conn
+                    .prepare_cached("DELETE FROM pre_images WHERE watch = ?1 AND instance = ?2")?
+                    .execute(params![page.watch, instance])?;
+                kept -= i64::try_from(deleted).unwrap_or(0);
+            }
+        }
+        touch += 1;
+    }
+    let limit = page.pre_image_limit.max(0);
+    if kept > limit {
+        conn.prepare_cached(
+            "DELETE FROM pre_images WHERE watch = ?1 AND instance IN
+                 (SELECT instance FROM pre_images WHERE watch = ?1 ORDER BY touched LIMIT ?2)",
+        )?
+        .execute(params![page.watch, kept - limit])?;
+        kept = limit;
+    }
+    conn.prepare_cached("UPDATE watches SET next_touch = ?2, pre_images = ?3 WHERE watch = ?1")?
+        .execute(params![page.watch, touch, kept])?;
+    Ok(fanouts)
+}
+
+fn drop_watch(conn: &Connection, watch: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM pre_images WHERE watch = ?1")?.execute([watch])?;
+    conn.prepare_cached("DELETE FROM watches WHERE watch = ?1")?.execute([watch])?;
+    Ok(())
 }
 
 /// Drops `references` (event id → how many) and deletes the events no one needs any more.
@@ -1217,6 +1363,51 @@ mod tests {
         let attempt = Attempt { subscription_id, position, outcome, at: 1, exchange: Exchange::default() };
         let ticket = store.record_attempt(attempt).unwrap();
         store.committed(ticket).await.unwrap();
+    }
+
+    /// Both stores, the same pages: the watch position, fan-out and pre-images agree, and
+    /// the kept instances stay within the limit, least recently changed forgotten first.
+    #[tokio::test]
+    async fn watch_pages_commit_cursor_events_and_bounded_pre_images_together() {
+        let dir = temp_dir("watch");
+        let sqlite = SqliteStore::open(&dir, limits()).unwrap();
+        let memory = super::super::memory::MemoryStore::new(limits());
+        let image = |i: &str, d: Option<&str>| (i.to_string(), d.map(str::to_string));
+        for store in [&sqlite as &dyn EventStore, &memory] {
+            assert_eq!(store.watch_position("w").await.unwrap(), None);
+            let page = WatchPage {
+                watch: "w".into(),
+                events: vec![event("a", &[1]), event("b", &[])],
+                cursor: "c1".into(),
+                read: 3,
+                pre_images: vec![image("1", Some("one")), image("2", Some("two")), image("3", Some("three"))],
+                pre_image_limit: 2,
+            };
+            let fanouts = store.ingest(page).await.unwrap();
+            assert_eq!(fanouts[0], vec![Fanout { subscription_id: 1, distribution_id: 1, queued: true }]);
+            let position = store.watch_position("w").await.unwrap().unwrap();
+            assert_eq!(position, WatchPosition { cursor: "c1".into(), events_read: 3, pre_images: 2 });
+            let kept = store.pre_images("w", vec!["1".into(), "2".into(), "3".into()]).await.unwrap();
+            assert_eq!(kept, HashMap::from([("2".into(), "two".into()), ("3".into(), "three".into())]));
+            // Changing 2 makes 3 the oldest; deleting frees a place.
+            let page = WatchPage {
+                watch: "w".into(),
+                cursor: "c2".into(),
+                read: 2,
+                pre_images: vec![image("2", Some("two'")), image("3", None), image("4", Some("four"))],
+                pre_image_limit: 2,
+                ..Default::default()
+            };
+            store.ingest(page).await.unwrap();
+            let kept = store.pre_images("w", vec!["2".into(), "3".into(), "4".into()]).await.unwrap();
+            assert_eq!(kept, HashMap::from([("2".into(), "two'".into()), ("4".into(), "four".into())]));
+            let position = store.watch_position("w").await.unwrap().unwrap();
+            assert_eq!(position, WatchPosition { cursor: "c2".into(), events_read: 5, pre_images: 2 });
+            assert_eq!(store.watches().await.unwrap(), vec!["w".to_string()]);
+            store.drop_watch("w").await.unwrap();
+            assert_eq!(store.watch_position("w").await.unwrap(), None);
+            assert!(store.pre_images("w", vec!["2".into()]).await.unwrap().is_empty());
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,15 @@
-//! The `EventSubscription` custom resource: Rust types, OpenAPI schema and CEL rules.
+//! herald's custom resources: `EventSubscription` (here) and `CmdbSource` (`cmdb_source`),
+//! their Rust types, OpenAPI schemas and CEL rules.
 //!
-//! `herald crd` prints the CRD generated from these types; `crds/` is its committed
+//! `herald crd` prints the CRDs generated from these types; `crds/` is their committed
 //! output. The schema carries no `default:` values on purpose: the API server would write
 //! them into the stored spec, and herald never rewrites what the user applied (GitOps tools
 //! would fight it). Defaults live in the controller's effective view (`crate::effective`)
 //! and are named in each field's description.
 
+mod cmdb_source;
+
+pub use cmdb_source::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -274,10 +278,14 @@ pub struct Statistics {
     pub consecutive_failures: i64,
 }
 
-/// The CRD as YAML, as `herald crd` prints it and `crds/` commits it.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+/// Each CRD as YAML with the file it is committed as in `crds/` (and the chart's
+/// `crds/`), as `herald crd` prints them.
+pub fn crd_yamls() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&EventSubscription::crd())
+    Ok(vec![
+        ("eventsubscriptions.herald.dev.yaml", serde_yaml::to_string(&EventSubscription::crd())?),
+        ("cmdbsources.herald.dev.yaml", serde_yaml::to_string(&CmdbSource::crd())?),
+    ])
 }
 
 /// A server-side apply body for the EventSubscription `name` (in the namespace the patch

@@ -1,0 +1,327 @@
+//! Event sources (docs/sources.md): herald reads bk-cmdb's resource watch, the pull API
+//! that replaced push subscriptions in bk-cmdb 3.10, and publishes every change as a
+//! bk-cmdb v3.5 event. Module map: `client` (one watch request and its answer), `convert`
+//! (watch events as v3.5 events), `watch` (the loop per source and resource, exactly once
+//! into the store), `status` (what each watch reports and the status built from it). This
+//! file is the supervisor: it follows the CmdbSource objects, starts and stops their
+//! watches, and writes their status.
+
+pub mod client;
+pub mod convert;
+pub mod status;
+pub mod watch;
+
+use crate::conditions::{WriteBudget, now};
+use crate::config::Config;
+use crate::crd::{CmdbSource, CmdbSourceSpec, ExpiryPolicy, StartFrom};
+use crate::delivery::Delivery;
+use crate::outbound::{GuardConfig, Outbound};
+use crate::store::EventStore;
+use crate::telemetry::Metrics;
+use crate::tenancy::Tenancy;
+use client::{AppCredentials, Endpoint, Position};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use parking_lot::Mutex;
+use status::{Health, Problem, desired_status, status_patch};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Field manager of CmdbSource status (only herald writes it).
+pub const FIELD_MANAGER: &str = "herald-sources";
+
+/// Default `preImageLimit`.
+pub const DEFAULT_PRE_IMAGE_LIMIT: i64 = 200_000;
+/// Default `retentionSeconds`: the 3 hours bk-cmdb documents.
+pub const DEFAULT_RETENTION_SECONDS: i64 = 3 * 3600;
+
+/// How often every source is checked again (tenancy can change under a running one).
+const RESYNC: Duration = Duration::from_secs(5);
+/// A source's status is written at most this often.
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the sources need; tests build their own.
+pub struct SourceContext {
+    pub client: kube::Client,
+    pub store: Arc<dyn EventStore>,
+    pub delivery: Arc<Delivery>,
+    pub tenancy: Tenancy,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub status_budget: Arc<WriteBudget>,
+}
+
+/// One running source.
+struct Running {
+    generation: Option<i64>,
+    /// Whether tenancy allowed it when started (a change restarts it).
+    allowed: bool,
+    refusal: Option<Problem>,
+    watches: Vec<(crate::crd::WatchResource, Arc<Mutex<Health>>)>,
+    stop: CancellationToken,
+    keys: Vec<String>,
+    last_written: Option<Instant>,
+}
+
+/// Follows every CmdbSource until `shutdown`: one watch loop per listed resource, restarted
+/// when the spec changes, stopped (and its store position dropped) when the object goes.
+pub async fn run(ctx: Arc<SourceContext>, shutdown: CancellationToken) {
+    let (sources, writer) = reflector::store::<CmdbSource>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<CmdbSource>::all(ctx.client.clone()), watcher::Config::default().any_semantic()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let mut stream = std::pin::pin!(stream);
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut swept = false;
+    loop {
+        tokio::select! {
+            changed = stream.next() => {
+                if let Some(Err(error)) = changed {
+                    tracing::warn!(%error, "watching CmdbSources failed; retrying");
+                }
+            }
+            _ = resync.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+        // Only once the first list is complete: before, a missing object is not a deleted one.
+        if futures::FutureExt::now_or_never(sources.wait_until_ready()).is_some() {
+            sync(&ctx, &sources, &mut running, &mut tasks, &shutdown);
+            if !swept {
+                swept = sweep(&ctx, &running).await;
+            }
+            write_statuses(&ctx, &sources, &mut running).await;
+        }
+    }
+    for source in running.values() {
+        source.stop.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("sources stopped");
+}
+
+/// Starts, restarts and stops watches to match the objects.
+fn sync(
+    ctx: &Arc<SourceContext>,
+    sources: &Store<CmdbSource>,
+    running: &mut HashMap<String, Running>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
+    let mut live = HashSet::new();
+    for source in sources.state() {
+        let Some(uid) = source.uid() else { continue };
+        if source.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        live.insert(uid.clone());
+        let namespace = source.namespace().unwrap_or_default();
+        let allowed = ctx.tenancy.allows(&source.spec.supplier_account, &namespace);
+        if let Some(current) = running.get(&uid)
+            && current.generation == source.metadata.generation
+            && current.allowed == allowed
+        {
+            continue;
+        }
+        if let Some(old) = running.remove(&uid) {
+            old.stop.cancel();
+        }
+        running.insert(uid.clone(), start(ctx, &source, &uid, allowed, tasks, shutdown));
+    }
+    let gone: Vec<String> = running.keys().filter(|uid| !live.contains(*uid)).cloned().collect();
+    for uid in gone {
+        if let Some(old) = running.remove(&uid) {
+            old.stop.cancel();
+            let store = ctx.store.clone();
+            tasks.spawn(async move {
+                for key in old.keys {
+                    if let Err(error) = store.drop_watch(&key).await {
+                        tracing::error!(%error, watch = %key, "dropping a deleted source's position failed");
+                    }
+                }
+            });
+        }
+    }
+    // Finished watch tasks are reaped here; they end only when stopped.
+    while let Some(Some(_)) = futures::FutureExt::now_or_never(tasks.join_next()) {}
+}
+
+/// Drops store positions of sources that were deleted while herald was not running. Runs
+/// once, after the first complete list; false when it must be tried again.
+async fn sweep(ctx: &SourceContext, running: &HashMap<String, Running>) -> bool {
+    let Ok(stored) = ctx.store.watches().await else { return false };
+    for key in stored {
+        let uid = key.split('/').next().unwrap_or_default();
+        if !running.contains_key(uid) {
+            tracing::info!(watch = %key, "dropping the position of a source that no longer exists");
+            if ctx.store.drop_watch(&key).await.is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn start(
+    ctx: &Arc<SourceContext>,
+    source: &CmdbSource,
+    uid: &str,
+    allowed: bool,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Running {
+    let stop = shutdown.child_token();
+    let mut running = Running {
+        generation: source.metadata.generation,
+        allowed,
+        refusal: None,
+        watches: Vec::new(),
+        stop: stop.clone(),
+        keys: Vec::new(),
+        last_written: None,
+    };
+    let namespace = source.namespace().unwrap_or_default();
+    let name = format!("{namespace}/{}", source.name_any());
+    if !allowed {
+        running.refusal = Some(Problem::new(
+            "AccountNotAllowed",
+            format!(
+                "namespace {namespace} may not publish supplier account {}'s events (herald.dev/supplier-accounts)",
+                source.spec.supplier_account
+            ),
+        ));
+        tracing::warn!(source = %name, "source refused: its namespace is not allowed for its account");
+        return running;
+    }
+    let endpoint = match endpoint(&ctx.config, &source.spec, &namespace) {
+        Ok(endpoint) => endpoint,
+        Err(problem) => {
+            running.refusal = Some(problem);
+            return running;
+        }
+    };
+    let spec = &source.spec;
+    let start = match spec.start.as_ref() {
+        Some(s) if s.from == StartFrom::Time => match s.time.as_deref().map(str::parse::<jiff::Timestamp>) {
+            Some(Ok(time)) => Position::StartFrom(time.as_second()),
+            _ => {
+                running.refusal = Some(Problem::new("InvalidSpec", "spec.start.time is not an RFC 3339 time"));
+                return running;
+            }
+        },
+        _ => Position::Now,
+    };
+    for watched in &spec.resources {
+        let key = format!("{uid}/{}", convert::resource_name(watched.resource));
+        let health = Arc::new(Mutex::new(Health::default()));
+        let plan = watch::WatchPlan {
+            key: key.clone(),
+            source: name.clone(),
+            reference: source.object_ref(&()),
+            namespace: namespace.clone(),
+            resource: watched.resource,
+            fields: convert::watch_fields(watched.resource, &watched.fields),
+            event_types: watched.event_types.clone(),
+            objects: watched.objects.clone(),
+            supplier_account: spec.supplier_account.clone(),
+            start: start.clone(),
+            on_expired: spec.on_cursor_expired.unwrap_or(ExpiryPolicy::Oldest),
+            retention_seconds: spec.retention_seconds.unwrap_or(DEFAULT_RETENTION_SECONDS),
+            pre_images: spec.pre_images.unwrap_or(false),
+            pre_image_limit: spec.pre_image_limit.unwrap_or(DEFAULT_PRE_IMAGE_LIMIT),
+            endpoint: endpoint.clone(),
+            credentials_secret: spec.credentials_secret.clone(),
+        };
+        tasks.spawn(watch::run(ctx.clone(), plan, health.clone(), stop.clone()));
+        running.watches.push((watched.resource, health));
+        running.keys.push(key);
+    }
+    tracing::info!(source = %name, resources = running.watches.len(), "source started");
+    running
+}
+
+/// The HTTP endpoint of a source: its URL, CA bundle and the guard's allowances (herald's
+/// own namespace may reach `sources.ownNamespaceAllowCidrs` besides the callback guard's).
+fn endpoint(config: &Config, spec: &CmdbSourceSpec, namespace: &str) -> Result<Endpoint, Problem> {
+    let base = reqwest::Url::parse(&spec.url).map_err(|e| Problem::new("InvalidSpec", format!("spec.url: {e}")))?;
+    let mut guard: GuardConfig = config.callback_guard.clone();
+    if namespace == config.namespace {
+        guard.allow_cidrs.extend(config.sources.own_namespace_allow_cidrs.iter().copied());
+    }
+    let outbound = Outbound::with_roots(&guard, spec.ca_bundle.as_deref().map(str::as_bytes))
+        .map_err(|e| Problem::new("InvalidSpec", e.to_string()))?;
+    Ok(Endpoint {
+        outbound,
+        base,
+        api: spec.api,
+        supplier_account: spec.supplier_account.clone(),
+        user: spec.user.clone().unwrap_or_else(|| "admin".into()),
+        app: None,
+    })
+}
+
+/// ESB app credentials from keys `bk_app_code` and `bk_app_secret` of a Secret.
+pub async fn read_app_credentials(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<AppCredentials, Problem> {
+    let missing = |why: String| Problem::new("CredentialsMissing", format!("Secret {namespace}/{name}: {why}"));
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .map_err(|e| missing(crate::kube_error_summary(&e)))?;
+    let key = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| missing(format!("no key {k}")))
+    };
+    Ok(AppCredentials { code: key("bk_app_code")?, secret: key("bk_app_secret")? })
+}
+
+/// Writes each changed source status, at most every `STATUS_INTERVAL` per source, each
+/// write taking a slot of the shared budget.
+async fn write_statuses(ctx: &SourceContext, sources: &Store<CmdbSource>, running: &mut HashMap<String, Running>) {
+    for source in sources.state() {
+        let Some(uid) = source.uid() else { continue };
+        let Some(current) = running.get_mut(&uid) else { continue };
+        if current.last_written.is_some_and(|at| at.elapsed() < STATUS_INTERVAL) {
+            continue;
+        }
+        let watches: Vec<_> = current.watches.iter().map(|(r, h)| (*r, h.lock().clone())).collect();
+        let desired = desired_status(&source, current.refusal.as_ref(), &watches, now());
+        let Some(patch) = status_patch(&source, &desired) else { continue };
+        ctx.status_budget.take().await;
+        let api = Api::<CmdbSource>::namespaced(ctx.client.clone(), &source.namespace().unwrap_or_default());
+        match api
+            .patch_status(&source.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => {
+                current.last_written = Some(Instant::now());
+                ctx.metrics.status_writes.inc();
+            }
+            Err(error) => {
+                tracing::warn!(error = %crate::kube_error_summary(&error), source = %source.name_any(), "writing source status failed; will retry")
+            }
+        }
+    }
+}
