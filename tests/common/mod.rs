@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod callback;
+pub mod cmdb;
 pub mod helm;
 pub mod launch;
 

@@ -1,0 +1,455 @@
+//! Event sources against the real API server, herald as a real process, the bk-cmdb watch
+//! emulator (its own process, tests/cmdb_emulator) and real callback receivers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
+
+mod common;
+
+use common::callback::CallbackServer;
+use common::cmdb::{Emulator, request_id};
+use common::{Herald, cluster, exclusive, subscription};
+use herald::crd::CmdbSource;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+fn source(name: &str, spec: Value) -> CmdbSource {
+    serde_json::from_value(json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "CmdbSource", "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("a CmdbSource")
+}
+
+fn condition(source: &CmdbSource, type_: &str) -> Option<(String, String, String)> {
+    source
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until the source satisfies `test`, failing after `within` with its status.
+async fn wait_source(
+    api: &Api<CmdbSource>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    test: impl Fn(&CmdbSource) -> bool,
+) -> CmdbSource {
+    let deadline = Instant::now() + within;
+    loop {
+        let current = api.get(name).await.expect("get source");
+        if test(&current) {
+            return current;
+        }
+        assert!(Instant::now() < deadline, "{name}: not {what} within {within:?}: {:#?}", current.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn is(type_: &'static str, status: &'static str) -> impl Fn(&CmdbSource) -> bool {
+    move |s| condition(s, type_).is_some_and(|(st, _, _)| st == status)
+}
+
+async fn subscribe(herald_ns: &str, cluster: &common::Cluster, name: &str, spec: Value) {
+    let api = cluster.subscriptions(herald_ns);
+    api.create(&PostParams::default(), &subscription(name, spec)).await.expect("create subscription");
+    common::wait_ready(&api, name).await;
+}
+
+fn test_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-sources-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Sources in herald's namespace may reach the emulator on loopback.
+const CONFIG: &str = "sources: {ownNamespaceAllowCidrs: ['127.0.0.0/8']}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-map", &[]).await;
+    let emulator = Emulator::start(&test_dir("map"), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, CONFIG).await;
+    let every = [
+        "hostcreate",
+        "hostupdate",
+        "hostdelete",
+        "moduletransfer",
+        "setcreate",
+        "setupdate",
+        "switchcreate",
+        "switchupdate",
+        "routercreate",
+    ];
+    subscribe(
+        &ns,
+        &cluster,
+        "all",
+        json!({"subscriptionName": "all", "callbackUrl": receiver.url("ok", "all"), "events": every}),
+    )
+    .await;
+    subscribe(
+        &ns,
+        &cluster,
+        "updates",
+        json!({"subscriptionName": "updates", "callbackUrl": receiver.url("ok", "updates"), "events": ["hostupdate"]}),
+    )
+    .await;
+    subscribe(&ns, &cluster, "other", json!({"subscriptionName": "other", "supplierAccount": "1", "callbackUrl": receiver.url("ok", "other"), "events": every})).await;
+
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let spec = json!({
+        "url": emulator.url(), "api": "direct", "supplierAccount": "0", "preImages": true,
+        "resources": [
+            {"resource": "host", "fields": ["bk_host_id", "bk_host_innerip"]},
+            {"resource": "host_relation"},
+            {"resource": "set", "eventTypes": ["create"]},
+            {"resource": "object_instance", "objects": ["switch"]},
+        ],
+    });
+    sources.create(&PostParams::default(), &source("cmdb", spec)).await.expect("create source");
+    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+
+    let host =
+        json!({"bk_host_id": 7, "bk_host_innerip": "10.0.0.7", "bk_os_name": "linux", "bk_supplier_account": "0"});
+    let moved =
+        json!({"bk_host_id": 7, "bk_host_innerip": "10.0.0.8", "bk_os_name": "linux", "bk_supplier_account": "0"});
+    let host_cursors =
+        emulator.emit("host", &[("create", host.clone()), ("update", moved.clone()), ("delete", moved.clone())]).await;
+    let row = json!({"bk_biz_id": 1, "bk_set_id": 2, "bk_module_id": 3, "bk_host_id": 7, "bk_supplier_account": "0"});
+    emulator.emit("host_relation", &[("create", row.clone())]).await;
+    let set = json!({"bk_set_id": 2, "bk_set_name": "web", "bk_biz_id": 1, "bk_supplier_account": "0"});
+    emulator.emit("set", &[("create", set.clone()), ("update", set.clone())]).await;
+    let switch = json!({"bk_obj_id": "switch", "bk_inst_id": 4, "bk_inst_name": "sw-4", "bk_supplier_account": "0"});
+    let router = json!({"bk_obj_id": "router", "bk_inst_id": 5, "bk_inst_name": "r-5", "bk_supplier_account": "0"});
+    emulator.emit("object_instance", &[("create", switch.clone()), ("create", router)]).await;
+    // A change of another account's instance, which this source must not publish.
+    emulator.emit("host", &[("create", json!({"bk_host_id": 9, "bk_supplier_account": "1"}))]).await;
+
+    // host ×3, moduletransfer, setcreate (not setupdate: eventTypes), switchcreate (not the router).
+    let all = receiver.wait_for("all", 6, Duration::from_secs(30)).await;
+    let by_name: HashMap<String, &Value> = all
+        .iter()
+        .map(|r| {
+            let b = &r.body;
+            let name = match b["event_type"].as_str() {
+                Some("relation") => b["obj_type"].as_str().unwrap().to_string(),
+                _ => format!("{}{}", b["obj_type"].as_str().unwrap(), b["action"].as_str().unwrap()),
+            };
+            (name, b)
+        })
+        .collect();
+    let names: HashSet<&str> = by_name.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        HashSet::from(["hostcreate", "hostupdate", "hostdelete", "moduletransfer", "setcreate", "switchcreate"])
+    );
+    // Field list honoured (bk_os_name not asked for), pre-images from the last detail seen,
+    // the deleted record as pre_data.
+    let projected = json!({"bk_host_id": 7, "bk_host_innerip": "10.0.0.7", "bk_supplier_account": "0"});
+    let projected_moved = json!({"bk_host_id": 7, "bk_host_innerip": "10.0.0.8", "bk_supplier_account": "0"});
+    assert_eq!(by_name["hostcreate"]["data"], json!([{"cur_data": projected, "pre_data": null}]));
+    assert_eq!(by_name["hostupdate"]["data"], json!([{"cur_data": projected_moved, "pre_data": projected}]));
+    assert_eq!(by_name["hostdelete"]["data"], json!([{"cur_data": null, "pre_data": projected_moved}]));
+    assert_eq!(by_name["hostcreate"]["request_id"], request_id(&host_cursors[0]));
+    assert_eq!(by_name["hostcreate"]["event_type"], "instdata");
+    assert_eq!(by_name["hostcreate"]["bk_supplier_account"], "0");
+    assert_eq!(by_name["moduletransfer"]["event_type"], "relation");
+    assert_eq!(by_name["moduletransfer"]["action"], "create");
+    assert_eq!(by_name["moduletransfer"]["data"], json!([{"cur_data": row, "pre_data": null}]));
+    assert_eq!(by_name["setcreate"]["data"][0]["cur_data"]["bk_set_name"], "web");
+    assert_eq!(by_name["switchcreate"]["obj_type"], "switch");
+    assert_eq!(by_name["switchcreate"]["data"][0]["cur_data"], switch);
+    let ids: Vec<i64> = all.iter().map(common::callback::Received::distribution_id).collect();
+    assert_eq!(ids.iter().copied().collect::<HashSet<_>>(), (1..=6).collect(), "{ids:?}");
+
+    let updates = receiver.wait_for("updates", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.received("updates").len(), 1, "only hostupdate: {updates:?}");
+    assert_eq!(receiver.received("all").len(), 6, "nothing more (no setupdate, router or account 1 host)");
+    assert!(receiver.received("other").is_empty(), "a subscription for account 1 receives nothing");
+
+    // Status: per-resource positions, within the write budget.
+    let shown = wait_source(&sources, "cmdb", Duration::from_secs(15), "counting", |s| {
+        s.status.as_ref().is_some_and(|st| st.resources.iter().any(|r| r.events_read == 4))
+    })
+    .await;
+    let status = shown.status.unwrap();
+    let read: BTreeMap<String, i64> =
+        status.resources.iter().map(|r| (format!("{:?}", r.resource), r.events_read)).collect();
+    assert_eq!(
+        read,
+        BTreeMap::from([
+            ("Host".into(), 4),
+            ("HostRelation".into(), 1),
+            ("ObjectInstance".into(), 2),
+            ("Set".into(), 2)
+        ])
+    );
+    assert!(status.resources.iter().all(|r| r.cursor.is_some() && r.lag_seconds == 0), "{status:?}");
+    let printed = cluster.kubectl(&["get", "csrc", "-n", &ns, "cmdb"]);
+    assert!(printed.0 && printed.1.contains("READY") && printed.1.contains("True"), "{printed:?}");
+    drop(herald);
+}
+
+/// SIGKILL at seeded random points while 5,000 host changes stream: each watch event is
+/// published exactly once (one distribution id per cursor, contiguous from 1, in the
+/// stream's order) and delivered, with redeliveries only within the crash bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
+    let _turn = exclusive().await;
+    let seed: u64 = std::env::var("HERALD_FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+    let mut rng = fastrand::Rng::with_seed(seed);
+    const EVENTS: usize = 5000;
+    const ROUNDS: usize = 10;
+    println!("seed {seed} (HERALD_FAULTS_SEED), {EVENTS} events, {ROUNDS} kills");
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-kill", &[]).await;
+    let emulator = Emulator::start(&test_dir("kill"), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let dir = test_dir("kill-herald");
+    let mut herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
+    subscribe(
+        &ns,
+        &cluster,
+        "ordered",
+        json!({"subscriptionName": "ordered", "callbackUrl": receiver.url("ok", "ordered"), "events": ["hostcreate"]}),
+    )
+    .await;
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
+    sources.create(&PostParams::default(), &source("cmdb", spec)).await.expect("create source");
+    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+
+    let url = emulator.url();
+    let producer = tokio::spawn(async move {
+        let emitter = reqwest::Client::new();
+        let mut cursors = Vec::new();
+        for batch in 0..EVENTS / 50 {
+            let events: Vec<Value> = (0..50)
+                .map(|i| json!({"type": "create", "detail": {"bk_host_id": batch * 50 + i + 1, "bk_supplier_account": "0"}}))
+                .collect();
+            let answer: Value = emitter
+                .post(format!("{url}/emulator/events"))
+                .json(&json!({"resource": "host", "events": events}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            cursors.extend(answer["cursors"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()));
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        cursors
+    });
+    let mut kills = Vec::new();
+    for round in 0..ROUNDS {
+        let delay = Duration::from_millis(rng.u64(150..700));
+        tokio::time::sleep(delay).await;
+        kills.push(Instant::now());
+        herald.kill();
+        println!("round {round}: SIGKILL after {delay:?}, {} received so far", receiver.received("ordered").len());
+        herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
+    }
+    let cursors = producer.await.unwrap();
+    assert_eq!(cursors.len(), EVENTS);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let seen: HashSet<i64> =
+            receiver.received("ordered").iter().map(common::callback::Received::distribution_id).collect();
+        if seen.len() >= EVENTS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of {EVENTS} delivered; log: {}", seen.len(), herald.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = receiver.received("ordered");
+    // Exactly once into herald: each cursor has exactly one distribution id, and the ids are
+    // 1..=5000 in the stream's order.
+    let mut by_request: HashMap<String, HashSet<i64>> = HashMap::new();
+    for r in &received {
+        by_request.entry(r.body["request_id"].as_str().unwrap().to_string()).or_default().insert(r.distribution_id());
+    }
+    for (k, cursor) in cursors.iter().enumerate() {
+        let ids = by_request.get(&request_id(cursor)).unwrap_or_else(|| panic!("event {k} never delivered"));
+        assert_eq!(ids, &HashSet::from([k as i64 + 1]), "event {k} was published {} times", ids.len());
+    }
+    assert_eq!(by_request.len(), EVENTS, "nothing but the stream's events");
+    let mut seen = HashSet::new();
+    let firsts: Vec<i64> =
+        received.iter().map(common::callback::Received::distribution_id).filter(|d| seen.insert(*d)).collect();
+    assert!(firsts.windows(2).all(|w| w[0] < w[1]), "first receipts in order");
+    let mut per_epoch = vec![0usize; kills.len() + 1];
+    let mut once = HashSet::new();
+    for r in &received {
+        if !once.insert(r.distribution_id()) {
+            per_epoch[kills.iter().filter(|k| **k < r.at).count()] += 1;
+        }
+    }
+    println!("redeliveries per epoch (epoch k follows the k-th SIGKILL): {per_epoch:?}");
+    assert!(per_epoch.iter().all(|d| *d <= 1 + 64), "within maxInFlight + one commit batch per crash: {per_epoch:?}");
+}
+
+/// bk-cmdb down for a minute (5xx) and restarted: herald recovers by itself, `Connected`
+/// goes False and back, nothing emitted meanwhile is lost. Wrong ESB credentials: not
+/// Ready with the reason, and a bounded number of requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_restarts_and_wrong_credentials() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-out", &[]).await;
+    let mut emulator = Emulator::start(&test_dir("outage"), &["--app", "herald:right-secret"]).await;
+    let receiver = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, CONFIG).await;
+    subscribe(
+        &ns,
+        &cluster,
+        "hosts",
+        json!({"subscriptionName": "hosts", "callbackUrl": receiver.url("ok", "hosts"), "events": ["hostcreate"]}),
+    )
+    .await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(cluster.client.clone(), &ns);
+    let secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "wrong"},
+        "stringData": {"bk_app_code": "herald", "bk_app_secret": "wrong-secret"}}))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let esb = json!({"url": emulator.url(), "api": "esb", "supplierAccount": "0", "credentialsSecret": "wrong", "resources": [{"resource": "set"}]});
+    sources.create(&PostParams::default(), &source("esb", esb)).await.unwrap();
+    let direct = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
+    sources.create(&PostParams::default(), &source("cmdb", direct)).await.unwrap();
+    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    let refused = wait_source(&sources, "esb", Duration::from_secs(30), "refused", is("Ready", "False")).await;
+    let (_, reason, message) = condition(&refused, "Ready").unwrap();
+    assert_eq!(reason, "CredentialsRefused", "{message}");
+    assert!(message.contains("1306000"), "{message}");
+
+    let hosts = |from: usize, n: usize| -> Vec<(&'static str, Value)> {
+        (from..from + n).map(|i| ("create", json!({"bk_host_id": i, "bk_supplier_account": "0"}))).collect()
+    };
+    emulator.emit("host", &hosts(1, 5)).await;
+    receiver.wait_for("hosts", 5, Duration::from_secs(30)).await;
+
+    // A minute of 503s, with changes made meanwhile.
+    emulator.outage(503, 60).await;
+    let down = wait_source(&sources, "cmdb", Duration::from_secs(45), "disconnected", is("Connected", "False")).await;
+    println!("during the outage: {:?}", condition(&down, "Connected"));
+    emulator.emit("host", &hosts(6, 5)).await;
+    wait_source(&sources, "cmdb", Duration::from_secs(100), "reconnected", is("Connected", "True")).await;
+    receiver.wait_for("hosts", 10, Duration::from_secs(30)).await;
+
+    // bk-cmdb restarted (killed, started again on the same port with its events).
+    emulator.kill();
+    wait_source(&sources, "cmdb", Duration::from_secs(45), "disconnected", is("Connected", "False")).await;
+    emulator.restart().await;
+    emulator.emit("host", &hosts(11, 5)).await;
+    wait_source(&sources, "cmdb", Duration::from_secs(60), "reconnected", is("Connected", "True")).await;
+    let all = receiver.wait_for("hosts", 15, Duration::from_secs(30)).await;
+    let ids: Vec<i64> = all.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=15).collect::<Vec<_>>(), "every change once, in order");
+
+    // The wrong credentials cost a bounded number of requests over these minutes.
+    let esb_requests = emulator.stats().await["requests"]["esb"].as_u64().unwrap();
+    println!("ESB requests with the wrong secret since the start (after the restart): {esb_requests}");
+    assert!(esb_requests <= 3, "no tight loop on refused credentials: {esb_requests}");
+    let still = sources.get("esb").await.unwrap();
+    assert_eq!(condition(&still, "Ready").unwrap().1, "CredentialsRefused");
+    drop(herald);
+}
+
+/// bk-cmdb lost herald's cursor while herald was stopped: `CursorExpired`, a Warning Event,
+/// a metric, and the watch resumes from the oldest event bk-cmdb still holds. A start time
+/// beyond retention is reported once, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_cursor_is_reported_and_the_watch_resumes() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-exp", &[]).await;
+    let emulator = Emulator::start(&test_dir("expiry"), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let dir = test_dir("expiry-herald");
+    let mut herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
+    subscribe(
+        &ns,
+        &cluster,
+        "hosts",
+        json!({"subscriptionName": "hosts", "callbackUrl": receiver.url("ok", "hosts"), "events": ["hostcreate"]}),
+    )
+    .await;
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
+    sources.create(&PostParams::default(), &source("cmdb", spec)).await.unwrap();
+    let old = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(10)).to_string();
+    let too_old = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0",
+        "start": {"from": "time", "time": old}, "resources": [{"resource": "module"}]});
+    sources.create(&PostParams::default(), &source("too-old", too_old)).await.unwrap();
+    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    let host = |i: i64| ("create", json!({"bk_host_id": i, "bk_supplier_account": "0"}));
+    emulator.emit("host", &[host(1)]).await;
+    receiver.wait_for("hosts", 1, Duration::from_secs(30)).await;
+
+    herald.terminate();
+    emulator.emit("host", &[host(2), host(3)]).await;
+    emulator.expire().await;
+    emulator.emit("host", &[host(4)]).await;
+    let herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
+    let gap =
+        wait_source(&sources, "cmdb", Duration::from_secs(30), "CursorExpired", is("CursorExpired", "True")).await;
+    let (_, _, message) = condition(&gap, "CursorExpired").unwrap();
+    assert!(message.contains("may be missing") && message.contains("host"), "{message}");
+    let got = receiver.wait_for("hosts", 2, Duration::from_secs(30)).await;
+    let ids: Vec<i64> = got.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 4], "resumed from the oldest event bk-cmdb holds; 2 and 3 are the reported gap");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), &ns);
+    let warnings = events.list(&ListParams::default()).await.unwrap();
+    assert!(warnings.items.iter().any(|e| e.reason.as_deref() == Some("CursorExpired")), "a Warning Event");
+    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("herald_source_cursor_expiries_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // Still watching: later changes arrive.
+    emulator.emit("host", &[host(5)]).await;
+    receiver.wait_for("hosts", 3, Duration::from_secs(30)).await;
+
+    let refused = wait_source(&sources, "too-old", Duration::from_secs(30), "refused", is("Ready", "False")).await;
+    assert_eq!(condition(&refused, "Ready").unwrap().1, "StartOutsideRetention");
+    let before = emulator.stats().await["errors"]["1199006"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = emulator.stats().await["errors"]["1199006"].as_u64().unwrap_or(0);
+    assert_eq!(before, after, "a start beyond retention is not retried");
+    assert!(before <= 2, "asked once per herald process: {before}");
+}
+
+/// A source in a namespace not allowed for its account is refused and never reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_in_a_namespace_not_allowed_for_its_account_is_refused() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-own", &[]).await;
+    let tenant = cluster.namespace("src-tenant", &[("herald.dev/supplier-accounts", "7")]).await;
+    let emulator = Emulator::start(&test_dir("tenancy"), &[]).await;
+    let herald = Herald::start(&cluster, &ns, CONFIG).await;
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &tenant);
+    let spec =
+        json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host"}]});
+    sources.create(&PostParams::default(), &source("foreign", spec)).await.unwrap();
+    let refused = wait_source(&sources, "foreign", Duration::from_secs(30), "refused", is("Ready", "False")).await;
+    let (_, reason, message) = condition(&refused, "Ready").unwrap();
+    assert_eq!(reason, "AccountNotAllowed", "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(emulator.stats().await["requests"]["direct"], 0, "a refused source never calls bk-cmdb");
+    drop(herald);
+}
