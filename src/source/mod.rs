@@ -80,8 +80,8 @@ pub async fn run(ctx: Arc<SourceContext>, shutdown: CancellationToken) {
         writer,
         watcher(Api::<CmdbSource>::all(ctx.client.clone()), watcher::Config::default().any_semantic()),
     )
-    .default_backoff()
-    .touched_objects();
+    // Every event, InitDone included: that is when the first list is complete.
+    .default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut tasks = JoinSet::new();
