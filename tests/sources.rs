@@ -331,7 +331,22 @@ async fn outages_restarts_and_wrong_credentials() {
     sources.create(&PostParams::default(), &source("esb", esb)).await.unwrap();
     let direct = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
     sources.create(&PostParams::default(), &source("cmdb", direct)).await.unwrap();
+    let right = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "right"},
+        "stringData": {"bk_app_code": "herald", "bk_app_secret": "right-secret"}}))
+    .unwrap();
+    secrets.create(&PostParams::default(), &right).await.unwrap();
+    let esb_ok = json!({"url": emulator.url(), "api": "esb", "supplierAccount": "0", "credentialsSecret": "right", "resources": [{"resource": "module"}]});
+    sources.create(&PostParams::default(), &source("esb-ok", esb_ok)).await.unwrap();
+    subscribe(&ns, &cluster, "modules", json!({"subscriptionName": "modules", "callbackUrl": receiver.url("ok", "modules"), "events": ["modulecreate"]})).await;
     wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    wait_source(&sources, "esb-ok", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    // Through ESB with the right credentials: bk_fields for module are herald's standard list.
+    let module = json!({"bk_module_id": 3, "bk_module_name": "nginx", "bk_set_id": 2, "bk_biz_id": 1, "bk_supplier_account": "0", "custom": "x"});
+    emulator.emit("module", &[("create", module)]).await;
+    let modules = receiver.wait_for("modules", 1, Duration::from_secs(30)).await;
+    let cur = &modules[0].body["data"][0]["cur_data"];
+    assert_eq!((cur["bk_module_name"].as_str(), cur.get("custom")), (Some("nginx"), None), "{cur}");
+    assert!(cur.get("service_template_id").is_some_and(Value::is_null), "listed but absent fields are null: {cur}");
     let refused = wait_source(&sources, "esb", Duration::from_secs(30), "refused", is("Ready", "False")).await;
     let (_, reason, message) = condition(&refused, "Ready").unwrap();
     assert_eq!(reason, "CredentialsRefused", "{message}");
@@ -454,4 +469,110 @@ async fn a_source_in_a_namespace_not_allowed_for_its_account_is_refused() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(emulator.stats().await["requests"]["direct"], 0, "a refused source never calls bk-cmdb");
     drop(herald);
+
+    // The callback guard applies to sources: without loopback allowed for callbacks, a
+    // source in a tenant namespace (allowed for its account) may not reach the emulator;
+    // one in herald's namespace may, by `sources.ownNamespaceAllowCidrs`.
+    let guarded = "callbackGuard: {allowCidrs: []}\nsources: {ownNamespaceAllowCidrs: ['127.0.0.0/8']}\n";
+    let herald = Herald::start(&cluster, &ns, guarded).await;
+    let allowed = cluster.namespace("src-tenant", &[("herald.dev/supplier-accounts", "0")]).await;
+    let tenant_sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &allowed);
+    let spec =
+        json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "set"}]});
+    tenant_sources.create(&PostParams::default(), &source("tenant", spec.clone())).await.unwrap();
+    let own_sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    own_sources.create(&PostParams::default(), &source("own", spec)).await.unwrap();
+    wait_source(&own_sources, "own", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    let refused =
+        wait_source(&tenant_sources, "tenant", Duration::from_secs(30), "refused", is("Ready", "False")).await;
+    let (_, reason, message) = condition(&refused, "Ready").unwrap();
+    assert_eq!(reason, "DestinationRefused", "{message}");
+    drop(herald);
+}
+
+/// `preImages` over 100,000 instances: updates carry the last detail seen, the store keeps
+/// at most `preImageLimit` instances per watch (the least recently changed forgotten), and
+/// herald's memory does not grow with the instances (they live in the store). Prints the
+/// figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_images_for_100000_instances_stay_within_their_bounds() {
+    let _turn = exclusive().await;
+    const INSTANCES: usize = 100_000;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-pre", &[]).await;
+    let emulator = Emulator::start(&test_dir("pre"), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let dir = test_dir("pre-herald");
+    let herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
+    subscribe(
+        &ns,
+        &cluster,
+        "updates",
+        json!({"subscriptionName": "updates", "callbackUrl": receiver.url("ok", "updates"), "events": ["hostupdate"]}),
+    )
+    .await;
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    for (name, limit) in [("all", None), ("half", Some(INSTANCES as i64 / 2))] {
+        let mut spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "preImages": true,
+            "resources": [{"resource": "host", "fields": ["bk_host_id", "bk_host_innerip"]}]});
+        if let Some(limit) = limit {
+            spec["preImageLimit"] = json!(limit);
+        }
+        sources.create(&PostParams::default(), &source(name, spec)).await.unwrap();
+        wait_source(&sources, name, Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    }
+    let rss_before = common::proc_kb(herald.pid(), "VmRSS");
+    let started = Instant::now();
+    for batch in 0..INSTANCES / 5000 {
+        let hosts: Vec<(&str, Value)> = (0..5000)
+            .map(|i| {
+                let id = batch * 5000 + i + 1;
+                ("create", json!({"bk_host_id": id, "bk_host_innerip": format!("10.{}.{}.{}", id >> 16, (id >> 8) & 255, id & 255), "bk_supplier_account": "0"}))
+            })
+            .collect();
+        emulator.emit("host", &hosts).await;
+    }
+    for name in ["all", "half"] {
+        wait_source(&sources, name, Duration::from_secs(300), "through the creates", |s| {
+            s.status.as_ref().is_some_and(|st| st.resources.iter().any(|r| r.events_read >= INSTANCES as i64))
+        })
+        .await;
+    }
+    let took = started.elapsed();
+    // The oldest instance changes: the source that kept everything knows its last detail;
+    // the one kept to half forgot it (least recently changed first).
+    let changed = json!({"bk_host_id": 1, "bk_host_innerip": "10.9.9.9", "bk_supplier_account": "0"});
+    emulator.emit("host", &[("update", changed.clone())]).await;
+    let got = receiver.wait_for("updates", 2, Duration::from_secs(30)).await;
+    let pre: HashSet<String> = got.iter().map(|r| r.body["data"][0]["pre_data"].to_string()).collect();
+    let first = json!({"bk_host_id": 1, "bk_host_innerip": "10.0.0.1", "bk_supplier_account": "0"});
+    assert_eq!(pre, HashSet::from([first.to_string(), "null".to_string()]), "{got:?}");
+
+    let db =
+        rusqlite::Connection::open_with_flags(dir.join("store/herald.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let kept: Vec<i64> = db
+        .prepare("SELECT pre_images FROM watches ORDER BY pre_images DESC")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kept, [INSTANCES as i64, INSTANCES as i64 / 2], "instances kept per watch");
+    let rows: i64 = db.query_row("SELECT COUNT(*) FROM pre_images", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, INSTANCES as i64 * 3 / 2);
+    let store_bytes: u64 =
+        std::fs::read_dir(dir.join("store")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let rss_after = common::proc_kb(herald.pid(), "VmRSS");
+    let peak = common::proc_kb(herald.pid(), "VmHWM");
+    println!(
+        "{INSTANCES} instances on two watches in {took:.1?} ({:.0} watch events/s); store {:.1} MB on disk for {rows} kept details; herald RSS {} -> {} MB (peak {} MB); machine {} MB",
+        2.0 * INSTANCES as f64 / took.as_secs_f64(),
+        store_bytes as f64 / 1e6,
+        rss_before / 1024,
+        rss_after / 1024,
+        peak / 1024,
+        common::machine_memory_mb()
+    );
+    assert!(rss_after < rss_before + 200 * 1024, "memory does not hold the instances: {rss_before} -> {rss_after} kB");
 }
