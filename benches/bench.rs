@@ -12,6 +12,10 @@
 //!   100 / 1,000 subscriptions; latency publish → callback at 1,000 events/s and at half
 //!   the ordered maximum; API-server status writes per phase; REST subscribe and search.
 //! - `scale`: time from creating 5,000 / 10,000 subscriptions to all Ready, peak RSS.
+//! - `sources`: bk-cmdb watch events through herald (the watch emulator of
+//!   tests/cmdb_emulator as its own process, a CmdbSource reading from a start time) to
+//!   one and to 100 subscriptions, as a ratio to the emulator's own answer rate measured
+//!   by a plain reading client in the same run.
 //!
 //! Sizes scale down with environment variables (see `Settings::from_env`).
 
@@ -131,6 +135,7 @@ struct Settings {
     rest_creates: usize,
     rest_seconds: f64,
     scale: Vec<usize>,
+    source_events: usize,
     work_dir: PathBuf,
 }
 
@@ -148,7 +153,7 @@ impl Settings {
             kubeconfig: std::env::var_os("HERALD_BENCH_KUBECONFIG").map(PathBuf::from),
             herald_bin: PathBuf::from(env_or("HERALD_BENCH_BIN", env!("CARGO_BIN_EXE_herald"))),
             wrap: env_or("HERALD_BENCH_WRAP", "").split_whitespace().map(str::to_string).collect(),
-            phases: list::<String>(&env_or("HERALD_BENCH_PHASES", "raw,delivery,scale")).into_iter().collect(),
+            phases: list::<String>(&env_or("HERALD_BENCH_PHASES", "raw,delivery,scale,sources")).into_iter().collect(),
             raw_seconds: env_or("HERALD_BENCH_RAW_SECONDS", "3").parse().unwrap_or(3.0),
             adjacent_seconds: env_or("HERALD_BENCH_ADJACENT_SECONDS", "1.5").parse().unwrap_or(1.5),
             concurrency: list(&env_or("HERALD_BENCH_CONCURRENCY", "1,2,4,8,16,32,64")),
@@ -160,6 +165,7 @@ impl Settings {
             rest_creates: env_or("HERALD_BENCH_REST_CREATES", "200").parse().unwrap_or(200),
             rest_seconds: env_or("HERALD_BENCH_REST_SECONDS", "5").parse().unwrap_or(5.0),
             scale: list(&env_or("HERALD_BENCH_SCALE", "5000,10000")),
+            source_events: env_or("HERALD_BENCH_SOURCE_EVENTS", "20000").parse().unwrap_or(20_000),
             work_dir: PathBuf::from(env_or("HERALD_BENCH_DIR", &std::env::temp_dir().display().to_string())),
         }
     }
@@ -1185,6 +1191,7 @@ struct Report {
     rest: Option<Rest>,
     delivery_rss_mb: Option<f64>,
     scale: Vec<Scale>,
+    sources: Option<Sources>,
 }
 
 async fn run() {
@@ -1198,7 +1205,7 @@ async fn run() {
     if settings.phase("raw") {
         report.raw = Some(raw_limit(&settings, &raw, &receiver).await);
     }
-    let needs_cluster = settings.phase("delivery") || settings.phase("scale");
+    let needs_cluster = settings.phase("delivery") || settings.phase("scale") || settings.phase("sources");
     if needs_cluster {
         let kubeconfig = settings
             .kubeconfig
@@ -1213,6 +1220,9 @@ async fn run() {
             for &size in &settings.scale {
                 report.scale.push(scale(&settings, &cluster, &kubeconfig, &receiver, size).await);
             }
+        }
+        if settings.phase("sources") {
+            report.sources = Some(sources(&settings, &cluster, &kubeconfig, &receiver).await);
         }
     }
     print_table(&settings, &machine, &report);
@@ -1293,6 +1303,155 @@ async fn delivery(
     report.delivery_rss_mb = Some(vm_hwm_mb(herald.pid()));
     drop(herald);
     cluster.delete_namespace(&ns).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 6: event sources
+
+struct SourceRun {
+    subscriptions: usize,
+    events: usize,
+    seconds: f64,
+    events_per_s: f64,
+}
+
+struct Sources {
+    /// The emulator's own answer rate: events/s a plain client reads page by page.
+    emulator_rate: f64,
+    runs: Vec<SourceRun>,
+}
+
+/// The watch emulator as a child process on a free port.
+struct WatchEmulator {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl WatchEmulator {
+    async fn start(dir: &Path) -> WatchEmulator {
+        std::fs::create_dir_all(dir).expect("emulator directory");
+        let port_file = dir.join("port");
+        let _ = std::fs::remove_file(&port_file);
+        let child = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cmdb_emulator/emulator.py"))
+            .arg("--port-file")
+            .arg(&port_file)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the watch emulator (python3)");
+        let started = Instant::now();
+        let port: u16 = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
+                break port;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "the watch emulator did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let http = reqwest::Client::builder().no_proxy().build().expect("client");
+        WatchEmulator { child, url: format!("http://127.0.0.1:{port}"), http }
+    }
+
+    /// Emits `count` creates of `resource`, 5,000 per control call.
+    async fn fill(&self, resource: &str, id_field: &str, count: usize) {
+        for start in (0..count).step_by(5000) {
+            let events: Vec<serde_json::Value> = (start..(start + 5000).min(count))
+                .map(|i| serde_json::json!({"type": "create", "detail": {id_field: i + 1, "bk_supplier_account": "0"}}))
+                .collect();
+            let body = serde_json::json!({"resource": resource, "events": events});
+            let response = self.http.post(format!("{}/emulator/events", self.url)).json(&body).send().await;
+            assert!(response.is_ok_and(|r| r.status().is_success()), "emulator refused events");
+        }
+    }
+
+    /// Reads the whole `resource` chain as a plain client would (start time, then cursors,
+    /// until a page is not full): events per second.
+    async fn read_rate(&self, resource: &str, fields: &[&str]) -> f64 {
+        let url = format!("{}/api/v3/event/watch/resource/{resource}", self.url);
+        let start_from = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 3600;
+        let mut body = serde_json::json!({"bk_start_from": start_from, "bk_fields": fields});
+        let (mut events, started) = (0usize, Instant::now());
+        loop {
+            let answer: serde_json::Value = self
+                .http
+                .post(&url)
+                .header("BK_User", "bench")
+                .header("HTTP_BK_SUPPLIER_ACCOUNT", "0")
+                .json(&body)
+                .send()
+                .await
+                .expect("watch")
+                .json()
+                .await
+                .expect("watch JSON");
+            let page = answer["data"]["bk_events"].as_array().cloned().unwrap_or_default();
+            events += page.len();
+            let cursor = page.last().and_then(|e| e["bk_cursor"].as_str()).unwrap_or_default().to_string();
+            if page.len() < 200 || cursor.is_empty() {
+                break;
+            }
+            body = serde_json::json!({"bk_cursor": cursor, "bk_fields": fields});
+        }
+        events as f64 / started.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for WatchEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn sources(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiver: &Receiver) -> Sources {
+    let ns = cluster.namespace("bench-sources").await;
+    let emulator = WatchEmulator::start(&settings.work_dir.join("herald-bench-emulator")).await;
+    let events = settings.source_events;
+    // One subscription of host creates; 100 of set creates, with a hundredth of the events
+    // so that both runs deliver about as much.
+    let fanout = 100;
+    let set_events = (events / fanout).max(1);
+    emulator.fill("host", "bk_host_id", events).await;
+    emulator.fill("set", "bk_set_id", set_events).await;
+    let emulator_rate = emulator.read_rate("host", &["bk_host_id", "bk_supplier_account"]).await;
+    eprintln!("sources: the emulator answers {emulator_rate:.0} events/s to a plain client");
+    let herald = Herald::start(settings, kubeconfig, &ns).await;
+    let api = cluster.subscriptions(&ns);
+    let mut specs = vec![("src-one".to_string(), "hostcreate".to_string(), receiver.callback("src-one"))];
+    specs.extend(
+        (0..fanout)
+            .map(|i| (format!("src-fan-{i}"), "setcreate".to_string(), receiver.callback(&format!("src-fan-{i}")))),
+    );
+    let tracker = track_ready(api.clone(), specs.len(), Duration::from_secs(600));
+    create_subscriptions(&api, specs, 32).await;
+    let _ = tracker.await;
+    let sources_api: Api<herald::crd::CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let start_time = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    let mut runs = Vec::new();
+    for (resource, subscriptions, count) in [("host", 1usize, events), ("set", fanout, set_events)] {
+        let before = receiver.count().await;
+        let source: herald::crd::CmdbSource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "CmdbSource", "metadata": {"name": resource},
+            "spec": {"url": emulator.url, "api": "direct", "supplierAccount": "0",
+                     "start": {"from": "time", "time": start_time.to_string()},
+                     "resources": [{"resource": resource}]},
+        }))
+        .expect("a CmdbSource");
+        let started = Instant::now();
+        sources_api.create(&PostParams::default(), &source).await.expect("create source");
+        let want = (count * subscriptions) as u64;
+        while receiver.count().await - before < want {
+            assert!(started.elapsed() < Duration::from_secs(900), "sources: {resource} deliveries did not finish");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!("sources: {count} {resource} events to {subscriptions} subscriptions in {seconds:.1} s");
+        runs.push(SourceRun { subscriptions, events: count, seconds, events_per_s: count as f64 / seconds });
+    }
+    drop(herald);
+    cluster.delete_namespace(&ns).await;
+    Sources { emulator_rate, runs }
 }
 
 /// Runs the shell command in `variable` (if set) with HERALD_PID set, for example
@@ -1474,6 +1633,27 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             format!("≤ 256 MB: {}", verdict(rss <= 256.0)),
             String::new(),
         );
+    }
+    if let Some(sources) = &report.sources {
+        row(
+            "watch emulator: a plain client reading pages".into(),
+            format!("{:.0} events/s", sources.emulator_rate),
+            "1.00 (reference for sources)".into(),
+            "tests/cmdb_emulator (Python), 200 events per page, one connection".into(),
+        );
+        for run in &sources.runs {
+            row(
+                format!("herald source → {} subscription(s): watch event → confirmed", run.subscriptions),
+                format!("{:.0} events/s", run.events_per_s),
+                format!("{:.2}", run.events_per_s / sources.emulator_rate),
+                format!(
+                    "{} events ({} deliveries) in {:.1} s, from the CmdbSource's creation",
+                    run.events,
+                    run.events * run.subscriptions,
+                    run.seconds
+                ),
+            );
+        }
     }
     for s in &report.scale {
         row(

@@ -320,7 +320,7 @@ async fn write_statuses(ctx: &SourceContext, sources: &Store<CmdbSource>, runnin
                 ctx.metrics.status_writes.inc();
             }
             Err(error) => {
-                tracing::warn!(error = %crate::kube_error_summary(&error), source = %source.name_any(), "writing source status failed; will retry")
+                tracing::warn!(error = %crate::kube_error_summary(&error), source = %source.name_any(), "writing source status failed; will retry");
             }
         }
     }

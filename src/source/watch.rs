@@ -240,7 +240,7 @@ impl Watch {
             match convert(&rules, event, previous, &now) {
                 Ok(c) => converted.push((c.event, c.name)),
                 Err(skipped) => {
-                    tracing::debug!(source = %plan.source, reason = skipped.as_str(), "watch event not pushed")
+                    tracing::debug!(source = %plan.source, reason = skipped.as_str(), "watch event not pushed");
                 }
             }
             if let (true, Some(key)) = (plan.pre_images, key) {

@@ -23,7 +23,7 @@ impl Emulator {
             child: None,
             port: 0,
             dir: dir.to_path_buf(),
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args: args.iter().map(ToString::to_string).collect(),
             http: reqwest::Client::new(),
         };
         emulator.spawn().await;
