@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # herald end to end on this machine: builds what it needs (the control plane tools are
-# cached outside the clone), starts a local control plane, installs the CRD, runs
+# cached outside the clone), starts a local control plane, installs the CRDs, runs
 # `herald run`, applies an example subscription, publishes an event and shows the
-# callback receiving it. Keeps running until Ctrl-C (HERALD_QUICKSTART_EXIT=1: stop
+# callback receiving it; then points a CmdbSource at the bk-cmdb watch emulator of the
+# tests (a stand-in for bk-cmdb), makes a host change there and shows it arriving too. Keeps running until Ctrl-C (HERALD_QUICKSTART_EXIT=1: stop
 # after the demo). Everything listens on 127.0.0.1 only.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,12 +43,18 @@ PY
 python3 "$state/receiver.py" > "$state/receiver.log" 2>&1 &
 pids+=($!)
 
-# Development settings: anonymous API (never in production), loopback callbacks allowed.
+# A stand-in for bk-cmdb: the resource watch emulator the tests use, on 127.0.0.1:18082.
+python3 tests/cmdb_emulator/emulator.py --port 18082 --port-file "$state/cmdb.port" > "$state/cmdb.log" 2>&1 &
+pids+=($!)
+
+# Development settings: anonymous API (never in production), loopback callbacks and sources allowed.
 cat > "$state/config.yaml" <<YAML
 store:
   path: $state/store
 callbackGuard:
   allowCidrs: ["127.0.0.0/8"]
+sources:
+  ownNamespaceAllowCidrs: ["127.0.0.0/8"]
 api:
   auth:
     anonymous: true
@@ -73,6 +80,26 @@ for _ in $(seq 1 50); do
 done
 kubectl get esub -n herald-system
 
+echo; echo "reading bk-cmdb's resource watch (the emulator) with a CmdbSource:"
+kubectl apply -f - <<YAML
+apiVersion: herald.dev/v1alpha1
+kind: CmdbSource
+metadata: {name: cmdb, namespace: herald-system}
+spec:
+  url: http://127.0.0.1:18082
+  api: direct
+  supplierAccount: "0"
+  resources: [{resource: host, fields: [bk_host_id, bk_host_innerip]}]
+YAML
+kubectl wait -n herald-system --for=condition=Ready csrc/cmdb --timeout=60s
+echo "a host created in bk-cmdb:"
+curl -s -X POST http://127.0.0.1:18082/emulator/events -H 'Content-Type: application/json' \
+  -d '{"resource":"host","events":[{"type":"create","detail":{"bk_host_id":2,"bk_host_innerip":"10.0.0.2","bk_supplier_account":"0"}}]}'
+echo
+for _ in $(seq 1 50); do [ "$(grep -c "receiver:" "$state/receiver.log")" -ge 2 ] && break; sleep 0.2; done
+tail -n 1 "$state/receiver.log"
+kubectl get csrc -n herald-system
+
 cat <<TXT
 
 herald is running: REST API on http://127.0.0.1:18080, log in $state/herald.log.
@@ -82,6 +109,8 @@ Use kubectl against the local control plane:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get esub -A
   kubectl describe esub host-changes -n herald-system
+  kubectl get csrc cmdb -n herald-system -o yaml
+Make more bk-cmdb changes: POST http://127.0.0.1:18082/emulator/events (tests/cmdb_emulator/README.md).
 TXT
 [ "${HERALD_QUICKSTART_EXIT:-0}" = 1 ] && exit 0
 echo "Ctrl-C stops herald and the control plane."

@@ -71,6 +71,9 @@ const ESUB_WATCH: Perm = cluster_perm("herald.dev", "eventsubscriptions", "watch
 const ESUB_PATCH: Perm = cluster_perm("herald.dev", "eventsubscriptions", "patch");
 const ESUB_DELETE: Perm = cluster_perm("herald.dev", "eventsubscriptions", "delete");
 const STATUS_PATCH: Perm = cluster_perm("herald.dev", "eventsubscriptions/status", "patch");
+const CSRC_LIST: Perm = cluster_perm("herald.dev", "cmdbsources", "list");
+const CSRC_WATCH: Perm = cluster_perm("herald.dev", "cmdbsources", "watch");
+const CSRC_STATUS_PATCH: Perm = cluster_perm("herald.dev", "cmdbsources/status", "patch");
 const EVENTS_CREATE: Perm = cluster_perm("events.k8s.io", "events", "create");
 const EVENTS_PATCH: Perm = cluster_perm("events.k8s.io", "events", "patch");
 const NAMESPACES_LIST: Perm = cluster_perm("", "namespaces", "list");
@@ -94,6 +97,9 @@ const CASES: &[(Perm, &str)] = &[
     (ESUB_PATCH, "without_eventsubscriptions_patch_no_id_label_and_no_rest_writes"),
     (ESUB_DELETE, "without_eventsubscriptions_delete_rest_deletes_fail"),
     (STATUS_PATCH, "without_eventsubscriptions_status_patch_no_status_is_written"),
+    (CSRC_LIST, "without_cmdbsources_list_no_source_is_read"),
+    (CSRC_WATCH, "without_cmdbsources_watch_new_sources_are_never_seen"),
+    (CSRC_STATUS_PATCH, "without_cmdbsources_status_patch_no_source_status_is_written"),
     (EVENTS_CREATE, "without_events_create_no_warning_event_is_recorded"),
     (EVENTS_PATCH, "without_events_patch_a_repeated_warning_is_not_counted"),
     (NAMESPACES_LIST, "without_namespaces_list_herald_never_becomes_ready"),
@@ -893,6 +899,78 @@ async fn without_eventsubscriptions_status_patch_no_status_is_written() {
     herald.wait_log(&["writing status of statusless", "cannot patch resource", "eventsubscriptions/status"]).await;
     tokio::time::sleep(HOLD).await;
     assert!(get(&api, "statusless").await.status.is_none(), "no status; log:\n{}", herald.log_text());
+}
+
+// ---------------------------------------------------------------------------------------
+// ClusterRole: cmdbsources.
+
+fn sources(setup: &Setup) -> Api<herald::crd::CmdbSource> {
+    Api::namespaced(setup.cluster.client.clone(), &setup.ns)
+}
+
+/// A source in the test's namespace (herald's own), pointing at a port nobody listens on:
+/// herald reads it and reports `Connected=False`, which is all these tests need.
+async fn create_source(api: &Api<herald::crd::CmdbSource>, name: &str) {
+    let source = serde_json::from_value(json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "CmdbSource", "metadata": {"name": name},
+        "spec": {"url": "http://127.0.0.1:9", "api": "direct", "supplierAccount": "0", "resources": [{"resource": "set"}]},
+    }))
+    .expect("a CmdbSource");
+    api.create(&PostParams::default(), &source).await.expect("create source");
+}
+
+async fn wait_source_status(api: &Api<herald::crd::CmdbSource>, name: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while api.get(name).await.expect("get source").status.is_none() {
+        assert!(std::time::Instant::now() < deadline, "{name}: no status within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `cmdbsources` `list` is the sources' cache: without it no source is read (herald itself
+/// still serves), and none gets a status.
+#[tokio::test]
+async fn without_cmdbsources_list_no_source_is_read() {
+    let _turn = exclusive().await;
+    let setup = Setup::new(&[CSRC_LIST]).await;
+    let api = sources(&setup);
+    create_source(&api, "unread").await;
+    let mut herald = setup.herald("");
+    herald.wait_ready().await;
+    herald.wait_log(&["watching CmdbSources failed", "cannot list resource", "cmdbsources"]).await;
+    tokio::time::sleep(HOLD).await;
+    assert!(api.get("unread").await.unwrap().status.is_none(), "no status; log:\n{}", herald.log_text());
+}
+
+/// The cache is kept current by a watch: without it a source created after the first list
+/// is never seen.
+#[tokio::test]
+async fn without_cmdbsources_watch_new_sources_are_never_seen() {
+    let _turn = exclusive().await;
+    let setup = Setup::new(&[CSRC_WATCH]).await;
+    let api = sources(&setup);
+    create_source(&api, "early").await;
+    let mut herald = setup.herald("");
+    herald.wait_ready().await;
+    wait_source_status(&api, "early").await;
+    create_source(&api, "late").await;
+    herald.wait_log(&["cannot watch resource", "cmdbsources"]).await;
+    tokio::time::sleep(HOLD).await;
+    assert!(api.get("late").await.unwrap().status.is_none(), "late must get no status; log:\n{}", herald.log_text());
+}
+
+/// `cmdbsources/status` `patch` is every source status write.
+#[tokio::test]
+async fn without_cmdbsources_status_patch_no_source_status_is_written() {
+    let _turn = exclusive().await;
+    let setup = Setup::new(&[CSRC_STATUS_PATCH]).await;
+    let api = sources(&setup);
+    create_source(&api, "statusless").await;
+    let mut herald = setup.herald("");
+    herald.wait_ready().await;
+    herald.wait_log(&["writing source status failed", "cmdbsources"]).await;
+    tokio::time::sleep(HOLD).await;
+    assert!(api.get("statusless").await.unwrap().status.is_none(), "no status; log:\n{}", herald.log_text());
 }
 
 // ---------------------------------------------------------------------------------------

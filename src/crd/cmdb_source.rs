@@ -251,6 +251,7 @@ pub struct CmdbSourceStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceStatus {
+    /// The watched resource.
     pub resource: WatchResource,
     /// bk-cmdb's cursor after the last change herald committed (herald's store holds the
     /// authoritative copy).
