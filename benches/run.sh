@@ -25,7 +25,7 @@ trap 'tests/controlplane/down.sh "$state"; rm -rf "$state"' EXIT
 tests/controlplane/up.sh "$state"
 source "$state/env"
 kubectl apply --server-side -f crds/ >/dev/null
-kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev --timeout=60s >/dev/null
+kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev crd/cmdbsources.herald.dev --timeout=60s >/dev/null
 
 export HERALD_BENCH_KUBECONFIG=$KUBECONFIG
 cargo bench --locked --bench bench

@@ -26,7 +26,7 @@ trap cleanup EXIT
 tests/controlplane/up.sh "$state/cp"
 source "$state/cp/env"
 kubectl apply --server-side -f crds/ >/dev/null
-kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev --timeout=60s >/dev/null
+kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev crd/cmdbsources.herald.dev --timeout=60s >/dev/null
 kubectl create namespace herald-system >/dev/null
 
 # A callback receiver on 127.0.0.1:18081 that prints what it gets (examples/ point there).

@@ -42,7 +42,7 @@ trap 'tests/node/down.sh "$state"; tests/controlplane/down.sh "$state"; rm -rf "
 tests/controlplane/up.sh "$state"
 source "$state/env"
 kubectl apply --server-side -f crds/ >/dev/null
-kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev --timeout=60s >/dev/null
+kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev crd/cmdbsources.herald.dev --timeout=60s >/dev/null
 tests/node/up.sh "$state" "$HERALD_NODE_IMAGES"
 source "$state/env"
 
