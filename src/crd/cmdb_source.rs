@@ -1,7 +1,7 @@
 //! The `CmdbSource` custom resource: one bk-cmdb whose resource watch herald reads and
 //! turns into v3.5 events (docs/sources.md). Like EventSubscription, the schema carries no
-//! `default:` values; defaults are named in the descriptions and applied by
-//! `crate::source::spec`.
+//! `default:` values; defaults are named in the descriptions and applied where the
+//! supervisor plans a source's watches (`crate::source`).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};

@@ -293,14 +293,21 @@ pub fn crd_yamls() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
 /// annotations, resourceVersion) merged in. Callers add `spec` or `status`; an apply body
 /// holds only the fields its field manager owns.
 pub fn apply_body(name: &str, extra_metadata: serde_json::Value) -> serde_json::Value {
-    use kube::Resource;
+    apply_body_of::<EventSubscription>(name, extra_metadata)
+}
+
+/// `apply_body` for any of herald's resources.
+pub fn apply_body_of<K: kube::Resource<DynamicType = ()>>(
+    name: &str,
+    extra_metadata: serde_json::Value,
+) -> serde_json::Value {
     let mut metadata = serde_json::json!({ "name": name });
     if let (Some(metadata), serde_json::Value::Object(extra)) = (metadata.as_object_mut(), extra_metadata) {
         metadata.extend(extra);
     }
     serde_json::json!({
-        "apiVersion": EventSubscription::api_version(&()),
-        "kind": EventSubscription::kind(&()),
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
         "metadata": metadata,
     })
 }

@@ -271,8 +271,11 @@ pub fn convert(
         return Err(Skipped::Filtered);
     }
     let detail = &watched.bk_detail;
-    if let Some(account) = detail.get("bk_supplier_account").and_then(Value::as_str)
-        && account != rules.supplier_account
+    // A detail without the field (bk-cmdb's projection gives null) is the source's account;
+    // one naming another account, as text or as a number, is not published.
+    let account = detail.get("bk_supplier_account").filter(|a| !a.is_null());
+    if let Some(account) = account
+        && account.as_str().map_or_else(|| account.to_string(), str::to_string) != rules.supplier_account
     {
         return Err(Skipped::OtherAccount);
     }
@@ -290,9 +293,14 @@ pub fn convert(
         Kind::Relation(obj_type) => ("relation", obj_type.to_string(), watched.bk_event_type.as_str()),
         Kind::HostIdentifier => ("relation", "hostidentifier".to_string(), "update"),
     };
-    let (cur_data, pre_data) = match change {
-        WatchEventType::Delete if kind(rules.resource) != Kind::HostIdentifier => (Value::Null, detail.clone()),
-        _ => (detail.clone(), previous.cloned().unwrap_or(Value::Null)),
+    // The kept detail is the pre-image of an update only: a create has none (one kept from
+    // before a gap or a delete herald missed is not this instance's past), and a delete's
+    // detail is the deleted record itself.
+    let previous = || previous.cloned().unwrap_or(Value::Null);
+    let (cur_data, pre_data) = match (kind(rules.resource), change) {
+        (Kind::HostIdentifier, _) | (_, WatchEventType::Update) => (detail.clone(), previous()),
+        (_, WatchEventType::Create) => (detail.clone(), Value::Null),
+        (_, WatchEventType::Delete) => (Value::Null, detail.clone()),
     };
     let published = PublishedEvent {
         event_type: event_type.into(),

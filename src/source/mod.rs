@@ -32,7 +32,7 @@ use status::{Health, Problem, desired_status, status_patch};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::JoinSet;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Field manager of CmdbSource status (only herald writes it).
@@ -68,8 +68,24 @@ struct Running {
     refusal: Option<Problem>,
     watches: Vec<(crate::crd::WatchResource, Arc<Mutex<Health>>)>,
     stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    /// The store keys of every resource the spec lists (refused or not).
     keys: Vec<String>,
     last_written: Option<Instant>,
+}
+
+impl Running {
+    /// Stops the watches and waits for them: a page being committed is committed before
+    /// anything else touches the same store keys.
+    async fn stop(self) -> Vec<String> {
+        self.stop.cancel();
+        for task in self.tasks {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a watch task failed");
+            }
+        }
+        self.keys
+    }
 }
 
 /// Follows every CmdbSource until `shutdown`: one watch loop per listed resource, restarted
@@ -84,7 +100,6 @@ pub async fn run(ctx: Arc<SourceContext>, shutdown: CancellationToken) {
     .default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut running: HashMap<String, Running> = HashMap::new();
-    let mut tasks = JoinSet::new();
     let mut resync = tokio::time::interval(RESYNC);
     let mut swept = false;
     loop {
@@ -99,26 +114,29 @@ pub async fn run(ctx: Arc<SourceContext>, shutdown: CancellationToken) {
         }
         // Only once the first list is complete: before, a missing object is not a deleted one.
         if futures::FutureExt::now_or_never(sources.wait_until_ready()).is_some() {
-            sync(&ctx, &sources, &mut running, &mut tasks, &shutdown);
+            sync(&ctx, &sources, &mut running, &shutdown).await;
             if !swept {
                 swept = sweep(&ctx, &running).await;
             }
-            write_statuses(&ctx, &sources, &mut running).await;
+            tokio::select! {
+                () = write_statuses(&ctx, &sources, &mut running) => {}
+                () = shutdown.cancelled() => break,
+            }
         }
     }
-    for source in running.values() {
-        source.stop.cancel();
+    for (_, source) in running.drain() {
+        source.stop().await;
     }
-    while tasks.join_next().await.is_some() {}
     tracing::info!("sources stopped");
 }
 
-/// Starts, restarts and stops watches to match the objects.
-fn sync(
+/// Starts, restarts and stops watches to match the objects. A restarted source's old
+/// watches have finished before its new ones start; positions of resources no longer
+/// listed, and of deleted sources, are dropped once their watches have stopped.
+async fn sync(
     ctx: &Arc<SourceContext>,
     sources: &Store<CmdbSource>,
     running: &mut HashMap<String, Running>,
-    tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
 ) {
     let mut live = HashSet::new();
@@ -136,27 +154,29 @@ fn sync(
         {
             continue;
         }
+        let started = start(ctx, &source, &uid, allowed, shutdown);
         if let Some(old) = running.remove(&uid) {
-            old.stop.cancel();
+            let listed: HashSet<&String> = started.keys.iter().collect();
+            let dropped: Vec<String> = old.stop().await.into_iter().filter(|k| !listed.contains(k)).collect();
+            drop_positions(ctx, dropped).await;
         }
-        running.insert(uid.clone(), start(ctx, &source, &uid, allowed, tasks, shutdown));
+        running.insert(uid.clone(), started.spawn(ctx));
     }
     let gone: Vec<String> = running.keys().filter(|uid| !live.contains(*uid)).cloned().collect();
     for uid in gone {
         if let Some(old) = running.remove(&uid) {
-            old.stop.cancel();
-            let store = ctx.store.clone();
-            tasks.spawn(async move {
-                for key in old.keys {
-                    if let Err(error) = store.drop_watch(&key).await {
-                        tracing::error!(%error, watch = %key, "dropping a deleted source's position failed");
-                    }
-                }
-            });
+            let keys = old.stop().await;
+            drop_positions(ctx, keys).await;
         }
     }
-    // Finished watch tasks are reaped here; they end only when stopped.
-    while let Some(Some(_)) = futures::FutureExt::now_or_never(tasks.join_next()) {}
+}
+
+async fn drop_positions(ctx: &SourceContext, keys: Vec<String>) {
+    for key in keys {
+        if let Err(error) = ctx.store.drop_watch(&key).await {
+            tracing::error!(%error, watch = %key, "dropping a watch position failed");
+        }
+    }
 }
 
 /// Drops store positions of sources that were deleted while herald was not running. Runs
@@ -175,28 +195,50 @@ async fn sweep(ctx: &SourceContext, running: &HashMap<String, Running>) -> bool 
     true
 }
 
+/// A source about to run: its state and the watch plans to spawn.
+struct Starting {
+    running: Running,
+    plans: Vec<(watch::WatchPlan, Arc<Mutex<Health>>)>,
+    keys: Vec<String>,
+}
+
+impl Starting {
+    fn spawn(mut self, ctx: &Arc<SourceContext>) -> Running {
+        for (plan, health) in self.plans {
+            self.running.tasks.push(tokio::spawn(watch::run(ctx.clone(), plan, health, self.running.stop.clone())));
+        }
+        self.running.keys = self.keys;
+        self.running
+    }
+}
+
 fn start(
     ctx: &Arc<SourceContext>,
     source: &CmdbSource,
     uid: &str,
     allowed: bool,
-    tasks: &mut JoinSet<()>,
     shutdown: &CancellationToken,
-) -> Running {
-    let stop = shutdown.child_token();
-    let mut running = Running {
-        generation: source.metadata.generation,
-        allowed,
-        refusal: None,
-        watches: Vec::new(),
-        stop: stop.clone(),
-        keys: Vec::new(),
-        last_written: None,
+) -> Starting {
+    let keys: Vec<String> =
+        source.spec.resources.iter().map(|r| format!("{uid}/{}", convert::resource_name(r.resource))).collect();
+    let mut starting = Starting {
+        running: Running {
+            generation: source.metadata.generation,
+            allowed,
+            refusal: None,
+            watches: Vec::new(),
+            stop: shutdown.child_token(),
+            tasks: Vec::new(),
+            keys: Vec::new(),
+            last_written: None,
+        },
+        plans: Vec::new(),
+        keys,
     };
     let namespace = source.namespace().unwrap_or_default();
     let name = format!("{namespace}/{}", source.name_any());
     if !allowed {
-        running.refusal = Some(Problem::new(
+        starting.running.refusal = Some(Problem::new(
             "AccountNotAllowed",
             format!(
                 "namespace {namespace} may not publish supplier account {}'s events (herald.dev/supplier-accounts)",
@@ -204,13 +246,13 @@ fn start(
             ),
         ));
         tracing::warn!(source = %name, "source refused: its namespace is not allowed for its account");
-        return running;
+        return starting;
     }
     let endpoint = match endpoint(&ctx.config, &source.spec, &namespace) {
         Ok(endpoint) => endpoint,
         Err(problem) => {
-            running.refusal = Some(problem);
-            return running;
+            starting.running.refusal = Some(problem);
+            return starting;
         }
     };
     let spec = &source.spec;
@@ -218,14 +260,13 @@ fn start(
         Some(s) if s.from == StartFrom::Time => match s.time.as_deref().map(str::parse::<jiff::Timestamp>) {
             Some(Ok(time)) => Position::StartFrom(time.as_second()),
             _ => {
-                running.refusal = Some(Problem::new("InvalidSpec", "spec.start.time is not an RFC 3339 time"));
-                return running;
+                starting.running.refusal = Some(Problem::new("InvalidSpec", "spec.start.time is not an RFC 3339 time"));
+                return starting;
             }
         },
         _ => Position::Now,
     };
-    for watched in &spec.resources {
-        let key = format!("{uid}/{}", convert::resource_name(watched.resource));
+    for (watched, key) in spec.resources.iter().zip(&starting.keys) {
         let health = Arc::new(Mutex::new(Health::default()));
         let plan = watch::WatchPlan {
             key: key.clone(),
@@ -245,12 +286,11 @@ fn start(
             endpoint: endpoint.clone(),
             credentials_secret: spec.credentials_secret.clone(),
         };
-        tasks.spawn(watch::run(ctx.clone(), plan, health.clone(), stop.clone()));
-        running.watches.push((watched.resource, health));
-        running.keys.push(key);
+        starting.running.watches.push((watched.resource, health.clone()));
+        starting.plans.push((plan, health));
     }
-    tracing::info!(source = %name, resources = running.watches.len(), "source started");
-    running
+    tracing::info!(source = %name, resources = starting.plans.len(), "source started");
+    starting
 }
 
 /// The HTTP endpoint of a source: its URL, CA bundle and the guard's allowances (herald's

@@ -3,9 +3,9 @@
 //! server-side apply only when changed, within the shared status write budget.
 
 use crate::conditions::set_condition;
-use crate::crd::{CmdbSource, CmdbSourceStatus, ResourceStatus, WatchResource};
+use crate::crd::{CmdbSource, CmdbSourceStatus, ResourceStatus, WatchResource, apply_body_of};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_CONNECTED: &str = "Connected";
@@ -70,7 +70,12 @@ pub fn desired_status(
         None if watches.iter().all(|(_, h)| h.cursor.is_some()) => {
             condition(CONDITION_READY, true, "Watching", "every resource is being read".into())
         }
-        None => condition(CONDITION_READY, false, "Starting", "finding where to start in bk-cmdb's watch".into()),
+        // Still reading its positions: a Ready of this generation stays as it is, so that a
+        // restart of herald does not flap it.
+        None => match current.conditions.iter().find(|c| c.type_ == CONDITION_READY) {
+            Some(shown) if shown.observed_generation == generation => shown.clone(),
+            _ => condition(CONDITION_READY, false, "Starting", "finding where to start in bk-cmdb's watch".into()),
+        },
     };
     set_condition(&mut conditions, ready);
     if refusal.is_none() {
@@ -121,12 +126,9 @@ pub fn status_patch(source: &CmdbSource, desired: &CmdbSourceStatus) -> Option<s
     if source.status.as_ref() == Some(desired) {
         return None;
     }
-    Some(serde_json::json!({
-        "apiVersion": CmdbSource::api_version(&()),
-        "kind": CmdbSource::kind(&()),
-        "metadata": { "name": source.meta().name },
-        "status": desired,
-    }))
+    let mut body = apply_body_of::<CmdbSource>(&source.name_any(), serde_json::json!({}));
+    body["status"] = serde_json::to_value(desired).ok()?;
+    Some(body)
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ pub struct WatchPlan {
 
 /// Runs the watch until `stop` is cancelled.
 pub async fn run(ctx: Arc<SourceContext>, plan: WatchPlan, health: Arc<Mutex<Health>>, stop: CancellationToken) {
-    let mut watch = Watch { ctx, plan, health, stop, failures: 0 };
+    let mut watch = Watch { ctx, plan, health, stop, failures: 0, forget_pre_images: false };
     watch.run().await;
 }
 
@@ -80,6 +80,9 @@ struct Watch {
     stop: CancellationToken,
     /// Consecutive failures, for the backoff.
     failures: u32,
+    /// The next commit forgets the kept pre-images: they were switched off, or a gap made
+    /// them stale.
+    forget_pre_images: bool,
 }
 
 /// What to do after a failed request.
@@ -98,23 +101,27 @@ impl Watch {
         let Some(mut position) = self.starting_position().await else { return };
         // A read "from now" answers with bk-cmdb's latest event: where to start, not a change.
         let mut marker = position == Position::Now;
-        if let Err(problem) = self.load_credentials().await {
+        while let Err(problem) = self.load_credentials().await {
             self.set_problem(Some(problem));
-            self.stop.cancelled().await;
-            return;
+            if !self.pause(&NEEDS_A_CHANGE).await {
+                return;
+            }
         }
         let resource = resource_name(self.plan.resource);
         loop {
-            if !self.ctx.tenancy.allows(&self.plan.supplier_account, &self.plan.namespace) {
-                // The supervisor restarts the source as refused; nothing more is published.
-                self.stop.cancelled().await;
-                return;
-            }
             let answer = tokio::select! {
                 answer = self.plan.endpoint.watch(resource, &position, &self.plan.fields) => answer,
                 () = self.stop.cancelled() => return,
             };
+            // Checked after the long poll too: a namespace that lost the account meanwhile
+            // publishes nothing more. The supervisor restarts the source as refused.
+            if !self.ctx.tenancy.allows(&self.plan.supplier_account, &self.plan.namespace) {
+                self.stop.cancelled().await;
+                return;
+            }
             let next = match answer {
+                // Not raced against `stop`: a page being committed is committed whole, and the
+                // supervisor waits for it before it starts the source again.
                 Ok(page) => match self.commit(page, marker).await {
                     Ok(cursor) => {
                         self.failures = 0;
@@ -124,6 +131,10 @@ impl Watch {
                     }
                     Err(error) => {
                         tracing::warn!(source = %self.plan.source, resource, %error, "committing a watch page failed; reading it again");
+                        self.set_problem(Some(Problem::new("StoreRefused", error.to_string())));
+                        if !self.pause(&TRANSIENT).await {
+                            return;
+                        }
                         Next::Retry(position.clone())
                     }
                 },
@@ -149,6 +160,7 @@ impl Watch {
         loop {
             match self.ctx.store.watch_position(&self.plan.key).await {
                 Ok(Some(stored)) => {
+                    self.forget_pre_images = !self.plan.pre_images && stored.pre_images > 0;
                     let mut health = self.health.lock();
                     health.cursor = Some(stored.cursor.clone());
                     health.events_read = stored.events_read;
@@ -178,7 +190,9 @@ impl Watch {
         let read = i64::try_from(events.len()).unwrap_or(i64::MAX);
         let full = events.len() >= FULL_PAGE;
         let (converted, pre_images) = if marker { (Vec::new(), Vec::new()) } else { self.convert(&events).await? };
-        let unchanged = events.is_empty() && self.health.lock().cursor.as_deref() == Some(cursor.as_str());
+        let unchanged = events.is_empty()
+            && !self.forget_pre_images
+            && self.health.lock().cursor.as_deref() == Some(cursor.as_str());
         if !unchanged {
             let page = WatchPage {
                 watch: self.plan.key.clone(),
@@ -187,8 +201,10 @@ impl Watch {
                 read: if marker { 0 } else { read },
                 pre_images,
                 pre_image_limit: self.plan.pre_image_limit,
+                forget_pre_images: self.forget_pre_images,
             };
             self.ctx.delivery.ingest(page, converted).await?;
+            self.forget_pre_images = false;
         }
         let now = jiff::Timestamp::now();
         let mut health = self.health.lock();
@@ -220,7 +236,7 @@ impl Watch {
         let keys: Vec<Option<String>> = events.iter().map(|e| instance_key(plan.resource, &e.bk_detail)).collect();
         // What earlier pages left; changes within this page are seen through `latest`.
         let mut latest: HashMap<String, Option<Value>> = HashMap::new();
-        if plan.pre_images {
+        if plan.pre_images && !self.forget_pre_images {
             let wanted: Vec<String> = keys.iter().flatten().cloned().collect();
             for (key, detail) in self.ctx.store.pre_images(&plan.key, wanted).await? {
                 latest.insert(key, serde_json::from_str(&detail).ok());
@@ -280,6 +296,8 @@ impl Watch {
                 self.ctx.metrics.source_cursor_expiries.get_or_create(&labels).inc();
                 self.warn("CursorExpired", &format!("{resource}: {gap}")).await;
                 self.health.lock().gap = Some(gap);
+                // Changes were missed: a kept detail may no longer be the instance's last.
+                self.forget_pre_images = true;
                 Next::Retry(resume)
             }
             WatchError::StartOutOfRange { .. } if *position == self.plan.start => {

@@ -174,14 +174,18 @@ impl EventStore for MemoryStore {
 
     fn ingest(&self, page: WatchPage) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
         let mut state = self.state.lock();
-        let grows = page.events.iter().any(|e| !e.subscriptions.is_empty()) || !page.pre_images.is_empty();
-        if grows && let Err(error) = self.check_quota(&state) {
+        if page.grows_store()
+            && let Err(error) = self.check_quota(&state)
+        {
             return ready(Err(error));
         }
         let fanouts = publish(&mut state, page.events, self.limits.backlog_cap);
         let watch = state.watches.entry(page.watch).or_default();
         watch.cursor = page.cursor;
         watch.events_read += page.read;
+        if page.forget_pre_images {
+            watch.pre_images.clear();
+        }
         for (instance, detail) in page.pre_images {
             match detail {
                 Some(detail) => {

@@ -231,6 +231,18 @@ pub struct WatchPage {
     pub pre_images: Vec<(String, Option<String>)>,
     /// Instances kept for this watch; the least recently changed beyond it are forgotten.
     pub pre_image_limit: i64,
+    /// Forget every kept instance first (pre-images were switched off, or a gap made them
+    /// untrustworthy).
+    pub forget_pre_images: bool,
+}
+
+impl WatchPage {
+    /// Whether the page adds to the store: queued events or kept instances. A page that only
+    /// moves the cursor is taken even over the quota, so an idle watch never falls behind
+    /// bk-cmdb's retention.
+    pub fn grows_store(&self) -> bool {
+        self.events.iter().any(|e| !e.subscriptions.is_empty()) || !self.pre_images.is_empty()
+    }
 }
 
 /// Limits the store enforces.

@@ -826,11 +826,8 @@ impl Writer {
                     answers.push(Pending::Expired(reply, result));
                 }
                 Write::Ingest { page, reply } => {
-                    // A page that only moves the cursor (nothing to queue or keep) is taken over
-                    // the quota too, so an idle watch never falls behind bk-cmdb's retention.
-                    let grows = page.events.iter().any(|e| !e.subscriptions.is_empty()) || !page.pre_images.is_empty();
                     let result = match over_quota {
-                        Some((size, quota)) if grows => Err(StoreError::OverQuota { size, quota }),
+                        Some((size, quota)) if page.grows_store() => Err(StoreError::OverQuota { size, quota }),
                         _ => in_savepoint(&tx, |sp| ingest(sp, &page, self.limits.backlog_cap, now)),
                     };
                     note_full(&result, &mut full);
@@ -1007,6 +1004,10 @@ fn ingest(conn: &Connection, page: &WatchPage, backlog_cap: i64, now: Millis) ->
              events_read = watches.events_read + excluded.events_read, updated_at = excluded.updated_at",
     )?
     .execute(params![page.watch, page.cursor, page.read, now])?;
+    if page.forget_pre_images {
+        conn.prepare_cached("DELETE FROM pre_images WHERE watch = ?1")?.execute([&page.watch])?;
+        conn.prepare_cached("UPDATE watches SET pre_images = 0 WHERE watch = ?1")?.execute([&page.watch])?;
+    }
     if page.pre_images.is_empty() {
         return Ok(fanouts);
     }
@@ -1382,6 +1383,7 @@ mod tests {
                 read: 3,
                 pre_images: vec![image("1", Some("one")), image("2", Some("two")), image("3", Some("three"))],
                 pre_image_limit: 2,
+                forget_pre_images: false,
             };
             let fanouts = store.ingest(page).await.unwrap();
             assert_eq!(fanouts[0], vec![Fanout { subscription_id: 1, distribution_id: 1, queued: true }]);
@@ -1404,6 +1406,19 @@ mod tests {
             let position = store.watch_position("w").await.unwrap().unwrap();
             assert_eq!(position, WatchPosition { cursor: "c2".into(), events_read: 5, pre_images: 2 });
             assert_eq!(store.watches().await.unwrap(), vec!["w".to_string()]);
+            // Forgetting empties the kept instances before the page's own.
+            let page = WatchPage {
+                watch: "w".into(),
+                cursor: "c3".into(),
+                pre_images: vec![image("5", Some("five"))],
+                pre_image_limit: 2,
+                forget_pre_images: true,
+                ..Default::default()
+            };
+            store.ingest(page).await.unwrap();
+            let kept = store.pre_images("w", vec!["2".into(), "4".into(), "5".into()]).await.unwrap();
+            assert_eq!(kept, HashMap::from([("5".into(), "five".into())]));
+            assert_eq!(store.watch_position("w").await.unwrap().unwrap().pre_images, 1);
             store.drop_watch("w").await.unwrap();
             assert_eq!(store.watch_position("w").await.unwrap(), None);
             assert!(store.pre_images("w", vec!["2".into()]).await.unwrap().is_empty());
