@@ -478,3 +478,15 @@ impl EventStore for MemoryStore {
         self.lost_outcomes.lock().remove(&subscription_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn open_fresh(limits: Limits) -> Arc<dyn EventStore> {
+        Arc::new(MemoryStore::new(limits))
+    }
+
+    crate::store::conformance::conformance_suite!(open_fresh);
+}

@@ -4,6 +4,8 @@
 //! SQLite implementation (`sqlite`) when one pod is not enough (docs/design.md §6).
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 pub mod memory;
 pub mod sqlite;
 
@@ -254,10 +256,14 @@ pub struct Limits {
     pub backlog_cap: i64,
 }
 
+/// An engine's own error (SQLite's, for example), kept as the source of a `StoreError`:
+/// callers see what failed in herald's terms and never depend on the engine.
+pub type EngineError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("opening store at {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open { path: String, source: EngineError },
     #[error("creating store directory {path}: {source}")]
     CreateDir { path: String, source: std::io::Error },
     #[error("store directory {path} is locked by another herald process")]
@@ -267,11 +273,11 @@ pub enum StoreError {
     #[error("store schema version {found} is newer than this herald supports ({supported})")]
     SchemaTooNew { found: i64, supported: i64 },
     #[error("migrating store schema to version {version}: {source}")]
-    Migrate { version: i64, source: rusqlite::Error },
+    Migrate { version: i64, source: EngineError },
     #[error("store is over its quota ({size} of {quota} bytes)")]
     OverQuota { size: u64, quota: u64 },
     #[error("store query failed: {0}")]
-    Query(#[source] rusqlite::Error),
+    Query(#[source] EngineError),
     /// The disk under the store is full (the quota should have stopped publishes first):
     /// callers answer it like the quota, 503 and retry later.
     #[error("the store's disk is full: {detail}")]
@@ -280,17 +286,6 @@ pub enum StoreError {
     Commit(String),
     #[error("the store writer stopped")]
     WriterStopped,
-}
-
-/// Whether SQLite failed because the disk (or the database's page limit) is full.
-fn disk_full(error: &rusqlite::Error) -> bool {
-    error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(error: rusqlite::Error) -> Self {
-        if disk_full(&error) { StoreError::Full { detail: error.to_string() } } else { StoreError::Query(error) }
-    }
 }
 
 /// The operations herald needs from a store. Writes that answer a caller (publish,

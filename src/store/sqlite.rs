@@ -276,6 +276,17 @@ static RELEASE: SetStatement = SetStatement::new(
 static DROP_RELEASED: SetStatement =
     SetStatement::new("DELETE FROM events WHERE id IN (VALUES {rows}) AND refs <= 0", "(?)");
 
+/// Whether SQLite failed because the disk (or the database's page limit) is full.
+fn disk_full(error: &rusqlite::Error) -> bool {
+    error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        if disk_full(&error) { StoreError::Full { detail: error.to_string() } } else { StoreError::Query(error.into()) }
+    }
+}
+
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Write {
@@ -302,7 +313,7 @@ pub struct SqliteStore {
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
     let shown = path.display().to_string();
-    let open_error = |source| StoreError::Open { path: shown.clone(), source };
+    let open_error = |source: rusqlite::Error| StoreError::Open { path: shown.clone(), source: source.into() };
     let conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
     conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(open_error)?;
     // Query-planner stability: otherwise SQLite plans `LIMIT ?` with the bound value and
@@ -321,7 +332,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
         let version = i64::try_from(index + 1).unwrap_or(i64::MAX);
-        let migrate_error = |source| StoreError::Migrate { version, source };
+        let migrate_error = |source: rusqlite::Error| StoreError::Migrate { version, source: source.into() };
         let tx = conn.transaction().map_err(migrate_error)?;
         tx.execute_batch(sql).map_err(migrate_error)?;
         tx.pragma_update(None, "user_version", version).map_err(migrate_error)?;
@@ -671,11 +682,7 @@ enum BatchFailure {
 
 impl BatchFailure {
     fn of(error: &rusqlite::Error) -> Self {
-        if super::disk_full(error) {
-            BatchFailure::Full(error.to_string())
-        } else {
-            BatchFailure::Other(error.to_string())
-        }
+        if disk_full(error) { BatchFailure::Full(error.to_string()) } else { BatchFailure::Other(error.to_string()) }
     }
 
     fn to_error(&self) -> StoreError {
@@ -1344,11 +1351,17 @@ fn expire(conn: &Connection, before: Millis) -> Result<usize, StoreError> {
 mod tests {
     use super::*;
     use crate::store::ANSWER_HEAD_BYTES;
+    use crate::store::conformance::limits;
     use std::path::PathBuf;
 
-    fn limits() -> Limits {
-        Limits { quota_bytes: u64::MAX, backlog_cap: 1000 }
+    /// A store in a directory of its own, for the conformance suite.
+    fn open_fresh(limits: Limits) -> Arc<dyn EventStore> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = temp_dir(&format!("conformance-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        Arc::new(SqliteStore::open(&dir, limits).unwrap())
     }
+
+    crate::store::conformance::conformance_suite!(open_fresh);
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("herald-store-{name}-{}-{}", std::process::id(), now_millis()));
@@ -1364,65 +1377,6 @@ mod tests {
         let attempt = Attempt { subscription_id, position, outcome, at: 1, exchange: Exchange::default() };
         let ticket = store.record_attempt(attempt).unwrap();
         store.committed(ticket).await.unwrap();
-    }
-
-    /// Both stores, the same pages: the watch position, fan-out and pre-images agree, and
-    /// the kept instances stay within the limit, least recently changed forgotten first.
-    #[tokio::test]
-    async fn watch_pages_commit_cursor_events_and_bounded_pre_images_together() {
-        let dir = temp_dir("watch");
-        let sqlite = SqliteStore::open(&dir, limits()).unwrap();
-        let memory = super::super::memory::MemoryStore::new(limits());
-        let image = |i: &str, d: Option<&str>| (i.to_string(), d.map(str::to_string));
-        for store in [&sqlite as &dyn EventStore, &memory] {
-            assert_eq!(store.watch_position("w").await.unwrap(), None);
-            let page = WatchPage {
-                watch: "w".into(),
-                events: vec![event("a", &[1]), event("b", &[])],
-                cursor: "c1".into(),
-                read: 3,
-                pre_images: vec![image("1", Some("one")), image("2", Some("two")), image("3", Some("three"))],
-                pre_image_limit: 2,
-                forget_pre_images: false,
-            };
-            let fanouts = store.ingest(page).await.unwrap();
-            assert_eq!(fanouts[0], vec![Fanout { subscription_id: 1, distribution_id: 1, queued: true }]);
-            let position = store.watch_position("w").await.unwrap().unwrap();
-            assert_eq!(position, WatchPosition { cursor: "c1".into(), events_read: 3, pre_images: 2 });
-            let kept = store.pre_images("w", vec!["1".into(), "2".into(), "3".into()]).await.unwrap();
-            assert_eq!(kept, HashMap::from([("2".into(), "two".into()), ("3".into(), "three".into())]));
-            // Changing 2 makes 3 the oldest; deleting frees a place.
-            let page = WatchPage {
-                watch: "w".into(),
-                cursor: "c2".into(),
-                read: 2,
-                pre_images: vec![image("2", Some("two'")), image("3", None), image("4", Some("four"))],
-                pre_image_limit: 2,
-                ..Default::default()
-            };
-            store.ingest(page).await.unwrap();
-            let kept = store.pre_images("w", vec!["2".into(), "3".into(), "4".into()]).await.unwrap();
-            assert_eq!(kept, HashMap::from([("2".into(), "two'".into()), ("4".into(), "four".into())]));
-            let position = store.watch_position("w").await.unwrap().unwrap();
-            assert_eq!(position, WatchPosition { cursor: "c2".into(), events_read: 5, pre_images: 2 });
-            assert_eq!(store.watches().await.unwrap(), vec!["w".to_string()]);
-            // Forgetting empties the kept instances before the page's own.
-            let page = WatchPage {
-                watch: "w".into(),
-                cursor: "c3".into(),
-                pre_images: vec![image("5", Some("five"))],
-                pre_image_limit: 2,
-                forget_pre_images: true,
-                ..Default::default()
-            };
-            store.ingest(page).await.unwrap();
-            let kept = store.pre_images("w", vec!["2".into(), "4".into(), "5".into()]).await.unwrap();
-            assert_eq!(kept, HashMap::from([("5".into(), "five".into())]));
-            assert_eq!(store.watch_position("w").await.unwrap().unwrap().pre_images, 1);
-            store.drop_watch("w").await.unwrap();
-            assert_eq!(store.watch_position("w").await.unwrap(), None);
-            assert!(store.pre_images("w", vec!["2".into()]).await.unwrap().is_empty());
-        }
     }
 
     #[tokio::test]
@@ -1457,76 +1411,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fan_out_assigns_distribution_ids_per_subscription_and_keeps_order() {
-        let dir = temp_dir("fanout");
-        let store = SqliteStore::open(&dir, limits()).unwrap();
-        let out = store.publish(vec![event("a", &[1, 2]), event("b", &[2]), event("none", &[])]).await.unwrap();
-        assert_eq!(
-            out[0],
-            vec![
-                Fanout { subscription_id: 1, distribution_id: 1, queued: true },
-                Fanout { subscription_id: 2, distribution_id: 1, queued: true }
-            ]
-        );
-        assert_eq!(out[1], vec![Fanout { subscription_id: 2, distribution_id: 2, queued: true }]);
-        assert!(out[2].is_empty());
-        let queued = store.queued(2, 0, 10).await.unwrap();
-        assert_eq!(
-            queued.iter().map(|q| (q.distribution_id, q.body.as_str())).collect::<Vec<_>>(),
-            [(1, "a"), (2, "b")]
-        );
-        assert_eq!(store.counters(2).await.unwrap().pending, 2);
-        assert_eq!(store.pending_total().await.unwrap(), 3);
-    }
-
-    #[tokio::test]
-    async fn attempts_move_counters_with_the_queue_and_dead_letters_replay_to_the_tail() {
-        let dir = temp_dir("attempts");
-        let store = SqliteStore::open(&dir, limits()).unwrap();
-        store.publish(vec![event("a", &[7]), event("b", &[7])]).await.unwrap();
-        attempt(&store, 7, 1, Outcome::Failed { error: "500".into() }).await;
-        attempt(
-            &store,
-            7,
-            1,
-            Outcome::DeadLettered { error: "500".into(), reason: "MaxAttempts".into(), attempted: true },
-        )
-        .await;
-        attempt(&store, 7, 2, Outcome::Delivered).await;
-        let counters = store.counters(7).await.unwrap();
-        assert_eq!(
-            (counters.total, counters.failure, counters.delivered, counters.dead_lettered, counters.pending),
-            (3, 2, 1, 1, 0)
-        );
-        let letters = store.dead_letters(7, 10).await.unwrap();
-        assert_eq!((letters[0].distribution_id, letters[0].attempts, letters[0].body.as_str()), (1, 2, "a"));
-
-        assert_eq!(store.replay(7, None).await.unwrap(), 1);
-        let queued = store.queued(7, 0, 10).await.unwrap();
-        assert_eq!(queued.len(), 1);
-        assert_eq!((queued[0].position, queued[0].distribution_id, queued[0].attempts), (3, 1, 0));
-        assert!(store.dead_letters(7, 10).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_full_backlog_sends_new_events_to_dead_letters() {
-        let dir = temp_dir("backlog");
-        let store = SqliteStore::open(&dir, Limits { quota_bytes: u64::MAX, backlog_cap: 1 }).unwrap();
-        let out = store.publish(vec![event("a", &[1]), event("b", &[1])]).await.unwrap();
-        assert!(out[0][0].queued);
-        assert!(!out[1][0].queued);
-        assert_eq!(store.dead_letters(1, 10).await.unwrap()[0].reason, "BacklogFull");
-    }
-
-    #[tokio::test]
-    async fn over_quota_publishes_are_refused_whole() {
-        let dir = temp_dir("quota");
-        let store = SqliteStore::open(&dir, Limits { quota_bytes: 1, backlog_cap: 10 }).unwrap();
-        assert!(matches!(store.publish(vec![event("a", &[1])]).await, Err(StoreError::OverQuota { .. })));
-        assert!(store.queued(1, 0, 10).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
     async fn a_full_disk_refuses_the_publish_whole_and_keeps_what_was_accepted() {
         let dir = temp_dir("full");
         // The schema takes a few pages; leave room for a few small events only.
@@ -1543,7 +1427,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dropping_a_subscription_releases_events_no_one_else_needs() {
+    async fn dropping_a_subscription_deletes_events_no_one_else_needs() {
         let dir = temp_dir("drop");
         let store = SqliteStore::open(&dir, limits()).unwrap();
         store.publish(vec![event("shared", &[1, 2]), event("own", &[1])]).await.unwrap();
