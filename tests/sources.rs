@@ -54,6 +54,11 @@ fn is(type_: &'static str, status: &'static str) -> impl Fn(&CmdbSource) -> bool
     move |s| condition(s, type_).is_some_and(|(st, _, _)| st == status)
 }
 
+/// `Ready=False` for this reason (not merely not yet Ready: `Starting` comes first).
+fn refused(reason: &'static str) -> impl Fn(&CmdbSource) -> bool {
+    move |s| condition(s, "Ready").is_some_and(|(status, r, _)| status == "False" && r == reason)
+}
+
 async fn subscribe(herald_ns: &str, cluster: &common::Cluster, name: &str, spec: Value) {
     let api = cluster.subscriptions(herald_ns);
     api.create(&PostParams::default(), &subscription(name, spec)).await.expect("create subscription");
@@ -68,6 +73,35 @@ fn test_dir(name: &str) -> std::path::PathBuf {
 
 /// Sources in herald's namespace may reach the emulator on loopback.
 const CONFIG: &str = "sources: {ownNamespaceAllowCidrs: ['127.0.0.0/8']}\n";
+
+/// herald (its store in `dir`), the emulator, a receiver, a subscription `hosts` to
+/// hostcreate and a Ready source `cmdb` watching host with field list [bk_host_id].
+struct HostWatch {
+    cluster: common::Cluster,
+    ns: common::TestNamespace,
+    emulator: Emulator,
+    receiver: CallbackServer,
+    dir: std::path::PathBuf,
+    herald: Herald,
+    sources: Api<CmdbSource>,
+}
+
+async fn host_watch(name: &str) -> HostWatch {
+    let cluster = cluster().await;
+    let ns = cluster.namespace(&format!("src-{name}"), &[]).await;
+    let emulator = Emulator::start(&test_dir(name), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let dir = test_dir(&format!("{name}-herald"));
+    let herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
+    let hosts =
+        json!({"subscriptionName": "hosts", "callbackUrl": receiver.url("ok", "hosts"), "events": ["hostcreate"]});
+    subscribe(&ns, &cluster, "hosts", hosts).await;
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
+    sources.create(&PostParams::default(), &source("cmdb", spec)).await.expect("create source");
+    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    HostWatch { cluster, ns, emulator, receiver, dir, herald, sources }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
@@ -215,42 +249,15 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
     const EVENTS: usize = 5000;
     const ROUNDS: usize = 10;
     println!("seed {seed} (HERALD_FAULTS_SEED), {EVENTS} events, {ROUNDS} kills");
-    let cluster = cluster().await;
-    let ns = cluster.namespace("src-kill", &[]).await;
-    let emulator = Emulator::start(&test_dir("kill"), &[]).await;
-    let receiver = CallbackServer::start().await;
-    let dir = test_dir("kill-herald");
-    let mut herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
-    subscribe(
-        &ns,
-        &cluster,
-        "ordered",
-        json!({"subscriptionName": "ordered", "callbackUrl": receiver.url("ok", "ordered"), "events": ["hostcreate"]}),
-    )
-    .await;
-    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
-    let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
-    sources.create(&PostParams::default(), &source("cmdb", spec)).await.expect("create source");
-    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
-
-    let url = emulator.url();
+    let HostWatch { cluster, ns, emulator, receiver, dir, mut herald, sources } = host_watch("kill").await;
+    let control = emulator.control();
     let producer = tokio::spawn(async move {
-        let emitter = reqwest::Client::new();
         let mut cursors = Vec::new();
         for batch in 0..EVENTS / 50 {
-            let events: Vec<Value> = (0..50)
-                .map(|i| json!({"type": "create", "detail": {"bk_host_id": batch * 50 + i + 1, "bk_supplier_account": "0"}}))
+            let hosts: Vec<(&str, Value)> = (0..50)
+                .map(|i| ("create", json!({"bk_host_id": batch * 50 + i + 1, "bk_supplier_account": "0"})))
                 .collect();
-            let answer: Value = emitter
-                .post(format!("{url}/emulator/events"))
-                .json(&json!({"resource": "host", "events": events}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            cursors.extend(answer["cursors"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()));
+            cursors.extend(control.emit("host", &hosts).await);
             // Paced so that the stream outlasts the ten crashes.
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -262,7 +269,7 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
         tokio::time::sleep(delay).await;
         kills.push(Instant::now());
         herald.kill();
-        println!("round {round}: SIGKILL after {delay:?}, {} received so far", receiver.received("ordered").len());
+        println!("round {round}: SIGKILL after {delay:?}, {} received so far", receiver.received("hosts").len());
         herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
         // A spec change restarts the watch as well: the old loop's page must be committed
         // before the new loop reads the position.
@@ -274,7 +281,7 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let seen: HashSet<i64> =
-            receiver.received("ordered").iter().map(common::callback::Received::distribution_id).collect();
+            receiver.received("hosts").iter().map(common::callback::Received::distribution_id).collect();
         if seen.len() >= EVENTS {
             break;
         }
@@ -282,7 +289,7 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let received = receiver.received("ordered");
+    let received = receiver.received("hosts");
     // Exactly once into herald: each cursor has exactly one distribution id, and the ids are
     // 1..=5000 in the stream's order.
     let mut by_request: HashMap<String, HashSet<i64>> = HashMap::new();
@@ -353,9 +360,8 @@ async fn outages_restarts_and_wrong_credentials() {
     let cur = &modules[0].body["data"][0]["cur_data"];
     assert_eq!((cur["bk_module_name"].as_str(), cur.get("custom")), (Some("nginx"), None), "{cur}");
     assert!(cur.get("service_template_id").is_some_and(Value::is_null), "listed but absent fields are null: {cur}");
-    let refused = wait_source(&sources, "esb", Duration::from_secs(30), "refused", is("Ready", "False")).await;
-    let (_, reason, message) = condition(&refused, "Ready").unwrap();
-    assert_eq!(reason, "CredentialsRefused", "{message}");
+    let shown = wait_source(&sources, "esb", Duration::from_secs(30), "refused", refused("CredentialsRefused")).await;
+    let (_, _, message) = condition(&shown, "Ready").unwrap();
     assert!(message.contains("1306000"), "{message}");
 
     let hosts = |from: usize, n: usize| -> Vec<(&'static str, Value)> {
@@ -398,27 +404,11 @@ async fn outages_restarts_and_wrong_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_cursor_is_reported_and_the_watch_resumes() {
     let _turn = exclusive().await;
-    let cluster = cluster().await;
-    let ns = cluster.namespace("src-exp", &[]).await;
-    let emulator = Emulator::start(&test_dir("expiry"), &[]).await;
-    let receiver = CallbackServer::start().await;
-    let dir = test_dir("expiry-herald");
-    let mut herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
-    subscribe(
-        &ns,
-        &cluster,
-        "hosts",
-        json!({"subscriptionName": "hosts", "callbackUrl": receiver.url("ok", "hosts"), "events": ["hostcreate"]}),
-    )
-    .await;
-    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
-    let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
-    sources.create(&PostParams::default(), &source("cmdb", spec)).await.unwrap();
+    let HostWatch { cluster, ns, emulator, receiver, dir, mut herald, sources } = host_watch("expiry").await;
     let old = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(10)).to_string();
     let too_old = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0",
         "start": {"from": "time", "time": old}, "resources": [{"resource": "module"}]});
     sources.create(&PostParams::default(), &source("too-old", too_old)).await.unwrap();
-    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
     let host = |i: i64| ("create", json!({"bk_host_id": i, "bk_supplier_account": "0"}));
     emulator.emit("host", &[host(1)]).await;
     receiver.wait_for("hosts", 1, Duration::from_secs(30)).await;
@@ -447,8 +437,7 @@ async fn an_expired_cursor_is_reported_and_the_watch_resumes() {
     emulator.emit("host", &[host(5)]).await;
     receiver.wait_for("hosts", 3, Duration::from_secs(30)).await;
 
-    let refused = wait_source(&sources, "too-old", Duration::from_secs(30), "refused", is("Ready", "False")).await;
-    assert_eq!(condition(&refused, "Ready").unwrap().1, "StartOutsideRetention");
+    wait_source(&sources, "too-old", Duration::from_secs(30), "refused", refused("StartOutsideRetention")).await;
     let before = emulator.stats().await["errors"]["1199006"].as_u64().unwrap_or(0);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = emulator.stats().await["errors"]["1199006"].as_u64().unwrap_or(0);
@@ -469,9 +458,7 @@ async fn a_source_in_a_namespace_not_allowed_for_its_account_is_refused() {
     let spec =
         json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host"}]});
     sources.create(&PostParams::default(), &source("foreign", spec)).await.unwrap();
-    let refused = wait_source(&sources, "foreign", Duration::from_secs(30), "refused", is("Ready", "False")).await;
-    let (_, reason, message) = condition(&refused, "Ready").unwrap();
-    assert_eq!(reason, "AccountNotAllowed", "{message}");
+    wait_source(&sources, "foreign", Duration::from_secs(30), "refused", refused("AccountNotAllowed")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(emulator.stats().await["requests"]["direct"], 0, "a refused source never calls bk-cmdb");
     drop(herald);
@@ -489,10 +476,7 @@ async fn a_source_in_a_namespace_not_allowed_for_its_account_is_refused() {
     let own_sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
     own_sources.create(&PostParams::default(), &source("own", spec)).await.unwrap();
     wait_source(&own_sources, "own", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
-    let refused =
-        wait_source(&tenant_sources, "tenant", Duration::from_secs(30), "refused", is("Ready", "False")).await;
-    let (_, reason, message) = condition(&refused, "Ready").unwrap();
-    assert_eq!(reason, "DestinationRefused", "{message}");
+    wait_source(&tenant_sources, "tenant", Duration::from_secs(30), "refused", refused("DestinationRefused")).await;
     drop(herald);
 }
 

@@ -12,7 +12,21 @@ pub struct Emulator {
     pub port: u16,
     dir: PathBuf,
     args: Vec<String>,
+    control: Control,
+}
+
+/// The emulator's control interface; cheap to clone into a producer task.
+#[derive(Clone)]
+pub struct Control {
+    url: String,
     http: reqwest::Client,
+}
+
+impl std::ops::Deref for Emulator {
+    type Target = Control;
+    fn deref(&self) -> &Control {
+        &self.control
+    }
 }
 
 impl Emulator {
@@ -24,7 +38,7 @@ impl Emulator {
             port: 0,
             dir: dir.to_path_buf(),
             args: args.iter().map(ToString::to_string).collect(),
-            http: reqwest::Client::new(),
+            control: Control { url: String::new(), http: reqwest::Client::new() },
         };
         emulator.spawn().await;
         emulator
@@ -53,6 +67,7 @@ impl Emulator {
         loop {
             if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
                 self.port = port;
+                self.control.url = format!("http://127.0.0.1:{port}");
                 return;
             }
             assert!(Instant::now() < deadline, "the emulator did not start: {}", self.log());
@@ -62,10 +77,6 @@ impl Emulator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("emulator.log")).unwrap_or_default()
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL, as a crash of bk-cmdb.
@@ -82,8 +93,18 @@ impl Emulator {
         self.spawn().await;
     }
 
-    async fn control(&self, path: &str, body: Value) -> Value {
-        let response = self.http.post(format!("{}{path}", self.url())).json(&body).send().await.expect("emulator");
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+}
+
+impl Control {
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn call(&self, path: &str, body: Value) -> Value {
+        let response = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.expect("emulator");
         assert!(response.status().is_success(), "emulator {path}: {}", response.status());
         response.json().await.expect("emulator JSON")
     }
@@ -91,22 +112,22 @@ impl Emulator {
     /// Emits events `[(type, detail)]` on `resource`; returns their cursors.
     pub async fn emit(&self, resource: &str, events: &[(&str, Value)]) -> Vec<String> {
         let events: Vec<Value> = events.iter().map(|(t, d)| json!({"type": t, "detail": d})).collect();
-        let answer = self.control("/emulator/events", json!({"resource": resource, "events": events})).await;
+        let answer = self.call("/emulator/events", json!({"resource": resource, "events": events})).await;
         serde_json::from_value(answer["cursors"].clone()).expect("cursors")
     }
 
     /// Drops every event held so far, as bk-cmdb's retention would.
     pub async fn expire(&self) {
-        self.control("/emulator/expire", json!({})).await;
+        self.call("/emulator/expire", json!({})).await;
     }
 
     /// Answers every watch with HTTP `status` for `seconds`.
     pub async fn outage(&self, status: u16, seconds: u64) {
-        self.control("/emulator/outage", json!({"status": status, "seconds": seconds})).await;
+        self.call("/emulator/outage", json!({"status": status, "seconds": seconds})).await;
     }
 
     pub async fn stats(&self) -> Value {
-        self.http.get(format!("{}/emulator/stats", self.url())).send().await.expect("stats").json().await.expect("JSON")
+        self.http.get(format!("{}/emulator/stats", self.url)).send().await.expect("stats").json().await.expect("JSON")
     }
 }
 
