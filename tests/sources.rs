@@ -318,7 +318,8 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
 
 /// bk-cmdb down for a minute (5xx) and restarted: herald recovers by itself, `Connected`
 /// goes False and back, nothing emitted meanwhile is lost. Wrong ESB credentials: not
-/// Ready with the reason, and a bounded number of requests.
+/// Ready with the reason, and a bounded number of requests. Right credentials through ESB
+/// and through the API gateway: delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_restarts_and_wrong_credentials() {
     let _turn = exclusive().await;
@@ -350,9 +351,27 @@ async fn outages_restarts_and_wrong_credentials() {
     secrets.create(&PostParams::default(), &right).await.unwrap();
     let esb_ok = json!({"url": emulator.url(), "api": "esb", "supplierAccount": "0", "credentialsSecret": "right", "resources": [{"resource": "module"}]});
     sources.create(&PostParams::default(), &source("esb-ok", esb_ok)).await.unwrap();
+    let gateway = json!({"url": format!("{}/api/bk-cmdb/prod", emulator.url()), "api": "apigw", "supplierAccount": "0",
+        "credentialsSecret": "right", "resources": [{"resource": "plat"}]});
+    sources.create(&PostParams::default(), &source("gateway", gateway)).await.unwrap();
+    subscribe(
+        &ns,
+        &cluster,
+        "plats",
+        json!({"subscriptionName": "plats", "callbackUrl": receiver.url("ok", "plats"), "events": ["platcreate"]}),
+    )
+    .await;
     subscribe(&ns, &cluster, "modules", json!({"subscriptionName": "modules", "callbackUrl": receiver.url("ok", "modules"), "events": ["modulecreate"]})).await;
     wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
     wait_source(&sources, "esb-ok", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    wait_source(&sources, "gateway", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    // Through the API gateway: its path under the stage URL, credentials in the header.
+    emulator
+        .emit("plat", &[("create", json!({"bk_cloud_id": 5, "bk_cloud_name": "idc", "bk_supplier_account": "0"}))])
+        .await;
+    let plats = receiver.wait_for("plats", 1, Duration::from_secs(30)).await;
+    assert_eq!(plats[0].body["data"][0]["cur_data"]["bk_cloud_name"], "idc");
+    assert!(emulator.stats().await["requests"]["apigw"].as_u64().unwrap() >= 2);
     // Through ESB with the right credentials: bk_fields for module are herald's standard list.
     let module = json!({"bk_module_id": 3, "bk_module_name": "nginx", "bk_set_id": 2, "bk_biz_id": 1, "bk_supplier_account": "0", "custom": "x"});
     emulator.emit("module", &[("create", module)]).await;

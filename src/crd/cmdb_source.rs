@@ -45,11 +45,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.api != 'esb' || has(self.credentialsSecret)")
-    .message("credentialsSecret is required when api is esb"))]
+#[x_kube(validation = Rule::new("self.api == 'direct' || has(self.credentialsSecret)")
+    .message("credentialsSecret is required when api is esb or apigw"))]
 pub struct CmdbSourceSpec {
-    /// Base URL of bk-cmdb's API server (api `direct`) or of the ESB gateway (api `esb`),
-    /// such as `http://bk-cmdb-api.bk-cmdb:80`.
+    /// Base URL of bk-cmdb's API server (api `direct`), of the ESB (api `esb`), or of
+    /// bk-cmdb's stage on the API gateway (api `apigw`, such as
+    /// `https://bkapi.example.com/api/bk-cmdb/prod`).
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new(
         "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''"
@@ -58,7 +59,9 @@ pub struct CmdbSourceSpec {
 
     /// `direct`: `POST /api/v3/event/watch/resource/{resource}` with the `BK_User` and
     /// supplier headers. `esb`: the ESB path `/api/c/compapi/v2/cc/resource_watch/` with app
-    /// credentials from `credentialsSecret`.
+    /// credentials from `credentialsSecret`. `apigw`: the API gateway's
+    /// `/api/v3/event/watch/resource/{resource}` under `url`, with those credentials in
+    /// `X-Bkapi-Authorization` (the gateway serves supplier account "0" only).
     pub api: SourceApi,
 
     /// Supplier account (bk-cmdb `bk_supplier_account`) of the events, "0" in a default
@@ -72,8 +75,8 @@ pub struct CmdbSourceSpec {
     #[schemars(length(min = 1, max = 256))]
     pub user: Option<String>,
 
-    /// A Secret in this namespace with keys `bk_app_code` and `bk_app_secret`: the ESB app
-    /// credentials. Required when api is esb.
+    /// A Secret in this namespace with keys `bk_app_code` and `bk_app_secret`: the app
+    /// credentials. Required when api is esb or apigw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,
@@ -129,6 +132,8 @@ pub enum SourceApi {
     Direct,
     /// BlueKing's ESB gateway, with app credentials.
     Esb,
+    /// BlueKing's API gateway, with app credentials.
+    Apigw,
 }
 
 /// One watched resource.

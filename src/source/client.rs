@@ -1,5 +1,6 @@
-//! One request to bk-cmdb's resource watch, through the direct API or the ESB gateway, and
-//! its answer as a page of events or a typed failure (docs/sources.md lists the codes).
+//! One request to bk-cmdb's resource watch, through the direct API, the ESB or the API
+//! gateway, and its answer as a page of events or a typed failure (docs/sources.md lists
+//! the codes).
 //! Requests leave through `crate::outbound`, so the callback guard judges bk-cmdb's
 //! address as it would a callback's.
 
@@ -109,7 +110,7 @@ const NO_PERMISSION: i64 = 9900403;
 impl Endpoint {
     fn url(&self, resource: &str) -> Result<reqwest::Url, WatchError> {
         let path = match self.api {
-            SourceApi::Direct => format!("api/v3/event/watch/resource/{resource}"),
+            SourceApi::Direct | SourceApi::Apigw => format!("api/v3/event/watch/resource/{resource}"),
             SourceApi::Esb => "api/c/compapi/v2/cc/resource_watch/".to_string(),
         };
         let mut base = self.base.clone();
@@ -134,7 +135,7 @@ impl Endpoint {
         let mut request =
             self.outbound.post(&url).await?.timeout(REQUEST_TIMEOUT).header("HTTP_BLUEKING_LANGUAGE", "en");
         request = match (&self.api, &self.app) {
-            (SourceApi::Esb, Some(app)) => request.header(
+            (SourceApi::Esb | SourceApi::Apigw, Some(app)) => request.header(
                 "X-Bkapi-Authorization",
                 json!({"bk_app_code": app.code, "bk_app_secret": app.secret, "bk_username": self.user}).to_string(),
             ),
@@ -156,7 +157,8 @@ impl Endpoint {
 }
 
 /// A watch answer as a page, or the failure it reports. bk-cmdb's direct API names its
-/// fields `bk_error_code`/`bk_error_msg`, ESB and the API gateway `code`/`message`.
+/// fields `bk_error_code`/`bk_error_msg`, ESB and the API gateway `code`/`message`; the
+/// gateway refuses credentials with HTTP 400 and 1640001.
 pub fn parse_answer(status: u16, body: &[u8], started_from_time: bool) -> Result<Page, WatchError> {
     let value: Option<Value> = serde_json::from_slice(body).ok();
     let field = |names: [&str; 2]| value.as_ref().and_then(|v| names.iter().find_map(|n| v.get(*n).cloned()));
@@ -214,6 +216,9 @@ mod tests {
         assert!(matches!(parse_answer(200, v38, false), Err(WatchError::CursorExpired { .. })));
         let too_old = br#"{"result":false,"bk_error_code":1199006,"bk_error_msg":"'bk_start_from' data parameter verification does not pass","data":null}"#;
         assert!(matches!(parse_answer(200, too_old, true), Err(WatchError::StartOutOfRange { .. })));
+        let gateway =
+            br#"{"code":1640001,"code_name":"INVALID_ARGS","data":null,"result":false,"message":"Parameters error"}"#;
+        assert!(matches!(parse_answer(400, gateway, false), Err(WatchError::Unauthorized { code: 1640001, .. })));
         let esb = br#"{"result":false,"code":1306000,"data":null,"message":"APP Secret verification failed","request_id":"x"}"#;
         assert!(matches!(parse_answer(200, esb, false), Err(WatchError::Unauthorized { code: 1306000, .. })));
         let headers = br#"{"result":false,"bk_error_code":1199027,"bk_error_msg":"[user] authorization information query failed","permission":null,"data":null}"#;

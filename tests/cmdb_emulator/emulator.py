@@ -10,6 +10,7 @@ import argparse
 import base64
 import bisect
 import json
+import re
 import os
 import signal
 import sys
@@ -47,6 +48,8 @@ MESSAGES = {
 }
 DIRECT_PREFIX = "/api/v3/event/watch/resource/"
 ESB_PATHS = ("/api/c/compapi/v2/cc/resource_watch/", "/api/c/compapi/v2/cc/resource_watch")
+# D2: the API gateway's resource_watch, {apigw}/api/bk-cmdb/{stage}/api/v3/event/watch/resource/{bk_resource}
+APIGW_PATH = re.compile(r"^/api/bk-cmdb/[^/]+/api/v3/event/watch/resource/([^/]+)$")
 
 
 class WatchError(Exception):
@@ -437,7 +440,7 @@ def validate(opts):
 class Stats:
     def __init__(self):
         self.lock = threading.Lock()
-        self.direct = self.esb = self.auth_refused = self.events = self.pages = self.outage = 0
+        self.direct = self.esb = self.apigw = self.auth_refused = self.events = self.pages = self.outage = 0
         self.errors = {}
 
     def error(self, code, auth=False):
@@ -447,7 +450,8 @@ class Stats:
 
     def snapshot(self):
         with self.lock:
-            return {"requests": {"direct": self.direct, "esb": self.esb}, "auth_refused": self.auth_refused,
+            return {"requests": {"direct": self.direct, "esb": self.esb, "apigw": self.apigw},
+                    "auth_refused": self.auth_refused,
                     "errors": dict(self.errors), "events_answered": self.events, "pages": self.pages,
                     "outage_answers": self.outage}
 
@@ -501,6 +505,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.bk_endpoint("direct", unquote(path[len(DIRECT_PREFIX):]))
         if path in ESB_PATHS:
             return self.bk_endpoint("esb", None)
+        gateway = APIGW_PATH.match(path)
+        if gateway:
+            return self.bk_endpoint("apigw", unquote(gateway.group(1)))
         if path.startswith("/emulator/"):
             return self.control(path[len("/emulator/"):])
         self.read_body()
@@ -526,6 +533,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(405, "405 method not allowed\n", "text/plain")
         if kind == "direct":
             return self.direct(resource, body)
+        if kind == "apigw":
+            return self.apigw(resource, body)
         return self.esb(body)
 
     def direct(self, resource, body):
@@ -593,6 +602,29 @@ class Handler(BaseHTTPRequestHandler):
         # ESB envelope: {result, code, message, data, permission, request_id}, always HTTP 200
         self.send(200, '{"result":true,"code":0,"message":"success","data":%s,"permission":null,"request_id":"%s"}'
                   % (data, rid))
+
+    def apigw(self, resource, body):
+        """The API gateway (D2, E2): app credentials in the X-Bkapi-Authorization header only
+        (allow_auth_from_params: false); wrong ones are HTTP 400 / 1640001. The gateway then calls
+        cmdb with X-Bkcmdb-Supplier-Account: 0 and the app's user, and passes cmdb's answer on
+        with bk_error_code/bk_error_msg renamed to code/message (C4 parseResponse)."""
+        stats = self.server.stats
+        try:
+            auth = json.loads(self.headers.get("X-Bkapi-Authorization") or "{}")
+        except ValueError:
+            auth = {}
+        auth = auth if isinstance(auth, dict) else {}
+        code, secret = auth.get("bk_app_code"), auth.get("bk_app_secret")
+        if not isinstance(code, str) or self.server.apps.get(code) != secret:
+            stats.error(1640001, auth=True)
+            return self.send_json(400, {"code": 1640001, "code_name": "INVALID_ARGS", "data": None, "result": False,
+                                        "message": 'Parameters error [reason="bk_app_code or bk_app_secret is incorrect"]'})
+        try:
+            data = self.run_watch(body, resource, self.lang())
+        except WatchError as e:
+            return self.send_json(200, {"result": False, "code": e.code, "message": e.msg, "data": None,
+                                        "permission": None})
+        self.send(200, '{"result":true,"code":0,"message":"success","data":%s}' % data)
 
     def run_watch(self, body, resource, lang):
         srv = self.server

@@ -94,6 +94,20 @@ def run(emu, tmp, state):
     check("header check: no user -> 500/1199027 'user' (en)", st == 500
           and r["bk_error_msg"] == "'user' authorization information query failed", (st, r))
 
+    # API gateway: header credentials only; wrong ones HTTP 400 / 1640001; cmdb's answer renamed
+    gw = "/api/bk-cmdb/prod/api/v3/event/watch/resource/process"
+    bad = json.dumps({"bk_app_code": "herald", "bk_app_secret": "nope", "bk_username": "admin"})
+    st, r = http(emu, "POST", gw, {}, {"X-Bkapi-Authorization": bad})
+    check("API gateway wrong secret -> HTTP 400 / 1640001", st == 400 and r["code"] == 1640001
+          and r["code_name"] == "INVALID_ARGS" and r["result"] is False, (st, r))
+    good = json.dumps({"bk_app_code": "herald", "bk_app_secret": "s3cret", "bk_username": "admin"})
+    st, r = http(emu, "POST", gw, {}, {"X-Bkapi-Authorization": good})
+    check("API gateway success: code/message, no bk_error_code", st == 200 and r["result"] is True
+          and r["code"] == 0 and "bk_error_code" not in r and r["data"]["bk_watched"] is False, (st, r))
+    st, r = http(emu, "POST", "/api/bk-cmdb/prod/api/v3/event/watch/resource/host", {}, {"X-Bkapi-Authorization": good})
+    check("API gateway passes cmdb errors as code/message", st == 200 and r["result"] is False
+          and r["code"] == 1199998, (st, r))
+
     # ESB
     esb = "/api/c/compapi/v2/cc/resource_watch/"
     st, r = http(emu, "POST", esb, {"bk_app_code": "herald", "bk_app_secret": "nope", "bk_username": "admin",
@@ -242,7 +256,7 @@ def run(emu, tmp, state):
     check("GET on a watch endpoint -> 405", http(emu, "GET", "/api/v3/event/watch/resource/host")[0] == 405)
     check("unknown path -> 404", http(emu, "POST", "/api/v3/nothing", {})[0] == 404)
     s = http(emu, "GET", "/emulator/stats")[1]
-    check("stats", s["requests"]["direct"] > 20 and s["requests"]["esb"] == 4 and s["auth_refused"] == 3
+    check("stats", s["requests"]["direct"] > 20 and s["requests"]["esb"] == 4 and s["auth_refused"] == 4 and s["requests"]["apigw"] == 3
           and s["errors"].get("1103007") == 2 and s["outage_answers"] == 2 and s["events_answered"] > 800, s)
 
     # restart with the same --state

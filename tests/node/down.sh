@@ -17,14 +17,14 @@ if [ -f "$state/containerd.pid" ]; then
     "${ctr[@]}" tasks kill --signal SIGKILL "$task" >/dev/null 2>&1
   done
   for _ in $(seq 1 50); do
-    "${ctr[@]}" tasks ls 2>/dev/null | grep -q RUNNING || break
+    "${ctr[@]}" tasks ls 2>/dev/null | grep RUNNING >/dev/null || break
     sleep 0.1
   done
 fi
 stop containerd
 # Shims are started by our containerd with its socket on their command line.
 for proc in /proc/[0-9]*; do
-  if tr '\0' ' ' < "$proc/cmdline" 2>/dev/null | grep -q -- "-address $ctrd/containerd.sock"; then
+  if tr '\0' ' ' < "$proc/cmdline" 2>/dev/null | grep -- "-address $ctrd/containerd.sock" >/dev/null; then
     kill -9 "${proc#/proc/}" 2>/dev/null
   fi
 done

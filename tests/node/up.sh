@@ -34,7 +34,7 @@ done
 # they do reaches past this machine.
 devices=$(ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | sort -u | tr '\n' ' ')
 [ "$devices" = "lo " ] || { echo "the node runs only in a network namespace with loopback alone (found: $devices)" >&2; exit 1; }
-ip -o addr show dev lo | grep -q " $node_ip/" || { echo "$node_ip is not an address of lo" >&2; exit 1; }
+ip -o addr show dev lo | grep " $node_ip/" >/dev/null || { echo "$node_ip is not an address of lo" >&2; exit 1; }
 
 node=herald-node-$(basename "$state" | tr -c 'a-zA-Z0-9\n' '-' | tr 'A-Z' 'a-z')
 image=$(cat "$images/tag")
