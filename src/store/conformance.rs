@@ -72,6 +72,26 @@ pub async fn outcomes_move_counters_and_dead_letters_replay(open: Opener<'_>) {
     assert!(!store.outcomes_lost(7), "nothing was lost");
 }
 
+/// Outcomes may be recorded without waiting: a ticket resolves once the outcome is
+/// durable, and then its counters, log and queue show it, with every earlier ticket's.
+pub async fn a_committed_ticket_shows_its_outcome_and_every_earlier_one(open: Opener<'_>) {
+    let store = open(limits());
+    let events: Vec<NewEvent> = (0..20).map(|n| event(&n.to_string(), &[3])).collect();
+    store.publish(events).await.unwrap();
+    let mut tickets = Vec::new();
+    for position in 1..=20 {
+        let outcome =
+            Attempt { subscription_id: 3, position, outcome: Outcome::Delivered, at: 1, exchange: Exchange::default() };
+        tickets.push(store.record_attempt(outcome).unwrap());
+    }
+    assert!(tickets.windows(2).all(|w| w[0] < w[1]), "tickets grow: {tickets:?}");
+    store.committed(*tickets.last().unwrap()).await.unwrap();
+    let counters = store.counters(3).await.unwrap();
+    assert_eq!((counters.delivered, counters.pending), (20, 0));
+    assert!(store.queued(3, 0, 100).await.unwrap().is_empty());
+    assert_eq!(store.delivery_log(3, 100).await.unwrap().len(), 20);
+}
+
 /// Beyond the backlog cap new events go straight to the dead letters, still numbered.
 pub async fn a_full_backlog_dead_letters_new_events(open: Opener<'_>) {
     let store = open(Limits { quota_bytes: u64::MAX, backlog_cap: 1 });
@@ -178,6 +198,10 @@ macro_rules! conformance_suite {
             #[tokio::test]
             async fn outcomes_move_counters_and_dead_letters_replay() {
                 suite::outcomes_move_counters_and_dead_letters_replay(&$open).await;
+            }
+            #[tokio::test]
+            async fn a_committed_ticket_shows_its_outcome_and_every_earlier_one() {
+                suite::a_committed_ticket_shows_its_outcome_and_every_earlier_one(&$open).await;
             }
             #[tokio::test]
             async fn a_full_backlog_dead_letters_new_events() {
