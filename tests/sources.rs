@@ -236,8 +236,9 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
 
 /// SIGKILL at seeded random points while 5,000 host changes stream, each restart followed
 /// by a spec change (which restarts the watch loop too): each watch event is published
-/// exactly once (one distribution id per cursor, contiguous from 1, in the
-/// stream's order) and delivered, with redeliveries only within the crash bound.
+/// exactly once (one distribution id per cursor, contiguous from 1, in the stream's order)
+/// and delivered to both subscriptions of it (in order where maxInFlight is 1), with
+/// redeliveries only within the crash bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
     let _turn = exclusive().await;
@@ -250,6 +251,9 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
     const ROUNDS: usize = 10;
     println!("seed {seed} (HERALD_FAULTS_SEED), {EVENTS} events, {ROUNDS} kills");
     let HostWatch { cluster, ns, emulator, receiver, dir, mut herald, sources } = host_watch("kill").await;
+    // A second subscription of the same changes, out of order (maxInFlight 4).
+    let wide = json!({"subscriptionName": "wide", "callbackUrl": receiver.url("ok", "wide"), "events": ["hostcreate"], "maxInFlight": 4});
+    subscribe(&ns, &cluster, "wide", wide).await;
     let control = emulator.control();
     let producer = tokio::spawn(async move {
         let mut cursors = Vec::new();
@@ -278,42 +282,56 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
     }
     let cursors = producer.await.unwrap();
     assert_eq!(cursors.len(), EVENTS);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let seen: HashSet<i64> =
-            receiver.received("hosts").iter().map(common::callback::Received::distribution_id).collect();
-        if seen.len() >= EVENTS {
-            break;
+    for (key, max_in_flight) in [("hosts", 1usize), ("wide", 4)] {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let seen: HashSet<i64> =
+                receiver.received(key).iter().map(common::callback::Received::distribution_id).collect();
+            if seen.len() >= EVENTS {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: {} of {EVENTS} delivered; log: {}",
+                seen.len(),
+                herald.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(Instant::now() < deadline, "{} of {EVENTS} delivered; log: {}", seen.len(), herald.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let received = receiver.received("hosts");
-    // Exactly once into herald: each cursor has exactly one distribution id, and the ids are
-    // 1..=5000 in the stream's order.
-    let mut by_request: HashMap<String, HashSet<i64>> = HashMap::new();
-    for r in &received {
-        by_request.entry(r.body["request_id"].as_str().unwrap().to_string()).or_default().insert(r.distribution_id());
-    }
-    for (k, cursor) in cursors.iter().enumerate() {
-        let ids = by_request.get(&request_id(cursor)).unwrap_or_else(|| panic!("event {k} never delivered"));
-        assert_eq!(ids, &HashSet::from([k as i64 + 1]), "event {k} was published {} times", ids.len());
-    }
-    assert_eq!(by_request.len(), EVENTS, "nothing but the stream's events");
-    let mut seen = HashSet::new();
-    let firsts: Vec<i64> =
-        received.iter().map(common::callback::Received::distribution_id).filter(|d| seen.insert(*d)).collect();
-    assert!(firsts.windows(2).all(|w| w[0] < w[1]), "first receipts in order");
-    let mut per_epoch = vec![0usize; kills.len() + 1];
-    let mut once = HashSet::new();
-    for r in &received {
-        if !once.insert(r.distribution_id()) {
-            per_epoch[kills.iter().filter(|k| **k < r.at).count()] += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let received = receiver.received(key);
+        // Exactly once into herald: each cursor has exactly one distribution id, and the ids
+        // are 1..=5000 in the stream's order.
+        let mut by_request: HashMap<String, HashSet<i64>> = HashMap::new();
+        for r in &received {
+            let id = r.body["request_id"].as_str().unwrap().to_string();
+            by_request.entry(id).or_default().insert(r.distribution_id());
         }
+        for (k, cursor) in cursors.iter().enumerate() {
+            let ids = by_request.get(&request_id(cursor)).unwrap_or_else(|| panic!("{key}: event {k} never delivered"));
+            assert_eq!(ids, &HashSet::from([k as i64 + 1]), "{key}: event {k} was published {} times", ids.len());
+        }
+        assert_eq!(by_request.len(), EVENTS, "{key}: nothing but the stream's events");
+        if max_in_flight == 1 {
+            let mut seen = HashSet::new();
+            let firsts: Vec<i64> =
+                received.iter().map(common::callback::Received::distribution_id).filter(|d| seen.insert(*d)).collect();
+            assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{key}: first receipts in order");
+        }
+        let mut per_epoch = vec![0usize; kills.len() + 1];
+        let mut once = HashSet::new();
+        for r in &received {
+            if !once.insert(r.distribution_id()) {
+                per_epoch[kills.iter().filter(|k| **k < r.at).count()] += 1;
+            }
+        }
+        println!("{key}: redeliveries per epoch (epoch k follows the k-th SIGKILL): {per_epoch:?}");
+        let bound = max_in_flight + 64;
+        assert!(
+            per_epoch.iter().all(|d| *d <= bound),
+            "{key}: within maxInFlight + one commit batch per crash: {per_epoch:?}"
+        );
     }
-    println!("redeliveries per epoch (epoch k follows the k-th SIGKILL): {per_epoch:?}");
-    assert!(per_epoch.iter().all(|d| *d <= 1 + 64), "within maxInFlight + one commit batch per crash: {per_epoch:?}");
 }
 
 /// bk-cmdb down for a minute (5xx) and restarted: herald recovers by itself, `Connected`
