@@ -148,9 +148,12 @@ async fn sync(
         live.insert(uid.clone());
         let namespace = source.namespace().unwrap_or_default();
         let allowed = ctx.tenancy.allows(&source.spec.supplier_account, &namespace);
+        // A watch ends only when stopped: one that has ended otherwise panicked, and its
+        // source starts again.
         if let Some(current) = running.get(&uid)
             && current.generation == source.metadata.generation
             && current.allowed == allowed
+            && !current.tasks.iter().any(JoinHandle::is_finished)
         {
             continue;
         }
