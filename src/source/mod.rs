@@ -101,7 +101,6 @@ pub async fn run(ctx: Arc<SourceContext>, shutdown: CancellationToken) {
     let mut stream = std::pin::pin!(stream);
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut resync = tokio::time::interval(RESYNC);
-    let mut swept = false;
     loop {
         tokio::select! {
             changed = stream.next() => {
@@ -115,9 +114,7 @@ pub async fn run(ctx: Arc<SourceContext>, shutdown: CancellationToken) {
         // Only once the first list is complete: before, a missing object is not a deleted one.
         if futures::FutureExt::now_or_never(sources.wait_until_ready()).is_some() {
             sync(&ctx, &sources, &mut running, &shutdown).await;
-            if !swept {
-                swept = sweep(&ctx, &running).await;
-            }
+            sweep(&ctx, &running).await;
             tokio::select! {
                 () = write_statuses(&ctx, &sources, &mut running) => {}
                 () = shutdown.cancelled() => break,
@@ -148,13 +145,28 @@ async fn sync(
         live.insert(uid.clone());
         let namespace = source.namespace().unwrap_or_default();
         let allowed = ctx.tenancy.allows(&source.spec.supplier_account, &namespace);
-        // A watch ends only when stopped: one that has ended otherwise panicked, and its
-        // source starts again.
-        if let Some(current) = running.get(&uid)
-            && current.generation == source.metadata.generation
-            && current.allowed == allowed
-            && !current.tasks.iter().any(JoinHandle::is_finished)
-        {
+        let Some(current) = running.get(&uid) else {
+            running.insert(uid.clone(), start(ctx, &source, &uid, allowed, shutdown).spawn(ctx));
+            continue;
+        };
+        if current.generation == source.metadata.generation && current.allowed == allowed {
+            // A watch ends only when stopped: one that has ended otherwise panicked. The
+            // source is then shown as failed, not restarted into the same panic, until its
+            // spec changes or herald restarts.
+            if current.refusal.is_none() && current.tasks.iter().any(JoinHandle::is_finished) {
+                tracing::error!(source = %source.name_any(), "a watch of this source failed; it stays stopped until its spec changes");
+                let mut failed = start(ctx, &source, &uid, allowed, shutdown);
+                failed.plans.clear();
+                failed.running.watches.clear();
+                failed.running.refusal = Some(Problem::new(
+                    "WatchFailed",
+                    "a watch failed (see herald's log); change the spec or restart herald to start it again",
+                ));
+                if let Some(old) = running.remove(&uid) {
+                    old.stop().await;
+                }
+                running.insert(uid.clone(), failed.spawn(ctx));
+            }
             continue;
         }
         let started = start(ctx, &source, &uid, allowed, shutdown);
@@ -182,20 +194,17 @@ async fn drop_positions(ctx: &SourceContext, keys: Vec<String>) {
     }
 }
 
-/// Drops store positions of sources that were deleted while herald was not running. Runs
-/// once, after the first complete list; false when it must be tried again.
-async fn sweep(ctx: &SourceContext, running: &HashMap<String, Running>) -> bool {
-    let Ok(stored) = ctx.store.watches().await else { return false };
-    for key in stored {
-        let uid = key.split('/').next().unwrap_or_default();
-        if !running.contains_key(uid) {
-            tracing::info!(watch = %key, "dropping the position of a source that no longer exists");
-            if ctx.store.drop_watch(&key).await.is_err() {
-                return false;
-            }
-        }
+/// Drops every stored position no source lists: of sources deleted, or resources removed,
+/// while herald was not running, and any whose drop failed before. After each sync, so
+/// every listed key is in `running` (a small table read: one row per watch).
+async fn sweep(ctx: &SourceContext, running: &HashMap<String, Running>) {
+    let Ok(stored) = ctx.store.watches().await else { return };
+    let listed: HashSet<&String> = running.values().flat_map(|r| &r.keys).collect();
+    let stale: Vec<String> = stored.into_iter().filter(|key| !listed.contains(key)).collect();
+    for key in &stale {
+        tracing::info!(watch = %key, "dropping the position of a watch no source lists");
     }
-    true
+    drop_positions(ctx, stale).await;
 }
 
 /// A source about to run: its state and the watch plans to spawn.

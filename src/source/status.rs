@@ -73,7 +73,12 @@ pub fn desired_status(
         // Still reading its positions: a Ready of this generation stays as it is, so that a
         // restart of herald does not flap it.
         None => match current.conditions.iter().find(|c| c.type_ == CONDITION_READY) {
-            Some(shown) if shown.observed_generation == generation => shown.clone(),
+            Some(shown)
+                if shown.observed_generation == generation
+                    && (shown.reason == "Watching" || shown.reason == "Starting") =>
+            {
+                shown.clone()
+            }
             _ => condition(CONDITION_READY, false, "Starting", "finding where to start in bk-cmdb's watch".into()),
         },
     };

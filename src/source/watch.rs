@@ -69,7 +69,7 @@ pub struct WatchPlan {
 
 /// Runs the watch until `stop` is cancelled.
 pub async fn run(ctx: Arc<SourceContext>, plan: WatchPlan, health: Arc<Mutex<Health>>, stop: CancellationToken) {
-    let mut watch = Watch { ctx, plan, health, stop, failures: 0, forget_pre_images: false };
+    let mut watch = Watch { ctx, plan, health, stop, failures: 0, forget_pre_images: false, resume_oldest: false };
     watch.run().await;
 }
 
@@ -83,6 +83,9 @@ struct Watch {
     /// The next commit forgets the kept pre-images: they were switched off, or a gap made
     /// them stale.
     forget_pre_images: bool,
+    /// After a gap, with policy `oldest`: every request asks for the oldest point anew
+    /// until a page is committed.
+    resume_oldest: bool,
 }
 
 /// What to do after a failed request.
@@ -109,14 +112,17 @@ impl Watch {
         }
         let resource = resource_name(self.plan.resource);
         loop {
+            if self.resume_oldest {
+                position = self.oldest();
+            }
             let answer = tokio::select! {
                 answer = self.plan.endpoint.watch(resource, &position, &self.plan.fields) => answer,
                 () = self.stop.cancelled() => return,
             };
             // Checked after the long poll too: a namespace that lost the account meanwhile
-            // publishes nothing more. The supervisor restarts the source as refused.
-            if !self.ctx.tenancy.allows(&self.plan.supplier_account, &self.plan.namespace) {
-                self.stop.cancelled().await;
+            // publishes nothing more. The supervisor restarts the source as refused; should
+            // the account come back first, reading goes on from the same position.
+            if !self.allowed_now().await {
                 return;
             }
             let next = match answer {
@@ -125,6 +131,7 @@ impl Watch {
                 Ok(page) => match self.commit(page, marker).await {
                     Ok(cursor) => {
                         self.failures = 0;
+                        self.resume_oldest = false;
                         marker = false;
                         position = Position::Cursor(cursor);
                         continue;
@@ -155,6 +162,22 @@ impl Watch {
         }
     }
 
+    /// Whether the namespace may publish the account; while it may not, waits (false once
+    /// stopped).
+    async fn allowed_now(&mut self) -> bool {
+        while !self.ctx.tenancy.allows(&self.plan.supplier_account, &self.plan.namespace) {
+            self.set_problem(Some(Problem::new(
+                "AccountNotAllowed",
+                "the namespace may no longer publish this account",
+            )));
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.stop.cancelled() => return false,
+            }
+        }
+        true
+    }
+
     /// The stored cursor, or the spec's start for a watch herald has never read.
     async fn starting_position(&mut self) -> Option<Position> {
         loop {
@@ -169,6 +192,7 @@ impl Watch {
                 Ok(None) => return Some(self.plan.start.clone()),
                 Err(error) => {
                     tracing::error!(source = %self.plan.source, %error, "reading the watch position failed");
+                    self.set_problem(Some(Problem::new("StoreRefused", error.to_string())));
                     if !self.pause(&TRANSIENT).await {
                         return None;
                     }
@@ -179,7 +203,13 @@ impl Watch {
 
     async fn load_credentials(&mut self) -> Result<(), Problem> {
         let Some(secret) = &self.plan.credentials_secret else { return Ok(()) };
-        let app = super::read_app_credentials(&self.ctx.client, &self.plan.namespace, secret).await?;
+        let read = super::read_app_credentials(&self.ctx.client, &self.plan.namespace, secret);
+        // Raced against `stop`: the supervisor waits for this task, and an API server that
+        // never answers must not hold it.
+        let app = tokio::select! {
+            app = read => app?,
+            () = self.stop.cancelled() => return Err(Problem::new("Stopping", "the source is being stopped")),
+        };
         self.plan.endpoint.app = Some(app);
         Ok(())
     }
@@ -276,12 +306,10 @@ impl Watch {
         self.ctx.metrics.source_watch_errors.get_or_create(&cause).inc();
         match error {
             WatchError::CursorExpired { .. } => {
-                let resume = match self.plan.on_expired {
-                    ExpiryPolicy::Oldest => Position::StartFrom(
-                        jiff::Timestamp::now().as_second() - self.plan.retention_seconds + RETENTION_MARGIN_SECONDS,
-                    ),
-                    ExpiryPolicy::Now => Position::Now,
-                };
+                // "Oldest" is recomputed for every request until a page is committed: a retry
+                // minutes later must not ask for a time bk-cmdb no longer holds.
+                self.resume_oldest = self.plan.on_expired == ExpiryPolicy::Oldest;
+                let resume = if self.resume_oldest { self.oldest() } else { Position::Now };
                 let last = self.health.lock().last_event_at;
                 let since = last.map_or_else(|| "herald's last read".to_string(), |t| t.to_string());
                 let gap = format!(
@@ -310,8 +338,17 @@ impl Watch {
                 Next::Park
             }
             // Resuming from the oldest event after a gap: bk-cmdb's retention is shorter
-            // than the spec says. The present is all that is left.
-            WatchError::StartOutOfRange { .. } => Next::Retry(Position::Now),
+            // than the spec says. The present is all that is left; the gap says so.
+            WatchError::StartOutOfRange { .. } => {
+                self.resume_oldest = false;
+                let note = "bk-cmdb no longer held the oldest point herald asked for either; resumed from now";
+                if let Some(gap) = self.health.lock().gap.as_mut() {
+                    gap.push_str("; ");
+                    gap.push_str(note);
+                }
+                self.warn("CursorExpired", &format!("{resource}: {note}")).await;
+                Next::Retry(Position::Now)
+            }
             error => {
                 let needs_a_change = error.needs_a_change();
                 tracing::warn!(source = %self.plan.source, resource, %error, "watch request failed");
@@ -337,6 +374,11 @@ impl Watch {
         self.health.lock().problem = problem;
     }
 
+    /// The oldest point bk-cmdb still holds, by the spec's retention, less a margin.
+    fn oldest(&self) -> Position {
+        Position::StartFrom(jiff::Timestamp::now().as_second() - self.plan.retention_seconds + RETENTION_MARGIN_SECONDS)
+    }
+
     /// Sleeps the backoff of one more failure; false when stopped meanwhile.
     async fn pause(&mut self, policy: &RetryPolicy) -> bool {
         self.failures = self.failures.saturating_add(1);
@@ -355,8 +397,13 @@ impl Watch {
             action: "Watch".into(),
             secondary: None,
         };
-        if let Err(error) = self.ctx.recorder.publish(&event, &self.plan.reference).await {
-            tracing::warn!(%error, source = %self.plan.source, "could not record a Warning event");
+        tokio::select! {
+            published = self.ctx.recorder.publish(&event, &self.plan.reference) => {
+                if let Err(error) = published {
+                    tracing::warn!(%error, source = %self.plan.source, "could not record a Warning event");
+                }
+            }
+            () = self.stop.cancelled() => {}
         }
     }
 }

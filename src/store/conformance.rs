@@ -112,6 +112,16 @@ pub async fn over_the_quota_growth_is_refused_whole(open: Opener<'_>) {
     let grows =
         WatchPage { watch: "w".into(), events: vec![event("d", &[1])], cursor: "c".into(), ..Default::default() };
     assert!(matches!(store.ingest(grows).await, Err(StoreError::OverQuota { .. })));
+    let keeps = WatchPage {
+        watch: "w".into(),
+        cursor: "c".into(),
+        pre_images: vec![("1".into(), Some("one".into()))],
+        pre_image_limit: 10,
+        ..Default::default()
+    };
+    assert!(matches!(store.ingest(keeps).await, Err(StoreError::OverQuota { .. })));
+    assert_eq!(store.watch_position("w").await.unwrap(), None, "a refused page moves no cursor");
+    assert!(store.pre_images("w", vec!["1".into()]).await.unwrap().is_empty());
     assert_eq!(store.queued(1, 0, 10).await.unwrap().len(), before, "nothing of a refused write is kept");
     let moves = WatchPage { watch: "w".into(), cursor: "c2".into(), read: 1, ..Default::default() };
     store.ingest(moves).await.unwrap();
@@ -150,12 +160,13 @@ pub async fn watch_pages_commit_together_with_bounded_pre_images(open: Opener<'_
     assert_eq!(position, WatchPosition { cursor: "c1".into(), events_read: 3, pre_images: 2 });
     let kept = store.pre_images("w", vec!["1".into(), "2".into(), "3".into()]).await.unwrap();
     assert_eq!(kept, HashMap::from([("2".into(), "two".into()), ("3".into(), "three".into())]));
-    // Changing 2 makes 3 the oldest; deleting frees a place.
+    // Changing 2 makes 3 the least recently changed: it is forgotten first, although 2 was
+    // kept before it.
     let page = WatchPage {
         watch: "w".into(),
         cursor: "c2".into(),
         read: 2,
-        pre_images: vec![image("2", Some("two'")), image("3", None), image("4", Some("four"))],
+        pre_images: vec![image("4", Some("four")), image("2", Some("two'"))],
         pre_image_limit: 2,
         ..Default::default()
     };
@@ -164,23 +175,38 @@ pub async fn watch_pages_commit_together_with_bounded_pre_images(open: Opener<'_
     assert_eq!(kept, HashMap::from([("2".into(), "two'".into()), ("4".into(), "four".into())]));
     let position = store.watch_position("w").await.unwrap().unwrap();
     assert_eq!(position, WatchPosition { cursor: "c2".into(), events_read: 5, pre_images: 2 });
+    // Deleting frees a place.
+    let page = WatchPage {
+        watch: "w".into(),
+        cursor: "c2b".into(),
+        pre_images: vec![image("2", None), image("5", Some("five"))],
+        pre_image_limit: 2,
+        ..Default::default()
+    };
+    store.ingest(page).await.unwrap();
+    let kept = store.pre_images("w", vec!["2".into(), "4".into(), "5".into()]).await.unwrap();
+    assert_eq!(kept, HashMap::from([("4".into(), "four".into()), ("5".into(), "five".into())]));
     assert_eq!(store.watches().await.unwrap(), vec!["w".to_string()]);
     // Forgetting empties the kept instances before the page's own.
     let page = WatchPage {
         watch: "w".into(),
         cursor: "c3".into(),
-        pre_images: vec![image("5", Some("five"))],
+        pre_images: vec![image("6", Some("six"))],
         pre_image_limit: 2,
         forget_pre_images: true,
         ..Default::default()
     };
     store.ingest(page).await.unwrap();
-    let kept = store.pre_images("w", vec!["2".into(), "4".into(), "5".into()]).await.unwrap();
-    assert_eq!(kept, HashMap::from([("5".into(), "five".into())]));
+    let kept = store.pre_images("w", vec!["4".into(), "5".into(), "6".into()]).await.unwrap();
+    assert_eq!(kept, HashMap::from([("6".into(), "six".into())]));
     assert_eq!(store.watch_position("w").await.unwrap().unwrap().pre_images, 1);
+    // A page that only forgets (pre-images switched off) leaves none.
+    let page = WatchPage { watch: "w".into(), cursor: "c4".into(), forget_pre_images: true, ..Default::default() };
+    store.ingest(page).await.unwrap();
+    assert!(store.pre_images("w", vec!["6".into()]).await.unwrap().is_empty());
+    assert_eq!(store.watch_position("w").await.unwrap().unwrap().pre_images, 0);
     store.drop_watch("w").await.unwrap();
     assert_eq!(store.watch_position("w").await.unwrap(), None);
-    assert!(store.pre_images("w", vec!["5".into()]).await.unwrap().is_empty());
     assert_eq!(store.queued(1, 0, 10).await.unwrap().len(), 1, "the page's event stays queued");
 }
 

@@ -186,7 +186,8 @@ impl EventStore for MemoryStore {
         if page.forget_pre_images {
             watch.pre_images.clear();
         }
-        for (instance, detail) in page.pre_images {
+        let changed = page.pre_images;
+        for (instance, detail) in changed.clone() {
             match detail {
                 Some(detail) => {
                     watch.pre_images.insert(instance, (detail, watch.next_touch));
@@ -197,8 +198,9 @@ impl EventStore for MemoryStore {
             }
             watch.next_touch += 1;
         }
+        // As SQLite does: the limit is applied when a page changes pre-images.
         let limit = usize::try_from(page.pre_image_limit.max(0)).unwrap_or(usize::MAX);
-        if watch.pre_images.len() > limit {
+        if !changed.is_empty() && watch.pre_images.len() > limit {
             let mut ages: Vec<(i64, String)> = watch.pre_images.iter().map(|(k, (_, t))| (*t, k.clone())).collect();
             ages.sort();
             for (_, instance) in ages.into_iter().take(watch.pre_images.len() - limit) {
