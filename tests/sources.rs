@@ -121,6 +121,8 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
         "switchcreate",
         "switchupdate",
         "routercreate",
+        "cluster_levelcreate",
+        "processmodule",
     ];
     subscribe(
         &ns,
@@ -146,6 +148,8 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
             {"resource": "host_relation"},
             {"resource": "set", "eventTypes": ["create"]},
             {"resource": "object_instance", "objects": ["switch"]},
+            {"resource": "mainline_instance"},
+            {"resource": "process_instance_relation"},
         ],
     });
     sources.create(&PostParams::default(), &source("cmdb", spec)).await.expect("create source");
@@ -165,11 +169,16 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
     let switch = json!({"bk_obj_id": "switch", "bk_inst_id": 4, "bk_inst_name": "sw-4", "bk_supplier_account": "0"});
     let router = json!({"bk_obj_id": "router", "bk_inst_id": 5, "bk_inst_name": "r-5", "bk_supplier_account": "0"});
     emulator.emit("object_instance", &[("create", switch.clone()), ("create", router)]).await;
+    let level =
+        json!({"bk_obj_id": "cluster_level", "bk_inst_id": 8, "bk_inst_name": "east", "bk_supplier_account": "0"});
+    emulator.emit("mainline_instance", &[("create", level.clone())]).await;
+    let binding = json!({"bk_biz_id": 1, "bk_process_id": 11, "service_instance_id": 12, "process_template_id": 0, "bk_host_id": 7, "bk_supplier_account": "0"});
+    emulator.emit("process_instance_relation", &[("create", binding.clone())]).await;
     // A change of another account's instance, which this source must not publish.
     emulator.emit("host", &[("create", json!({"bk_host_id": 9, "bk_supplier_account": "1"}))]).await;
 
     // host ×3, moduletransfer, setcreate (not setupdate: eventTypes), switchcreate (not the router).
-    let all = receiver.wait_for("all", 6, Duration::from_secs(30)).await;
+    let all = receiver.wait_for("all", 8, Duration::from_secs(30)).await;
     let by_name: HashMap<String, &Value> = all
         .iter()
         .map(|r| {
@@ -184,7 +193,16 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
     let names: HashSet<&str> = by_name.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        HashSet::from(["hostcreate", "hostupdate", "hostdelete", "moduletransfer", "setcreate", "switchcreate"])
+        HashSet::from([
+            "hostcreate",
+            "hostupdate",
+            "hostdelete",
+            "moduletransfer",
+            "setcreate",
+            "switchcreate",
+            "cluster_levelcreate",
+            "processmodule"
+        ])
     );
     // Field list honoured (bk_os_name not asked for), pre-images from the last detail seen,
     // the deleted record as pre_data.
@@ -203,12 +221,17 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
     assert_eq!(by_name["switchcreate"]["obj_type"], "switch");
     assert_eq!(by_name["switchcreate"]["data"][0]["cur_data"], switch);
     let ids: Vec<i64> = all.iter().map(common::callback::Received::distribution_id).collect();
-    assert_eq!(ids.iter().copied().collect::<HashSet<_>>(), (1..=6).collect(), "{ids:?}");
+    assert_eq!(by_name["cluster_levelcreate"]["event_type"], "instdata");
+    assert_eq!(by_name["cluster_levelcreate"]["data"], json!([{"cur_data": level, "pre_data": null}]));
+    assert_eq!(by_name["processmodule"]["event_type"], "relation");
+    assert_eq!(by_name["processmodule"]["action"], "create");
+    assert_eq!(by_name["processmodule"]["data"], json!([{"cur_data": binding, "pre_data": null}]));
+    assert_eq!(ids.iter().copied().collect::<HashSet<_>>(), (1..=8).collect(), "{ids:?}");
 
     let updates = receiver.wait_for("updates", 1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(receiver.received("updates").len(), 1, "only hostupdate: {updates:?}");
-    assert_eq!(receiver.received("all").len(), 6, "nothing more (no setupdate, router or account 1 host)");
+    assert_eq!(receiver.received("all").len(), 8, "nothing more (no setupdate, router or account 1 host)");
     assert!(receiver.received("other").is_empty(), "a subscription for account 1 receives nothing");
 
     // Status: per-resource positions, within the write budget.
@@ -224,7 +247,9 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
         BTreeMap::from([
             ("Host".into(), 4),
             ("HostRelation".into(), 1),
+            ("MainlineInstance".into(), 1),
             ("ObjectInstance".into(), 2),
+            ("ProcessInstanceRelation".into(), 1),
             ("Set".into(), 2)
         ])
     );
