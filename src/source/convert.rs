@@ -405,6 +405,22 @@ mod tests {
     }
 
     #[test]
+    fn host_identifiers_are_hostidentifier_relation_updates_with_the_last_one_seen() {
+        let now = json!({"bk_host_id": 7, "bk_host_innerip": "10.0.0.8", "bk_supplier_account": "0"});
+        let before = json!({"bk_host_id": 7, "bk_host_innerip": "10.0.0.7", "bk_supplier_account": "0"});
+        for change in ["create", "update"] {
+            let converted =
+                convert(&rules(WatchResource::HostIdentifier), &watched(change, now.clone()), Some(&before), "t")
+                    .unwrap();
+            assert_eq!(converted.name, "hostidentifier");
+            let b = body(&converted);
+            assert_eq!((b["event_type"].as_str(), b["action"].as_str()), (Some("relation"), Some("update")));
+            assert_eq!(b["data"], json!([{"cur_data": now, "pre_data": before}]));
+        }
+        assert_eq!(instance_key(WatchResource::HostIdentifier, &now).as_deref(), Some("7"));
+    }
+
+    #[test]
     fn filters_accounts_and_noop_updates_skip_events() {
         let types = [WatchEventType::Create];
         let creates_only = Rules { event_types: &types, ..rules(WatchResource::Host) };
