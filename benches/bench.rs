@@ -21,10 +21,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
 
+#[path = "../tests/common/cmdb.rs"]
+#[allow(dead_code)] // the tests use more of the emulator's controls than the benchmark does
+mod cmdb;
 #[path = "../tests/common/launch.rs"]
 #[allow(dead_code)] // the tests use more of the launcher than the benchmark does
 mod launch;
 
+use cmdb::Emulator;
 use futures::{StreamExt, TryStreamExt};
 use herald::crd::EventSubscription;
 use herald::delivery::callback::{self, Request};
@@ -702,28 +706,26 @@ impl Herald {
         self.child.id()
     }
 
-    /// Watch events read by every source so far (herald's own counter).
-    async fn source_events_read(&self) -> u64 {
+    /// The sum of herald's `/metrics` lines starting with `prefix` that contain `matching`.
+    async fn metric_sum(&self, prefix: &str, matching: &str) -> u64 {
         let text = match self.http.get(self.url("/metrics")).send().await {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(_) => return 0,
         };
         text.lines()
-            .filter(|l| l.starts_with("herald_source_events_read_total{"))
+            .filter(|l| l.starts_with(prefix) && l.contains(matching))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
 
+    /// Watch events read by every source so far (herald's own counter).
+    async fn source_events_read(&self) -> u64 {
+        self.metric_sum("herald_source_events_read_total{", "").await
+    }
+
     /// Confirmed deliveries so far (herald's own counter).
     async fn delivered(&self) -> u64 {
-        let text = match self.http.get(self.url("/metrics")).send().await {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => return 0,
-        };
-        text.lines()
-            .filter(|l| l.starts_with("herald_delivery_attempts_total{") && l.contains("result=\"delivered\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        self.metric_sum("herald_delivery_attempts_total{", "result=\"delivered\"").await
     }
 
     async fn publish(&self, events: Vec<serde_json::Value>) -> bool {
@@ -1333,101 +1335,61 @@ struct Sources {
     runs: Vec<SourceRun>,
 }
 
-/// The watch emulator as a child process on a free port.
-struct WatchEmulator {
-    child: Child,
-    url: String,
-    http: reqwest::Client,
-}
-
-impl WatchEmulator {
-    async fn start(dir: &Path) -> WatchEmulator {
-        std::fs::create_dir_all(dir).expect("emulator directory");
-        let port_file = dir.join("port");
-        let _ = std::fs::remove_file(&port_file);
-        let child = Command::new("python3")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cmdb_emulator/emulator.py"))
-            .arg("--port-file")
-            .arg(&port_file)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the watch emulator (python3)");
-        let started = Instant::now();
-        let port: u16 = loop {
-            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
-                break port;
-            }
-            assert!(started.elapsed() < Duration::from_secs(20), "the watch emulator did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let http = reqwest::Client::builder().no_proxy().build().expect("client");
-        WatchEmulator { child, url: format!("http://127.0.0.1:{port}"), http }
-    }
-
-    /// Emits `count` creates of `resource`, 5,000 per control call.
-    async fn fill(&self, resource: &str, id_field: &str, count: usize) {
-        for start in (0..count).step_by(5000) {
-            let events: Vec<serde_json::Value> = (start..(start + 5000).min(count))
-                .map(|i| serde_json::json!({"type": "create", "detail": {id_field: i + 1, "bk_supplier_account": "0"}}))
-                .collect();
-            let body = serde_json::json!({"resource": resource, "events": events});
-            let response = self.http.post(format!("{}/emulator/events", self.url)).json(&body).send().await;
-            assert!(response.is_ok_and(|r| r.status().is_success()), "emulator refused events");
-        }
-    }
-
-    /// Reads the whole `resource` chain as a plain client would (start time, then cursors,
-    /// until a page is not full): events per second.
-    async fn read_rate(&self, resource: &str, fields: &[&str]) -> f64 {
-        let url = format!("{}/api/v3/event/watch/resource/{resource}", self.url);
-        let start_from = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 3600;
-        let mut body = serde_json::json!({"bk_start_from": start_from, "bk_fields": fields});
-        let (mut events, started) = (0usize, Instant::now());
-        loop {
-            let answer: serde_json::Value = self
-                .http
-                .post(&url)
-                .header("BK_User", "bench")
-                .header("HTTP_BK_SUPPLIER_ACCOUNT", "0")
-                .json(&body)
-                .send()
-                .await
-                .expect("watch")
-                .json()
-                .await
-                .expect("watch JSON");
-            let page = answer["data"]["bk_events"].as_array().cloned().unwrap_or_default();
-            events += page.len();
-            let cursor = page.last().and_then(|e| e["bk_cursor"].as_str()).unwrap_or_default().to_string();
-            if page.len() < 200 || cursor.is_empty() {
-                break;
-            }
-            body = serde_json::json!({"bk_cursor": cursor, "bk_fields": fields});
-        }
-        events as f64 / started.elapsed().as_secs_f64()
+/// Emits `count` creates of `resource`, 5,000 per control call.
+async fn fill(emulator: &Emulator, resource: &str, id_field: &str, count: usize) {
+    for start in (0..count).step_by(5000) {
+        let events: Vec<(&str, serde_json::Value)> = (start..(start + 5000).min(count))
+            .map(|i| ("create", serde_json::json!({id_field: i + 1, "bk_supplier_account": "0"})))
+            .collect();
+        emulator.emit(resource, &events).await;
     }
 }
 
-impl Drop for WatchEmulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Reads the whole `resource` chain as a plain client would (start time, then cursors,
+/// until a page is not full): events per second.
+async fn read_rate(emulator: &Emulator, resource: &str, fields: &[&str]) -> f64 {
+    let http = reqwest::Client::builder().no_proxy().build().expect("client");
+    let url = format!("{}/api/v3/event/watch/resource/{resource}", emulator.url());
+    let start_from = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 3600;
+    let mut body = serde_json::json!({"bk_start_from": start_from, "bk_fields": fields});
+    let (mut events, started) = (0usize, Instant::now());
+    loop {
+        let answer: serde_json::Value = http
+            .post(&url)
+            .header("BK_User", "bench")
+            .header("HTTP_BK_SUPPLIER_ACCOUNT", "0")
+            .json(&body)
+            .send()
+            .await
+            .expect("watch")
+            .json()
+            .await
+            .expect("watch JSON");
+        let page = answer["data"]["bk_events"].as_array().cloned().unwrap_or_default();
+        events += page.len();
+        let cursor = page.last().and_then(|e| e["bk_cursor"].as_str()).unwrap_or_default().to_string();
+        if page.len() < 200 || cursor.is_empty() {
+            break;
+        }
+        body = serde_json::json!({"bk_cursor": cursor, "bk_fields": fields});
     }
+    events as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn sources(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiver: &Receiver) -> Sources {
     let ns = cluster.namespace("bench-sources").await;
-    let emulator = WatchEmulator::start(&settings.work_dir.join("herald-bench-emulator")).await;
+    let dir = settings.work_dir.join("herald-bench-emulator");
+    let _ = std::fs::remove_dir_all(&dir);
+    let emulator = Emulator::start(&dir, &[]).await;
     let events = settings.source_events;
     // Module changes nobody subscribes to (herald reads and commits them only); host creates
     // to one subscription; set creates to 100, a tenth as many events.
     let fanout = 100;
     let set_events = (events / 10).max(1);
-    emulator.fill("module", "bk_module_id", events).await;
-    emulator.fill("host", "bk_host_id", events).await;
-    emulator.fill("set", "bk_set_id", set_events).await;
-    let emulator_rate = emulator.read_rate("host", &["bk_host_id", "bk_supplier_account"]).await;
+    fill(&emulator, "module", "bk_module_id", events).await;
+    fill(&emulator, "host", "bk_host_id", events).await;
+    fill(&emulator, "set", "bk_set_id", set_events).await;
+    let emulator_rate = read_rate(&emulator, "host", &["bk_host_id", "bk_supplier_account"]).await;
     eprintln!("sources: the emulator answers {emulator_rate:.0} events/s to a plain client");
     let herald = Herald::start(settings, kubeconfig, &ns).await;
     let api = cluster.subscriptions(&ns);
@@ -1448,7 +1410,7 @@ async fn sources(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, rece
         let before = receiver.count().await;
         let source: herald::crd::CmdbSource = serde_json::from_value(serde_json::json!({
             "apiVersion": "herald.dev/v1alpha1", "kind": "CmdbSource", "metadata": {"name": resource},
-            "spec": {"url": emulator.url, "api": "direct", "supplierAccount": "0",
+            "spec": {"url": emulator.url(), "api": "direct", "supplierAccount": "0",
                      "start": {"from": "time", "time": start_time.to_string()},
                      "resources": [{"resource": resource}]},
         }))

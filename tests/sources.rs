@@ -59,7 +59,20 @@ fn refused(reason: &'static str) -> impl Fn(&CmdbSource) -> bool {
     move |s| condition(s, "Ready").is_some_and(|(status, r, _)| status == "False" && r == reason)
 }
 
-async fn subscribe(herald_ns: &str, cluster: &common::Cluster, name: &str, spec: Value) {
+/// A subscription `name` to `events` whose callback is `receiver`'s key `name` (answering
+/// 200), with `extra` spec fields; waits until it is Ready.
+async fn subscribe(
+    herald_ns: &str,
+    cluster: &common::Cluster,
+    receiver: &CallbackServer,
+    name: &str,
+    events: &[&str],
+    extra: Value,
+) {
+    let mut spec = json!({"subscriptionName": name, "callbackUrl": receiver.url("ok", name), "events": events});
+    if let (Some(spec), Value::Object(extra)) = (spec.as_object_mut(), extra) {
+        spec.extend(extra);
+    }
     let api = cluster.subscriptions(herald_ns);
     api.create(&PostParams::default(), &subscription(name, spec)).await.expect("create subscription");
     common::wait_ready(&api, name).await;
@@ -93,9 +106,7 @@ async fn host_watch(name: &str) -> HostWatch {
     let receiver = CallbackServer::start().await;
     let dir = test_dir(&format!("{name}-herald"));
     let herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
-    let hosts =
-        json!({"subscriptionName": "hosts", "callbackUrl": receiver.url("ok", "hosts"), "events": ["hostcreate"]});
-    subscribe(&ns, &cluster, "hosts", hosts).await;
+    subscribe(&ns, &cluster, &receiver, "hosts", &["hostcreate"], json!({})).await;
     let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
     let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host", "fields": ["bk_host_id"]}]});
     sources.create(&PostParams::default(), &source("cmdb", spec)).await.expect("create source");
@@ -124,21 +135,9 @@ async fn watched_changes_reach_matching_subscriptions_in_the_v3_5_layout() {
         "cluster_levelcreate",
         "processmodule",
     ];
-    subscribe(
-        &ns,
-        &cluster,
-        "all",
-        json!({"subscriptionName": "all", "callbackUrl": receiver.url("ok", "all"), "events": every}),
-    )
-    .await;
-    subscribe(
-        &ns,
-        &cluster,
-        "updates",
-        json!({"subscriptionName": "updates", "callbackUrl": receiver.url("ok", "updates"), "events": ["hostupdate"]}),
-    )
-    .await;
-    subscribe(&ns, &cluster, "other", json!({"subscriptionName": "other", "supplierAccount": "1", "callbackUrl": receiver.url("ok", "other"), "events": every})).await;
+    subscribe(&ns, &cluster, &receiver, "all", &every, json!({})).await;
+    subscribe(&ns, &cluster, &receiver, "updates", &["hostupdate"], json!({})).await;
+    subscribe(&ns, &cluster, &receiver, "other", &every, json!({"supplierAccount": "1"})).await;
 
     let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
     let spec = json!({
@@ -277,8 +276,7 @@ async fn sigkill_while_watch_events_stream_publishes_each_exactly_once() {
     println!("seed {seed} (HERALD_FAULTS_SEED), {EVENTS} events, {ROUNDS} kills");
     let HostWatch { cluster, ns, emulator, receiver, dir, mut herald, sources } = host_watch("kill").await;
     // A second subscription of the same changes, out of order (maxInFlight 4).
-    let wide = json!({"subscriptionName": "wide", "callbackUrl": receiver.url("ok", "wide"), "events": ["hostcreate"], "maxInFlight": 4});
-    subscribe(&ns, &cluster, "wide", wide).await;
+    subscribe(&ns, &cluster, &receiver, "wide", &["hostcreate"], json!({"maxInFlight": 4})).await;
     let control = emulator.control();
     let producer = tokio::spawn(async move {
         let mut cursors = Vec::new();
@@ -371,13 +369,7 @@ async fn outages_restarts_and_wrong_credentials() {
     let mut emulator = Emulator::start(&test_dir("outage"), &["--app", "herald:right-secret"]).await;
     let receiver = CallbackServer::start().await;
     let herald = Herald::start(&cluster, &ns, CONFIG).await;
-    subscribe(
-        &ns,
-        &cluster,
-        "hosts",
-        json!({"subscriptionName": "hosts", "callbackUrl": receiver.url("ok", "hosts"), "events": ["hostcreate"]}),
-    )
-    .await;
+    subscribe(&ns, &cluster, &receiver, "hosts", &["hostcreate"], json!({})).await;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(cluster.client.clone(), &ns);
     let secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "wrong"},
         "stringData": {"bk_app_code": "herald", "bk_app_secret": "wrong-secret"}}))
@@ -397,14 +389,8 @@ async fn outages_restarts_and_wrong_credentials() {
     let gateway = json!({"url": format!("{}/api/bk-cmdb/prod", emulator.url()), "api": "apigw", "supplierAccount": "0",
         "credentialsSecret": "right", "resources": [{"resource": "plat"}]});
     sources.create(&PostParams::default(), &source("gateway", gateway)).await.unwrap();
-    subscribe(
-        &ns,
-        &cluster,
-        "plats",
-        json!({"subscriptionName": "plats", "callbackUrl": receiver.url("ok", "plats"), "events": ["platcreate"]}),
-    )
-    .await;
-    subscribe(&ns, &cluster, "modules", json!({"subscriptionName": "modules", "callbackUrl": receiver.url("ok", "modules"), "events": ["modulecreate"]})).await;
+    subscribe(&ns, &cluster, &receiver, "plats", &["platcreate"], json!({})).await;
+    subscribe(&ns, &cluster, &receiver, "modules", &["modulecreate"], json!({})).await;
     wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
     wait_source(&sources, "esb-ok", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
     wait_source(&sources, "gateway", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
@@ -556,13 +542,7 @@ async fn pre_images_for_100000_instances_stay_within_their_bounds() {
     let receiver = CallbackServer::start().await;
     let dir = test_dir("pre-herald");
     let herald = Herald::start_in(&cluster, &ns, CONFIG, &dir).await;
-    subscribe(
-        &ns,
-        &cluster,
-        "updates",
-        json!({"subscriptionName": "updates", "callbackUrl": receiver.url("ok", "updates"), "events": ["hostupdate"]}),
-    )
-    .await;
+    subscribe(&ns, &cluster, &receiver, "updates", &["hostupdate"], json!({})).await;
     let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
     for (name, limit) in [("all", None), ("half", Some(INSTANCES as i64 / 2))] {
         let mut spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "preImages": true,

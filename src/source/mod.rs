@@ -155,10 +155,7 @@ async fn sync(
             // spec changes or herald restarts.
             if current.refusal.is_none() && current.tasks.iter().any(JoinHandle::is_finished) {
                 tracing::error!(source = %source.name_any(), "a watch of this source failed; it stays stopped until its spec changes");
-                let mut failed = start(ctx, &source, &uid, allowed, shutdown);
-                failed.plans.clear();
-                failed.running.watches.clear();
-                failed.running.refusal = Some(Problem::new(
+                let failed = Starting::idle(&source, &uid, allowed, shutdown).refused(Problem::new(
                     "WatchFailed",
                     "a watch failed (see herald's log); change the spec or restart herald to start it again",
                 ));
@@ -171,7 +168,7 @@ async fn sync(
         }
         let started = start(ctx, &source, &uid, allowed, shutdown);
         if let Some(old) = running.remove(&uid) {
-            let listed: HashSet<&String> = started.keys.iter().collect();
+            let listed: HashSet<&String> = started.running.keys.iter().collect();
             let dropped: Vec<String> = old.stop().await.into_iter().filter(|k| !listed.contains(k)).collect();
             drop_positions(ctx, dropped).await;
         }
@@ -211,15 +208,39 @@ async fn sweep(ctx: &SourceContext, running: &HashMap<String, Running>) {
 struct Starting {
     running: Running,
     plans: Vec<(watch::WatchPlan, Arc<Mutex<Health>>)>,
-    keys: Vec<String>,
 }
 
 impl Starting {
+    /// A source with no watches yet: its generation, tenancy verdict and store keys.
+    fn idle(source: &CmdbSource, uid: &str, allowed: bool, shutdown: &CancellationToken) -> Starting {
+        let keys = source.spec.resources.iter().map(|r| format!("{uid}/{}", convert::resource_name(r.resource)));
+        Starting {
+            running: Running {
+                generation: source.metadata.generation,
+                allowed,
+                refusal: None,
+                watches: Vec::new(),
+                stop: shutdown.child_token(),
+                tasks: Vec::new(),
+                keys: keys.collect(),
+                last_written: None,
+            },
+            plans: Vec::new(),
+        }
+    }
+
+    /// Runs nothing and shows `problem` (its positions are kept).
+    fn refused(mut self, problem: Problem) -> Starting {
+        self.plans.clear();
+        self.running.watches.clear();
+        self.running.refusal = Some(problem);
+        self
+    }
+
     fn spawn(mut self, ctx: &Arc<SourceContext>) -> Running {
         for (plan, health) in self.plans {
             self.running.tasks.push(tokio::spawn(watch::run(ctx.clone(), plan, health, self.running.stop.clone())));
         }
-        self.running.keys = self.keys;
         self.running
     }
 }
@@ -231,54 +252,35 @@ fn start(
     allowed: bool,
     shutdown: &CancellationToken,
 ) -> Starting {
-    let keys: Vec<String> =
-        source.spec.resources.iter().map(|r| format!("{uid}/{}", convert::resource_name(r.resource))).collect();
-    let mut starting = Starting {
-        running: Running {
-            generation: source.metadata.generation,
-            allowed,
-            refusal: None,
-            watches: Vec::new(),
-            stop: shutdown.child_token(),
-            tasks: Vec::new(),
-            keys: Vec::new(),
-            last_written: None,
-        },
-        plans: Vec::new(),
-        keys,
-    };
+    let mut starting = Starting::idle(source, uid, allowed, shutdown);
     let namespace = source.namespace().unwrap_or_default();
     let name = format!("{namespace}/{}", source.name_any());
     if !allowed {
-        starting.running.refusal = Some(Problem::new(
+        tracing::warn!(source = %name, "source refused: its namespace is not allowed for its account");
+        return starting.refused(Problem::new(
             "AccountNotAllowed",
             format!(
                 "namespace {namespace} may not publish supplier account {}'s events (herald.dev/supplier-accounts)",
                 source.spec.supplier_account
             ),
         ));
-        tracing::warn!(source = %name, "source refused: its namespace is not allowed for its account");
-        return starting;
     }
     let endpoint = match endpoint(&ctx.config, &source.spec, &namespace) {
         Ok(endpoint) => endpoint,
-        Err(problem) => {
-            starting.running.refusal = Some(problem);
-            return starting;
-        }
+        Err(problem) => return starting.refused(problem),
     };
     let spec = &source.spec;
     let start = match spec.start.as_ref() {
         Some(s) if s.from == StartFrom::Time => match s.time.as_deref().map(str::parse::<jiff::Timestamp>) {
             Some(Ok(time)) => Position::StartFrom(time.as_second()),
             _ => {
-                starting.running.refusal = Some(Problem::new("InvalidSpec", "spec.start.time is not an RFC 3339 time"));
-                return starting;
+                return starting.refused(Problem::new("InvalidSpec", "spec.start.time is not an RFC 3339 time"));
             }
         },
         _ => Position::Now,
     };
-    for (watched, key) in spec.resources.iter().zip(&starting.keys) {
+    let keys = starting.running.keys.clone();
+    for (watched, key) in spec.resources.iter().zip(&keys) {
         let health = Arc::new(Mutex::new(Health::default()));
         let plan = watch::WatchPlan {
             key: key.clone(),

@@ -186,8 +186,8 @@ impl EventStore for MemoryStore {
         if page.forget_pre_images {
             watch.pre_images.clear();
         }
-        let changed = page.pre_images;
-        for (instance, detail) in changed.clone() {
+        let changed = !page.pre_images.is_empty();
+        for (instance, detail) in page.pre_images {
             match detail {
                 Some(detail) => {
                     watch.pre_images.insert(instance, (detail, watch.next_touch));
@@ -200,7 +200,7 @@ impl EventStore for MemoryStore {
         }
         // As SQLite does: the limit is applied when a page changes pre-images.
         let limit = usize::try_from(page.pre_image_limit.max(0)).unwrap_or(usize::MAX);
-        if !changed.is_empty() && watch.pre_images.len() > limit {
+        if changed && watch.pre_images.len() > limit {
             let mut ages: Vec<(i64, String)> = watch.pre_images.iter().map(|(k, (_, t))| (*t, k.clone())).collect();
             ages.sort();
             for (_, instance) in ages.into_iter().take(watch.pre_images.len() - limit) {
