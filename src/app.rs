@@ -6,13 +6,14 @@
 use crate::api::auth::{Authenticator, EsbApps, EsbCredentialsError};
 use crate::api::{self, AppState, Services};
 use crate::conditions::WriteBudget;
-use crate::config::Config;
+use crate::config::{Config, StoreEngine};
 use crate::controller;
 use crate::delivery::{Delivery, DeliveryParts, index::SubscriptionIndex};
 use crate::leader::{LeaderError, Leadership};
 use crate::outbound::{ClientError, Outbound};
 use crate::source::SourceContext;
 use crate::store::EventStore;
+use crate::store::jetstream::JetStreamStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Limits, StoreError};
 use crate::telemetry::Metrics;
@@ -37,6 +38,8 @@ pub enum RunError {
     Leader(#[from] LeaderError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     HttpClient(#[from] ClientError),
     #[error(transparent)]
@@ -95,10 +98,15 @@ async fn lead_and_serve(
         let renewing = shutdown.clone();
         tasks.spawn("lease renewal", async move { Ok(leadership.keep(&renewing).await?) });
     }
-    let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(
-        &config.store.path,
-        Limits { quota_bytes: config.store.quota_bytes, backlog_cap: config.store.backlog_cap },
-    )?);
+    let limits = Limits { quota_bytes: config.store.quota_bytes, backlog_cap: config.store.backlog_cap };
+    let store: Arc<dyn EventStore> = match config.store.engine {
+        StoreEngine::Sqlite => Arc::new(SqliteStore::open(&config.store.path, limits)?),
+        StoreEngine::Jetstream => {
+            let settings = config.store.jetstream.settings()?;
+            tracing::info!(urls = ?settings.urls, stream = %settings.stream, "opening the JetStream store");
+            Arc::new(JetStreamStore::open(&settings, limits).await?)
+        }
+    };
     let outbound = Outbound::new(&config.callback_guard)?;
     let esb = EsbApps::load(&client, &config.api, &config.namespace).await?;
 

@@ -96,6 +96,8 @@ impl Default for AuthConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct StoreConfig {
+    /// `sqlite` (embedded, one active herald) or `jetstream` (NATS JetStream, docs/engines.md).
+    pub engine: StoreEngine,
     /// Directory of the embedded store (a PersistentVolume in Kubernetes).
     pub path: PathBuf,
     /// Publishes answer 503 while the store is larger than this.
@@ -104,6 +106,54 @@ pub struct StoreConfig {
     pub backlog_cap: i64,
     /// Dead letters are deleted after this long.
     pub dead_letter_retention_seconds: u64,
+    /// The JetStream engine's connection and streams.
+    pub jetstream: JetStreamConfig,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreEngine {
+    #[default]
+    Sqlite,
+    Jetstream,
+}
+
+/// `store.jetstream`: where JetStream is and how herald's streams are laid out.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// NATS server URLs (`nats://host:4222`, `tls://...`); any one of the cluster serves.
+    pub urls: Vec<String>,
+    /// Name of herald's streams (`NAME`, `NAME_STATE`, `NAME_LOG`): one per installation.
+    pub stream: String,
+    /// Replicas of each stream (3 survives the loss of one NATS node).
+    pub replicas: usize,
+    /// Window in which JetStream drops a watch event committed twice (a crash between a
+    /// page's batches); also how long a crashed herald may stay away without a page's
+    /// events being queued again.
+    pub duplicate_window_seconds: u64,
+    /// At most one of these, each a file (a mounted Secret): a `.creds` file, an NKey
+    /// seed, or a token.
+    pub credentials_file: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    /// CA bundle (PEM) of the NATS servers' certificates; TLS is required when set.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            urls: vec!["nats://nats:4222".into()],
+            stream: "HERALD".into(),
+            replicas: 3,
+            duplicate_window_seconds: 600,
+            credentials_file: None,
+            nkey_seed_file: None,
+            token_file: None,
+            ca_file: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -147,10 +197,12 @@ pub struct MetricsConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            engine: StoreEngine::Sqlite,
             path: PathBuf::from("herald-data"),
             quota_bytes: 8 << 30,
             backlog_cap: 100_000,
             dead_letter_retention_seconds: 7 * 24 * 3600,
+            jetstream: JetStreamConfig::default(),
         }
     }
 }
@@ -271,7 +323,49 @@ impl Config {
         if self.controller.id_block_size == 0 {
             return Err(ConfigError::Invalid("controller.idBlockSize must be at least 1".into()));
         }
+        if self.store.engine == StoreEngine::Jetstream {
+            self.store.jetstream.settings()?;
+        }
         Ok(())
+    }
+}
+
+impl JetStreamConfig {
+    /// The engine's settings, or why these keys cannot make them.
+    pub fn settings(&self) -> Result<crate::store::jetstream::JetStreamSettings, ConfigError> {
+        use crate::store::jetstream::{JetStreamSettings, NatsAuth};
+        if self.urls.is_empty() {
+            return Err(ConfigError::Invalid("store.jetstream.urls must name at least one NATS server".into()));
+        }
+        let valid_name =
+            !self.stream.is_empty() && self.stream.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            return Err(ConfigError::Invalid(
+                "store.jetstream.stream must be letters, digits, '_' or '-' (it names streams and subjects)".into(),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(ConfigError::Invalid("store.jetstream.replicas must be 1 to 5".into()));
+        }
+        let auth = match (&self.credentials_file, &self.nkey_seed_file, &self.token_file) {
+            (None, None, None) => NatsAuth::None,
+            (Some(file), None, None) => NatsAuth::CredentialsFile(file.clone()),
+            (None, Some(file), None) => NatsAuth::NkeySeedFile(file.clone()),
+            (None, None, Some(file)) => NatsAuth::TokenFile(file.clone()),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "store.jetstream: set at most one of credentialsFile, nkeySeedFile and tokenFile".into(),
+                ));
+            }
+        };
+        Ok(JetStreamSettings {
+            urls: self.urls.clone(),
+            stream: self.stream.clone(),
+            replicas: self.replicas,
+            duplicate_window: std::time::Duration::from_secs(self.duplicate_window_seconds.max(1)),
+            auth,
+            ca_file: self.ca_file.clone(),
+        })
     }
 }
 
@@ -286,6 +380,21 @@ mod tests {
         assert_eq!(config.controller.id_block_size, 50);
         assert_eq!(config.controller.id_counter, "herald-subscription-ids");
         assert_eq!(config.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn jetstream_settings_are_checked_when_chosen() {
+        let config =
+            Config::from_yaml("store:\n  engine: jetstream\n  jetstream:\n    urls: [nats://a:4222]\n").unwrap();
+        assert!(config.check().is_ok());
+        assert_eq!(config.store.jetstream.replicas, 3);
+        let two_secrets = "store:\n  engine: jetstream\n  jetstream:\n    tokenFile: /t\n    nkeySeedFile: /n\n";
+        let error = Config::from_yaml(two_secrets).unwrap().check().unwrap_err().to_string();
+        assert!(error.contains("at most one"), "{error}");
+        let bad_name = Config::from_yaml("store:\n  engine: jetstream\n  jetstream:\n    stream: a.b\n").unwrap();
+        assert!(bad_name.check().is_err());
+        // Not checked while the embedded engine is chosen.
+        assert!(Config::from_yaml("store:\n  jetstream:\n    urls: []\n").unwrap().check().is_ok());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 # and Chromium for the console tests,
 # then, in a network namespace of its own, starts etcd + kube-apiserver +
 # kube-controller-manager on loopback, installs the CRD, adds a node (kubelet, containerd,
-# kube-scheduler: tests/node/up.sh), runs every unit and integration test against it, and
+# kube-scheduler: tests/node/up.sh) and a 3-node NATS JetStream cluster (tests/nats/up.sh), runs every unit and integration test against it, and
 # stops it all at the end. Needs root (the namespace, containerd).
 # Extra arguments go to `cargo test` (for example a test name filter).
 set -euo pipefail
@@ -38,8 +38,10 @@ ip addr add "$HERALD_NODE_IP/32" dev lo
 export PATH="$HERALD_TOOLS_BIN:$PATH"
 
 state=$(mktemp -d "${HERALD_STATE_ROOT:-/dev/shm}/herald-test.XXXXXX")
-trap 'tests/node/down.sh "$state"; tests/controlplane/down.sh "$state"; rm -rf "$state"' EXIT
+trap 'tests/nats/down.sh "$state"; tests/node/down.sh "$state"; tests/controlplane/down.sh "$state"; rm -rf "$state"' EXIT
 tests/controlplane/up.sh "$state"
+# The JetStream engine's tests run against a real 3-node cluster.
+tests/nats/up.sh "$state" >/dev/null
 source "$state/env"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev crd/cmdbsources.herald.dev --timeout=60s >/dev/null

@@ -88,7 +88,7 @@ async fn accept(
         named.push((StoredEvent::from_published(event, &now, &call.request_id), name));
     }
     let published = services.delivery.publish(named).await.map_err(|error| match error {
-        StoreError::OverQuota { .. } | StoreError::Full { .. } => Refusal {
+        StoreError::OverQuota { .. } | StoreError::Full { .. } | StoreError::Unavailable { .. } => Refusal {
             error: ApiError::new(ErrorCode::Internal).with_detail(error.to_string()),
             status: Some(StatusCode::SERVICE_UNAVAILABLE),
             permission: None,

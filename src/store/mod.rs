@@ -5,6 +5,7 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod jetstream;
 #[cfg(test)]
 pub mod memory;
 pub mod sqlite;
@@ -286,6 +287,10 @@ pub enum StoreError {
     Commit(String),
     #[error("the store writer stopped")]
     WriterStopped,
+    /// A distributed engine could not be reached or did not confirm a write in time:
+    /// callers answer 503 and retry later (whether the write landed is unknown).
+    #[error("the store is unavailable: {detail}")]
+    Unavailable { detail: String },
 }
 
 /// The operations herald needs from a store. Writes that answer a caller (publish,

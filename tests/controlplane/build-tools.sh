@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the test/dev control plane (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, and for tests/node kubelet and kube-scheduler) from Go modules, as docs/design.md §8 prescribes, and caches the
+# kubectl, etcd, helm, for tests/node kubelet and kube-scheduler, and nats-server for the
+# JetStream store) from Go modules, as docs/design.md §8 prescribes, and caches the
 # binaries outside the clone, keyed by version. Prints the bin directory.
 # A cold build takes 20-35 minutes on 2 cores; a warm one is instant.
 set -euo pipefail
@@ -44,6 +45,10 @@ build_tool "kubernetes-$KUBERNETES_VERSION" "$tools/kubernetes" "$kver_flags" \
 build_tool "kubernetes-node-$KUBERNETES_VERSION" "$tools/kubernetes" "$kver_flags" \
   k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler
 build_tool "helm-$HELM_VERSION" "$tools/helm" "$helm_flags" helm.sh/helm/v3/cmd/helm
+# nats-server reports its VERSION constant; the ldflag names the release it was built from
+# (a module build has no VCS revision to show).
+build_tool "nats-server-$NATS_SERVER_VERSION" "$tools/nats" \
+  "-X github.com/nats-io/nats-server/v2/server.gitCommit=$NATS_SERVER_VERSION" github.com/nats-io/nats-server/v2
 
 bin="$cache/bin-$KUBERNETES_VERSION-$ETCD_VERSION-$HELM_VERSION"
 mkdir -p "$bin"
@@ -51,4 +56,5 @@ ln -sf "$cache/etcd-$ETCD_VERSION/etcd" "$bin/etcd"
 for t in kube-apiserver kube-controller-manager kubectl; do ln -sf "$cache/kubernetes-$KUBERNETES_VERSION/$t" "$bin/$t"; done
 for t in kubelet kube-scheduler; do ln -sf "$cache/kubernetes-node-$KUBERNETES_VERSION/$t" "$bin/$t"; done
 ln -sf "$cache/helm-$HELM_VERSION/helm" "$bin/helm"
+ln -sf "$cache/nats-server-$NATS_SERVER_VERSION/nats-server" "$bin/nats-server"
 echo "$bin"

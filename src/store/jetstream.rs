@@ -1,0 +1,1464 @@
+//! The JetStream engine (`store.engine: jetstream`, docs/engines.md): herald's store kept in
+//! NATS JetStream streams, replicated by JetStream (R3 by default), so that losing a pod or
+//! a NATS node loses nothing that was acknowledged.
+//!
+//! Layout, with `R` the configured stream name (lower-cased for subjects):
+//! - stream `R`: everything a publish or a watch page commits, so that one atomic batch
+//!   commits it all: queue entries `r.q.<subscription>` (position = stream sequence),
+//!   each subscription's head `r.h.<subscription>` (its last distribution id, rolled up to
+//!   one message), dead letters `r.d.<subscription>`, watch positions `r.w.<watch>` and
+//!   pre-images `r.p.<watch>.<instance>` (each rolled up to one message).
+//! - stream `R_STATE`: each subscription's counters and per-minute counts `r.s.<subscription>`
+//!   (one message per subject, written with compare-and-set on its sequence).
+//! - stream `R_LOG`: the delivery log `r.l.<subscription>`, the newest 100 per subject.
+//!
+//! Distribution ids are assigned at publish: the batch carries each subscription's new
+//! head with `Nats-Expected-Last-Subject-Sequence` set to the head it read, so two
+//! publishers that race for a subscription cannot both commit; the loser reads the heads
+//! again and retries. Ids are therefore contiguous per subscription and fixed for good.
+
+use super::{
+    ANSWER_HEAD_BYTES, Attempt, AttemptResult, Counters, DeadLetter, EngineError, EventStore, Exchange, Fanout,
+    LOGGED_ATTEMPTS, Limits, LoggedAttempt, MINUTES_KEPT, Millis, MinuteCount, NewEvent, Outcome, Queued, StoreError,
+    WatchPage, WatchPosition, minute_of, now_millis,
+};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Messages in one atomic batch (the server's default ceiling).
+const BATCH_MESSAGES: usize = 1000;
+
+/// Reads of one queue page, at most.
+const READ_PAGE: usize = 256;
+
+/// How long a measured store size is reused before it is measured again.
+const SIZE_TTL: Duration = Duration::from_secs(1);
+
+/// Head-of-subscription conflicts (another replica published first) retried, with a
+/// growing random pause, before a publish gives up (about 4 s in all).
+const CONFLICT_RETRIES: usize = 40;
+
+/// JetStream's error codes for a failed expected-last-sequence check: the head moved, or
+/// another batch checking the same head is in flight.
+const WRONG_LAST_SEQUENCE: [u64; 2] = [10071, 10164];
+
+/// JetStream's error code for an atomic batch holding a message id it committed before.
+const DUPLICATE_IN_BATCH: u64 = 10201;
+
+/// How long a count of pending deliveries is reused for the backlog cap.
+const PENDING_TTL: Duration = Duration::from_secs(5);
+
+/// How to reach JetStream and how to lay out herald's streams.
+#[derive(Clone, Debug)]
+pub struct JetStreamSettings {
+    pub urls: Vec<String>,
+    /// Name of herald's streams (`R`, `R_STATE`, `R_LOG`); one per installation.
+    pub stream: String,
+    pub replicas: usize,
+    /// Window in which JetStream drops a re-sent watch event (a page committed in several
+    /// batches and read again after a crash).
+    pub duplicate_window: Duration,
+    pub auth: NatsAuth,
+    /// PEM bundle of the CAs that sign the NATS servers' certificates; TLS is required
+    /// when set.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// NATS credentials, each read from a file (a mounted Secret).
+#[derive(Clone, Debug, Default)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    /// A `.creds` file (JWT and NKey seed).
+    CredentialsFile(std::path::PathBuf),
+    /// A file holding an NKey seed.
+    NkeySeedFile(std::path::PathBuf),
+    /// A file holding a token.
+    TokenFile(std::path::PathBuf),
+}
+
+#[derive(Clone)]
+struct Names {
+    queue: String,
+    state: String,
+    log: String,
+    root: String,
+}
+
+impl Names {
+    fn new(stream: &str) -> Self {
+        Names {
+            queue: stream.to_string(),
+            state: format!("{stream}_STATE"),
+            log: format!("{stream}_LOG"),
+            root: stream.to_lowercase(),
+        }
+    }
+    fn queue_entry(&self, subscription: i64) -> String {
+        format!("{}.q.{subscription}", self.root)
+    }
+    fn head(&self, subscription: i64) -> String {
+        format!("{}.h.{subscription}", self.root)
+    }
+    fn dead(&self, subscription: i64) -> String {
+        format!("{}.d.{subscription}", self.root)
+    }
+    fn state(&self, subscription: i64) -> String {
+        format!("{}.s.{subscription}", self.root)
+    }
+    fn log(&self, subscription: i64) -> String {
+        format!("{}.l.{subscription}", self.root)
+    }
+    fn position(&self, watch: &str) -> String {
+        format!("{}.w.{}", self.root, token(watch))
+    }
+    fn pre_image(&self, watch: &str, instance: &str) -> String {
+        format!("{}.p.{}.{}", self.root, token(watch), token(instance))
+    }
+    fn pre_images(&self, watch: &str) -> String {
+        format!("{}.p.{}.*", self.root, token(watch))
+    }
+    /// The subscription a `r.<kind>.<id>` subject names.
+    fn subscription_of(subject: &str) -> Option<i64> {
+        subject.rsplit('.').next()?.parse().ok()
+    }
+}
+
+/// A subject token for any text: hex of its bytes (watch keys and instance keys hold `/`,
+/// `.` and spaces, which subjects cannot).
+fn token(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn untoken(hex: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// One queued delivery as stored in `r.q.<subscription>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    id: i64,
+    event: i64,
+    at: Millis,
+    body: String,
+}
+
+/// A subscription's head in `r.h.<subscription>`: the last distribution id given out, and
+/// how many events went straight to dead letters because the backlog was full.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct Head {
+    last_id: i64,
+    overflowed: i64,
+}
+
+/// A subscription's counters in `r.s.<subscription>`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct SubscriptionState {
+    total: i64,
+    failure: i64,
+    delivered: i64,
+    dead_lettered: i64,
+    consecutive_failures: i64,
+    last_error: Option<String>,
+    last_delivery_at: Option<Millis>,
+    /// Attempts made so far of entries still queued, by position.
+    attempts: BTreeMap<u64, u32>,
+    /// minute → (attempts, failures), for `MINUTES_KEPT` minutes.
+    minutes: BTreeMap<i64, (i64, i64)>,
+}
+
+/// A watch's position in `r.w.<watch>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredPosition {
+    cursor: String,
+    events_read: i64,
+}
+
+/// One attempt in `r.l.<subscription>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LogLine {
+    at: Millis,
+    distribution_id: i64,
+    attempt: i64,
+    result: String,
+    error: String,
+    http_status: Option<u16>,
+    latency_ms: Option<u32>,
+    answer_head: String,
+}
+
+/// A stored dead letter in `r.d.<subscription>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredLetter {
+    id: i64,
+    event: i64,
+    attempts: u32,
+    reason: String,
+    error: String,
+    dead_at: Millis,
+    body: String,
+}
+
+/// One message of an atomic batch.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+impl Outgoing {
+    fn json<T: Serialize>(subject: String, value: &T) -> Self {
+        let payload = Bytes::from(serde_json::to_vec(value).unwrap_or_default());
+        Outgoing { subject, headers: HeaderMap::new(), payload }
+    }
+    fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+    /// Replaces every earlier message on its subject when committed.
+    fn rolled_up(self) -> Self {
+        self.header("Nats-Rollup", "sub")
+    }
+}
+
+/// Why a batch was not committed.
+enum BatchRefusal {
+    /// Another publisher moved a head first.
+    Conflict,
+    /// A message id in it was committed before (a page read again after a crash).
+    Duplicate,
+    Failed(StoreError),
+}
+
+impl BatchRefusal {
+    fn into_error(self) -> StoreError {
+        match self {
+            BatchRefusal::Conflict => StoreError::Commit("a batch conflicted with another writer".into()),
+            BatchRefusal::Duplicate => StoreError::Commit("a batch repeated committed messages".into()),
+            BatchRefusal::Failed(error) => error,
+        }
+    }
+}
+
+/// One subscription's part of a publish: its entries (or overflow letters), then its head.
+struct Group {
+    subscription: i64,
+    head: Head,
+    backlog: i64,
+    messages: Vec<Outgoing>,
+    fanouts: Vec<(usize, Fanout)>,
+}
+
+/// Packs groups into batches of at most `BATCH_MESSAGES`; with `dedup`, one group per batch,
+/// so that a batch found committed before is exactly one subscription's.
+fn pack(groups: Vec<Group>, dedup: bool) -> Vec<Vec<Group>> {
+    let mut batches: Vec<Vec<Group>> = Vec::new();
+    let mut size = 0;
+    for group in groups {
+        let fits = !dedup && size + group.messages.len() <= BATCH_MESSAGES;
+        match batches.last_mut() {
+            Some(batch) if fits && !batch.is_empty() => {
+                size += group.messages.len();
+                batch.push(group);
+            }
+            _ => {
+                size = group.messages.len();
+                batches.push(vec![group]);
+            }
+        }
+    }
+    batches
+}
+
+fn query<E: std::error::Error + Send + Sync + 'static>(error: E) -> StoreError {
+    StoreError::Query(Box::new(error) as EngineError)
+}
+
+/// A JetStream failure to reach or to commit, answered as 503 with a retry.
+fn unavailable(detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable { detail: detail.to_string() }
+}
+
+struct Shared {
+    client: async_nats::Client,
+    queue: stream::Stream,
+    state: stream::Stream,
+    log: stream::Stream,
+    names: Names,
+    limits: Limits,
+    /// Heads this process last saw (id, sequence of the head message).
+    heads: Mutex<HashMap<i64, (Head, u64)>>,
+    /// Subscription states this process last saw, with the sequence they were read at.
+    states: Mutex<HashMap<i64, (SubscriptionState, u64)>>,
+    /// Entries handed to the worker, by (subscription, position), until their outcome.
+    handed_out: Mutex<HashMap<(i64, u64), Entry>>,
+    /// Serialises this process's publishes (heads are cached, so they never conflict
+    /// with each other).
+    publishing: tokio::sync::Mutex<()>,
+    size: Mutex<(u64, Option<Instant>)>,
+    pending: Mutex<Option<(HashMap<i64, i64>, Instant)>>,
+    lost_outcomes: Mutex<HashSet<i64>>,
+}
+
+pub struct JetStreamStore {
+    shared: Arc<Shared>,
+    records: mpsc::UnboundedSender<(u64, Attempt)>,
+    next_ticket: AtomicU64,
+    committed: watch::Receiver<u64>,
+}
+
+impl JetStreamStore {
+    /// Connects and creates (or updates) herald's streams.
+    pub async fn open(settings: &JetStreamSettings, limits: Limits) -> Result<Self, StoreError> {
+        let client = connect(settings).await?;
+        let context = jetstream::new(client.clone());
+        let names = Names::new(&settings.stream);
+        let root = &names.root;
+        // The quota is herald's to enforce (growth is refused at the quota, a cursor may
+        // still move); the stream's byte limit is the backstop beyond it.
+        let max_bytes = i64::try_from(limits.quota_bytes.saturating_add(64 << 20)).unwrap_or(-1);
+        let queue = stream::Config {
+            name: names.queue.clone(),
+            subjects: ["q", "h", "d", "w", "p"].iter().map(|kind| format!("{root}.{kind}.>")).collect(),
+            num_replicas: settings.replicas,
+            max_bytes,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: settings.duplicate_window,
+            allow_rollup: true,
+            allow_atomic_publish: true,
+            description: Some("herald: queues, heads, dead letters, watch positions, pre-images".into()),
+            ..Default::default()
+        };
+        let state = stream::Config {
+            name: names.state.clone(),
+            subjects: vec![format!("{root}.s.*")],
+            num_replicas: settings.replicas,
+            max_messages_per_subject: 1,
+            description: Some("herald: delivery counters per subscription".into()),
+            ..Default::default()
+        };
+        let log = stream::Config {
+            name: names.log.clone(),
+            subjects: vec![format!("{root}.l.*")],
+            num_replicas: settings.replicas,
+            max_messages_per_subject: i64::try_from(LOGGED_ATTEMPTS).unwrap_or(100),
+            max_age: Duration::from_secs(u64::try_from(MINUTES_KEPT).unwrap_or(1440) * 60),
+            description: Some("herald: the delivery log, newest attempts per subscription".into()),
+            ..Default::default()
+        };
+        for config in [&queue, &state, &log] {
+            context.create_or_update_stream(config.clone()).await.map_err(|source| StoreError::Open {
+                path: format!("JetStream stream {}", config.name),
+                source: Box::new(source),
+            })?;
+        }
+        let get = |name: String| {
+            let context = context.clone();
+            async move {
+                context.get_stream(&name).await.map_err(|source| StoreError::Open {
+                    path: format!("JetStream stream {name}"),
+                    source: Box::new(source),
+                })
+            }
+        };
+        let shared = Arc::new(Shared {
+            queue: get(names.queue.clone()).await?,
+            state: get(names.state.clone()).await?,
+            log: get(names.log.clone()).await?,
+            client,
+            names,
+            limits,
+            heads: Mutex::default(),
+            states: Mutex::default(),
+            handed_out: Mutex::default(),
+            publishing: tokio::sync::Mutex::new(()),
+            size: Mutex::new((0, None)),
+            pending: Mutex::default(),
+            lost_outcomes: Mutex::default(),
+        });
+        let (records, pending) = mpsc::unbounded_channel();
+        let (settled, committed) = watch::channel(0);
+        tokio::spawn(write_outcomes(shared.clone(), pending, settled));
+        tokio::spawn(measure_size(Arc::downgrade(&shared)));
+        Ok(JetStreamStore { shared, records, next_ticket: AtomicU64::new(1), committed })
+    }
+}
+
+async fn connect(settings: &JetStreamSettings) -> Result<async_nats::Client, StoreError> {
+    let open_failed =
+        |source: EngineError| StoreError::Open { path: format!("NATS at {}", settings.urls.join(",")), source };
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_string())
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source: Box::new(source) })
+    };
+    let mut options = async_nats::ConnectOptions::new()
+        .name("herald")
+        .request_timeout(Some(Duration::from_secs(10)))
+        .retry_on_initial_connect()
+        .max_reconnects(None);
+    options = match &settings.auth {
+        NatsAuth::None => options,
+        NatsAuth::TokenFile(path) => options.token(read(path)?),
+        NatsAuth::NkeySeedFile(path) => options.nkey(read(path)?),
+        NatsAuth::CredentialsFile(path) => {
+            options.credentials_file(path).await.map_err(|source| open_failed(Box::new(source)))?
+        }
+    };
+    if let Some(ca) = &settings.ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let addresses: Vec<async_nats::ServerAddr> = settings
+        .urls
+        .iter()
+        .map(|url| url.parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .map_err(|source| open_failed(Box::new(source)))?;
+    let client = options.connect(addresses).await.map_err(|source| open_failed(Box::new(source)))?;
+    Ok(client)
+}
+
+impl Shared {
+    /// Commits `messages` as one atomic batch; returns the sequence of the last one.
+    async fn commit_batch(&self, messages: Vec<Outgoing>) -> Result<u64, BatchRefusal> {
+        let batch = format!("herald-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let count = messages.len();
+        for (index, message) in messages.into_iter().enumerate() {
+            let Outgoing { subject, mut headers, payload } = message;
+            headers.insert("Nats-Batch-Id", batch.as_str());
+            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+            if index + 1 < count {
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|error| BatchRefusal::Failed(unavailable(error)))?;
+                continue;
+            }
+            headers.insert("Nats-Batch-Commit", "1");
+            let answer = self
+                .client
+                .request_with_headers(subject, headers, payload)
+                .await
+                .map_err(|error| BatchRefusal::Failed(unavailable(format!("committing a batch: {error}"))))?;
+            return read_ack(&answer.payload);
+        }
+        Err(BatchRefusal::Failed(StoreError::Commit("an empty batch".into())))
+    }
+
+    /// The size the quota is judged on: the queue stream's bytes, measured at most
+    /// `SIZE_TTL` ago.
+    async fn size(&self) -> Result<u64, StoreError> {
+        if let (size, Some(at)) = *self.size.lock()
+            && at.elapsed() < SIZE_TTL
+        {
+            return Ok(size);
+        }
+        let info = self.queue.get_info().await.map_err(unavailable)?;
+        *self.size.lock() = (info.state.bytes, Some(Instant::now()));
+        Ok(info.state.bytes)
+    }
+
+    async fn check_quota(&self) -> Result<(), StoreError> {
+        let size = self.size().await?;
+        // At the quota, not only beyond it: an empty store is 0 bytes, and a quota of 0
+        // must refuse the first write as the embedded engine's does.
+        if size >= self.limits.quota_bytes {
+            return Err(StoreError::OverQuota { size, quota: self.limits.quota_bytes });
+        }
+        Ok(())
+    }
+
+    async fn last_on<T: for<'de> Deserialize<'de>>(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+    ) -> Result<Option<(T, u64)>, StoreError> {
+        match stream.raw_message_builder().last_by_subject(subject).send().await {
+            Ok(message) => {
+                let value = serde_json::from_slice(&message.payload).map_err(query)?;
+                Ok(Some((value, message.sequence)))
+            }
+            Err(error) if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// Messages on `subject` after sequence `after`, up to `limit`, in order.
+    async fn read_after(
+        &self,
+        stream: &stream::Stream,
+        subject: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<jetstream::message::StreamMessage>, StoreError> {
+        let mut messages = Vec::new();
+        let mut next = after + 1;
+        while messages.len() < limit {
+            match stream.raw_message_builder().sequence(next).next_by_subject(subject).send().await {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    messages.push(message);
+                }
+                Err(error) if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => break,
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Messages per subject matching `filter`.
+    async fn subject_counts(
+        &self,
+        stream: &stream::Stream,
+        filter: &str,
+    ) -> Result<HashMap<String, usize>, StoreError> {
+        let mut counts = HashMap::new();
+        let mut subjects = stream.info_with_subjects(filter).await.map_err(unavailable)?;
+        while let Some(subject) = subjects.next().await {
+            let (subject, count) = subject.map_err(unavailable)?;
+            counts.insert(subject, count);
+        }
+        Ok(counts)
+    }
+
+    async fn purge(&self, stream: &stream::Stream, filter: String, keep: Option<u64>) -> Result<(), StoreError> {
+        let purge = stream.purge().filter(filter);
+        let result = match keep {
+            Some(keep) => purge.keep(keep).await,
+            None => purge.await,
+        };
+        result.map(|_| ()).map_err(unavailable)
+    }
+
+    async fn head(&self, subscription: i64) -> Result<(Head, u64), StoreError> {
+        if let Some(head) = self.heads.lock().get(&subscription) {
+            return Ok(*head);
+        }
+        let head = self.last_on(&self.queue, &self.names.head(subscription)).await?.unwrap_or_default();
+        self.heads.lock().insert(subscription, head);
+        Ok(head)
+    }
+
+    /// Pending deliveries per subscription as last counted (at most `PENDING_TTL` ago),
+    /// plus what this process queued since: the backlog cap is judged on it.
+    async fn pending_counts(&self) -> Result<HashMap<i64, i64>, StoreError> {
+        if let Some((counts, at)) = &*self.pending.lock()
+            && at.elapsed() < PENDING_TTL
+        {
+            return Ok(counts.clone());
+        }
+        let counted = self.subject_counts(&self.queue, &format!("{}.q.*", self.names.root)).await?;
+        let counts: HashMap<i64, i64> = counted
+            .into_iter()
+            .filter_map(|(subject, count)| Some((Names::subscription_of(&subject)?, i64::try_from(count).ok()?)))
+            .collect();
+        *self.pending.lock() = Some((counts.clone(), Instant::now()));
+        Ok(counts)
+    }
+
+    /// Stores `events`' fan-out, each subscription's entries in one atomic batch with its
+    /// new head; a subscription whose head another publisher moved first is numbered again
+    /// and retried. `extra` (a watch page's position and pre-images) is committed last,
+    /// once every entry is in. With `dedup`, entries carry message ids: a page read again
+    /// after a crash finds its subscriptions' batches already committed and skips them.
+    async fn publish_events(
+        &self,
+        events: Vec<NewEvent>,
+        extra: Vec<Outgoing>,
+        dedup: bool,
+    ) -> Result<Vec<Vec<Fanout>>, StoreError> {
+        let _serial = self.publishing.lock().await;
+        let mut by_subscription: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for (index, event) in events.iter().enumerate() {
+            for &subscription in &event.subscriptions {
+                by_subscription.entry(subscription).or_default().push(index);
+            }
+        }
+        let mut pending = if by_subscription.is_empty() { HashMap::new() } else { self.pending_counts().await? };
+        let now = now_millis();
+        let mut placed: HashMap<(usize, i64), Fanout> = HashMap::new();
+        let mut waiting: Vec<i64> = by_subscription.keys().copied().collect();
+        for round in 0..CONFLICT_RETRIES {
+            if waiting.is_empty() {
+                break;
+            }
+            if round > 0 {
+                // Another replica's batch for the same heads is in flight: let it land.
+                let ceiling = 2u64 << round.min(6);
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=ceiling))).await;
+            }
+            let mut groups = Vec::with_capacity(waiting.len());
+            for &subscription in &waiting {
+                let (head, head_seq) = self.head(subscription).await?;
+                let mut next = head;
+                let mut backlog = pending.get(&subscription).copied().unwrap_or(0);
+                let mut messages = Vec::new();
+                let mut fanouts = Vec::new();
+                for &index in by_subscription.get(&subscription).map(Vec::as_slice).unwrap_or_default() {
+                    let event = &events[index];
+                    next.last_id += 1;
+                    let event_id = now.saturating_mul(1000).saturating_add(i64::try_from(index % 1000).unwrap_or(0));
+                    let fits = backlog < self.limits.backlog_cap;
+                    let message = if fits {
+                        backlog += 1;
+                        let entry = Entry { id: next.last_id, event: event_id, at: now, body: event.body.clone() };
+                        Outgoing::json(self.names.queue_entry(subscription), &entry)
+                    } else {
+                        next.overflowed += 1;
+                        let letter = StoredLetter {
+                            id: next.last_id,
+                            event: event_id,
+                            attempts: 0,
+                            reason: "BacklogFull".into(),
+                            error: format!("more than {} deliveries pending", self.limits.backlog_cap),
+                            dead_at: now,
+                            body: event.body.clone(),
+                        };
+                        Outgoing::json(self.names.dead(subscription), &letter)
+                    };
+                    messages.push(if dedup {
+                        message.header("Nats-Msg-Id", &dedup_id(subscription, &event.body))
+                    } else {
+                        message
+                    });
+                    let fanout = Fanout { subscription_id: subscription, distribution_id: next.last_id, queued: fits };
+                    fanouts.push((index, fanout));
+                }
+                messages.push(
+                    Outgoing::json(self.names.head(subscription), &next)
+                        .header("Nats-Expected-Last-Subject-Sequence", &head_seq.to_string())
+                        .rolled_up(),
+                );
+                groups.push(Group { subscription, head: next, backlog, messages, fanouts });
+            }
+            let mut conflicted = Vec::new();
+            for mut batch in pack(groups, dedup) {
+                let subscriptions: Vec<i64> = batch.iter().map(|g| g.subscription).collect();
+                let messages: Vec<Outgoing> = batch.iter_mut().flat_map(|g| std::mem::take(&mut g.messages)).collect();
+                let count = u64::try_from(messages.len()).unwrap_or(0);
+                match self.commit_messages(messages).await {
+                    Ok(last) => {
+                        // Each group ends with its head: the sequences follow from the last.
+                        let mut sequence = last + 1 - count;
+                        let mut heads = self.heads.lock();
+                        for group in batch {
+                            sequence += u64::try_from(group.fanouts.len()).unwrap_or(0);
+                            heads.insert(group.subscription, (group.head, sequence));
+                            sequence += 1;
+                            pending.insert(group.subscription, group.backlog);
+                            placed.extend(group.fanouts.into_iter().map(|(i, f)| ((i, f.subscription_id), f)));
+                        }
+                    }
+                    Err(refusal) => {
+                        let mut heads = self.heads.lock();
+                        for id in &subscriptions {
+                            heads.remove(id);
+                        }
+                        match refusal {
+                            BatchRefusal::Conflict => conflicted.extend(subscriptions),
+                            // Committed before a crash: this page's entries are in.
+                            BatchRefusal::Duplicate if dedup => {
+                                placed.extend(
+                                    batch.into_iter().flat_map(|g| g.fanouts).map(|(i, f)| ((i, f.subscription_id), f)),
+                                );
+                            }
+                            BatchRefusal::Duplicate => {
+                                return Err(StoreError::Commit("an unexpected duplicate".into()));
+                            }
+                            BatchRefusal::Failed(error) => {
+                                *self.pending.lock() = None;
+                                return Err(error);
+                            }
+                        }
+                    }
+                }
+            }
+            waiting = conflicted;
+        }
+        if !waiting.is_empty() {
+            return Err(unavailable("other replicas kept publishing to the same subscriptions; retry"));
+        }
+        if let Some(cached) = &mut *self.pending.lock() {
+            cached.0.extend(pending);
+        }
+        if !extra.is_empty() {
+            self.commit_messages(extra).await.map_err(BatchRefusal::into_error)?;
+        }
+        self.size.lock().1 = None;
+        Ok(events
+            .iter()
+            .enumerate()
+            .map(|(index, event)| event.subscriptions.iter().filter_map(|id| placed.remove(&(index, *id))).collect())
+            .collect())
+    }
+
+    /// Commits `messages` atomically when they fit one batch; otherwise in batches, in
+    /// order (a failure part-way leaves the earlier batches committed).
+    async fn commit_messages(&self, messages: Vec<Outgoing>) -> Result<u64, BatchRefusal> {
+        let mut messages = messages.into_iter().peekable();
+        let mut last = 0;
+        while messages.peek().is_some() {
+            let part: Vec<Outgoing> = messages.by_ref().take(BATCH_MESSAGES).collect();
+            last = self.commit_batch(part).await?;
+        }
+        Ok(last)
+    }
+
+    /// Applies `change` to a subscription's state with compare-and-set, reading it again
+    /// when another writer got there first (counters are deltas, so re-applying is right).
+    async fn update_state(
+        &self,
+        subscription: i64,
+        change: &(dyn Fn(&mut SubscriptionState) + Sync),
+    ) -> Result<(), StoreError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let cached = self.states.lock().get(&subscription).cloned();
+            let (mut state, seq) = match cached {
+                Some(cached) => cached,
+                None => self.last_on(&self.state, &self.names.state(subscription)).await?.unwrap_or_default(),
+            };
+            change(&mut state);
+            let payload = Bytes::from(serde_json::to_vec(&state).map_err(query)?);
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+            let published = jetstream::new(self.client.clone())
+                .publish_with_headers(self.names.state(subscription), headers, payload)
+                .await
+                .map_err(unavailable)?
+                .await;
+            match published {
+                Ok(ack) => {
+                    self.states.lock().insert(subscription, (state, ack.sequence));
+                    return Ok(());
+                }
+                Err(error) if is_wrong_last_sequence(&error) => {
+                    self.states.lock().remove(&subscription);
+                }
+                Err(error) => {
+                    self.states.lock().remove(&subscription);
+                    return Err(unavailable(error));
+                }
+            }
+        }
+        Err(unavailable("the subscription's counters kept changing under this writer"))
+    }
+
+    async fn state_of(&self, subscription: i64) -> Result<SubscriptionState, StoreError> {
+        let stored = self.last_on(&self.state, &self.names.state(subscription)).await?;
+        let (state, seq): (SubscriptionState, u64) = stored.unwrap_or_default();
+        self.states.lock().insert(subscription, (state.clone(), seq));
+        Ok(state)
+    }
+
+    async fn entry_at(&self, subscription: i64, position: u64) -> Result<Option<Entry>, StoreError> {
+        if let Some(entry) = self.handed_out.lock().get(&(subscription, position)) {
+            return Ok(Some(entry.clone()));
+        }
+        match self.queue.raw_message_builder().sequence(position).send().await {
+            Ok(message) if message.subject.as_str() == self.names.queue_entry(subscription) => {
+                Ok(Some(serde_json::from_slice(&message.payload).map_err(query)?))
+            }
+            Ok(_) => Ok(None),
+            Err(error) if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    async fn delete(&self, stream: &stream::Stream, sequence: u64) -> Result<(), StoreError> {
+        match stream.delete_message(sequence).await {
+            Ok(_) => Ok(()),
+            // Already gone (a retried outcome, a dropped subscription).
+            Err(error) if error.to_string().contains("no message found") => Ok(()),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// Writes one subscription's outcomes: queue, dead letters, log, then counters.
+    async fn write_outcomes_of(&self, subscription: i64, attempts: Vec<Attempt>) -> Result<(), StoreError> {
+        let cached = self.states.lock().get(&subscription).map(|(state, _)| state.attempts.clone());
+        let mut made = match cached {
+            Some(made) => made,
+            None => self.state_of(subscription).await?.attempts,
+        };
+        let js = jetstream::new(self.client.clone());
+        let mut acks = Vec::new();
+        let mut settled = Vec::new();
+        for attempt in &attempts {
+            let position = u64::try_from(attempt.position).unwrap_or(0);
+            let Some(entry) = self.entry_at(subscription, position).await? else { continue };
+            let before = made.get(&position).copied().unwrap_or(0);
+            let attempted = !matches!(attempt.outcome, Outcome::DeadLettered { attempted: false, .. });
+            let now_made = before + u32::from(attempted);
+            if let Some(result) = AttemptResult::of(&attempt.outcome) {
+                let error = match &attempt.outcome {
+                    Outcome::Delivered => String::new(),
+                    Outcome::Failed { error } | Outcome::DeadLettered { error, .. } => error.clone(),
+                };
+                let line = LogLine {
+                    at: attempt.at,
+                    distribution_id: entry.id,
+                    attempt: i64::from(now_made),
+                    result: result.as_str().into(),
+                    error,
+                    http_status: attempt.exchange.http_status,
+                    latency_ms: attempt.exchange.latency_ms,
+                    answer_head: attempt.exchange.answer_head.chars().take(ANSWER_HEAD_BYTES).collect(),
+                };
+                let payload = Bytes::from(serde_json::to_vec(&line).map_err(query)?);
+                acks.push(js.publish(self.names.log(subscription), payload).await.map_err(unavailable)?);
+            }
+            match &attempt.outcome {
+                Outcome::Failed { .. } => {
+                    made.insert(position, now_made);
+                }
+                Outcome::Delivered => {
+                    made.remove(&position);
+                    settled.push(position);
+                }
+                Outcome::DeadLettered { error, reason, .. } => {
+                    made.remove(&position);
+                    let letter = StoredLetter {
+                        id: entry.id,
+                        event: entry.event,
+                        attempts: now_made,
+                        reason: reason.clone(),
+                        error: error.clone(),
+                        dead_at: attempt.at,
+                        body: entry.body.clone(),
+                    };
+                    let payload = Bytes::from(serde_json::to_vec(&letter).map_err(query)?);
+                    let mut headers = HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("dead-{subscription}-{position}").as_str());
+                    js.publish_with_headers(self.names.dead(subscription), headers, payload)
+                        .await
+                        .map_err(unavailable)?
+                        .await
+                        .map_err(unavailable)?;
+                    settled.push(position);
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.map_err(unavailable)?;
+        }
+        for position in &settled {
+            self.delete(&self.queue, *position).await?;
+            self.handed_out.lock().remove(&(subscription, *position));
+        }
+        let attempts = Arc::new(attempts);
+        let change = {
+            let attempts = attempts.clone();
+            move |state: &mut SubscriptionState| apply_outcomes(state, &attempts)
+        };
+        self.update_state(subscription, &change).await?;
+        self.size.lock().1 = None;
+        Ok(())
+    }
+}
+
+/// What `attempts` do to a subscription's counters, attempts and per-minute counts.
+fn apply_outcomes(state: &mut SubscriptionState, attempts: &[Attempt]) {
+    for attempt in attempts {
+        let position = u64::try_from(attempt.position).unwrap_or(0);
+        let minute = minute_of(attempt.at);
+        let attempted = !matches!(attempt.outcome, Outcome::DeadLettered { attempted: false, .. });
+        if attempted {
+            state.total += 1;
+        }
+        match &attempt.outcome {
+            Outcome::Delivered => {
+                state.delivered += 1;
+                state.consecutive_failures = 0;
+                state.last_delivery_at = Some(attempt.at);
+                state.attempts.remove(&position);
+                state.minutes.entry(minute).or_default().0 += 1;
+            }
+            Outcome::Failed { error } => {
+                state.failure += 1;
+                state.consecutive_failures += 1;
+                state.last_error = Some(error.clone());
+                *state.attempts.entry(position).or_default() += 1;
+                let counts = state.minutes.entry(minute).or_default();
+                counts.0 += 1;
+                counts.1 += 1;
+            }
+            Outcome::DeadLettered { error, .. } => {
+                if attempted {
+                    state.failure += 1;
+                    state.consecutive_failures += 1;
+                    let counts = state.minutes.entry(minute).or_default();
+                    counts.0 += 1;
+                    counts.1 += 1;
+                }
+                state.dead_lettered += 1;
+                state.last_error = Some(error.clone());
+                state.attempts.remove(&position);
+            }
+        }
+    }
+    if let Some(newest) = state.minutes.keys().next_back().copied() {
+        state.minutes = state.minutes.split_off(&(newest - MINUTES_KEPT + 1));
+    }
+}
+
+/// The message id of a watch event's entry for one subscription: the same page read again
+/// after a crash is dropped by JetStream instead of queued twice.
+fn dedup_id(subscription: i64, body: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+    let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("w-{subscription}-{hex}")
+}
+
+fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {
+    error.to_string().contains("wrong last sequence")
+}
+
+/// Reads a batch commit's answer.
+fn read_ack(payload: &[u8]) -> Result<u64, BatchRefusal> {
+    let answer: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|error| BatchRefusal::Failed(StoreError::Commit(format!("unreadable batch answer: {error}"))))?;
+    if let Some(error) = answer.get("error") {
+        let code = error.get("err_code").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let description = error.get("description").and_then(serde_json::Value::as_str).unwrap_or("").to_string();
+        if WRONG_LAST_SEQUENCE.contains(&code) {
+            return Err(BatchRefusal::Conflict);
+        }
+        if code == DUPLICATE_IN_BATCH {
+            return Err(BatchRefusal::Duplicate);
+        }
+        if description.contains("maximum bytes") || description.contains("resource limits") {
+            return Err(BatchRefusal::Failed(StoreError::Full { detail: description }));
+        }
+        return Err(BatchRefusal::Failed(unavailable(format!("JetStream refused a batch ({code}): {description}"))));
+    }
+    answer
+        .get("seq")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| BatchRefusal::Failed(StoreError::Commit("a batch answer without a sequence".into())))
+}
+
+/// Keeps `size_bytes` (metrics, the sweep) within a few seconds of the truth while the
+/// store is open.
+async fn measure_size(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else { return };
+        if let Err(error) = shared.size().await {
+            tracing::debug!(%error, "measuring the JetStream store failed");
+        }
+        drop(shared);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Writes recorded outcomes in the background, in runs, per subscription; a ticket is
+/// settled once every outcome up to it is written (or reported lost).
+async fn write_outcomes(
+    shared: Arc<Shared>,
+    mut pending: mpsc::UnboundedReceiver<(u64, Attempt)>,
+    settled: watch::Sender<u64>,
+) {
+    while let Some(first) = pending.recv().await {
+        let mut run = vec![first];
+        while run.len() < 1024
+            && let Ok(next) = pending.try_recv()
+        {
+            run.push(next);
+        }
+        let last_ticket = run.iter().map(|(ticket, _)| *ticket).max().unwrap_or(0);
+        let mut by_subscription: BTreeMap<i64, Vec<Attempt>> = BTreeMap::new();
+        for (_, attempt) in run {
+            by_subscription.entry(attempt.subscription_id).or_default().push(attempt);
+        }
+        let writes = by_subscription.into_iter().map(|(subscription, attempts)| {
+            let shared = shared.clone();
+            async move {
+                if let Err(error) = shared.write_outcomes_of(subscription, attempts).await {
+                    tracing::error!(%error, subscription, "writing delivery outcomes to JetStream failed");
+                    shared.states.lock().remove(&subscription);
+                    shared.lost_outcomes.lock().insert(subscription);
+                }
+            }
+        });
+        futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<()>>().await;
+        settled.send_replace(last_ticket);
+    }
+}
+
+impl EventStore for JetStreamStore {
+    fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
+        Box::pin(async move {
+            if events.iter().any(|e| !e.subscriptions.is_empty()) {
+                self.shared.check_quota().await?;
+            }
+            self.shared.publish_events(events, Vec::new(), false).await
+        })
+    }
+
+    fn queued(
+        &self,
+        subscription_id: i64,
+        after_position: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Queued>, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let subject = shared.names.queue_entry(subscription_id);
+            let after = u64::try_from(after_position).unwrap_or(0);
+            let messages = shared.read_after(&shared.queue, &subject, after, limit.min(READ_PAGE)).await?;
+            let attempts =
+                if messages.is_empty() { BTreeMap::new() } else { shared.state_of(subscription_id).await?.attempts };
+            let mut queued = Vec::with_capacity(messages.len());
+            for message in messages {
+                let entry: Entry = serde_json::from_slice(&message.payload).map_err(query)?;
+                queued.push(Queued {
+                    subscription_id,
+                    position: i64::try_from(message.sequence).unwrap_or(i64::MAX),
+                    event_id: entry.event,
+                    distribution_id: entry.id,
+                    attempts: attempts.get(&message.sequence).copied().unwrap_or(0),
+                    enqueued_at: entry.at,
+                    body: entry.body.clone(),
+                });
+                shared.handed_out.lock().insert((subscription_id, message.sequence), entry);
+            }
+            Ok(queued)
+        })
+    }
+
+    fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::AcqRel);
+        self.records.send((ticket, attempt)).map_err(|_| StoreError::WriterStopped)?;
+        Ok(ticket)
+    }
+
+    fn committed(&self, ticket: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut committed = self.committed.clone();
+        Box::pin(async move {
+            committed.wait_for(|settled| *settled >= ticket).await.map_err(|_| StoreError::WriterStopped)?;
+            Ok(())
+        })
+    }
+
+    fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let state = shared.state_of(subscription_id).await?;
+            let head = shared.last_on::<Head>(&shared.queue, &shared.names.head(subscription_id)).await?;
+            let subject = shared.names.queue_entry(subscription_id);
+            let pending = shared.subject_counts(&shared.queue, &subject).await?.get(&subject).copied().unwrap_or(0);
+            Ok(Counters {
+                total: state.total,
+                failure: state.failure,
+                delivered: state.delivered,
+                dead_lettered: state.dead_lettered + head.map_or(0, |(head, _)| head.overflowed),
+                pending: i64::try_from(pending).unwrap_or(i64::MAX),
+                consecutive_failures: state.consecutive_failures,
+                last_error: state.last_error,
+                last_delivery_at: state.last_delivery_at,
+            })
+        })
+    }
+
+    fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let messages = shared.read_after(&shared.queue, &shared.names.dead(subscription_id), 0, usize::MAX).await?;
+            let mut letters = Vec::with_capacity(messages.len());
+            for message in messages {
+                let letter: StoredLetter = serde_json::from_slice(&message.payload).map_err(query)?;
+                letters.push(DeadLetter {
+                    subscription_id,
+                    distribution_id: letter.id,
+                    event_id: letter.event,
+                    attempts: letter.attempts,
+                    reason: letter.reason,
+                    error: letter.error,
+                    dead_at: letter.dead_at,
+                    body: letter.body,
+                });
+            }
+            letters.sort_by_key(|l| l.distribution_id);
+            letters.truncate(limit);
+            Ok(letters)
+        })
+    }
+
+    fn delivery_log(
+        &self,
+        subscription_id: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<LoggedAttempt>, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let messages =
+                shared.read_after(&shared.log, &shared.names.log(subscription_id), 0, LOGGED_ATTEMPTS).await?;
+            let mut logged = Vec::with_capacity(messages.len());
+            for message in messages.iter().rev().take(limit) {
+                let line: LogLine = serde_json::from_slice(&message.payload).map_err(query)?;
+                let Some(result) = AttemptResult::parse(&line.result) else { continue };
+                logged.push(LoggedAttempt {
+                    at: line.at,
+                    distribution_id: line.distribution_id,
+                    attempt: line.attempt,
+                    result,
+                    error: line.error,
+                    exchange: Exchange {
+                        http_status: line.http_status,
+                        latency_ms: line.latency_ms,
+                        answer_head: line.answer_head,
+                    },
+                });
+            }
+            Ok(logged)
+        })
+    }
+
+    fn attempts_per_minute(
+        &self,
+        subscription_id: i64,
+        minutes: std::ops::RangeInclusive<i64>,
+    ) -> BoxFuture<'_, Result<Vec<MinuteCount>, StoreError>> {
+        Box::pin(async move {
+            let state = self.shared.state_of(subscription_id).await?;
+            Ok(state
+                .minutes
+                .range(minutes)
+                .map(|(minute, (attempts, failures))| MinuteCount {
+                    minute: *minute,
+                    attempts: *attempts,
+                    failures: *failures,
+                })
+                .collect())
+        })
+    }
+
+    fn replay(
+        &self,
+        subscription_id: i64,
+        distribution_ids: Option<Vec<i64>>,
+    ) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let wanted: Option<HashSet<i64>> = distribution_ids.map(|ids| ids.into_iter().collect());
+            let messages = shared.read_after(&shared.queue, &shared.names.dead(subscription_id), 0, usize::MAX).await?;
+            let mut replayed = Vec::new();
+            let mut entries = Vec::new();
+            let now = now_millis();
+            for message in messages {
+                let letter: StoredLetter = serde_json::from_slice(&message.payload).map_err(query)?;
+                if wanted.as_ref().is_some_and(|ids| !ids.contains(&letter.id)) {
+                    continue;
+                }
+                let entry = Entry { id: letter.id, event: letter.event, at: now, body: letter.body };
+                entries.push(Outgoing::json(shared.names.queue_entry(subscription_id), &entry));
+                replayed.push(message.sequence);
+            }
+            // The entries go in before the letters go: a failure in between leaves a
+            // letter that was also replayed, never one that was lost.
+            let count = replayed.len();
+            let mut entries = entries.into_iter().peekable();
+            while entries.peek().is_some() {
+                let part: Vec<Outgoing> = entries.by_ref().take(BATCH_MESSAGES).collect();
+                shared.commit_batch(part).await.map_err(BatchRefusal::into_error)?;
+            }
+            for sequence in replayed {
+                shared.delete(&shared.queue, sequence).await?;
+            }
+            shared.size.lock().1 = None;
+            Ok(count)
+        })
+    }
+
+    fn drop_subscription(&self, subscription_id: i64) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let names = &shared.names;
+            for subject in
+                [names.queue_entry(subscription_id), names.dead(subscription_id), names.head(subscription_id)]
+            {
+                shared.purge(&shared.queue, subject, None).await?;
+            }
+            shared.purge(&shared.state, names.state(subscription_id), None).await?;
+            shared.purge(&shared.log, names.log(subscription_id), None).await?;
+            shared.heads.lock().remove(&subscription_id);
+            shared.states.lock().remove(&subscription_id);
+            shared.handed_out.lock().retain(|(id, _), _| *id != subscription_id);
+            Ok(())
+        })
+    }
+
+    fn subscriptions(&self) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let root = &shared.names.root;
+            let mut ids = HashSet::new();
+            for kind in ["q", "d", "h"] {
+                let counts = shared.subject_counts(&shared.queue, &format!("{root}.{kind}.*")).await?;
+                ids.extend(counts.keys().filter_map(|s| Names::subscription_of(s)));
+            }
+            let counts = shared.subject_counts(&shared.state, &format!("{root}.s.*")).await?;
+            ids.extend(counts.keys().filter_map(|s| Names::subscription_of(s)));
+            let mut ids: Vec<i64> = ids.into_iter().collect();
+            ids.sort_unstable();
+            Ok(ids)
+        })
+    }
+
+    fn expire_dead_letters(&self, before: Millis) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let filter = format!("{}.d.*", shared.names.root);
+            let mut expired = 0;
+            let mut after = 0;
+            loop {
+                let messages = shared.read_after(&shared.queue, &filter, after, READ_PAGE).await?;
+                let Some(last) = messages.last() else { break };
+                after = last.sequence;
+                for message in &messages {
+                    let letter: StoredLetter = serde_json::from_slice(&message.payload).map_err(query)?;
+                    if letter.dead_at < before {
+                        shared.delete(&shared.queue, message.sequence).await?;
+                        expired += 1;
+                    }
+                }
+            }
+            Ok(expired)
+        })
+    }
+
+    fn watch_position(&self, watch: &str) -> BoxFuture<'_, Result<Option<WatchPosition>, StoreError>> {
+        let watch = watch.to_string();
+        Box::pin(async move {
+            let shared = &self.shared;
+            let Some((position, _)) =
+                shared.last_on::<StoredPosition>(&shared.queue, &shared.names.position(&watch)).await?
+            else {
+                return Ok(None);
+            };
+            let kept = shared.subject_counts(&shared.queue, &shared.names.pre_images(&watch)).await?;
+            let pre_images = i64::try_from(kept.len()).unwrap_or(i64::MAX);
+            Ok(Some(WatchPosition { cursor: position.cursor, events_read: position.events_read, pre_images }))
+        })
+    }
+
+    fn ingest(&self, page: WatchPage) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            if page.grows_store() {
+                shared.check_quota().await?;
+            }
+            if page.forget_pre_images {
+                shared.purge(&shared.queue, shared.names.pre_images(&page.watch), None).await?;
+            }
+            let previous = shared.last_on::<StoredPosition>(&shared.queue, &shared.names.position(&page.watch)).await?;
+            let position = StoredPosition {
+                cursor: page.cursor.clone(),
+                events_read: previous.map_or(0, |(p, _)| p.events_read) + page.read,
+            };
+            // An instance's last change wins; a deletion is a tombstone purged afterwards.
+            let mut latest: Vec<(String, Option<String>)> = Vec::new();
+            for (instance, detail) in &page.pre_images {
+                latest.retain(|(kept, _)| kept != instance);
+                latest.push((instance.clone(), detail.clone()));
+            }
+            let mut extra: Vec<Outgoing> = latest
+                .iter()
+                .map(|(instance, detail)| {
+                    Outgoing::json(shared.names.pre_image(&page.watch, instance), detail).rolled_up()
+                })
+                .collect();
+            extra.push(Outgoing::json(shared.names.position(&page.watch), &position).rolled_up());
+            let fanouts = shared.publish_events(page.events, extra, true).await?;
+            for (instance, detail) in &latest {
+                if detail.is_none() {
+                    shared.purge(&shared.queue, shared.names.pre_image(&page.watch, instance), None).await?;
+                }
+            }
+            if !latest.is_empty() {
+                let keep = u64::try_from(page.pre_image_limit.max(0)).unwrap_or(0);
+                let filter = shared.names.pre_images(&page.watch);
+                if keep == 0 {
+                    shared.purge(&shared.queue, filter, None).await?;
+                } else {
+                    shared.purge(&shared.queue, filter, Some(keep)).await?;
+                }
+            }
+            Ok(fanouts)
+        })
+    }
+
+    fn pre_images(
+        &self,
+        watch: &str,
+        instances: Vec<String>,
+    ) -> BoxFuture<'_, Result<HashMap<String, String>, StoreError>> {
+        let watch = watch.to_string();
+        Box::pin(async move {
+            let shared = &self.shared;
+            let mut kept = HashMap::new();
+            for instance in instances {
+                let subject = shared.names.pre_image(&watch, &instance);
+                if let Some((Some(detail), _)) = shared.last_on::<Option<String>>(&shared.queue, &subject).await? {
+                    kept.insert(instance, detail);
+                }
+            }
+            Ok(kept)
+        })
+    }
+
+    fn drop_watch(&self, watch: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let watch = watch.to_string();
+        Box::pin(async move {
+            let shared = &self.shared;
+            shared.purge(&shared.queue, shared.names.pre_images(&watch), None).await?;
+            shared.purge(&shared.queue, shared.names.position(&watch), None).await
+        })
+    }
+
+    fn watches(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let counts = shared.subject_counts(&shared.queue, &format!("{}.w.*", shared.names.root)).await?;
+            let mut watches: Vec<String> =
+                counts.keys().filter_map(|subject| untoken(subject.rsplit('.').next()?)).collect();
+            watches.sort();
+            Ok(watches)
+        })
+    }
+
+    fn pending_total(&self) -> BoxFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let counts = shared.subject_counts(&shared.queue, &format!("{}.q.*", shared.names.root)).await?;
+            Ok(i64::try_from(counts.values().sum::<usize>()).unwrap_or(i64::MAX))
+        })
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.shared.size.lock().0
+    }
+
+    fn outcomes_lost(&self, subscription_id: i64) -> bool {
+        self.shared.lost_outcomes.lock().remove(&subscription_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::conformance_suite;
+
+    /// The cluster tests/run.sh starts (tests/nats/up.sh), and a fresh stream name, so
+    /// each store starts empty.
+    fn settings() -> JetStreamSettings {
+        let urls = std::env::var("HERALD_TEST_NATS_URLS")
+            .expect("HERALD_TEST_NATS_URLS names the NATS cluster (tests/run.sh starts one: tests/nats/up.sh)");
+        JetStreamSettings {
+            urls: urls.split(',').map(str::to_string).collect(),
+            stream: format!("HERALDT{:08X}", fastrand::u32(..)),
+            replicas: 3,
+            duplicate_window: Duration::from_secs(120),
+            auth: NatsAuth::None,
+            ca_file: None,
+        }
+    }
+
+    fn open(limits: Limits) -> Arc<dyn EventStore> {
+        let settings = settings();
+        let store = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(JetStreamStore::open(&settings, limits))
+        });
+        Arc::new(store.expect("JetStream store opens"))
+    }
+
+    async fn all_queued(store: &dyn EventStore, subscription: i64) -> Vec<Queued> {
+        let mut all: Vec<Queued> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |q| q.position);
+            let page = store.queued(subscription, after, 256).await.unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    }
+
+    /// Two replicas publishing to the same subscriptions at once: each subscription's ids
+    /// run 1..=n with no gap or repeat, in queue order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_publishing_at_once_keep_ids_contiguous() {
+        let settings = settings();
+        let limits = crate::store::conformance::limits;
+        let replicas = [
+            Arc::new(JetStreamStore::open(&settings, limits()).await.unwrap()),
+            Arc::new(JetStreamStore::open(&settings, limits()).await.unwrap()),
+        ];
+        let publishers = replicas.iter().enumerate().map(|(replica, store)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for request in 0..40 {
+                    let events = (0..2)
+                        .map(|n| NewEvent { body: format!("{replica}-{request}-{n}"), subscriptions: vec![1, 2] })
+                        .collect();
+                    store.publish(events).await.unwrap();
+                }
+            })
+        });
+        for publisher in futures::future::join_all(publishers).await {
+            publisher.unwrap();
+        }
+        for subscription in [1, 2] {
+            let queued = all_queued(&*replicas[1], subscription).await;
+            let ids: Vec<i64> = queued.iter().map(|q| q.distribution_id).collect();
+            assert_eq!(ids, (1..=160).collect::<Vec<_>>(), "subscription {subscription}");
+            for replica in 0..2 {
+                let own: Vec<&str> =
+                    queued.iter().map(|q| q.body.as_str()).filter(|b| b.starts_with(&format!("{replica}-"))).collect();
+                let published: Vec<String> =
+                    (0..40).flat_map(|r| (0..2).map(move |n| format!("{replica}-{r}-{n}"))).collect();
+                assert_eq!(own, published, "each replica's events keep their order");
+            }
+        }
+    }
+
+    /// A watch page whose entries were committed before a crash, but not its position, is
+    /// read again: its entries are not queued twice and the position lands.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_read_again_after_a_crash_is_queued_once() {
+        let store = JetStreamStore::open(&settings(), crate::store::conformance::limits()).await.unwrap();
+        let events: Vec<NewEvent> = (0..5)
+            .map(|n| NewEvent { body: format!("{{\"request_id\":\"{n}\"}}"), subscriptions: vec![1, 2] })
+            .collect();
+        // The crash: the entries went in, the closing batch (position) did not.
+        store.shared.publish_events(events.clone(), Vec::new(), true).await.unwrap();
+        let page = WatchPage { watch: "w".into(), events, cursor: "c".into(), read: 5, ..Default::default() };
+        store.ingest(page).await.unwrap();
+        for subscription in [1, 2] {
+            let ids: Vec<i64> = all_queued(&store, subscription).await.iter().map(|q| q.distribution_id).collect();
+            assert_eq!(ids, [1, 2, 3, 4, 5]);
+        }
+        assert_eq!(store.watch_position("w").await.unwrap().map(|p| p.cursor), Some("c".into()));
+    }
+
+    conformance_suite!(open);
+
+    #[test]
+    fn tokens_round_trip() {
+        for text in ["", "uid-1/host", "a.b c*>", "主机"] {
+            assert_eq!(untoken(&token(text)).as_deref(), Some(text));
+        }
+        assert_eq!(Names::subscription_of("herald.q.42"), Some(42));
+    }
+}
