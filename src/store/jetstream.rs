@@ -29,7 +29,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -175,6 +175,10 @@ struct SubscriptionState {
     last_delivery_at: Option<Millis>,
     /// Attempts made so far of entries still queued, by position.
     attempts: BTreeMap<u64, u32>,
+    /// Entries counted as delivered or dead-lettered whose deletion may not have happened
+    /// (a crash in between): they are deleted, not delivered again, and never counted twice.
+    #[serde(default)]
+    done: BTreeSet<u64>,
     /// minute → (attempts, failures), for `MINUTES_KEPT` minutes.
     minutes: BTreeMap<i64, (i64, i64)>,
 }
@@ -309,6 +313,9 @@ struct Shared {
     publishing: tokio::sync::Mutex<()>,
     size: Mutex<(u64, Option<Instant>)>,
     pending: Mutex<Option<(HashMap<i64, i64>, Instant)>>,
+    /// Settled entries deleted since the subscription's state was last written: the next
+    /// write takes them out of `done`.
+    deleted: Mutex<HashMap<i64, Vec<u64>>>,
     lost_outcomes: Mutex<HashSet<i64>>,
 }
 
@@ -386,6 +393,7 @@ impl JetStreamStore {
             publishing: tokio::sync::Mutex::new(()),
             size: Mutex::new((0, None)),
             pending: Mutex::default(),
+            deleted: Mutex::default(),
             lost_outcomes: Mutex::default(),
         });
         let (records, pending) = mpsc::unbounded_channel();
@@ -853,16 +861,24 @@ impl Shared {
         for ack in acks {
             ack.await.map_err(unavailable)?;
         }
+        // Counted first, deleted after: a crash in between leaves entries that `queued`
+        // finds in `done` and deletes instead of delivering them again.
+        let deleted = self.deleted.lock().remove(&subscription).unwrap_or_default();
+        let change = |state: &mut SubscriptionState| {
+            for position in &deleted {
+                state.done.remove(position);
+            }
+            apply_outcomes(state, &attempts);
+        };
+        if let Err(error) = self.update_state(subscription, &change).await {
+            self.deleted.lock().entry(subscription).or_default().extend(deleted);
+            return Err(error);
+        }
         for position in &settled {
             self.delete(&self.queue, *position).await?;
             self.handed_out.lock().remove(&(subscription, *position));
+            self.deleted.lock().entry(subscription).or_default().push(*position);
         }
-        let attempts = Arc::new(attempts);
-        let change = {
-            let attempts = attempts.clone();
-            move |state: &mut SubscriptionState| apply_outcomes(state, &attempts)
-        };
-        self.update_state(subscription, &change).await?;
         self.size.lock().1 = None;
         Ok(())
     }
@@ -872,6 +888,13 @@ impl Shared {
 fn apply_outcomes(state: &mut SubscriptionState, attempts: &[Attempt]) {
     for attempt in attempts {
         let position = u64::try_from(attempt.position).unwrap_or(0);
+        if state.done.contains(&position) {
+            // Settled already (an outcome recorded twice): counted once.
+            continue;
+        }
+        if !matches!(attempt.outcome, Outcome::Failed { .. }) {
+            state.done.insert(position);
+        }
         let minute = minute_of(attempt.at);
         let attempted = !matches!(attempt.outcome, Outcome::DeadLettered { attempted: false, .. });
         if attempted {
@@ -1017,17 +1040,26 @@ impl EventStore for JetStreamStore {
             let subject = shared.names.queue_entry(subscription_id);
             let after = u64::try_from(after_position).unwrap_or(0);
             let messages = shared.read_after(&shared.queue, &subject, after, limit.min(READ_PAGE)).await?;
-            let attempts =
-                if messages.is_empty() { BTreeMap::new() } else { shared.state_of(subscription_id).await?.attempts };
+            let state = if messages.is_empty() {
+                SubscriptionState::default()
+            } else {
+                shared.state_of(subscription_id).await?
+            };
             let mut queued = Vec::with_capacity(messages.len());
             for message in messages {
+                if state.done.contains(&message.sequence) {
+                    // Settled before a crash took its deletion.
+                    shared.delete(&shared.queue, message.sequence).await?;
+                    shared.deleted.lock().entry(subscription_id).or_default().push(message.sequence);
+                    continue;
+                }
                 let entry: Entry = serde_json::from_slice(&message.payload).map_err(query)?;
                 queued.push(Queued {
                     subscription_id,
                     position: i64::try_from(message.sequence).unwrap_or(i64::MAX),
                     event_id: entry.event,
                     distribution_id: entry.id,
-                    attempts: attempts.get(&message.sequence).copied().unwrap_or(0),
+                    attempts: state.attempts.get(&message.sequence).copied().unwrap_or(0),
                     enqueued_at: entry.at,
                     body: entry.body.clone(),
                 });

@@ -28,6 +28,7 @@ mod callbacks;
 mod control_plane;
 mod full;
 mod hardening;
+mod jetstream;
 mod process;
 mod security;
 mod store;
