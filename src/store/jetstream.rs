@@ -31,12 +31,17 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// Messages in one atomic batch (the server's default ceiling).
 const BATCH_MESSAGES: usize = 1000;
+
+/// Longest a publish or a watch page commit may take before it answers 503.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Longest wait for JetStream to confirm a batch.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Reads of one queue page, at most.
 const READ_PAGE: usize = 256;
@@ -54,6 +59,10 @@ const WRONG_LAST_SEQUENCE: [u64; 2] = [10071, 10164];
 
 /// JetStream's error code for an atomic batch holding a message id it committed before.
 const DUPLICATE_IN_BATCH: u64 = 10201;
+
+/// Subscriptions whose batches one publish commits at once (JetStream allows 50 atomic
+/// batches in flight per stream).
+const PARALLEL_BATCHES: usize = 8;
 
 /// How long a count of pending deliveries is reused for the backlog cap.
 const PENDING_TTL: Duration = Duration::from_secs(5);
@@ -256,36 +265,6 @@ impl BatchRefusal {
     }
 }
 
-/// One subscription's part of a publish: its entries (or overflow letters), then its head.
-struct Group {
-    subscription: i64,
-    head: Head,
-    backlog: i64,
-    messages: Vec<Outgoing>,
-    fanouts: Vec<(usize, Fanout)>,
-}
-
-/// Packs groups into batches of at most `BATCH_MESSAGES`; with `dedup`, one group per batch,
-/// so that a batch found committed before is exactly one subscription's.
-fn pack(groups: Vec<Group>, dedup: bool) -> Vec<Vec<Group>> {
-    let mut batches: Vec<Vec<Group>> = Vec::new();
-    let mut size = 0;
-    for group in groups {
-        let fits = !dedup && size + group.messages.len() <= BATCH_MESSAGES;
-        match batches.last_mut() {
-            Some(batch) if fits && !batch.is_empty() => {
-                size += group.messages.len();
-                batch.push(group);
-            }
-            _ => {
-                size = group.messages.len();
-                batches.push(vec![group]);
-            }
-        }
-    }
-    batches
-}
-
 fn query<E: std::error::Error + Send + Sync + 'static>(error: E) -> StoreError {
     StoreError::Query(Box::new(error) as EngineError)
 }
@@ -322,7 +301,7 @@ struct Shared {
 pub struct JetStreamStore {
     shared: Arc<Shared>,
     records: mpsc::UnboundedSender<(u64, Attempt)>,
-    next_ticket: AtomicU64,
+    next_ticket: Mutex<u64>,
     committed: watch::Receiver<u64>,
 }
 
@@ -400,7 +379,7 @@ impl JetStreamStore {
         let (settled, committed) = watch::channel(0);
         tokio::spawn(write_outcomes(shared.clone(), pending, settled));
         tokio::spawn(measure_size(Arc::downgrade(&shared)));
-        Ok(JetStreamStore { shared, records, next_ticket: AtomicU64::new(1), committed })
+        Ok(JetStreamStore { shared, records, next_ticket: Mutex::new(1), committed })
     }
 }
 
@@ -439,8 +418,18 @@ async fn connect(settings: &JetStreamSettings) -> Result<async_nats::Client, Sto
 }
 
 impl Shared {
-    /// Commits `messages` as one atomic batch; returns the sequence of the last one.
+    /// Commits `messages` as one atomic batch; returns the sequence of the last one. Bounded
+    /// in time: while the client reconnects its sends wait, and a publish must answer 503.
     async fn commit_batch(&self, messages: Vec<Outgoing>) -> Result<u64, BatchRefusal> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.send_batch(messages)).await {
+            Ok(result) => result,
+            Err(_) => Err(BatchRefusal::Failed(unavailable(format!(
+                "JetStream did not confirm a batch within {COMMIT_TIMEOUT:?}"
+            )))),
+        }
+    }
+
+    async fn send_batch(&self, messages: Vec<Outgoing>) -> Result<u64, BatchRefusal> {
         let batch = format!("herald-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let count = messages.len();
         for (index, message) in messages.into_iter().enumerate() {
@@ -576,11 +565,14 @@ impl Shared {
         Ok(counts)
     }
 
-    /// Stores `events`' fan-out, each subscription's entries in one atomic batch with its
-    /// new head; a subscription whose head another publisher moved first is numbered again
-    /// and retried. `extra` (a watch page's position and pre-images) is committed last,
-    /// once every entry is in. With `dedup`, entries carry message ids: a page read again
-    /// after a crash finds its subscriptions' batches already committed and skips them.
+    /// Stores `events`' fan-out: each subscription's entries in chunks, each chunk one
+    /// atomic batch ending with the subscription's new head, checked against the head the
+    /// chunk was numbered from (the previous chunk's). A chunk whose head another publisher
+    /// moved first is numbered again from the new head and retried, so ids stay contiguous
+    /// even when a subscription's part spans batches. With `dedup` (watch pages) every entry
+    /// carries a message id from its event's `request_id` and is a chunk of its own: an
+    /// entry committed before a crash is refused as a repeat and skipped, never queued
+    /// twice. `extra` (a page's position and pre-images) is committed once every entry is in.
     async fn publish_events(
         &self,
         events: Vec<NewEvent>,
@@ -594,112 +586,34 @@ impl Shared {
                 by_subscription.entry(subscription).or_default().push(index);
             }
         }
-        let mut pending = if by_subscription.is_empty() { HashMap::new() } else { self.pending_counts().await? };
+        let pending = if by_subscription.is_empty() { HashMap::new() } else { self.pending_counts().await? };
+        let chunk = if dedup { 1 } else { BATCH_MESSAGES - 1 };
         let now = now_millis();
+        let parts = by_subscription.into_iter().map(|(subscription, indices)| {
+            let backlog = pending.get(&subscription).copied().unwrap_or(0);
+            self.publish_to(subscription, &events, indices, backlog, chunk, dedup, now)
+        });
         let mut placed: HashMap<(usize, i64), Fanout> = HashMap::new();
-        let mut waiting: Vec<i64> = by_subscription.keys().copied().collect();
-        for round in 0..CONFLICT_RETRIES {
-            if waiting.is_empty() {
-                break;
-            }
-            if round > 0 {
-                // Another replica's batch for the same heads is in flight: let it land.
-                let ceiling = 2u64 << round.min(6);
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=ceiling))).await;
-            }
-            let mut groups = Vec::with_capacity(waiting.len());
-            for &subscription in &waiting {
-                let (head, head_seq) = self.head(subscription).await?;
-                let mut next = head;
-                let mut backlog = pending.get(&subscription).copied().unwrap_or(0);
-                let mut messages = Vec::new();
-                let mut fanouts = Vec::new();
-                for &index in by_subscription.get(&subscription).map(Vec::as_slice).unwrap_or_default() {
-                    let event = &events[index];
-                    next.last_id += 1;
-                    let event_id = now.saturating_mul(1000).saturating_add(i64::try_from(index % 1000).unwrap_or(0));
-                    let fits = backlog < self.limits.backlog_cap;
-                    let message = if fits {
-                        backlog += 1;
-                        let entry = Entry { id: next.last_id, event: event_id, at: now, body: event.body.clone() };
-                        Outgoing::json(self.names.queue_entry(subscription), &entry)
-                    } else {
-                        next.overflowed += 1;
-                        let letter = StoredLetter {
-                            id: next.last_id,
-                            event: event_id,
-                            attempts: 0,
-                            reason: "BacklogFull".into(),
-                            error: format!("more than {} deliveries pending", self.limits.backlog_cap),
-                            dead_at: now,
-                            body: event.body.clone(),
-                        };
-                        Outgoing::json(self.names.dead(subscription), &letter)
-                    };
-                    messages.push(if dedup {
-                        message.header("Nats-Msg-Id", &dedup_id(subscription, &event.body))
-                    } else {
-                        message
-                    });
-                    let fanout = Fanout { subscription_id: subscription, distribution_id: next.last_id, queued: fits };
-                    fanouts.push((index, fanout));
+        let mut queued: HashMap<i64, i64> = HashMap::new();
+        let mut parts = futures::stream::iter(parts).buffer_unordered(PARALLEL_BATCHES);
+        let mut failure = None;
+        while let Some(part) = parts.next().await {
+            match part {
+                Ok((subscription, fanouts)) => {
+                    *queued.entry(subscription).or_default() += fanouts.iter().filter(|(_, f)| f.queued).count() as i64;
+                    placed.extend(fanouts.into_iter().map(|(i, f)| ((i, f.subscription_id), f)));
                 }
-                messages.push(
-                    Outgoing::json(self.names.head(subscription), &next)
-                        .header("Nats-Expected-Last-Subject-Sequence", &head_seq.to_string())
-                        .rolled_up(),
-                );
-                groups.push(Group { subscription, head: next, backlog, messages, fanouts });
+                Err(error) => failure = Some(error),
             }
-            let mut conflicted = Vec::new();
-            for mut batch in pack(groups, dedup) {
-                let subscriptions: Vec<i64> = batch.iter().map(|g| g.subscription).collect();
-                let messages: Vec<Outgoing> = batch.iter_mut().flat_map(|g| std::mem::take(&mut g.messages)).collect();
-                let count = u64::try_from(messages.len()).unwrap_or(0);
-                match self.commit_messages(messages).await {
-                    Ok(last) => {
-                        // Each group ends with its head: the sequences follow from the last.
-                        let mut sequence = last + 1 - count;
-                        let mut heads = self.heads.lock();
-                        for group in batch {
-                            sequence += u64::try_from(group.fanouts.len()).unwrap_or(0);
-                            heads.insert(group.subscription, (group.head, sequence));
-                            sequence += 1;
-                            pending.insert(group.subscription, group.backlog);
-                            placed.extend(group.fanouts.into_iter().map(|(i, f)| ((i, f.subscription_id), f)));
-                        }
-                    }
-                    Err(refusal) => {
-                        let mut heads = self.heads.lock();
-                        for id in &subscriptions {
-                            heads.remove(id);
-                        }
-                        match refusal {
-                            BatchRefusal::Conflict => conflicted.extend(subscriptions),
-                            // Committed before a crash: this page's entries are in.
-                            BatchRefusal::Duplicate if dedup => {
-                                placed.extend(
-                                    batch.into_iter().flat_map(|g| g.fanouts).map(|(i, f)| ((i, f.subscription_id), f)),
-                                );
-                            }
-                            BatchRefusal::Duplicate => {
-                                return Err(StoreError::Commit("an unexpected duplicate".into()));
-                            }
-                            BatchRefusal::Failed(error) => {
-                                *self.pending.lock() = None;
-                                return Err(error);
-                            }
-                        }
-                    }
-                }
+        }
+        if let Some(error) = failure {
+            *self.pending.lock() = None;
+            return Err(error);
+        }
+        if let Some((counts, _)) = &mut *self.pending.lock() {
+            for (subscription, added) in queued {
+                *counts.entry(subscription).or_default() += added;
             }
-            waiting = conflicted;
-        }
-        if !waiting.is_empty() {
-            return Err(unavailable("other replicas kept publishing to the same subscriptions; retry"));
-        }
-        if let Some(cached) = &mut *self.pending.lock() {
-            cached.0.extend(pending);
         }
         if !extra.is_empty() {
             self.commit_messages(extra).await.map_err(BatchRefusal::into_error)?;
@@ -710,6 +624,95 @@ impl Shared {
             .enumerate()
             .map(|(index, event)| event.subscriptions.iter().filter_map(|id| placed.remove(&(index, *id))).collect())
             .collect())
+    }
+
+    /// One subscription's part of `publish_events`: its events (`indices`) in chunks.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_to(
+        &self,
+        subscription: i64,
+        events: &[NewEvent],
+        indices: Vec<usize>,
+        mut backlog: i64,
+        chunk: usize,
+        dedup: bool,
+        now: Millis,
+    ) -> Result<(i64, Vec<(usize, Fanout)>), StoreError> {
+        let mut fanouts = Vec::with_capacity(indices.len());
+        let mut rest: &[usize] = &indices;
+        let mut conflicts = 0;
+        while !rest.is_empty() {
+            let (head, head_seq) = self.head(subscription).await?;
+            let part = &rest[..rest.len().min(chunk)];
+            let mut next = head;
+            let mut messages = Vec::with_capacity(part.len() + 1);
+            let mut numbered = Vec::with_capacity(part.len());
+            let mut added = 0;
+            for &index in part {
+                let event = &events[index];
+                next.last_id += 1;
+                let event_id = now.saturating_mul(1000).saturating_add(i64::try_from(index % 1000).unwrap_or(0));
+                let fits = backlog + added < self.limits.backlog_cap;
+                let message = if fits {
+                    added += 1;
+                    let entry = Entry { id: next.last_id, event: event_id, at: now, body: event.body.clone() };
+                    Outgoing::json(self.names.queue_entry(subscription), &entry)
+                } else {
+                    next.overflowed += 1;
+                    let letter = StoredLetter {
+                        id: next.last_id,
+                        event: event_id,
+                        attempts: 0,
+                        reason: "BacklogFull".into(),
+                        error: format!("more than {} deliveries pending", self.limits.backlog_cap),
+                        dead_at: now,
+                        body: event.body.clone(),
+                    };
+                    Outgoing::json(self.names.dead(subscription), &letter)
+                };
+                messages.push(if dedup {
+                    message.header("Nats-Msg-Id", &dedup_id(subscription, &event.body))
+                } else {
+                    message
+                });
+                numbered.push((
+                    index,
+                    Fanout { subscription_id: subscription, distribution_id: next.last_id, queued: fits },
+                ));
+            }
+            messages.push(
+                Outgoing::json(self.names.head(subscription), &next)
+                    .header("Nats-Expected-Last-Subject-Sequence", &head_seq.to_string())
+                    .rolled_up(),
+            );
+            match self.commit_batch(messages).await {
+                Ok(last) => {
+                    // The head is the batch's last message.
+                    self.heads.lock().insert(subscription, (next, last));
+                    backlog += added;
+                    fanouts.extend(numbered);
+                    rest = &rest[part.len()..];
+                }
+                Err(refusal) => {
+                    self.heads.lock().remove(&subscription);
+                    match refusal {
+                        BatchRefusal::Conflict if conflicts < CONFLICT_RETRIES => {
+                            conflicts += 1;
+                            // Another replica's batch for this head is in flight: let it land.
+                            let ceiling = 2u64 << conflicts.min(6);
+                            tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=ceiling))).await;
+                        }
+                        BatchRefusal::Conflict => {
+                            return Err(unavailable("other replicas kept publishing to the same subscription; retry"));
+                        }
+                        // Committed before a crash (a chunk of one entry): already queued.
+                        BatchRefusal::Duplicate if dedup => rest = &rest[part.len()..],
+                        other => return Err(other.into_error()),
+                    }
+                }
+            }
+        }
+        Ok((subscription, fanouts))
     }
 
     /// Commits `messages` atomically when they fit one batch; otherwise in batches, in
@@ -803,9 +806,13 @@ impl Shared {
         let js = jetstream::new(self.client.clone());
         let mut acks = Vec::new();
         let mut settled = Vec::new();
+        let mut found = Vec::with_capacity(attempts.len());
         for attempt in &attempts {
             let position = u64::try_from(attempt.position).unwrap_or(0);
+            // An outcome for an entry that is gone (settled already, or its subscription
+            // dropped) counts for nothing.
             let Some(entry) = self.entry_at(subscription, position).await? else { continue };
+            found.push(attempt.clone());
             let before = made.get(&position).copied().unwrap_or(0);
             let attempted = !matches!(attempt.outcome, Outcome::DeadLettered { attempted: false, .. });
             let now_made = before + u32::from(attempted);
@@ -868,7 +875,7 @@ impl Shared {
             for position in &deleted {
                 state.done.remove(position);
             }
-            apply_outcomes(state, &attempts);
+            apply_outcomes(state, &found);
         };
         if let Err(error) = self.update_state(subscription, &change).await {
             self.deleted.lock().entry(subscription).or_default().extend(deleted);
@@ -936,12 +943,18 @@ fn apply_outcomes(state: &mut SubscriptionState, attempts: &[Attempt]) {
     }
 }
 
-/// The message id of a watch event's entry for one subscription: the same page read again
-/// after a crash is dropped by JetStream instead of queued twice.
+/// The message id of a watch event's entry for one subscription: its `request_id` (the
+/// digest of its bk-cmdb cursor), so the same event read again after a crash is refused
+/// by JetStream instead of queued twice. The body is hashed only when it has none.
 fn dedup_id(subscription: i64, body: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
-    let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("w-{subscription}-{hex}")
+    let request_id = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|event| event.get("request_id")?.as_str().map(str::to_string));
+    let key = request_id.unwrap_or_else(|| {
+        let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+        digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    });
+    format!("w-{subscription}-{key}")
 }
 
 fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {
@@ -985,6 +998,14 @@ async fn measure_size(shared: std::sync::Weak<Shared>) {
     }
 }
 
+/// A publish or a page commit within `PUBLISH_TIMEOUT`, else 503: while the client
+/// reconnects, its requests wait before their own timeouts start.
+async fn bounded<T>(work: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(PUBLISH_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(unavailable(format!("JetStream did not answer within {PUBLISH_TIMEOUT:?}"))))
+}
+
 /// Writes recorded outcomes in the background, in runs, per subscription; a ticket is
 /// settled once every outcome up to it is written (or reported lost).
 async fn write_outcomes(
@@ -1015,18 +1036,22 @@ async fn write_outcomes(
             }
         });
         futures::stream::iter(writes).buffer_unordered(16).collect::<Vec<()>>().await;
-        settled.send_replace(last_ticket);
+        settled.send_if_modified(|settled| {
+            let raised = last_ticket > *settled;
+            *settled = (*settled).max(last_ticket);
+            raised
+        });
     }
 }
 
 impl EventStore for JetStreamStore {
     fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             if events.iter().any(|e| !e.subscriptions.is_empty()) {
                 self.shared.check_quota().await?;
             }
             self.shared.publish_events(events, Vec::new(), false).await
-        })
+        }))
     }
 
     fn queued(
@@ -1070,8 +1095,12 @@ impl EventStore for JetStreamStore {
     }
 
     fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError> {
-        let ticket = self.next_ticket.fetch_add(1, Ordering::AcqRel);
+        // Numbered and sent under one lock: the writer sees tickets in order, so a settled
+        // ticket means every earlier one is settled too.
+        let mut next_ticket = self.next_ticket.lock();
+        let ticket = *next_ticket;
         self.records.send((ticket, attempt)).map_err(|_| StoreError::WriterStopped)?;
+        *next_ticket += 1;
         Ok(ticket)
     }
 
@@ -1106,7 +1135,7 @@ impl EventStore for JetStreamStore {
     fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>> {
         Box::pin(async move {
             let shared = &self.shared;
-            let messages = shared.read_after(&shared.queue, &shared.names.dead(subscription_id), 0, usize::MAX).await?;
+            let messages = shared.read_after(&shared.queue, &shared.names.dead(subscription_id), 0, limit).await?;
             let mut letters = Vec::with_capacity(messages.len());
             for message in messages {
                 let letter: StoredLetter = serde_json::from_slice(&message.payload).map_err(query)?;
@@ -1121,8 +1150,8 @@ impl EventStore for JetStreamStore {
                     body: letter.body,
                 });
             }
+            // Oldest first, as stored; a replayed event that died again comes after.
             letters.sort_by_key(|l| l.distribution_id);
-            letters.truncate(limit);
             Ok(letters)
         })
     }
@@ -1200,11 +1229,7 @@ impl EventStore for JetStreamStore {
             // The entries go in before the letters go: a failure in between leaves a
             // letter that was also replayed, never one that was lost.
             let count = replayed.len();
-            let mut entries = entries.into_iter().peekable();
-            while entries.peek().is_some() {
-                let part: Vec<Outgoing> = entries.by_ref().take(BATCH_MESSAGES).collect();
-                shared.commit_batch(part).await.map_err(BatchRefusal::into_error)?;
-            }
+            shared.commit_messages(entries).await.map_err(BatchRefusal::into_error)?;
             for sequence in replayed {
                 shared.delete(&shared.queue, sequence).await?;
             }
@@ -1286,7 +1311,7 @@ impl EventStore for JetStreamStore {
     }
 
     fn ingest(&self, page: WatchPage) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let shared = &self.shared;
             if page.grows_store() {
                 shared.check_quota().await?;
@@ -1321,14 +1346,11 @@ impl EventStore for JetStreamStore {
             if !latest.is_empty() {
                 let keep = u64::try_from(page.pre_image_limit.max(0)).unwrap_or(0);
                 let filter = shared.names.pre_images(&page.watch);
-                if keep == 0 {
-                    shared.purge(&shared.queue, filter, None).await?;
-                } else {
-                    shared.purge(&shared.queue, filter, Some(keep)).await?;
-                }
+                // A limit of 0 keeps none: the purge without `keep`.
+                shared.purge(&shared.queue, filter, (keep > 0).then_some(keep)).await?;
             }
             Ok(fanouts)
-        })
+        }))
     }
 
     fn pre_images(
@@ -1470,12 +1492,25 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_page_read_again_after_a_crash_is_queued_once() {
         let store = JetStreamStore::open(&settings(), crate::store::conformance::limits()).await.unwrap();
-        let events: Vec<NewEvent> = (0..5)
-            .map(|n| NewEvent { body: format!("{{\"request_id\":\"{n}\"}}"), subscriptions: vec![1, 2] })
-            .collect();
+        // The same watch events read twice differ in `request_time`, not in `request_id`;
+        // the second read is longer (more changes arrived meanwhile).
+        let events = |read: &str, count: usize| -> Vec<NewEvent> {
+            (1..=count)
+                .map(|n| NewEvent {
+                    body: format!("{{\"request_id\":\"{n}\",\"request_time\":\"{read}\"}}"),
+                    subscriptions: vec![1, 2],
+                })
+                .collect()
+        };
         // The crash: the entries went in, the closing batch (position) did not.
-        store.shared.publish_events(events.clone(), Vec::new(), true).await.unwrap();
-        let page = WatchPage { watch: "w".into(), events, cursor: "c".into(), read: 5, ..Default::default() };
+        store.shared.publish_events(events("first", 3), Vec::new(), true).await.unwrap();
+        let page = WatchPage {
+            watch: "w".into(),
+            events: events("again", 5),
+            cursor: "c".into(),
+            read: 5,
+            ..Default::default()
+        };
         store.ingest(page).await.unwrap();
         for subscription in [1, 2] {
             let ids: Vec<i64> = all_queued(&store, subscription).await.iter().map(|q| q.distribution_id).collect();
