@@ -8,9 +8,10 @@ use crate::api::{self, AppState, Services};
 use crate::conditions::WriteBudget;
 use crate::config::{Config, StoreEngine};
 use crate::controller;
-use crate::delivery::{Delivery, DeliveryParts, index::SubscriptionIndex};
+use crate::delivery::{Delivery, DeliveryParts, ShardedDelivery, index::SubscriptionIndex};
 use crate::leader::{LeaderError, Leadership};
 use crate::outbound::{ClientError, Outbound};
+use crate::shards::Shards;
 use crate::source::SourceContext;
 use crate::store::EventStore;
 use crate::store::jetstream::JetStreamStore;
@@ -85,19 +86,29 @@ async fn lead_and_serve(
     tasks: &mut Supervisor,
 ) -> Result<(), RunError> {
     let shutdown = tasks.shutdown.clone();
-    if config.leader_election.enabled {
-        let leadership = Leadership::new(
+    // With the embedded store one herald is active: the Lease comes first. With a shared
+    // store every replica serves; the Lease only makes one of them the controller and the
+    // sources' reader, and delivery is spread in shards.
+    let shared = config.store.engine == StoreEngine::Jetstream;
+    let leadership = config.leader_election.enabled.then(|| {
+        Leadership::new(
             kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
             config.leader_election.lease_name.clone(),
             config.instance.clone(),
             Duration::from_secs(config.leader_election.lease_duration_seconds.max(3)),
-        );
-        if !leadership.acquire(&shutdown).await? {
-            return Ok(());
+        )
+    });
+    let leadership = match leadership {
+        Some(leadership) if !shared => {
+            if !leadership.acquire(&shutdown).await? {
+                return Ok(());
+            }
+            let renewing = shutdown.clone();
+            tasks.spawn("lease renewal", async move { Ok(leadership.keep(&renewing).await?) });
+            None
         }
-        let renewing = shutdown.clone();
-        tasks.spawn("lease renewal", async move { Ok(leadership.keep(&renewing).await?) });
-    }
+        other => other,
+    };
     let limits = Limits { quota_bytes: config.store.quota_bytes, backlog_cap: config.store.backlog_cap };
     let store: Arc<dyn EventStore> = match config.store.engine {
         StoreEngine::Sqlite => Arc::new(SqliteStore::open(&config.store.path, limits)?),
@@ -107,12 +118,23 @@ async fn lead_and_serve(
             Arc::new(JetStreamStore::open(&settings, limits).await?)
         }
     };
+    let shards = shared.then(|| {
+        Arc::new(Shards::new(
+            kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
+            &config.leader_election.lease_name,
+            config.instance.clone(),
+            config.leader_election.shards,
+            Duration::from_secs(config.leader_election.lease_duration_seconds.max(3)),
+        ))
+    });
     let outbound = Outbound::new(&config.callback_guard)?;
     let esb = EsbApps::load(&client, &config.api, &config.namespace).await?;
 
     let status_budget = Arc::new(WriteBudget::new(config.delivery.status_writes_per_second));
     let (index, changes) = SubscriptionIndex::new();
-    let (ctx, controller) = controller::build(client.clone(), config.clone(), index.clone(), shutdown.clone());
+    // Only a follower waiting for the Lease starts without writing.
+    let leading = leadership.is_none();
+    let (ctx, controller) = controller::build(client.clone(), config.clone(), index.clone(), leading, shutdown.clone());
     tasks.spawn("controller", async move {
         controller.await;
         Ok(())
@@ -128,6 +150,7 @@ async fn lead_and_serve(
         dead_letter_retention: Duration::from_secs(config.store.dead_letter_retention_seconds),
         metrics: metrics.clone(),
         status_budget: status_budget.clone(),
+        shards: shards.clone(),
         shutdown: shutdown.clone(),
     });
     let auth = Arc::new(Authenticator::new(client.clone(), &config.api.auth, esb));
@@ -162,10 +185,38 @@ async fn lead_and_serve(
         status_budget,
     });
     let stopping = shutdown.clone();
-    tasks.spawn("event sources", async move {
-        crate::source::run(sources, stopping).await;
-        Ok(())
-    });
+    match leadership {
+        None => tasks.spawn("event sources", async move {
+            crate::source::run(sources, stopping).await;
+            Ok(())
+        }),
+        Some(leadership) => {
+            let controller = ctx.clone();
+            tasks.spawn("leadership", async move {
+                if !leadership.acquire(&stopping).await? {
+                    return Ok(());
+                }
+                controller.lead();
+                // Losing the Lease ends herald (Kubernetes restarts it as a follower).
+                let reading = crate::source::run(sources, stopping.clone());
+                let keeping = leadership.keep(&stopping);
+                tokio::pin!(keeping);
+                tokio::select! {
+                    kept = &mut keeping => return Ok(kept?),
+                    () = reading => {}
+                }
+                Ok(keeping.await?)
+            });
+        }
+    }
+    if let Some(shards) = shards {
+        let listener = ShardedDelivery { delivery: delivery.clone(), count: shards.count() };
+        let stopping = shutdown.clone();
+        tasks.spawn("delivery shards", async move {
+            shards.run(&listener, stopping).await;
+            Ok(())
+        });
+    }
     let dispatcher = delivery.clone();
     tasks.spawn("delivery dispatcher", async move {
         dispatcher.run(changes).await;

@@ -176,6 +176,9 @@ pub struct LeaderElectionConfig {
     pub enabled: bool,
     pub lease_name: String,
     pub lease_duration_seconds: u64,
+    /// With the JetStream engine, every replica serves and subscriptions are delivered in
+    /// this many shards, one Lease each (`<leaseName>-shard-<n>`), spread over the replicas.
+    pub shards: u32,
 }
 
 /// `sources`: event sources (CmdbSource).
@@ -220,7 +223,12 @@ impl Default for DeliveryConfig {
 
 impl Default for LeaderElectionConfig {
     fn default() -> Self {
-        LeaderElectionConfig { enabled: true, lease_name: "herald-leader".into(), lease_duration_seconds: 15 }
+        LeaderElectionConfig {
+            enabled: true,
+            lease_name: "herald-leader".into(),
+            lease_duration_seconds: 15,
+            shards: 16,
+        }
     }
 }
 
@@ -325,6 +333,9 @@ impl Config {
         }
         if self.store.engine == StoreEngine::Jetstream {
             self.store.jetstream.settings()?;
+        }
+        if !(1..=256).contains(&self.leader_election.shards) {
+            return Err(ConfigError::Invalid("leaderElection.shards must be 1 to 256".into()));
         }
         Ok(())
     }

@@ -46,6 +46,10 @@ impl Leadership {
         Leadership { api, name, identity, duration }
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     fn spec(&self, acquired: Option<MicroTime>, now: jiff::Timestamp) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
@@ -57,7 +61,7 @@ impl Leadership {
     }
 
     /// One attempt to take or renew the lease; true when we hold it afterwards.
-    async fn try_hold(&self) -> Result<bool, LeaderError> {
+    pub async fn try_hold(&self) -> Result<bool, LeaderError> {
         let now = jiff::Timestamp::now();
         let current = self
             .api
@@ -129,7 +133,7 @@ impl Leadership {
     }
 
     /// Hands the lease back on a clean shutdown so a successor need not wait it out.
-    async fn release(&self) {
+    pub async fn release(&self) {
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await {
             let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(self.identity.as_str());
             if ours {

@@ -12,13 +12,15 @@
 //!   client, capped body reads, and the ping/telnet probes.
 //! - `source`: CmdbSource: bk-cmdb's resource watch read, converted to v3.5 events and
 //!   committed exactly once with its cursor; the supervisor and the status it writes.
-//! - `store`: the event store trait and its SQLite implementation.
+//! - `store`: the event store trait and its engines, SQLite and NATS JetStream.
 //! - `event`: bk-cmdb event instances, their names and the callback body.
 //! - `compat`: bk-cmdb's REST conventions: envelopes, error codes, input parsing, search,
 //!   subscription records, time formats. Pure functions.
 //! - `api`: the HTTP server (direct and ESB paths, publish, dead letters, auth).
 //! - `import`: `herald import`, subscriptions of an older bk-cmdb brought over with their ids.
-//! - `leader`: the Lease that makes one herald active.
+//! - `leader`: the Lease that makes one herald the controller (and, on SQLite, the only active one).
+//! - `shards`: delivery shards, one Lease each, so that with a shared store each
+//!   subscription is delivered by exactly one replica.
 //! - `tenancy`: which namespaces may receive which supplier account's events.
 //! - `config`, `telemetry` (logs and metrics), `app` (wiring and supervision of `herald run`).
 
@@ -36,6 +38,7 @@ pub mod event;
 pub mod import;
 pub mod leader;
 pub mod outbound;
+pub mod shards;
 pub mod source;
 pub mod store;
 pub mod telemetry;

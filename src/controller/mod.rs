@@ -81,14 +81,35 @@ pub struct Context {
     pub index: Arc<SubscriptionIndex>,
     /// Consecutive reconcile failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<EventSubscription>, u32>>,
+    /// Whether this replica writes (ids, status, labels, Events). Followers, with a shared
+    /// store, only feed their delivery index from what the leader wrote.
+    leading: std::sync::atomic::AtomicBool,
+    /// Re-reconciles everything (a follower that became the leader).
+    rescan: futures::channel::mpsc::UnboundedSender<()>,
+}
+
+impl Context {
+    /// This replica holds the leader Lease from now on: it writes, and reconciles every
+    /// subscription once.
+    pub fn lead(&self) {
+        self.leading.store(true, std::sync::atomic::Ordering::Release);
+        // Fails only when the controller has stopped.
+        let _ = self.rescan.unbounded_send(());
+    }
+
+    fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Builds the controller. Returns its context (whose caches the HTTP API reads too) and
-/// the future that runs it until `shutdown` is cancelled.
+/// the future that runs it until `shutdown` is cancelled. A controller built not
+/// `leading` writes nothing until `Context::lead`.
 pub fn build(
     client: Client,
     config: Arc<Config>,
     index: Arc<SubscriptionIndex>,
+    leading: bool,
     shutdown: CancellationToken,
 ) -> (Arc<Context>, BoxFuture<'static, ()>) {
     let subscriptions_api = Api::<EventSubscription>::all(client.clone());
@@ -140,8 +161,12 @@ pub fn build(
         futures::stream::iter(refs)
     });
 
-    let controller =
-        controller.trigger_backoff(WatchBackoff::default()).reconcile_on(namespace_triggers).reconcile_on(rechecks);
+    let (rescan, rescans) = futures::channel::mpsc::unbounded();
+    let controller = controller
+        .trigger_backoff(WatchBackoff::default())
+        .reconcile_on(namespace_triggers)
+        .reconcile_on(rechecks)
+        .reconcile_all_on(rescans);
 
     let recorder = Recorder::new(
         client.clone(),
@@ -164,6 +189,8 @@ pub fn build(
         recorder,
         index,
         failures: Mutex::default(),
+        leading: std::sync::atomic::AtomicBool::new(leading),
+        rescan,
     });
     let run_ctx = ctx.clone();
     let run = async move {
@@ -227,6 +254,10 @@ async fn reconcile(sub: Arc<EventSubscription>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
     cache_ready(&ctx.namespaces).await.map_err(|_| Error::NamespaceCacheStopped)?;
+    if !ctx.leading() {
+        follow(&ctx, &sub);
+        return Ok(Action::requeue(Duration::from_secs(ctx.config.controller.resync_seconds)));
+    }
     let namespace = sub.namespace().unwrap_or_default();
     let api = Api::<EventSubscription>::namespaced(ctx.client.clone(), &namespace);
     let sub = ensure_status(&api, sub, &ctx).await?;
@@ -323,20 +354,23 @@ async fn ensure_status(
 /// subscription that is Ready, and reconciles after a restart may take a while to reach
 /// them all. Name checks read the catalog's holders of each name, so this costs O(n).
 pub fn prime_index(ctx: &Context) -> usize {
-    let mut primed = 0;
-    for sub in ctx.catalog.all() {
-        let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id) else { continue };
-        if sub.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let (account, name) = name_key(&sub.spec);
-        let holders = ctx.catalog.holders(account, name);
-        let effective = Arc::new(Effective::from_spec(&sub.spec));
-        let validity = validate(ctx, &sub, &effective, id, holders.iter().map(AsRef::as_ref));
-        publish_to_delivery(ctx, &sub, effective, id, validity.is_ok());
-        primed += 1;
+    ctx.catalog.all().iter().filter(|sub| follow(ctx, sub)).count()
+}
+
+/// Tells delivery what the written status and the same checks as reconcile's say of `sub`,
+/// without writing anything: priming, and a follower's whole reconcile. False when it has
+/// no id yet (or is being deleted).
+fn follow(ctx: &Context, sub: &EventSubscription) -> bool {
+    let Some(id) = sub.status.as_ref().and_then(|s| s.subscription_id) else { return false };
+    if sub.metadata.deletion_timestamp.is_some() {
+        return false;
     }
-    primed
+    let (account, name) = name_key(&sub.spec);
+    let holders = ctx.catalog.holders(account, name);
+    let effective = Arc::new(Effective::from_spec(&sub.spec));
+    let validity = validate(ctx, sub, &effective, id, holders.iter().map(AsRef::as_ref));
+    publish_to_delivery(ctx, sub, effective, id, validity.is_ok());
+    true
 }
 
 /// Tells delivery the subscription's current effective spec and readiness.

@@ -19,6 +19,7 @@ use crate::config::DeliveryConfig;
 use crate::crd::EventSubscription;
 use crate::event::StoredEvent;
 use crate::outbound::Outbound;
+use crate::shards::Shards;
 use crate::store::{
     DeadLetter, EventStore, Fanout, LoggedAttempt, MINUTES_KEPT, MinuteCount, NewEvent, StoreError, WatchPage,
     minute_of, now_millis,
@@ -41,6 +42,29 @@ use worker::WorkerHandle;
 impl DeliveryConfig {
     pub fn max_age_millis(&self) -> i64 {
         i64::try_from(self.max_age_seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+}
+
+/// The next subscription another replica woke, or never when the store has no such feed.
+async fn next_wake(wakes: &mut Option<mpsc::UnboundedReceiver<i64>>) -> Option<i64> {
+    match wakes {
+        Some(wakes) => wakes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Delivery as the shard owner's listener.
+pub struct ShardedDelivery {
+    pub delivery: Arc<Delivery>,
+    pub count: u32,
+}
+
+impl crate::shards::ShardEvents for ShardedDelivery {
+    fn gained(&self, shard: u32) {
+        self.delivery.shard_gained(shard, self.count);
+    }
+    fn lost(&self, shard: u32) {
+        self.delivery.shard_lost(shard, self.count);
     }
 }
 
@@ -78,6 +102,8 @@ pub struct DeliveryParts {
     pub metrics: Arc<Metrics>,
     /// API-server writes per second, shared with the sources' status writer.
     pub status_budget: Arc<crate::conditions::WriteBudget>,
+    /// With a shared store, the shards this replica delivers; None: it delivers all.
+    pub shards: Option<Arc<Shards>>,
     pub shutdown: CancellationToken,
 }
 
@@ -97,6 +123,7 @@ pub struct Delivery {
     tenancy: Tenancy,
     workers: Mutex<Workers>,
     dead_letter_retention: Duration,
+    shards: Option<Arc<Shards>>,
     shutdown: CancellationToken,
 }
 
@@ -115,8 +142,14 @@ impl Delivery {
             tenancy: parts.tenancy,
             workers: Mutex::default(),
             dead_letter_retention: parts.dead_letter_retention,
+            shards: parts.shards,
             shutdown: parts.shutdown,
         })
+    }
+
+    /// Whether this replica delivers `id` (with a shared store, it holds the id's shard).
+    pub fn owns(&self, id: i64) -> bool {
+        self.shards.as_ref().is_none_or(|shards| shards.owns(id))
     }
 
     /// The supplier account of a subscription delivery knows.
@@ -189,7 +222,9 @@ impl Delivery {
             } else {
                 summary.overflowed += 1;
             }
-            self.projector.touch(subscription_id, 0);
+            if self.owns(subscription_id) {
+                self.projector.touch(subscription_id, 0);
+            }
         }
         for id in woken {
             self.wake(id);
@@ -203,13 +238,19 @@ impl Delivery {
     /// tail of its queue.
     pub async fn replay(self: &Arc<Self>, id: i64, distribution_ids: Option<Vec<i64>>) -> Result<usize, StoreError> {
         let moved = self.store.replay(id, distribution_ids).await?;
-        self.projector.touch(id, 0);
+        if self.owns(id) {
+            self.projector.touch(id, 0);
+        }
         self.wake(id);
         Ok(moved)
     }
 
-    /// Starts the subscription's worker if needed and tells it there is work.
+    /// Starts the subscription's worker if needed and tells it there is work; with a
+    /// shared store, only on the replica holding its shard (the others announce it there).
     pub fn wake(self: &Arc<Self>, id: i64) {
+        if !self.owns(id) {
+            return;
+        }
         let mut workers = self.workers.lock();
         if let Some((handle, task)) = workers.get(&id)
             && !task.is_finished()
@@ -265,7 +306,7 @@ impl Delivery {
         let exists = |id: i64| live.contains(&id) || self.index.get(id).is_some_and(|s| self.exists(&s));
         match self.store.subscriptions().await {
             Ok(stored) => {
-                for id in stored {
+                for id in stored.into_iter().filter(|id| self.owns(*id)) {
                     if exists(id) {
                         self.wake(id);
                     } else {
@@ -276,7 +317,7 @@ impl Delivery {
             Err(error) => tracing::error!(%error, "sweep could not list the store's subscriptions"),
         }
         for id in self.index.ids() {
-            if !exists(id) {
+            if !exists(id) && self.owns(id) {
                 self.forget(id).await;
             }
         }
@@ -291,6 +332,7 @@ impl Delivery {
     /// Runs the dispatcher until shutdown: reacts to subscription changes, sweeps, and
     /// at the end waits for the workers' in-flight attempts.
     pub async fn run(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<i64>) {
+        let mut wakes = self.store.wakes();
         self.sweep().await;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.tick().await;
@@ -305,10 +347,11 @@ impl Delivery {
                     }
                     // Imported statistics show before the first delivery (the projection
                     // writes nothing when status already shows them).
-                    if sub.is_some_and(|s| s.imported.is_some()) {
+                    if sub.is_some_and(|s| s.imported.is_some()) && self.owns(id) {
                         self.projector.touch(id, 0);
                     }
                 }
+                Some(id) = next_wake(&mut wakes) => self.wake(id),
                 _ = sweep.tick() => self.sweep().await,
                 _ = self.shutdown.cancelled() => break,
             }
@@ -334,6 +377,26 @@ impl Delivery {
             }
         }
         tracing::info!("delivery stopped");
+    }
+
+    /// This replica now holds `shard`: its subscriptions get workers.
+    pub fn shard_gained(self: &Arc<Self>, shard: u32, count: u32) {
+        for id in self.index.ids().into_iter().filter(|id| crate::shards::shard_of(*id, count) == shard) {
+            self.wake(id);
+        }
+    }
+
+    /// This replica gave up `shard`: its workers stop (an attempt in flight may finish;
+    /// the new holder may make it again, as after a crash).
+    pub fn shard_lost(&self, shard: u32, count: u32) {
+        let mut workers = self.workers.lock();
+        workers.retain(|id, (handle, _)| {
+            let lost = crate::shards::shard_of(*id, count) == shard;
+            if lost {
+                handle.stop.cancel();
+            }
+            !lost
+        });
     }
 
     /// Writes statistics into status until shutdown (see `projector`).

@@ -162,6 +162,7 @@ impl Harness {
             dead_letter_retention: Duration::from_secs(3600),
             metrics: Arc::new(Metrics::new(false)),
             status_budget: Arc::new(crate::conditions::WriteBudget::new(20.0)),
+            shards: None,
             shutdown: shutdown.clone(),
         });
         Harness { delivery, store, index, subscriber, cache, shutdown }

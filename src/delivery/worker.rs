@@ -52,7 +52,7 @@ enum Handled {
 pub async fn run(delivery: Arc<Delivery>, id: i64, handle: Arc<WorkerHandle>) {
     let mut cursor = 0;
     loop {
-        if handle.stop.is_cancelled() {
+        if handle.stop.is_cancelled() || !delivery.owns(id) {
             return;
         }
         let Some(sub) = delivery.index.get(id) else {
@@ -280,6 +280,11 @@ async fn record_outcome(
     outcome: Outcome,
     exchange: Exchange,
 ) {
+    if handle.stop.is_cancelled() && !delivery.owns(item.subscription_id) {
+        // The shard moved while this attempt was out: its new holder delivers the entry
+        // again and records that.
+        return;
+    }
     let (subscription_id, position, at) = (item.subscription_id, item.position, now_millis());
     let attempt = Attempt { subscription_id, position, outcome, at, exchange };
     match delivery.store.record_attempt(attempt) {

@@ -37,6 +37,15 @@ use tokio::sync::{mpsc, watch};
 /// Messages in one atomic batch (the server's default ceiling).
 const BATCH_MESSAGES: usize = 1000;
 
+/// Settled positions each subscription's state remembers (`SubscriptionState::done`).
+const DONE_KEPT: usize = 2048;
+
+/// How long the writer keeps retrying outcomes JetStream refuses before it reports them lost.
+const OUTCOME_RETRY: Duration = Duration::from_secs(60);
+
+/// Attempts to create or update herald's streams at start.
+const STREAM_SETUP_TRIES: usize = 10;
+
 /// Longest a publish or a watch page commit may take before it answers 503.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -137,6 +146,11 @@ impl Names {
     fn pre_images(&self, watch: &str) -> String {
         format!("{}.p.{}.*", self.root, token(watch))
     }
+    /// Core NATS subject (not stored) on which publishers announce the subscriptions they
+    /// queued for, so the replica delivering them wakes at once.
+    fn wake(&self) -> String {
+        format!("{}.wake", self.root)
+    }
     /// The subscription a `r.<kind>.<id>` subject names.
     fn subscription_of(subject: &str) -> Option<i64> {
         subject.rsplit('.').next()?.parse().ok()
@@ -184,8 +198,9 @@ struct SubscriptionState {
     last_delivery_at: Option<Millis>,
     /// Attempts made so far of entries still queued, by position.
     attempts: BTreeMap<u64, u32>,
-    /// Entries counted as delivered or dead-lettered whose deletion may not have happened
-    /// (a crash in between): they are deleted, not delivered again, and never counted twice.
+    /// The newest `DONE_KEPT` positions counted as delivered or dead-lettered: an entry
+    /// whose deletion a crash prevented is deleted, not delivered again, and an outcome
+    /// recorded twice (a previous shard holder's last attempt) is counted once.
     #[serde(default)]
     done: BTreeSet<u64>,
     /// minute → (attempts, failures), for `MINUTES_KEPT` minutes.
@@ -292,14 +307,13 @@ struct Shared {
     publishing: tokio::sync::Mutex<()>,
     size: Mutex<(u64, Option<Instant>)>,
     pending: Mutex<Option<(HashMap<i64, i64>, Instant)>>,
-    /// Settled entries deleted since the subscription's state was last written: the next
-    /// write takes them out of `done`.
-    deleted: Mutex<HashMap<i64, Vec<u64>>>,
     lost_outcomes: Mutex<HashSet<i64>>,
 }
 
 pub struct JetStreamStore {
     shared: Arc<Shared>,
+    /// Subscriptions other replicas queued for, until delivery takes the feed.
+    wakes: Mutex<Option<mpsc::UnboundedReceiver<i64>>>,
     records: mpsc::UnboundedSender<(u64, Attempt)>,
     next_ticket: Mutex<u64>,
     committed: watch::Receiver<u64>,
@@ -313,13 +327,12 @@ impl JetStreamStore {
         let names = Names::new(&settings.stream);
         let root = &names.root;
         // The quota is herald's to enforce (growth is refused at the quota, a cursor may
-        // still move); the stream's byte limit is the backstop beyond it.
-        let max_bytes = i64::try_from(limits.quota_bytes.saturating_add(64 << 20)).unwrap_or(-1);
+        // still move). No stream byte limit: a clustered JetStream reserves a stream's limit
+        // on its servers when it places it, whether used or not.
         let queue = stream::Config {
             name: names.queue.clone(),
             subjects: ["q", "h", "d", "w", "p"].iter().map(|kind| format!("{root}.{kind}.>")).collect(),
             num_replicas: settings.replicas,
-            max_bytes,
             discard: stream::DiscardPolicy::New,
             duplicate_window: settings.duplicate_window,
             allow_rollup: true,
@@ -345,10 +358,25 @@ impl JetStreamStore {
             ..Default::default()
         };
         for config in [&queue, &state, &log] {
-            context.create_or_update_stream(config.clone()).await.map_err(|source| StoreError::Open {
-                path: format!("JetStream stream {}", config.name),
-                source: Box::new(source),
-            })?;
+            // Replicas starting together create the same streams at once, and a stream's
+            // first placement can outlast one request: a few tries before giving up.
+            let mut tries = 0;
+            loop {
+                match context.create_or_update_stream(config.clone()).await {
+                    Ok(_) => break,
+                    Err(error) if tries < STREAM_SETUP_TRIES => {
+                        tries += 1;
+                        tracing::warn!(%error, stream = %config.name, "creating the stream failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(source) => {
+                        return Err(StoreError::Open {
+                            path: format!("JetStream stream {}", config.name),
+                            source: Box::new(source),
+                        });
+                    }
+                }
+            }
         }
         let get = |name: String| {
             let context = context.clone();
@@ -372,14 +400,19 @@ impl JetStreamStore {
             publishing: tokio::sync::Mutex::new(()),
             size: Mutex::new((0, None)),
             pending: Mutex::default(),
-            deleted: Mutex::default(),
             lost_outcomes: Mutex::default(),
         });
         let (records, pending) = mpsc::unbounded_channel();
         let (settled, committed) = watch::channel(0);
         tokio::spawn(write_outcomes(shared.clone(), pending, settled));
         tokio::spawn(measure_size(Arc::downgrade(&shared)));
-        Ok(JetStreamStore { shared, records, next_ticket: Mutex::new(1), committed })
+        let woken = shared.client.subscribe(shared.names.wake()).await.map_err(|source| StoreError::Open {
+            path: format!("NATS subject {}", shared.names.wake()),
+            source: Box::new(source),
+        })?;
+        let (wake, wakes) = mpsc::unbounded_channel();
+        tokio::spawn(forward_wakes(woken, wake));
+        Ok(JetStreamStore { shared, wakes: Mutex::new(Some(wakes)), records, next_ticket: Mutex::new(1), committed })
     }
 }
 
@@ -487,7 +520,7 @@ impl Shared {
                 let value = serde_json::from_slice(&message.payload).map_err(query)?;
                 Ok(Some((value, message.sequence)))
             }
-            Err(error) if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(error) if is_absent(&error) => Ok(None),
             Err(error) => Err(unavailable(error)),
         }
     }
@@ -508,7 +541,7 @@ impl Shared {
                     next = message.sequence + 1;
                     messages.push(message);
                 }
-                Err(error) if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => break,
+                Err(error) if is_absent(&error) => break,
                 Err(error) => return Err(unavailable(error)),
             }
         }
@@ -619,6 +652,17 @@ impl Shared {
             self.commit_messages(extra).await.map_err(BatchRefusal::into_error)?;
         }
         self.size.lock().1 = None;
+        let woken: Vec<String> = placed
+            .values()
+            .filter(|f| f.queued)
+            .map(|f| f.subscription_id.to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !woken.is_empty() {
+            // Best effort: a replica that misses it finds the entries on its next look.
+            let _ = self.client.publish(self.names.wake(), Bytes::from(woken.join(","))).await;
+        }
         Ok(events
             .iter()
             .enumerate()
@@ -782,21 +826,30 @@ impl Shared {
                 Ok(Some(serde_json::from_slice(&message.payload).map_err(query)?))
             }
             Ok(_) => Ok(None),
-            Err(error) if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(error) if is_absent(&error) => Ok(None),
             Err(error) => Err(unavailable(error)),
         }
     }
 
     async fn delete(&self, stream: &stream::Stream, sequence: u64) -> Result<(), StoreError> {
+        use async_nats::jetstream::ErrorCode;
         match stream.delete_message(sequence).await {
             Ok(_) => Ok(()),
-            // Already gone (a retried outcome, a dropped subscription).
-            Err(error) if error.to_string().contains("no message found") => Ok(()),
+            // Already gone (deleted by this subscription's previous owner, a retried
+            // outcome, a dropped subscription).
+            Err(error)
+                if matches!(error.kind(), stream::DeleteMessageErrorKind::JetStream(e)
+                    if [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&e.error_code())) =>
+            {
+                Ok(())
+            }
             Err(error) => Err(unavailable(error)),
         }
     }
 
-    /// Writes one subscription's outcomes: queue, dead letters, log, then counters.
+    /// Writes one subscription's outcomes: log and dead letters, then counters, then the
+    /// settled entries' deletion. Fails only before the counters are written, so it may
+    /// be retried whole (a log line may then appear twice; nothing is counted twice).
     async fn write_outcomes_of(&self, subscription: i64, attempts: Vec<Attempt>) -> Result<(), StoreError> {
         let cached = self.states.lock().get(&subscription).map(|(state, _)| state.attempts.clone());
         let mut made = match cached {
@@ -870,21 +923,14 @@ impl Shared {
         }
         // Counted first, deleted after: a crash in between leaves entries that `queued`
         // finds in `done` and deletes instead of delivering them again.
-        let deleted = self.deleted.lock().remove(&subscription).unwrap_or_default();
-        let change = |state: &mut SubscriptionState| {
-            for position in &deleted {
-                state.done.remove(position);
-            }
-            apply_outcomes(state, &found);
-        };
-        if let Err(error) = self.update_state(subscription, &change).await {
-            self.deleted.lock().entry(subscription).or_default().extend(deleted);
-            return Err(error);
-        }
+        self.update_state(subscription, &|state: &mut SubscriptionState| apply_outcomes(state, &found)).await?;
+        // An entry whose deletion fails here stays in `done`, and `queued` deletes it later
+        // (so this write, which would count again, is never retried for it).
         for position in &settled {
-            self.delete(&self.queue, *position).await?;
             self.handed_out.lock().remove(&(subscription, *position));
-            self.deleted.lock().entry(subscription).or_default().push(*position);
+            if let Err(error) = self.delete(&self.queue, *position).await {
+                tracing::warn!(%error, subscription, position, "deleting a settled entry failed; it is deleted later");
+            }
         }
         self.size.lock().1 = None;
         Ok(())
@@ -938,6 +984,9 @@ fn apply_outcomes(state: &mut SubscriptionState, attempts: &[Attempt]) {
             }
         }
     }
+    while state.done.len() > DONE_KEPT {
+        state.done.pop_first();
+    }
     if let Some(newest) = state.minutes.keys().next_back().copied() {
         state.minutes = state.minutes.split_off(&(newest - MINUTES_KEPT + 1));
     }
@@ -955,6 +1004,19 @@ fn dedup_id(subscription: i64, body: &str) -> String {
         digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
     });
     format!("w-{subscription}-{key}")
+}
+
+/// Whether a read found nothing: no such message, or a start beyond the stream's last
+/// sequence (JetStream answers that as "sequence not found").
+fn is_absent(error: &stream::RawMessageError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    match error.kind() {
+        stream::RawMessageErrorKind::NoMessageFound => true,
+        stream::RawMessageErrorKind::JetStream(error) => {
+            [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&error.error_code())
+        }
+        _ => false,
+    }
 }
 
 fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {
@@ -1028,10 +1090,28 @@ async fn write_outcomes(
         let writes = by_subscription.into_iter().map(|(subscription, attempts)| {
             let shared = shared.clone();
             async move {
-                if let Err(error) = shared.write_outcomes_of(subscription, attempts).await {
-                    tracing::error!(%error, subscription, "writing delivery outcomes to JetStream failed");
-                    shared.states.lock().remove(&subscription);
-                    shared.lost_outcomes.lock().insert(subscription);
+                // While JetStream fails over (a node down, a leader being elected) the
+                // outcomes wait here and the workers wait for their tickets, so an outage
+                // costs no more redeliveries than a crash; only after `OUTCOME_RETRY` are
+                // they given up as lost (the workers then read their queues again).
+                let started = Instant::now();
+                let mut pause = Duration::from_millis(100);
+                loop {
+                    match shared.write_outcomes_of(subscription, attempts.clone()).await {
+                        Ok(()) => return,
+                        Err(error) if started.elapsed() < OUTCOME_RETRY => {
+                            tracing::warn!(%error, subscription, "writing delivery outcomes to JetStream failed; retrying");
+                            shared.states.lock().remove(&subscription);
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(2));
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, subscription, "writing delivery outcomes to JetStream failed");
+                            shared.states.lock().remove(&subscription);
+                            shared.lost_outcomes.lock().insert(subscription);
+                            return;
+                        }
+                    }
                 }
             }
         });
@@ -1075,7 +1155,6 @@ impl EventStore for JetStreamStore {
                 if state.done.contains(&message.sequence) {
                     // Settled before a crash took its deletion.
                     shared.delete(&shared.queue, message.sequence).await?;
-                    shared.deleted.lock().entry(subscription_id).or_default().push(message.sequence);
                     continue;
                 }
                 let entry: Entry = serde_json::from_slice(&message.payload).map_err(query)?;
@@ -1406,6 +1485,22 @@ impl EventStore for JetStreamStore {
 
     fn outcomes_lost(&self, subscription_id: i64) -> bool {
         self.shared.lost_outcomes.lock().remove(&subscription_id)
+    }
+
+    fn wakes(&self) -> Option<mpsc::UnboundedReceiver<i64>> {
+        self.wakes.lock().take()
+    }
+}
+
+/// Hands on the subscription ids other replicas announce on `r.wake`.
+async fn forward_wakes(mut woken: async_nats::Subscriber, wake: mpsc::UnboundedSender<i64>) {
+    while let Some(message) = woken.next().await {
+        let text = String::from_utf8_lossy(&message.payload);
+        for id in text.split(',').filter_map(|id| id.parse::<i64>().ok()) {
+            if wake.send(id).is_err() {
+                return;
+            }
+        }
     }
 }
 

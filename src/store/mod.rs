@@ -357,6 +357,11 @@ pub trait EventStore: Send + Sync {
     /// since the last call. Its queue entry is then still queued behind the worker's
     /// cursor, and the worker must read its queue from the start again.
     fn outcomes_lost(&self, subscription_id: i64) -> bool;
+    /// Subscriptions that other processes sharing the store queued deliveries for, as they
+    /// do (taken once; None for an engine only one process uses).
+    fn wakes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<i64>> {
+        None
+    }
 }
 
 pub fn now_millis() -> Millis {

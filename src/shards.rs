@@ -1,0 +1,182 @@
+//! Delivery shards (docs/engines.md "Replicas"): with a shared store (JetStream) every herald
+//! replica serves, and each subscription is delivered by exactly one of them at a time.
+//! Subscriptions fall into `count` shards by id; each shard is a Kubernetes Lease
+//! (`<lease>-shard-<n>`), taken and renewed with the same compare-and-swap as the leader
+//! Lease (`crate::leader`). Each replica also renews a member Lease, holds its fair share
+//! of the shards among the live members and hands the rest back, so a new replica gets shards and a dead one's shards
+//! are taken over once their Leases expire.
+
+use crate::leader::Leadership;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The shard a subscription belongs to.
+pub fn shard_of(subscription_id: i64, count: u32) -> u32 {
+    u32::try_from(subscription_id.rem_euclid(i64::from(count.max(1)))).unwrap_or(0)
+}
+
+/// What the shard owner tells delivery.
+pub trait ShardEvents: Send + Sync {
+    /// This replica now holds `shard`: start its subscriptions' workers.
+    fn gained(&self, shard: u32);
+    /// This replica no longer holds `shard` (or can no longer be sure it does): stop its
+    /// workers before anyone else may take it.
+    fn lost(&self, shard: u32);
+}
+
+pub struct Shards {
+    count: u32,
+    leases: Vec<Leadership>,
+    /// This replica's presence (`<lease>-member-<identity>`): replicas holding no shard yet
+    /// count towards the fair share too.
+    member: Leadership,
+    member_prefix: String,
+    api: Api<Lease>,
+    identity: String,
+    duration: Duration,
+    /// Held shards and when each was last renewed.
+    held: Mutex<HashMap<u32, Instant>>,
+}
+
+impl Shards {
+    pub fn new(api: Api<Lease>, lease_prefix: &str, identity: String, count: u32, duration: Duration) -> Self {
+        let leases = (0..count.max(1))
+            .map(|n| Leadership::new(api.clone(), format!("{lease_prefix}-shard-{n}"), identity.clone(), duration))
+            .collect();
+        let member_prefix = format!("{lease_prefix}-member-");
+        let member = Leadership::new(api.clone(), format!("{member_prefix}{identity}"), identity.clone(), duration);
+        Shards { count: count.max(1), leases, member, member_prefix, api, identity, duration, held: Mutex::default() }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether this replica delivers `subscription_id` now.
+    pub fn owns(&self, subscription_id: i64) -> bool {
+        self.held.lock().contains_key(&shard_of(subscription_id, self.count))
+    }
+
+    /// Holds, renews and balances shards until `shutdown`, then hands them back.
+    pub async fn run(&self, events: &dyn ShardEvents, shutdown: CancellationToken) {
+        let period = (self.duration / 3).max(Duration::from_millis(300));
+        loop {
+            self.round(events).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        let held: Vec<u32> = self.held.lock().drain().map(|(shard, _)| shard).collect();
+        for shard in held {
+            events.lost(shard);
+            self.leases[shard as usize].release().await;
+        }
+        self.member.release().await;
+    }
+
+    /// Renews what is held (dropping what cannot be renewed in time), then moves towards
+    /// this replica's fair share.
+    async fn round(&self, events: &dyn ShardEvents) {
+        if let Err(error) = self.member.try_hold().await {
+            tracing::warn!(%error, "renewing this replica's member Lease failed");
+        }
+        let held: Vec<u32> = self.held.lock().keys().copied().collect();
+        for shard in held {
+            match self.leases[shard as usize].try_hold().await {
+                Ok(true) => {
+                    self.held.lock().insert(shard, Instant::now());
+                }
+                Ok(false) => self.drop_shard(shard, events, "another replica holds it"),
+                Err(error) => {
+                    // Stop well before the Lease can expire and be taken.
+                    let renewed = self.held.lock().get(&shard).copied();
+                    if renewed.is_some_and(|at| at.elapsed() > self.duration * 2 / 3) {
+                        self.drop_shard(shard, events, "its Lease could not be renewed");
+                    } else {
+                        tracing::warn!(%error, shard, "renewing a shard Lease failed; still delivering");
+                    }
+                }
+            }
+        }
+        let replicas = match self.live_holders().await {
+            Ok(holders) => holders,
+            Err(error) => {
+                tracing::warn!(%error, "listing shard Leases failed");
+                return;
+            }
+        };
+        let fair = usize::try_from(self.count).unwrap_or(1).div_ceil(replicas.max(1));
+        let held = self.held.lock().len();
+        if held > fair {
+            let extra: Vec<u32> = self.held.lock().keys().copied().take(held - fair).collect();
+            for shard in extra {
+                self.drop_shard(shard, events, "handed to another replica (fair share)");
+                self.leases[shard as usize].release().await;
+            }
+            return;
+        }
+        let mut wanted = fair - held;
+        // Start at a replica-specific place, so replicas starting together try different shards.
+        let offset = self.identity.bytes().map(u32::from).sum::<u32>() % self.count;
+        for step in 0..self.count {
+            if wanted == 0 {
+                break;
+            }
+            let shard = (offset + step) % self.count;
+            if self.held.lock().contains_key(&shard) {
+                continue;
+            }
+            if let Ok(true) = self.leases[shard as usize].try_hold().await {
+                self.held.lock().insert(shard, Instant::now());
+                tracing::info!(shard, identity = %self.identity, "shard acquired");
+                events.gained(shard);
+                wanted -= 1;
+            }
+        }
+    }
+
+    fn drop_shard(&self, shard: u32, events: &dyn ShardEvents, why: &str) {
+        if self.held.lock().remove(&shard).is_some() {
+            tracing::info!(shard, why, "shard given up");
+            events.lost(shard);
+        }
+    }
+
+    /// Live replicas: holders of a live member or shard Lease, this one counted always.
+    async fn live_holders(&self) -> Result<usize, kube::Error> {
+        let now = jiff::Timestamp::now();
+        let names: HashSet<String> = self.leases.iter().map(|l| l.name().to_string()).collect();
+        let mut holders = HashSet::from([self.identity.clone()]);
+        for lease in self.api.list(&Default::default()).await? {
+            let Some(name) = lease.metadata.name.as_deref() else { continue };
+            let Some(spec) = lease.spec.as_ref() else { continue };
+            if !names.contains(name) && !name.starts_with(&self.member_prefix) {
+                continue;
+            }
+            let holder = spec.holder_identity.clone().unwrap_or_default();
+            if !holder.is_empty() && !crate::leader::available(spec, &self.identity, now) {
+                holders.insert(holder);
+            }
+        }
+        Ok(holders.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_id_has_one_shard_in_range() {
+        for id in [-7, 0, 1, 15, 16, 17, i64::MAX] {
+            assert!(shard_of(id, 16) < 16);
+        }
+        assert_eq!(shard_of(17, 16), 1);
+        assert_eq!(shard_of(5, 0), 0, "no shards count as one");
+    }
+}
