@@ -11,34 +11,46 @@ fn jetstream_config(name: &str) -> String {
     format!("store: {{engine: jetstream, jetstream: {{urls: [{}], stream: {name}}}}}\n", urls.join(", "))
 }
 
-/// A NATS node of tests/nats/up.sh: SIGKILL by its recorded PID, start from its recorded
-/// command line.
-struct NatsNode(&'static str);
-
-impl NatsNode {
-    fn state() -> PathBuf {
-        PathBuf::from(std::env::var("HERALD_CONTROLPLANE").expect("HERALD_CONTROLPLANE"))
-    }
-    fn kill(&self) {
-        let pid = std::fs::read_to_string(Self::state().join(format!("{}.pid", self.0))).expect("pid file");
-        let status = std::process::Command::new("kill").args(["-9", pid.trim()]).status().expect("kill");
-        assert!(status.success(), "kill -9 {}", self.0);
-    }
-    fn start(&self) {
-        let script = format!(
-            "cd {state} && {{ eval \"exec $(cat {name}.cmd)\" >> {name}.log 2>&1 & echo $! > {name}.pid; }}",
-            state = Self::state().display(),
-            name = self.0
-        );
-        let status = std::process::Command::new("bash").args(["-c", &script]).status().expect("start node");
-        assert!(status.success());
-    }
+/// SIGKILLs a NATS node of tests/nats/up.sh by its recorded PID (`Cluster::start_component`
+/// starts it again from its recorded command line).
+fn kill_nats_node(name: &str) {
+    let state = PathBuf::from(std::env::var("HERALD_CONTROLPLANE").expect("HERALD_CONTROLPLANE"));
+    let pid = std::fs::read_to_string(state.join(format!("{name}.pid"))).expect("pid file");
+    let status = std::process::Command::new("kill").args(["-9", pid.trim()]).status().expect("kill");
+    assert!(status.success(), "kill -9 {name}");
 }
 
-/// Distribution ids received (first receipts) and whether they are exactly 1..=n.
-fn first_receipts(ids: impl IntoIterator<Item = i64>) -> Vec<i64> {
+/// Waits until `key` has received every acknowledged event (by producer sequence).
+async fn wait_all_arrived(ok: &CallbackServer, key: &str, acknowledged: &[i64], within: Duration) {
+    wait_until_none_missing(key, within, || {
+        let seen: HashSet<i64> = ok.received(key).iter().map(|r| host_id(&r.body)).collect();
+        let missing: Vec<i64> = acknowledged.iter().copied().filter(|s| !seen.contains(s)).collect();
+        async move { missing }
+    })
+    .await;
+}
+
+/// Checks what `key` received: distinct distribution ids exactly 1..=n, first receipts in
+/// order with one in flight, redeliveries after each kill within maxInFlight + 64.
+/// Returns n and the redeliveries per epoch (epoch k follows the k-th kill).
+fn check_receipts(ok: &CallbackServer, key: &str, max_in_flight: usize, kills: &[Instant]) -> (usize, Vec<usize>) {
+    let receipts: Vec<(Instant, i64)> = ok.received(key).iter().map(|r| (r.at, r.distribution_id())).collect();
     let mut seen = HashSet::new();
-    ids.into_iter().filter(|d| seen.insert(*d)).collect()
+    let firsts: Vec<i64> = receipts.iter().map(|(_, d)| *d).filter(|d| seen.insert(*d)).collect();
+    let mut sorted = firsts.clone();
+    sorted.sort_unstable();
+    assert!(sorted.iter().copied().eq(1..=sorted.len() as i64), "{key}: distribution ids are not 1..=n");
+    if max_in_flight == 1 {
+        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{key}: first receipts out of order");
+    }
+    let per_epoch = duplicates_per_epoch(&receipts, kills);
+    for (epoch, dup) in per_epoch.iter().enumerate() {
+        assert!(
+            *dup <= max_in_flight + COMMIT_BATCH,
+            "{key}: {dup} redeliveries after kill {epoch} exceed maxInFlight {max_in_flight} + {COMMIT_BATCH}"
+        );
+    }
+    (sorted.len(), per_epoch)
 }
 
 /// SIGKILL herald at seeded random points, then SIGKILL one NATS node for 5 s, while a
@@ -79,42 +91,21 @@ async fn on_jetstream_sigkills_of_herald_and_of_a_nats_node_lose_nothing() {
         producer.retarget(herald.url("/api/v3/event/publish"));
     }
     let before_node = producer_acknowledged_so_far(&ok, "narrow");
-    let node = NatsNode("nats-2");
-    node.kill();
+    kill_nats_node("nats-2");
     println!("nats-2 SIGKILL (after {before_node} narrow receipts)");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    node.start();
+    cluster.start_component("nats-2");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let acknowledged = producer.finish().await;
     println!("{} events acknowledged across {rounds} herald SIGKILLs and one NATS node SIGKILL", acknowledged.len());
     assert!(!acknowledged.is_empty());
 
     for key in ["narrow", "wide"] {
-        wait_until_none_missing(key, Duration::from_secs(180), || {
-            let seen: HashSet<i64> = ok.received(key).iter().map(|r| host_id(&r.body)).collect();
-            let missing: Vec<i64> = acknowledged.iter().copied().filter(|s| !seen.contains(s)).collect();
-            async move { missing }
-        })
-        .await;
+        wait_all_arrived(&ok, key, &acknowledged, Duration::from_secs(180)).await;
     }
     let mut report = BTreeMap::new();
     for (key, max_in_flight) in in_flight {
-        let receipts: Vec<(Instant, i64)> = ok.received(key).iter().map(|r| (r.at, r.distribution_id())).collect();
-        let firsts = first_receipts(receipts.iter().map(|(_, d)| *d));
-        let mut sorted = firsts.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (1..=sorted.len() as i64).collect::<Vec<_>>(), "{key}: distribution ids are 1..=n");
-        if max_in_flight == 1 {
-            assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{key}: first receipts out of order");
-        }
-        let per_epoch = duplicates_per_epoch(&receipts, &kills);
-        for (epoch, dup) in per_epoch.iter().enumerate() {
-            assert!(
-                *dup <= max_in_flight + COMMIT_BATCH,
-                "{key}: {dup} redeliveries after crash {epoch} exceed maxInFlight {max_in_flight} + {COMMIT_BATCH}"
-            );
-        }
-        report.insert(key, (sorted.len(), per_epoch));
+        report.insert(key, check_receipts(&ok, key, max_in_flight, &kills));
     }
     println!("(distinct deliveries, redeliveries per epoch): {report:?}");
     for key in ["narrow", "wide"] {
@@ -262,36 +253,17 @@ async fn three_replicas_deliver_every_event_once_in_order_through_kills_and_a_ro
 
     let healthy_started = Instant::now();
     for key in &keys {
-        wait_until_none_missing(key, Duration::from_secs(600), || {
-            let seen: HashSet<i64> = ok.received(key).iter().map(|r| host_id(&r.body)).collect();
-            let missing: Vec<i64> = acknowledged.iter().copied().filter(|s| !seen.contains(s)).collect();
-            async move { missing }
-        })
-        .await;
+        wait_all_arrived(&ok, key, &acknowledged, Duration::from_secs(600)).await;
     }
     println!("all 10 healthy subscriptions complete {:?} after the last publish", healthy_started.elapsed());
     let mut report = BTreeMap::new();
     for (n, key) in keys.iter().enumerate() {
         let max_in_flight = if n % 2 == 0 { 1 } else { 4 };
-        let receipts: Vec<(Instant, i64)> = ok.received(key).iter().map(|r| (r.at, r.distribution_id())).collect();
-        let firsts = first_receipts(receipts.iter().map(|(_, d)| *d));
-        let mut sorted = firsts.clone();
-        sorted.sort_unstable();
+        let (distinct, per_epoch) = check_receipts(&ok, key, max_in_flight, &kills);
         // A publish cut off by a SIGKILL may have been stored without its answer; the
         // producer sends those events again, so n can exceed the events, never fall short.
-        assert!(sorted.len() as i64 >= events, "{key}: {} distinct deliveries for {events} events", sorted.len());
-        assert!(sorted.iter().copied().eq(1..=sorted.len() as i64), "{key}: distribution ids are not 1..=n");
-        if max_in_flight == 1 {
-            assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{key}: first receipts out of order");
-        }
-        let per_epoch = duplicates_per_epoch(&receipts, &kills);
-        for (epoch, dup) in per_epoch.iter().enumerate() {
-            assert!(
-                *dup <= max_in_flight + COMMIT_BATCH,
-                "{key}: {dup} redeliveries after kill {epoch} exceed maxInFlight {max_in_flight} + {COMMIT_BATCH}"
-            );
-        }
-        report.insert(key.clone(), (per_epoch.iter().sum::<usize>(), sorted.len()));
+        assert!(distinct as i64 >= events, "{key}: {distinct} distinct deliveries for {events} events");
+        report.insert(key.clone(), (per_epoch.iter().sum::<usize>(), distinct));
     }
     println!(
         "(redeliveries, distinct deliveries) per subscription over {} kills and restarts: {report:?}",
