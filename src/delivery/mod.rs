@@ -379,10 +379,13 @@ impl Delivery {
         tracing::info!("delivery stopped");
     }
 
-    /// This replica now holds `shard`: its subscriptions get workers.
+    /// This replica now holds `shard`: its subscriptions get workers, and their status is
+    /// projected again (the previous holder may have died between counting its last
+    /// outcomes and writing them into status).
     pub fn shard_gained(self: &Arc<Self>, shard: u32, count: u32) {
         for id in self.index.ids().into_iter().filter(|id| crate::shards::shard_of(*id, count) == shard) {
             self.wake(id);
+            self.projector.touch(id, 0);
         }
     }
 

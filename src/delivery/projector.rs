@@ -20,11 +20,15 @@ use std::time::{Duration, Instant};
 pub const FIELD_MANAGER: &str = "herald-delivery";
 pub const CONDITION_CALLBACK_HEALTHY: &str = "CallbackHealthy";
 
+/// How long a status waits for the change that marked it to commit before it shows the
+/// durable counters meanwhile.
+const COMMIT_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct Marks {
     /// Subscriptions whose counters changed: when they first did, and the store ticket
-    /// of the newest change (read only once that ticket is committed, so a status is
-    /// never built from counters older than the change that marked it).
+    /// of the newest change (the mark stays until that ticket is settled, so status is
+    /// never left showing counters older than the change that marked it).
     dirty: HashMap<i64, (Instant, u64)>,
     gone: HashSet<i64>,
 }
@@ -55,7 +59,7 @@ impl StatusProjector {
         }
     }
 
-    /// The longest-changed subscription: (id, ticket to wait for, gone).
+    /// The longest-changed subscription: (id, ticket of its newest change, gone).
     fn take_oldest(&self) -> Option<(i64, u64, bool)> {
         let mut marks = self.marks.lock();
         let id = marks.dirty.iter().min_by_key(|(_, (since, _))| *since).map(|(id, _)| *id)?;
@@ -78,25 +82,32 @@ impl StatusProjector {
                 // By uid: an object re-created under the same name must not get the old
                 // one's statistics.
                 let Some(object) = delivery.live_object(&sub) else { continue };
-                // Bounded: a batch whose commit failed never reaches its ticket, and then the
-                // counters read are the newest durable ones, which is what status may show.
-                if !matches!(tokio::time::timeout(Duration::from_secs(2), store.committed(ticket)).await, Ok(Ok(()))) {
-                    tracing::debug!(
-                        subscription = id,
-                        ticket,
-                        "outcome not committed in time; projecting durable counters"
-                    );
+                // Most commits land within moments; the wait is bounded, because a slow
+                // engine must not hold every other subscription's status.
+                drop(tokio::time::timeout(COMMIT_WAIT, store.committed(ticket)).await);
+                let unsettled = store.settled() < ticket;
+                if unsettled {
+                    // The change is still being written (a slow engine, JetStream failing
+                    // over): show the durable counters now and keep the mark, so status is
+                    // written again once it lands instead of staying behind for good.
+                    self.touch(id, ticket);
                 }
                 let counters = store.counters(id).await;
                 let counters = match counters {
                     Ok(counters) => counters,
                     Err(error) => {
                         tracing::warn!(%error, subscription = id, "reading counters failed");
-                        self.touch(id, ticket);
+                        self.touch(id, 0);
                         break;
                     }
                 };
-                let Some(patch) = projection(&object, &counters, sub.imported, gone, now()) else { continue };
+                let Some(patch) = projection(&object, &counters, sub.imported, gone, now()) else {
+                    if unsettled {
+                        // Looked at once per tick until it lands.
+                        break;
+                    }
+                    continue;
+                };
                 let api = Api::<EventSubscription>::namespaced(client.clone(), &sub.namespace);
                 let params = PatchParams::apply(FIELD_MANAGER).force();
                 match api.patch_status(&sub.name, &params, &Patch::Apply(&patch)).await {

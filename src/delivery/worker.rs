@@ -86,6 +86,15 @@ pub async fn run(delivery: Arc<Delivery>, id: i64, handle: Arc<WorkerHandle>) {
             }
         };
         if page.is_empty() {
+            if cursor != 0 {
+                // Drained: once this worker's outcomes have landed, read again from the
+                // start. An entry behind the cursor that is still queued (its deletion
+                // failed, or a previous shard holder's outcome for it was never recorded)
+                // is then settled or delivered instead of counted as pending for good.
+                wait_for_commit(&delivery, &handle, id).await;
+                cursor = 0;
+                continue;
+            }
             idle(&handle).await;
             continue;
         }
@@ -292,16 +301,21 @@ async fn record_outcome(
             delivery.projector.touch(item.subscription_id, ticket);
             handle.last_ticket.fetch_max(ticket, Ordering::AcqRel);
             if handle.uncommitted.fetch_add(1, Ordering::AcqRel) + 1 >= UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION {
-                let settled = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire));
-                tokio::select! {
-                    result = settled => if let Err(error) = result {
-                        tracing::warn!(%error, subscription = item.subscription_id, "waiting for outcomes to commit failed");
-                    },
-                    _ = handle.stop.cancelled() => {}
-                }
-                handle.uncommitted.store(0, Ordering::Release);
+                wait_for_commit(delivery, handle, item.subscription_id).await;
             }
         }
         Err(error) => tracing::error!(%error, subscription = item.subscription_id, "recording an attempt failed"),
     }
+}
+
+/// Waits until every outcome this worker recorded is durable (or it is stopped).
+async fn wait_for_commit(delivery: &Delivery, handle: &WorkerHandle, subscription: i64) {
+    let settled = delivery.store.committed(handle.last_ticket.load(Ordering::Acquire));
+    tokio::select! {
+        result = settled => if let Err(error) = result {
+            tracing::warn!(%error, subscription, "waiting for outcomes to commit failed");
+        },
+        _ = handle.stop.cancelled() => {}
+    }
+    handle.uncommitted.store(0, Ordering::Release);
 }

@@ -357,40 +357,12 @@ impl JetStreamStore {
             description: Some("herald: the delivery log, newest attempts per subscription".into()),
             ..Default::default()
         };
-        for config in [&queue, &state, &log] {
-            // Replicas starting together create the same streams at once, and a stream's
-            // first placement can outlast one request: a few tries before giving up.
-            let mut tries = 0;
-            loop {
-                match context.create_or_update_stream(config.clone()).await {
-                    Ok(_) => break,
-                    Err(error) if tries < STREAM_SETUP_TRIES => {
-                        tries += 1;
-                        tracing::warn!(%error, stream = %config.name, "creating the stream failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(source) => {
-                        return Err(StoreError::Open {
-                            path: format!("JetStream stream {}", config.name),
-                            source: Box::new(source),
-                        });
-                    }
-                }
-            }
-        }
-        let get = |name: String| {
-            let context = context.clone();
-            async move {
-                context.get_stream(&name).await.map_err(|source| StoreError::Open {
-                    path: format!("JetStream stream {name}"),
-                    source: Box::new(source),
-                })
-            }
-        };
+        let (queue, state, log) =
+            (set_up(&context, &queue).await?, set_up(&context, &state).await?, set_up(&context, &log).await?);
         let shared = Arc::new(Shared {
-            queue: get(names.queue.clone()).await?,
-            state: get(names.state.clone()).await?,
-            log: get(names.log.clone()).await?,
+            queue,
+            state,
+            log,
             client,
             names,
             limits,
@@ -413,6 +385,28 @@ impl JetStreamStore {
         let (wake, wakes) = mpsc::unbounded_channel();
         tokio::spawn(forward_wakes(woken, wake));
         Ok(JetStreamStore { shared, wakes: Mutex::new(Some(wakes)), records, next_ticket: Mutex::new(1), committed })
+    }
+}
+
+/// Creates or updates a stream and opens it. Replicas starting together create the same
+/// streams at once, and a stream's first placement can outlast one request: a few tries
+/// before giving up.
+async fn set_up(context: &jetstream::Context, config: &stream::Config) -> Result<stream::Stream, StoreError> {
+    let mut tries = 0;
+    loop {
+        let result = match context.create_or_update_stream(config.clone()).await {
+            Ok(_) => context.get_stream(&config.name).await.map_err(EngineError::from),
+            Err(error) => Err(EngineError::from(error)),
+        };
+        match result {
+            Ok(stream) => return Ok(stream),
+            Err(error) if tries < STREAM_SETUP_TRIES => {
+                tries += 1;
+                tracing::warn!(%error, stream = %config.name, "setting up the stream failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(source) => return Err(StoreError::Open { path: format!("JetStream stream {}", config.name), source }),
+        }
     }
 }
 
@@ -1189,6 +1183,10 @@ impl EventStore for JetStreamStore {
             committed.wait_for(|settled| *settled >= ticket).await.map_err(|_| StoreError::WriterStopped)?;
             Ok(())
         })
+    }
+
+    fn settled(&self) -> u64 {
+        *self.committed.borrow()
     }
 
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {

@@ -349,6 +349,10 @@ impl EventStore for MemoryStore {
         ready(Ok(()))
     }
 
+    fn settled(&self) -> u64 {
+        u64::MAX
+    }
+
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {
         let state = self.state.lock();
         ready(Ok(state.subscriptions.get(&subscription_id).map(|s| s.counters.clone()).unwrap_or_default()))

@@ -310,6 +310,9 @@ pub trait EventStore: Send + Sync {
     fn record_attempt(&self, attempt: Attempt) -> Result<u64, StoreError>;
     /// Resolves when every record up to `ticket` is durable.
     fn committed(&self, ticket: u64) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// The newest ticket up to which every record is settled: durable, or reported lost
+    /// (`outcomes_lost`). Never waits.
+    fn settled(&self) -> u64;
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>>;
     fn dead_letters(&self, subscription_id: i64, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, StoreError>>;
     /// Up to `limit` of the subscription's logged attempts, newest first.

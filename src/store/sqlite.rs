@@ -478,6 +478,10 @@ impl EventStore for SqliteStore {
         })
     }
 
+    fn settled(&self) -> u64 {
+        *self.committed.borrow()
+    }
+
     fn counters(&self, subscription_id: i64) -> BoxFuture<'_, Result<Counters, StoreError>> {
         Box::pin(self.read(move |conn| {
             conn.query_row(
