@@ -163,6 +163,53 @@ fn values_switch_the_optional_parts() {
     }
 }
 
+/// Several replicas only with JetStream; then no volume, a roll that replaces one pod at a
+/// time with the new one up first, a PodDisruptionBudget, and the NATS Secret mounted.
+#[test]
+fn jetstream_replicas_roll_keep_a_disruption_budget_and_need_no_volume() {
+    let sqlite = run(Command::new(tools().join("helm")).args(["template", "herald", CHART, "--set", "replicaCount=3"]));
+    assert!(!sqlite.ok && sqlite.stderr.contains("/replicaCount"), "3 replicas on one SQLite file: {sqlite}");
+    let defaults = render(&[]);
+    assert!(defaults.contains("type: Recreate") && !defaults.contains("kind: PodDisruptionBudget"), "{defaults}");
+
+    let jetstream = [
+        "--set",
+        "config.store.engine=jetstream",
+        "--set",
+        "config.store.jetstream.urls={nats://nats:4222}",
+        "--set",
+        "config.store.jetstream.credentialsFile=/etc/herald/nats/herald.creds",
+        "--set",
+        "nats.secretName=herald-nats",
+    ];
+    let three = render(&[&jetstream[..], &["--set", "replicaCount=3"]].concat());
+    for wanted in [
+        "replicas: 3",
+        "type: RollingUpdate",
+        "maxSurge: 1",
+        "maxUnavailable: 0",
+        "kind: PodDisruptionBudget",
+        "maxUnavailable: 1",
+        "secretName: herald-nats",
+        "mountPath: /etc/herald/nats",
+        r#"verbs: ["get", "update", "list"]"#,
+    ] {
+        assert!(three.contains(wanted), "3 JetStream replicas: the render lacks {wanted}: {three}");
+    }
+    for unwanted in ["kind: PersistentVolumeClaim", "/var/lib/herald", "claimName:", "type: Recreate"] {
+        assert!(!three.contains(unwanted), "3 JetStream replicas: the render has {unwanted}: {three}");
+    }
+    let config = herald::config::Config::from_yaml(&chart_config(&jetstream)).expect("herald's config");
+    let settings = config.store.jetstream.settings().expect("JetStream settings");
+    assert_eq!(settings.urls, ["nats://nats:4222"]);
+
+    let one = render(&jetstream);
+    assert!(one.contains("type: RollingUpdate") && !one.contains("kind: PodDisruptionBudget"), "{one}");
+    let unbudgeted =
+        render(&[&jetstream[..], &["--set", "replicaCount=3", "--set", "podDisruptionBudget.enabled=false"]].concat());
+    assert!(!unbudgeted.contains("kind: PodDisruptionBudget"), "{unbudgeted}");
+}
+
 /// herald refuses unknown config keys, so a key the chart writes and herald does not know
 /// would stop the pod at start-up.
 #[test]
@@ -196,12 +243,16 @@ fn the_store_quota_follows_the_volume_size() {
 async fn rendered_and_plain_manifests_pass_a_server_side_dry_run() {
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-dryrun", &[]).await;
-    let rendered = helm(&cluster.kubeconfig, &["template", "herald", CHART, "--namespace", &ns]);
-    assert!(rendered.ok, "helm template: {rendered}");
-    let file = temp_file(&ns, "rendered.yaml");
-    std::fs::write(&file, &rendered.stdout).expect("write rendered chart");
-    let (ok, out, err) = cluster.kubectl(&["apply", "--dry-run=server", "-f", file.to_str().unwrap()]);
-    assert!(ok, "helm template | kubectl apply --dry-run=server: {out}{err}");
+    let replicas = ["--set", "config.store.engine=jetstream", "--set", "replicaCount=3"];
+    for (name, values) in [("rendered", &[][..]), ("replicas", &replicas[..])] {
+        let rendered =
+            helm(&cluster.kubeconfig, &[&["template", "herald", CHART, "--namespace", &ns], values].concat());
+        assert!(rendered.ok, "helm template {values:?}: {rendered}");
+        let file = temp_file(&ns, &format!("{name}.yaml"));
+        std::fs::write(&file, &rendered.stdout).expect("write rendered chart");
+        let (ok, out, err) = cluster.kubectl(&["apply", "--dry-run=server", "-f", file.to_str().unwrap()]);
+        assert!(ok, "helm template {values:?} | kubectl apply --dry-run=server: {out}{err}");
+    }
 
     // A dry run creates no Namespace, so the plain manifests' herald-system must exist.
     let (exists, _, _) = cluster.kubectl(&["get", "namespace", "herald-system"]);

@@ -37,14 +37,23 @@ app.kubernetes.io/part-of: herald
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when herald stores in NATS JetStream (config.store.engine), else empty. */}}
+{{- define "herald.jetstream" -}}
+{{- if eq (dig "store" "engine" "sqlite" .Values.config) "jetstream" -}}true{{- end -}}
+{{- end -}}
+
 {{/*
 herald's config file: .Values.config merged over the values the pod spec is wired to
-(listen port, data volume), plus the certificate paths when TLS is on.
+(listen port; with the embedded store, the data volume and its quota), plus the
+certificate paths when TLS is on.
 */}}
 {{- define "herald.config" -}}
-{{- $store := dict "path" "/var/lib/herald" -}}
+{{- $store := dict -}}
+{{- if not (include "herald.jetstream" .) -}}
+{{- $_ := set $store "path" "/var/lib/herald" -}}
 {{- if .Values.persistence.enabled -}}
 {{- $_ := set $store "quotaBytes" (include "herald.quotaBytes" . | atoi) -}}
+{{- end -}}
 {{- end -}}
 {{- $config := mergeOverwrite (dict "listen" (printf "0.0.0.0:%v" .Values.containerPort) "store" $store) (deepCopy .Values.config) -}}
 {{- $config = mergeOverwrite $config (dict "api" (dict "auth" (dict "kubernetes" .Values.api.auth.kubernetes))) -}}
