@@ -11,7 +11,12 @@
 //! - `delivery`: publish → confirmed delivery with 1 ordered subscription and fan-out to
 //!   100 / 1,000 subscriptions; latency publish → callback at 1,000 events/s and at half
 //!   the ordered maximum; API-server status writes per phase; REST subscribe and search.
-//! - `scale`: time from creating 5,000 / 10,000 subscriptions to all Ready, peak RSS.
+//! - `scale`: time from creating 5,000 / 10,000 subscriptions to all Ready, peak RSS; on
+//!   each engine of `HERALD_BENCH_SCALE_ENGINES` (JetStream: the NATS servers' memory too).
+//! - `engines`: the same ordered and fan-out runs on each store engine in one run: SQLite,
+//!   JetStream with 1 herald, JetStream with 3 herald replicas (publishes spread over them),
+//!   each as a ratio to the raw limit measured around it, with herald's and the NATS
+//!   servers' CPU (what bounds scaling on this machine). Needs `HERALD_BENCH_NATS_URLS`.
 //! - `sources`: bk-cmdb watch events through herald (the watch emulator of
 //!   tests/cmdb_emulator as its own process, a CmdbSource reading from a start time) to
 //!   one and to 100 subscriptions, as a ratio to the emulator's own answer rate measured
@@ -139,7 +144,14 @@ struct Settings {
     rest_creates: usize,
     rest_seconds: f64,
     scale: Vec<usize>,
+    scale_engines: Vec<Engine>,
     source_events: usize,
+    engine_setups: Vec<(Engine, usize)>,
+    engine_ordered_events: usize,
+    engine_fanout: usize,
+    engine_fanout_deliveries: usize,
+    /// The JetStream cluster's client URLs (benches/run.sh starts one: tests/nats/up.sh).
+    nats_urls: Option<String>,
     work_dir: PathBuf,
 }
 
@@ -157,7 +169,9 @@ impl Settings {
             kubeconfig: std::env::var_os("HERALD_BENCH_KUBECONFIG").map(PathBuf::from),
             herald_bin: PathBuf::from(env_or("HERALD_BENCH_BIN", env!("CARGO_BIN_EXE_herald"))),
             wrap: env_or("HERALD_BENCH_WRAP", "").split_whitespace().map(str::to_string).collect(),
-            phases: list::<String>(&env_or("HERALD_BENCH_PHASES", "raw,delivery,scale,sources")).into_iter().collect(),
+            phases: list::<String>(&env_or("HERALD_BENCH_PHASES", "raw,delivery,scale,sources,engines"))
+                .into_iter()
+                .collect(),
             raw_seconds: env_or("HERALD_BENCH_RAW_SECONDS", "3").parse().unwrap_or(3.0),
             adjacent_seconds: env_or("HERALD_BENCH_ADJACENT_SECONDS", "1.5").parse().unwrap_or(1.5),
             concurrency: list(&env_or("HERALD_BENCH_CONCURRENCY", "1,2,4,8,16,32,64")),
@@ -169,12 +183,73 @@ impl Settings {
             rest_creates: env_or("HERALD_BENCH_REST_CREATES", "200").parse().unwrap_or(200),
             rest_seconds: env_or("HERALD_BENCH_REST_SECONDS", "5").parse().unwrap_or(5.0),
             scale: list(&env_or("HERALD_BENCH_SCALE", "5000,10000")),
+            scale_engines: list::<String>(&env_or("HERALD_BENCH_SCALE_ENGINES", "sqlite,jetstream"))
+                .iter()
+                .filter_map(|e| Engine::parse(e))
+                .collect(),
             source_events: env_or("HERALD_BENCH_SOURCE_EVENTS", "20000").parse().unwrap_or(20_000),
+            engine_setups: list::<String>(&env_or("HERALD_BENCH_ENGINE_SETUPS", "sqlite,jetstream,jetstream-3"))
+                .iter()
+                .filter_map(|setup| {
+                    let (engine, replicas) = setup.split_once('-').unwrap_or((setup, "1"));
+                    Some((Engine::parse(engine)?, replicas.parse().ok()?))
+                })
+                .collect(),
+            engine_ordered_events: env_or("HERALD_BENCH_ENGINE_ORDERED_EVENTS", "3000").parse().unwrap_or(3000),
+            engine_fanout: env_or("HERALD_BENCH_ENGINE_FANOUT", "100").parse().unwrap_or(100),
+            engine_fanout_deliveries: env_or("HERALD_BENCH_ENGINE_FANOUT_DELIVERIES", "20000")
+                .parse()
+                .unwrap_or(20_000),
+            nats_urls: std::env::var("HERALD_BENCH_NATS_URLS").ok().filter(|u| !u.trim().is_empty()),
             work_dir: PathBuf::from(env_or("HERALD_BENCH_DIR", &std::env::temp_dir().display().to_string())),
         }
     }
     fn phase(&self, name: &str) -> bool {
         self.phases.contains(name)
+    }
+}
+
+/// herald's store engine for a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Sqlite,
+    JetStream,
+}
+
+impl Engine {
+    fn parse(text: &str) -> Option<Engine> {
+        match text.trim() {
+            "sqlite" => Some(Engine::Sqlite),
+            "jetstream" => Some(Engine::JetStream),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "SQLite",
+            Engine::JetStream => "JetStream",
+        }
+    }
+
+    /// herald's config for this engine: streams of their own per run (a 3-node cluster,
+    /// R3) for JetStream, nothing to add for SQLite.
+    fn config(self, settings: &Settings) -> String {
+        match self {
+            Engine::Sqlite => String::new(),
+            Engine::JetStream => {
+                let urls = settings
+                    .nats_urls
+                    .as_deref()
+                    .expect("HERALD_BENCH_NATS_URLS is required for JetStream runs (benches/run.sh starts a cluster)");
+                let urls: Vec<&str> = urls.split(',').collect();
+                let stream = format!("HB{:08X}", now_ns() & 0xffff_ffff);
+                format!(
+                    "store:\n  engine: jetstream\n  jetstream:\n    urls: {}\n    stream: {stream}\n    replicas: 3\n",
+                    serde_json::to_string(&urls).expect("URLs as JSON")
+                )
+            }
+        }
     }
 }
 
@@ -257,6 +332,32 @@ fn control_plane_cpu_seconds() -> Option<f64> {
     let state = PathBuf::from(std::env::var("HERALD_CONTROLPLANE").ok()?);
     let pid = |name: &str| std::fs::read_to_string(state.join(format!("{name}.pid"))).ok()?.trim().parse::<u32>().ok();
     Some(cpu_seconds(pid("kube-apiserver")?) + cpu_seconds(pid("etcd")?))
+}
+
+/// The test NATS cluster's server processes (tests/nats/up.sh writes their PIDs beside the
+/// control plane's).
+fn nats_pids() -> Vec<u32> {
+    let Some(state) = std::env::var_os("HERALD_CONTROLPLANE").map(PathBuf::from) else { return Vec::new() };
+    (1..=3)
+        .filter_map(|n| std::fs::read_to_string(state.join(format!("nats-{n}.pid"))).ok()?.trim().parse().ok())
+        .collect()
+}
+
+fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+/// Resident memory now (VmRSS), MB, summed over `pids`.
+fn vm_rss_mb(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| {
+            read(&format!("/proc/{pid}/status"))
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .sum::<f64>()
+        / 1024.0
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -649,31 +750,48 @@ async fn create_subscriptions(
         .await
 }
 
+/// How a herald process is started: its instance name (replicas of one namespace differ in
+/// it) and the config YAML merged over the test defaults (the engine's).
+#[derive(Clone)]
+struct Role {
+    instance: String,
+    config: String,
+}
+
+impl Role {
+    /// The only herald of a namespace, on the embedded store.
+    fn solo() -> Role {
+        Role { instance: "herald-bench".into(), config: String::new() }
+    }
+}
+
 struct Herald {
     child: Child,
     port: u16,
     log: PathBuf,
     http: reqwest::Client,
+    role: Role,
 }
 
 impl Herald {
     /// A fresh herald: its own empty store.
-    async fn start(settings: &Settings, kubeconfig: &Path, namespace: &str) -> Herald {
-        let _ = std::fs::remove_dir_all(Herald::dir(settings, namespace));
-        Herald::launch(settings, kubeconfig, namespace).await
+    async fn start(settings: &Settings, kubeconfig: &Path, namespace: &str, role: Role) -> Herald {
+        let _ = std::fs::remove_dir_all(Herald::dir(settings, namespace, &role));
+        Herald::launch(settings, kubeconfig, namespace, role).await
     }
 
-    fn dir(settings: &Settings, namespace: &str) -> PathBuf {
-        settings.work_dir.join(format!("herald-bench-{namespace}"))
+    fn dir(settings: &Settings, namespace: &str, role: &Role) -> PathBuf {
+        settings.work_dir.join(format!("herald-bench-{namespace}-{}", role.instance))
     }
 
     /// Starts herald on the store left in its directory and waits until /readyz is 200.
-    async fn launch(settings: &Settings, kubeconfig: &Path, namespace: &str) -> Herald {
-        let dir = Herald::dir(settings, namespace);
+    async fn launch(settings: &Settings, kubeconfig: &Path, namespace: &str, role: Role) -> Herald {
+        let dir = Herald::dir(settings, namespace, &role);
         let launched = Launch {
             binary: settings.herald_bin.clone(),
             wrap: &settings.wrap,
-            ..Launch::new(kubeconfig, namespace, "herald-bench", &dir)
+            config_yaml: &role.config,
+            ..Launch::new(kubeconfig, namespace, &role.instance, &dir)
         }
         .spawn();
         let (child, port, log) = (launched.child, launched.port, launched.log);
@@ -682,6 +800,7 @@ impl Herald {
             port,
             log,
             http: reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().expect("client"),
+            role,
         };
         let within = if settings.wrap.is_empty() { Duration::from_secs(120) } else { Duration::from_secs(900) };
         let started = Instant::now();
@@ -790,6 +909,8 @@ struct Throughput {
     status_writes_per_s: f64,
     herald_cpu_share: f64,
     receiver_cpu_share: f64,
+    /// Cores the NATS servers used meanwhile (0 without JetStream).
+    nats_cpu_share: f64,
     receiver_us_per_request: f64,
     /// herald CPU per confirmed delivery, µs.
     herald_us_per_delivery: f64,
@@ -802,12 +923,13 @@ struct Throughput {
 /// Publish calls in flight during throughput runs.
 const PUBLISHERS: usize = 4;
 
-/// Publishes `events` events of `obj_type` (matched by `subscriptions` subscriptions) and
-/// waits until herald has confirmed every delivery.
+/// Publishes `events` events of `obj_type` (matched by `subscriptions` subscriptions), the
+/// calls spread over `heralds` (replicas of one store), and waits until they have confirmed
+/// every delivery.
 #[allow(clippy::too_many_arguments)]
 async fn throughput(
     cluster: &Cluster,
-    herald: &Herald,
+    heralds: &[&Herald],
     receiver: &Receiver,
     (raw, raw_concurrency, raw_seconds): (&RawClient, usize, f64),
     label: &str,
@@ -819,16 +941,20 @@ async fn throughput(
     let deliveries = (events * subscriptions) as u64;
     // Fan-out rows per publish call stay near 1,000: one transaction per call.
     let batch = (1000 / subscriptions).clamp(1, 100);
-    let (d0, c0, w0) = (herald.delivered().await, receiver.count().await, cluster.status_patches().await);
-    let (h0, r0) = (cpu_seconds(herald.pid()), cpu_seconds(receiver.pid()));
+    let delivered =
+        || async { futures::future::join_all(heralds.iter().map(|h| h.delivered())).await.into_iter().sum::<u64>() };
+    let pids: Vec<u32> = heralds.iter().map(|h| h.pid()).collect();
+    let nats = nats_pids();
+    let (d0, c0, w0) = (delivered().await, receiver.count().await, cluster.status_patches().await);
+    let (h0, r0, n0) = (cpu_seconds_of(&pids), cpu_seconds(receiver.pid()), cpu_seconds_of(&nats));
     let started = Instant::now();
     // A few producers at once, as concurrent publishes share one commit (group commit).
     let publisher = async {
-        let published: Vec<bool> = futures::stream::iter((0..events).step_by(batch))
-            .map(|first| {
+        let published: Vec<bool> = futures::stream::iter((0..events).step_by(batch).enumerate())
+            .map(|(call, first)| {
                 let chunk: Vec<_> =
                     (first..(first + batch).min(events)).map(|seq| event(obj_type, seq as u64, now_ns())).collect();
-                herald.publish(chunk)
+                heralds[call % heralds.len()].publish(chunk)
             })
             .buffer_unordered(PUBLISHERS)
             .collect()
@@ -839,7 +965,7 @@ async fn throughput(
     let waiter = async {
         let deadline = started + Duration::from_secs(600);
         loop {
-            let done = herald.delivered().await.saturating_sub(d0);
+            let done = delivered().await.saturating_sub(d0);
             if done >= deliveries {
                 return Some(started.elapsed().as_secs_f64());
             }
@@ -854,7 +980,7 @@ async fn throughput(
     let seconds = seconds.unwrap_or(f64::NAN);
     let writes = cluster.status_patches().await - w0;
     let received = receiver.count().await - c0;
-    let (h1, r1) = (cpu_seconds(herald.pid()), cpu_seconds(receiver.pid()));
+    let (h1, r1, n1) = (cpu_seconds_of(&pids), cpu_seconds(receiver.pid()), cpu_seconds_of(&nats));
     let _ = receiver.latencies(u64::MAX).await; // drop these samples
     let raw_after = raw.measure(raw_concurrency, raw_seconds).await.rate;
     let result = Throughput {
@@ -867,6 +993,7 @@ async fn throughput(
         status_writes_per_s: writes / seconds,
         herald_cpu_share: (h1 - h0) / seconds,
         receiver_cpu_share: (r1 - r0) / seconds,
+        nats_cpu_share: (n1 - n0) / seconds,
         receiver_us_per_request: (r1 - r0) * 1e6 / received.max(1) as f64,
         herald_us_per_delivery: (h1 - h0) * 1e6 / deliveries.max(1) as f64,
         raw_adjacent: (raw_before + raw_after) / 2.0,
@@ -1101,6 +1228,7 @@ async fn search_rate(herald: &Arc<Herald>, seconds: f64) -> Search {
 // Phase 5: controller scale
 
 struct Scale {
+    engine: Engine,
     size: usize,
     create_seconds: f64,
     ready_seconds: f64,
@@ -1117,11 +1245,20 @@ struct Scale {
     /// The deliveries of that publish confirmed, and how long it took.
     restart_delivered: u64,
     restart_delivered_seconds: f64,
+    /// The NATS servers' resident memory after the run, MB (JetStream only).
+    nats_rss_mb: Option<f64>,
 }
 
-async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiver: &Receiver, size: usize) -> Scale {
+async fn scale(
+    settings: &Settings,
+    cluster: &Cluster,
+    kubeconfig: &Path,
+    receiver: &Receiver,
+    (engine, size): (Engine, usize),
+) -> Scale {
     let ns = cluster.namespace("bench-scale").await;
-    let mut herald = Herald::start(settings, kubeconfig, &ns).await;
+    let role = Role { config: engine.config(settings), ..Role::solo() };
+    let mut herald = Herald::start(settings, kubeconfig, &ns, role).await;
     let api = cluster.subscriptions(&ns);
     let w0 = cluster.status_patches().await;
     let control_plane_cpu_before = control_plane_cpu_seconds();
@@ -1132,7 +1269,8 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     let started = Instant::now();
     let created = create_subscriptions(&api, specs, 64).await;
     let create_seconds = started.elapsed().as_secs_f64();
-    eprintln!("scale {size}: {created} created in {create_seconds:.1} s");
+    let engine_name = engine.name();
+    eprintln!("scale {size} ({engine_name}): {created} created in {create_seconds:.1} s");
     let ready_at = tracker.await.ok().flatten();
     let ready_seconds = ready_at.map(|t| t.duration_since(started).as_secs_f64()).unwrap_or(f64::NAN);
     let rss_mb = vm_hwm_mb(herald.pid());
@@ -1141,7 +1279,7 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
         control_plane_cpu_seconds().zip(control_plane_cpu_before).map(|(after, before)| after - before);
     let status_writes = cluster.status_patches().await - w0;
     eprintln!(
-        "scale {size}: all Ready after {ready_seconds:.1} s; VmHWM {rss_mb:.0} MB; herald CPU {herald_cpu_seconds:.1} s"
+        "scale {size} ({engine_name}): all Ready after {ready_seconds:.1} s; VmHWM {rss_mb:.0} MB; herald CPU {herald_cpu_seconds:.1} s"
     );
     let search = if settings.rest_seconds > 0.0 {
         let shared = Arc::new(herald);
@@ -1156,7 +1294,7 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     // from the moment it reports ready.
     herald.kill();
     let restarted = Instant::now();
-    let mut herald = Herald::launch(settings, kubeconfig, &ns).await;
+    let mut herald = Herald::launch(settings, kubeconfig, &ns, herald.role.clone()).await;
     let restart_ready_seconds = restarted.elapsed().as_secs_f64();
     let before = herald.delivered().await;
     let answer = herald.publish_answer(vec![event("bnchscale", 0, now_ns())]).await;
@@ -1172,11 +1310,13 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
     }
     let restart_delivered_seconds = published.elapsed().as_secs_f64();
     eprintln!(
-        "scale {size}: restarted after SIGKILL, ready in {restart_ready_seconds:.1} s; a publish right then queued {restart_queued}, {restart_delivered} delivered in {restart_delivered_seconds:.1} s"
+        "scale {size} ({engine_name}): restarted after SIGKILL, ready in {restart_ready_seconds:.1} s; a publish right then queued {restart_queued}, {restart_delivered} delivered in {restart_delivered_seconds:.1} s"
     );
+    let nats_rss_mb = (engine == Engine::JetStream).then(|| vm_rss_mb(&nats_pids()));
     herald.stop();
     cluster.delete_namespace(&ns).await;
     Scale {
+        engine,
         size,
         create_seconds,
         ready_seconds,
@@ -1189,6 +1329,7 @@ async fn scale(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, receiv
         restart_queued,
         restart_delivered,
         restart_delivered_seconds,
+        nats_rss_mb,
     }
 }
 
@@ -1206,6 +1347,7 @@ struct Report {
     delivery_rss_mb: Option<f64>,
     scale: Vec<Scale>,
     sources: Option<Sources>,
+    engines: Vec<EngineRun>,
 }
 
 async fn run() {
@@ -1219,7 +1361,7 @@ async fn run() {
     if settings.phase("raw") {
         report.raw = Some(raw_limit(&settings, &raw, &receiver).await);
     }
-    let needs_cluster = settings.phase("delivery") || settings.phase("scale") || settings.phase("sources");
+    let needs_cluster = ["delivery", "scale", "sources", "engines"].iter().any(|phase| settings.phase(phase));
     if needs_cluster {
         let kubeconfig = settings
             .kubeconfig
@@ -1231,12 +1373,21 @@ async fn run() {
             delivery(&settings, &cluster, &kubeconfig, &receiver, &raw, &mut report).await;
         }
         if settings.phase("scale") {
-            for &size in &settings.scale {
-                report.scale.push(scale(&settings, &cluster, &kubeconfig, &receiver, size).await);
+            for &engine in &settings.scale_engines {
+                for &size in &settings.scale {
+                    report.scale.push(scale(&settings, &cluster, &kubeconfig, &receiver, (engine, size)).await);
+                }
             }
         }
         if settings.phase("sources") {
             report.sources = Some(sources(&settings, &cluster, &kubeconfig, &receiver).await);
+        }
+        if settings.phase("engines") {
+            let best = report.raw.as_ref().map(|r| r.best().concurrency).unwrap_or(16);
+            for &setup in &settings.engine_setups {
+                let run = engine_run(&settings, &cluster, &kubeconfig, &receiver, (&raw, best), setup).await;
+                report.engines.push(run);
+            }
         }
     }
     print_table(&settings, &machine, &report);
@@ -1255,7 +1406,7 @@ async fn delivery(
     let best = report.raw.as_ref().map(|r| r.best().concurrency).unwrap_or(16);
     let adjacent = settings.adjacent_seconds;
     let ns = cluster.namespace("bench-delivery").await;
-    let herald = Arc::new(Herald::start(settings, kubeconfig, &ns).await);
+    let herald = Arc::new(Herald::start(settings, kubeconfig, &ns, Role::solo()).await);
     let api = cluster.subscriptions(&ns);
     let mut specs = vec![("ord-0".to_string(), "bnchordcreate".to_string(), receiver.callback("ord-0"))];
     for (g, &n) in settings.fanout.iter().enumerate() {
@@ -1279,7 +1430,7 @@ async fn delivery(
         report.throughput.push(
             throughput(
                 cluster,
-                &herald,
+                &[&herald],
                 receiver,
                 (raw, 1, adjacent),
                 "ordered",
@@ -1294,7 +1445,7 @@ async fn delivery(
         let events = (settings.fanout_deliveries / n).max(1);
         let label = format!("fan-out {n}");
         report.throughput.push(
-            throughput(cluster, &herald, receiver, (raw, best, adjacent), &label, &format!("bnchfan{g}"), n, events)
+            throughput(cluster, &[&herald], receiver, (raw, best, adjacent), &label, &format!("bnchfan{g}"), n, events)
                 .await,
         );
     }
@@ -1317,6 +1468,119 @@ async fn delivery(
     report.delivery_rss_mb = Some(vm_hwm_mb(herald.pid()));
     drop(herald);
     cluster.delete_namespace(&ns).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Phase 7: the store engines side by side
+
+struct EngineRun {
+    label: String,
+    replicas: usize,
+    ordered: Throughput,
+    fanout: Throughput,
+    /// Peak RSS of the largest herald, and the NATS servers' resident memory after the runs.
+    herald_rss_mb: f64,
+    nats_rss_mb: f64,
+}
+
+/// Waits until the `count` delivery shards' Leases of `namespace` are held and spread over
+/// `replicas` holders, at most their fair share each (docs/engines.md "Replicas").
+async fn wait_shards_spread(cluster: &Cluster, namespace: &str, replicas: usize, count: usize) {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let api: Api<Lease> = Api::namespaced(cluster.client.clone(), namespace);
+    let share = count.div_ceil(replicas);
+    let started = Instant::now();
+    loop {
+        let leases = api.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+        let mut holders: std::collections::HashMap<String, usize> = Default::default();
+        for lease in leases.iter().filter(|l| l.metadata.name.as_deref().is_some_and(|n| n.contains("-shard-"))) {
+            if let Some(holder) = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()) {
+                *holders.entry(holder).or_default() += 1;
+            }
+        }
+        let held: usize = holders.values().sum();
+        if held == count && holders.len() == replicas && holders.values().all(|n| *n <= share) {
+            eprintln!("shards: {count} spread over {replicas} replicas after {:.1} s", started.elapsed().as_secs_f64());
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            eprintln!("shards: not spread after 120 s ({holders:?}); measuring anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The ordered and fan-out runs of the delivery phase on one engine setup: `replicas`
+/// heralds on one store (JetStream), publishes spread over them.
+async fn engine_run(
+    settings: &Settings,
+    cluster: &Cluster,
+    kubeconfig: &Path,
+    receiver: &Receiver,
+    raw: (&RawClient, usize),
+    (engine, replicas): (Engine, usize),
+) -> EngineRun {
+    let label = if replicas == 1 {
+        format!("{}, 1 herald", engine.name())
+    } else {
+        format!("{}, {replicas} herald replicas", engine.name())
+    };
+    eprintln!("engines: {label}");
+    let ns = cluster.namespace("bench-engines").await;
+    let config = engine.config(settings);
+    let mut heralds = Vec::new();
+    for n in 0..replicas {
+        let role = Role { instance: format!("herald-bench-{n}"), config: config.clone() };
+        heralds.push(Herald::start(settings, kubeconfig, &ns, role).await);
+    }
+    let api = cluster.subscriptions(&ns);
+    let fanout = settings.engine_fanout.max(2);
+    let mut specs = vec![("ord".to_string(), "bnchengordcreate".to_string(), receiver.callback("eng-ord"))];
+    specs.extend((0..fanout).map(|i| {
+        let name = format!("fan-{i}");
+        (name.clone(), "bnchengfancreate".to_string(), receiver.callback(&format!("eng-{name}")))
+    }));
+    let tracker = track_ready(api.clone(), specs.len(), Duration::from_secs(600));
+    create_subscriptions(&api, specs, 32).await;
+    let _ = tracker.await;
+    if replicas > 1 {
+        wait_shards_spread(cluster, &ns, replicas, 16).await;
+    }
+    // Let the set-up's status writes settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refs: Vec<&Herald> = heralds.iter().collect();
+    let (raw, best) = raw;
+    let adjacent = settings.adjacent_seconds;
+    let ordered_events = settings.engine_ordered_events.max(1);
+    let ordered = throughput(
+        cluster,
+        &refs,
+        receiver,
+        (raw, 1, adjacent),
+        &format!("{label}: ordered"),
+        "bnchengord",
+        1,
+        ordered_events,
+    )
+    .await;
+    let events = (settings.engine_fanout_deliveries / fanout).max(1);
+    let fanout = throughput(
+        cluster,
+        &refs,
+        receiver,
+        (raw, best, adjacent),
+        &format!("{label}: fan-out {fanout}"),
+        "bnchengfan",
+        fanout,
+        events,
+    )
+    .await;
+    let herald_rss_mb = heralds.iter().map(|h| vm_hwm_mb(h.pid())).fold(0.0, f64::max);
+    let nats_rss_mb = vm_rss_mb(&nats_pids());
+    drop(heralds);
+    cluster.delete_namespace(&ns).await;
+    EngineRun { label, replicas, ordered, fanout, herald_rss_mb, nats_rss_mb }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1391,7 +1655,7 @@ async fn sources(settings: &Settings, cluster: &Cluster, kubeconfig: &Path, rece
     fill(&emulator, "set", "bk_set_id", set_events).await;
     let emulator_rate = read_rate(&emulator, "host", &["bk_host_id", "bk_supplier_account"]).await;
     eprintln!("sources: the emulator answers {emulator_rate:.0} events/s to a plain client");
-    let herald = Herald::start(settings, kubeconfig, &ns).await;
+    let herald = Herald::start(settings, kubeconfig, &ns, Role::solo()).await;
     let api = cluster.subscriptions(&ns);
     let mut specs = vec![("src-one".to_string(), "hostcreate".to_string(), receiver.callback("src-one"))];
     specs.extend(
@@ -1644,9 +1908,61 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             );
         }
     }
-    for s in &report.scale {
+    let sqlite_fanout = report.engines.iter().find(|e| e.label.starts_with("SQLite")).map(|e| e.fanout.rate);
+    for e in &report.engines {
+        for (t, what) in [
+            (&e.ordered, "ordered, 1 sub, maxInFlight 1".to_string()),
+            (&e.fanout, format!("fan-out, {} subs", e.fanout.subscriptions)),
+        ] {
+            row(
+                format!("engines: {}: {what}", e.label),
+                format!("{:.0} deliveries/s", t.rate),
+                format!(
+                    "{:.3} of raw c={} measured around it ({:.0} req/s)",
+                    t.rate / t.raw_adjacent,
+                    t.raw_concurrency,
+                    t.raw_adjacent
+                ),
+                format!(
+                    "{} deliveries in {:.1} s (published in {:.1} s); herald {:.2} cores ({:.0} µs CPU/delivery), NATS servers {:.2} cores, receiver {:.2} cores",
+                    t.deliveries,
+                    t.seconds,
+                    t.publish_seconds,
+                    t.herald_cpu_share,
+                    t.herald_us_per_delivery,
+                    t.nats_cpu_share,
+                    t.receiver_cpu_share
+                ),
+            );
+        }
+        let busy = e.fanout.herald_cpu_share + e.fanout.nats_cpu_share + e.fanout.receiver_cpu_share;
         row(
-            format!("controller: {} subscriptions created → all Ready", s.size),
+            format!("engines: {}: what bounds it", e.label),
+            format!("{busy:.2} of {} cores busy in fan-out", machine.nproc),
+            sqlite_fanout.map(|s| format!("fan-out {:.2}× SQLite's", e.fanout.rate / s)).unwrap_or_default(),
+            format!(
+                "herald {:.2} + NATS {:.2} + receiver {:.2} cores (the control plane and this bench take the rest); herald peak RSS {:.0} MB{}; NATS servers RSS {:.0} MB",
+                e.fanout.herald_cpu_share,
+                e.fanout.nats_cpu_share,
+                e.fanout.receiver_cpu_share,
+                e.herald_rss_mb,
+                if e.replicas > 1 { " (largest replica)" } else { "" },
+                e.nats_rss_mb
+            ),
+        );
+    }
+    for s in &report.scale {
+        let engine = s.engine.name();
+        if let Some(nats) = s.nats_rss_mb {
+            row(
+                format!("controller ({engine}): NATS servers' RSS after {} subscriptions", s.size),
+                format!("{nats:.0} MB"),
+                String::new(),
+                "three nats-server processes (R3 streams), summed".into(),
+            );
+        }
+        row(
+            format!("controller ({engine}): {} subscriptions created → all Ready", s.size),
             format!("{:.1} s", s.ready_seconds),
             if s.size >= 10_000 { format!("≤ 60 s: {}", verdict(s.ready_seconds <= 60.0)) } else { String::new() },
             format!(
@@ -1658,7 +1974,7 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             ),
         );
         row(
-            format!("controller: herald peak RSS at {}", s.size),
+            format!("controller ({engine}): herald peak RSS at {}", s.size),
             format!("{:.0} MB", s.rss_mb),
             format!("≤ 256 MB: {}", verdict(s.rss_mb <= 256.0)),
             String::new(),
@@ -1667,7 +1983,7 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
             search_row(&mut row, search, s.size >= 10_000);
         }
         row(
-            format!("restart (SIGKILL) with {} subscriptions → ready and matching all", s.size),
+            format!("restart ({engine}, SIGKILL) with {} subscriptions → ready and matching all", s.size),
             format!("{:.1} s", s.restart_ready_seconds),
             if s.size >= 10_000 {
                 format!("≤ 15 s: {}", verdict(s.restart_ready_seconds <= 15.0 && s.restart_queued == s.size as u64))

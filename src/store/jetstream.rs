@@ -37,6 +37,9 @@ use tokio::sync::{mpsc, watch};
 /// Messages in one atomic batch (the server's default ceiling).
 const BATCH_MESSAGES: usize = 1000;
 
+/// Settled entries of one outcome write deleted at once.
+const PARALLEL_DELETES: usize = 64;
+
 /// Settled positions each subscription's state remembers (`SubscriptionState::done`).
 const DONE_KEPT: usize = 2048;
 
@@ -825,19 +828,28 @@ impl Shared {
         }
     }
 
+    /// Deletes one message. Not erased: `Stream::delete_message` asks JetStream to overwrite
+    /// the message on disk as well (`no_erase` false), which made every delivery cost a disk
+    /// write on every replica and bounded the engine (BENCHMARKS.md "Store engines"); the
+    /// bytes are reclaimed with their block all the same.
     async fn delete(&self, stream: &stream::Stream, sequence: u64) -> Result<(), StoreError> {
         use async_nats::jetstream::ErrorCode;
-        match stream.delete_message(sequence).await {
-            Ok(_) => Ok(()),
+        use async_nats::jetstream::response::Response;
+        let subject = format!("STREAM.MSG.DELETE.{}", stream.cached_info().config.name);
+        let request = serde_json::json!({"seq": sequence, "no_erase": true});
+        // An error answer is what matters; a success says only `success: true`.
+        let answer: Response<serde::de::IgnoredAny> =
+            jetstream::new(self.client.clone()).request(subject, &request).await.map_err(unavailable)?;
+        match answer {
+            Response::Ok(_) => Ok(()),
             // Already gone (deleted by this subscription's previous owner, a retried
             // outcome, a dropped subscription).
-            Err(error)
-                if matches!(error.kind(), stream::DeleteMessageErrorKind::JetStream(e)
-                    if [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&e.error_code())) =>
+            Response::Err { error }
+                if [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&error.error_code()) =>
             {
                 Ok(())
             }
-            Err(error) => Err(unavailable(error)),
+            Response::Err { error } => Err(unavailable(error)),
         }
     }
 
@@ -920,12 +932,14 @@ impl Shared {
         self.update_state(subscription, &|state: &mut SubscriptionState| apply_outcomes(state, &found)).await?;
         // An entry whose deletion fails here stays in `done`, and `queued` deletes it later
         // (so this write, which would count again, is never retried for it).
-        for position in &settled {
-            self.handed_out.lock().remove(&(subscription, *position));
-            if let Err(error) = self.delete(&self.queue, *position).await {
+        // Deleted in parallel: one at a time, a round trip each, they bounded delivery.
+        let deletions = settled.into_iter().map(|position| async move {
+            self.handed_out.lock().remove(&(subscription, position));
+            if let Err(error) = self.delete(&self.queue, position).await {
                 tracing::warn!(%error, subscription, position, "deleting a settled entry failed; it is deleted later");
             }
-        }
+        });
+        futures::stream::iter(deletions).buffer_unordered(PARALLEL_DELETES).collect::<Vec<()>>().await;
         self.size.lock().1 = None;
         Ok(())
     }

@@ -4,13 +4,6 @@
 
 use super::*;
 
-/// herald's config for the JetStream engine, with streams of its own (`name`).
-fn jetstream_config(name: &str) -> String {
-    let urls = std::env::var("HERALD_TEST_NATS_URLS").expect("HERALD_TEST_NATS_URLS is set by tests/run.sh");
-    let urls: Vec<String> = urls.split(',').map(|u| format!("'{u}'")).collect();
-    format!("store: {{engine: jetstream, jetstream: {{urls: [{}], stream: {name}}}}}\n", urls.join(", "))
-}
-
 /// SIGKILLs a NATS node of tests/nats/up.sh by its recorded PID (`Cluster::start_component`
 /// starts it again from its recorded command line).
 fn kill_nats_node(name: &str) {
@@ -158,6 +151,7 @@ impl SpreadProducer {
                     Ok(answer) => {
                         // Refused (503 while JetStream fails over): the same events again.
                         assert_eq!(answer.status(), 503, "a publish answered neither 200 nor 503");
+                        assert!(answer.headers().contains_key("retry-after"), "a 503 without Retry-After");
                         refused += 1;
                     }
                     Err(_) => refused += 1,
@@ -183,18 +177,17 @@ impl SpreadProducer {
 /// Three herald replicas on one JetStream store, each serving publish, delivery spread in
 /// shards: events published across all three (fast subset 2,000, full suite 10,000) reach
 /// each of 10 subscriptions while a
-/// replica is SIGKILLed at seeded points (10 rounds) and then all three are rolled one
-/// after another; an 11th subscription's callback hangs throughout. Every event answered
+/// replica is SIGKILLed at seeded points (10 rounds), then a NATS node is SIGKILLed for 5 s,
+/// and then all three replicas are rolled one after another; an 11th subscription's
+/// callback hangs throughout. Publishes answer 200 or 503 with Retry-After. Every event answered
 /// 200 arrives at every healthy subscription; ids are 1..n; first receipts are in order
 /// where `maxInFlight` is 1; redeliveries per crash stay within maxInFlight + 64; status
 /// `delivered` equals the receiver's distinct deliveries; the hanging subscription never
 /// holds the others up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_deliver_every_event_once_in_order_through_kills_and_a_roll() {
+async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_nats_kills_and_a_roll() {
     let _turn = exclusive().await;
     let rounds = 10;
-    // Each delivery is a few JetStream writes: on this 2-core machine with three NATS
-    // servers, three heralds and the control plane, about 200 deliveries/s in all.
     let events = scaled(2_000, 10_000) as i64;
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -235,6 +228,11 @@ async fn three_replicas_deliver_every_event_once_in_order_through_kills_and_a_ro
         replicas[victim].wait_ready(Duration::from_secs(60)).await;
         producer.set(victim, Some(replicas[victim].url("/api/v3/event/publish")));
     }
+    // A NATS server dies under all three replicas and comes back.
+    kill_nats_node("nats-2");
+    println!("nats-2 SIGKILL");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.start_component("nats-2");
     // One after another, as a Deployment's rolling update does.
     #[allow(clippy::needless_range_loop)] // `start` replaces the element
     for victim in 0..3 {
