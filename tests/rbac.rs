@@ -88,6 +88,13 @@ const LEASE_GET: Perm = role_perm("coordination.k8s.io", "leases", true, "get");
 const LEASE_UPDATE: Perm = role_perm("coordination.k8s.io", "leases", true, "update");
 const LEASES_CREATE: Perm = role_perm("coordination.k8s.io", "leases", false, "create");
 const SECRETS_GET: Perm = role_perm("", "secrets", false, "get");
+// Granted only with the JetStream engine (`JETSTREAM`): the shard and member Leases.
+const SHARD_LEASES_GET: Perm = role_perm("coordination.k8s.io", "leases", false, "get");
+const SHARD_LEASES_UPDATE: Perm = role_perm("coordination.k8s.io", "leases", false, "update");
+const SHARD_LEASES_LIST: Perm = role_perm("coordination.k8s.io", "leases", false, "list");
+
+/// The chart's values for the JetStream engine, whose Role adds the shard Leases' rule.
+const JETSTREAM: &[&str] = &["--set", "config.store.engine=jetstream"];
 
 /// Every permission the chart grants herald, with the test that takes it away alone.
 const CASES: &[(Perm, &str)] = &[
@@ -115,6 +122,9 @@ const CASES: &[(Perm, &str)] = &[
     (LEASES_CREATE, "without_leases_create_herald_never_becomes_ready_on_a_fresh_install"),
     (SECRETS_GET, "without_secrets_get_signed_subscriptions_cannot_be_delivered"),
     (SECRETS_GET, "without_secrets_get_esb_credentials_cannot_be_read"),
+    (SHARD_LEASES_GET, "on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_delivered"),
+    (SHARD_LEASES_UPDATE, "on_jetstream_without_leases_update_shards_are_given_up_when_they_need_renewing"),
+    (SHARD_LEASES_LIST, "on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delivered"),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -125,9 +135,10 @@ fn tools() -> PathBuf {
 }
 
 /// The ServiceAccount, ClusterRole, ClusterRoleBinding, Role and RoleBinding of the chart
-/// rendered for `release` in namespace `release`, by kind.
-fn render(release: &str) -> Vec<Value> {
+/// rendered with `values` for `release` in namespace `release`, by kind.
+fn render(release: &str, values: &[&str]) -> Vec<Value> {
     let mut args = vec!["template", release, CHART, "--namespace", release];
+    args.extend(values);
     for template in ["templates/serviceaccount.yaml", "templates/clusterrole.yaml", "templates/role.yaml"] {
         args.extend(["--show-only", template]);
     }
@@ -234,9 +245,14 @@ struct Setup {
 
 impl Setup {
     async fn new(cuts: &[Perm]) -> Setup {
+        Setup::with_values(cuts, &[]).await
+    }
+
+    /// As `new`, with the chart rendered with `values`.
+    async fn with_values(cuts: &[Perm], values: &[&str]) -> Setup {
         let cluster = common::cluster().await;
         let ns = cluster.namespace("herald-rbac", &[]).await;
-        let objects = render(&ns);
+        let objects = render(&ns, values);
         let user = format!("system:serviceaccount:{}:{}", ns.name, ns.name);
         let emptied = vec![ns.name.clone()];
         let mut setup = Setup { cluster, ns, objects, user, kubeconfig: PathBuf::new(), cleanup: Vec::new(), emptied };
@@ -360,6 +376,11 @@ impl Setup {
     /// herald as the ServiceAccount, with `config` over the test defaults.
     fn herald(&self, config: &str) -> HeraldRun {
         HeraldRun::spawn(&self.kubeconfig, &self.ns, config)
+    }
+
+    /// herald on the JetStream engine, on streams of its own.
+    fn jetstream_herald(&self) -> HeraldRun {
+        self.herald(&jetstream_config(&format!("HR{:08X}", fastrand::u32(..))))
     }
 
     fn subscriptions(&self) -> Api<EventSubscription> {
@@ -1299,6 +1320,99 @@ async fn herald_is_refused_secrets_outside_its_namespace() {
 }
 
 // ---------------------------------------------------------------------------------------
+// With the JetStream engine: the delivery shards' Leases.
+
+/// A subscription on a JetStream herald whose receiver counts what it gets.
+async fn sharded_subscription(setup: &Setup, receiver: &CallbackServer) -> Api<EventSubscription> {
+    let api = setup.subscriptions();
+    let mut spec = basic_spec("rbac-sharded");
+    spec["callbackUrl"] = json!(receiver.url("ok", "sharded"));
+    create(&api, "sharded", spec).await;
+    wait_ready(&api, "sharded").await;
+    api
+}
+
+/// Publishes an event for the subscription and asserts it is queued but not delivered
+/// within a worker's poll and a shard round (no replica holds its shard).
+async fn assert_queued_not_delivered(herald: &HeraldRun, receiver: &CallbackServer) {
+    publish(herald, None).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let received = receiver.received("sharded").len();
+    assert_eq!(received, 0, "delivered without a held shard; log:\n{}", herald.log_text());
+}
+
+/// With every rule: the one replica holds every shard, renews them, and delivers.
+#[tokio::test]
+async fn on_jetstream_with_every_rule_shards_are_held_renewed_and_deliver() {
+    let _turn = exclusive().await;
+    let setup = Setup::with_values(&[], JETSTREAM).await;
+    let receiver = CallbackServer::start().await;
+    let mut herald = setup.jetstream_herald();
+    herald.wait_ready().await;
+    sharded_subscription(&setup, &receiver).await;
+    publish(&herald, None).await;
+    receiver.wait_for("sharded", 1, WITHIN).await;
+    // Past the 5 s Lease: delivery goes on only if the shard Leases were renewed (update).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    publish(&herald, None).await;
+    receiver.wait_for("sharded", 2, WITHIN).await;
+    let log = herald.log_text();
+    assert!(!log.contains("shard given up") && !log.contains("Lease failed"), "log:\n{log}");
+}
+
+/// Shards are taken after reading their Leases: without `get` none is held.
+#[tokio::test]
+async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_delivered() {
+    let _turn = exclusive().await;
+    let setup = Setup::with_values(&[SHARD_LEASES_GET], JETSTREAM).await;
+    let receiver = CallbackServer::start().await;
+    let mut herald = setup.jetstream_herald();
+    herald.wait_ready().await;
+    herald.wait_log(&["renewing this replica's member Lease failed", "cannot get resource", "leases"]).await;
+    sharded_subscription(&setup, &receiver).await;
+    assert_queued_not_delivered(&herald, &receiver).await;
+    assert!(!herald.log_text().contains("shard acquired"), "log:\n{}", herald.log_text());
+}
+
+/// The fair share counts the live replicas by listing Leases: without `list` this replica
+/// never knows its share, so it takes none.
+#[tokio::test]
+async fn on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delivered() {
+    let _turn = exclusive().await;
+    let setup = Setup::with_values(&[SHARD_LEASES_LIST], JETSTREAM).await;
+    let receiver = CallbackServer::start().await;
+    let mut herald = setup.jetstream_herald();
+    herald.wait_ready().await;
+    herald.wait_log(&["listing shard Leases failed", "cannot list resource", "leases"]).await;
+    sharded_subscription(&setup, &receiver).await;
+    assert_queued_not_delivered(&herald, &receiver).await;
+}
+
+/// A fresh shard Lease is created (`create`), but renewing it is an update: without
+/// `update` every shard is given up before its Lease can expire, and none is taken again.
+#[tokio::test]
+async fn on_jetstream_without_leases_update_shards_are_given_up_when_they_need_renewing() {
+    let _turn = exclusive().await;
+    let setup = Setup::with_values(&[SHARD_LEASES_UPDATE], JETSTREAM).await;
+    let receiver = CallbackServer::start().await;
+    let mut herald = setup.jetstream_herald();
+    herald.wait_ready().await;
+    herald.wait_log(&["renewing a shard Lease failed", "cannot update resource", "leases"]).await;
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let log = herald.log_text();
+        let (acquired, given_up) = (log.matches("shard acquired").count(), log.matches("shard given up").count());
+        if acquired > 0 && given_up == acquired {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{given_up} of {acquired} shards given up; log:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sharded_subscription(&setup, &receiver).await;
+    assert_queued_not_delivered(&herald, &receiver).await;
+}
+
+// ---------------------------------------------------------------------------------------
 // The list of cases is the chart's list of permissions.
 
 /// Every verb of every rule the chart grants herald has a test above that takes it away
@@ -1306,8 +1420,12 @@ async fn herald_is_refused_secrets_outside_its_namespace() {
 /// grants.
 #[test]
 fn every_verb_of_every_rule_has_a_test() {
-    let objects = render("herald");
-    let granted = granted(&objects);
+    // The default render, and the JetStream one with its extra rule.
+    let mut all: Vec<Grant> =
+        [&[][..], JETSTREAM].iter().flat_map(|values| granted(&render("herald", values))).collect();
+    all.sort();
+    all.dedup();
+    let granted = all;
     let mut covered: Vec<Grant> = CASES.iter().map(|(perm, _)| Grant::from(perm)).collect();
     covered.sort();
     covered.dedup();

@@ -407,6 +407,14 @@ pub fn subscription(name: &str, spec: serde_json::Value) -> EventSubscription {
     .expect("valid EventSubscription")
 }
 
+/// herald's config for the JetStream engine on the test cluster (tests/nats/up.sh,
+/// `HERALD_TEST_NATS_URLS`), with streams of its own (`stream`).
+pub fn jetstream_config(stream: &str) -> String {
+    let urls = std::env::var("HERALD_TEST_NATS_URLS").expect("HERALD_TEST_NATS_URLS is set by tests/run.sh");
+    let urls: Vec<String> = urls.split(',').map(|u| format!("'{u}'")).collect();
+    format!("store: {{engine: jetstream, jetstream: {{urls: [{}], stream: {stream}}}}}\n", urls.join(", "))
+}
+
 pub fn basic_spec(subscription_name: &str) -> serde_json::Value {
     serde_json::json!({
         "subscriptionName": subscription_name,
