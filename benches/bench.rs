@@ -119,6 +119,8 @@ mod receiver {
     pub async fn serve(port: u16) {
         let app = axum::Router::new()
             .route("/cb/{*key}", post(receive))
+            // Never answers: a callback that hangs (herald's attempt times out).
+            .route("/hang/{*key}", post(std::future::pending::<&'static str>))
             .route("/count", get(count))
             .route("/samples", post(take));
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind receiver");
@@ -1027,7 +1029,7 @@ struct Latency {
 /// second is warm-up and not sampled.
 async fn latency(
     cluster: &Cluster,
-    herald: &Arc<Herald>,
+    heralds: &[Arc<Herald>],
     receiver: &Receiver,
     obj_type: &str,
     rate: f64,
@@ -1036,15 +1038,19 @@ async fn latency(
     let _ = receiver.latencies(u64::MAX).await;
     let total = (rate * seconds) as u64;
     let warm_ns = now_ns() + 1_000_000_000;
-    let (d0, w0) = (herald.delivered().await, cluster.status_patches().await);
-    let h0 = cpu_seconds(herald.pid());
+    let delivered =
+        || async { futures::future::join_all(heralds.iter().map(|h| h.delivered())).await.into_iter().sum::<u64>() };
+    let pids: Vec<u32> = heralds.iter().map(|h| h.pid()).collect();
+    let (d0, w0) = (delivered().await, cluster.status_patches().await);
+    let h0 = cpu_seconds_of(&pids);
     let failures = Arc::new(AtomicU64::new(0));
     let acks = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
     let started = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
-        let (herald, failures, acks) = (herald.clone(), failures.clone(), acks.clone());
+        let herald = heralds[i as usize % heralds.len()].clone();
+        let (failures, acks) = (failures.clone(), acks.clone());
         let obj_type = obj_type.to_string();
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
@@ -1061,13 +1067,11 @@ async fn latency(
         let _ = task.await;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while herald.delivered().await.saturating_sub(d0) < total - failures.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-    {
+    while delivered().await.saturating_sub(d0) < total - failures.load(Ordering::Relaxed) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let herald_cpu_share = (cpu_seconds(herald.pid()) - h0) / elapsed;
+    let herald_cpu_share = (cpu_seconds_of(&pids) - h0) / elapsed;
     let writes = cluster.status_patches().await - w0;
     let samples = receiver.latencies(warm_ns).await;
     let mut acks = acks.lock().map(|a| a.clone()).unwrap_or_default();
@@ -1460,7 +1464,8 @@ async fn delivery(
                 Err(_) => continue,
             },
         };
-        report.latency.push(latency(cluster, &herald, receiver, "bnchord", rate, settings.latency_seconds).await);
+        let heralds = std::slice::from_ref(&herald);
+        report.latency.push(latency(cluster, heralds, receiver, "bnchord", rate, settings.latency_seconds).await);
     }
     if settings.rest_creates > 0 {
         report.rest = Some(rest(&herald, cluster, &ns, receiver, settings.rest_creates, settings.rest_seconds).await);
@@ -1478,10 +1483,18 @@ struct EngineRun {
     replicas: usize,
     ordered: Throughput,
     fanout: Throughput,
+    /// Open-loop latency to the ordered subscription, alone and beside a subscription to the
+    /// same events whose callback never answers.
+    latency_alone: Latency,
+    latency_beside_hung: Latency,
     /// Peak RSS of the largest herald, and the NATS servers' resident memory after the runs.
     herald_rss_mb: f64,
     nats_rss_mb: f64,
 }
+
+/// Events per second of the engines phase's latency runs: well under every engine's ordered
+/// rate, so the figure is the path's latency, not a queue's.
+const ENGINE_LATENCY_RATE: f64 = 100.0;
 
 /// Waits until the `count` delivery shards' Leases of `namespace` are held and spread over
 /// `replicas` holders, at most their fair share each (docs/engines.md "Replicas").
@@ -1576,11 +1589,25 @@ async fn engine_run(
         events,
     )
     .await;
+    let heralds: Vec<Arc<Herald>> = heralds.into_iter().map(Arc::new).collect();
+    let (rate, seconds) = (ENGINE_LATENCY_RATE, settings.latency_seconds.min(5.0));
+    let latency_alone = latency(cluster, &heralds, receiver, "bnchengord", rate, seconds).await;
+    let hung: EventSubscription = serde_json::from_value(serde_json::json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "EventSubscription", "metadata": {"name": "hung"},
+        "spec": {"subscriptionName": "hung", "callbackUrl": receiver.url("/hang/hung"),
+                 "events": ["bnchengordcreate"], "timeoutSeconds": 60},
+    }))
+    .expect("subscription");
+    // Every subscription so far (the ordered one and the fan-out group) and this one.
+    let tracker = track_ready(api.clone(), settings.engine_fanout.max(2) + 2, Duration::from_secs(120));
+    api.create(&PostParams::default(), &hung).await.expect("create the hanging subscription");
+    let _ = tracker.await;
+    let latency_beside_hung = latency(cluster, &heralds, receiver, "bnchengord", rate, seconds).await;
     let herald_rss_mb = heralds.iter().map(|h| vm_hwm_mb(h.pid())).fold(0.0, f64::max);
     let nats_rss_mb = vm_rss_mb(&nats_pids());
     drop(heralds);
     cluster.delete_namespace(&ns).await;
-    EngineRun { label, replicas, ordered, fanout, herald_rss_mb, nats_rss_mb }
+    EngineRun { label, replicas, ordered, fanout, latency_alone, latency_beside_hung, herald_rss_mb, nats_rss_mb }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1932,6 +1959,23 @@ fn print_table(settings: &Settings, machine: &Machine, report: &Report) {
                     t.herald_us_per_delivery,
                     t.nats_cpu_share,
                     t.receiver_cpu_share
+                ),
+            );
+        }
+        for (l, beside) in
+            [(&e.latency_alone, "alone"), (&e.latency_beside_hung, "beside a subscription whose callback hangs")]
+        {
+            row(
+                format!("engines: {}: latency publish → callback at {:.0} ev/s, {beside}", e.label, l.target_rate),
+                format!("p50 {:.1} / p99 {:.1} / max {:.1} ms", l.p50, l.p99, l.max),
+                if std::ptr::eq(l, &e.latency_beside_hung) {
+                    format!("p99 {:.2}× alone", l.p99 / e.latency_alone.p99)
+                } else {
+                    String::new()
+                },
+                format!(
+                    "n={}; publish acknowledged p50 {:.1} / p99 {:.1} ms; {} failed",
+                    l.samples, l.ack_p50, l.ack_p99, l.publish_failures
                 ),
             );
         }

@@ -1322,6 +1322,16 @@ async fn herald_is_refused_secrets_outside_its_namespace() {
 // ---------------------------------------------------------------------------------------
 // With the JetStream engine: the delivery shards' Leases.
 
+/// The chart's JetStream roles without `cuts`, a receiver, and a JetStream herald as the
+/// ServiceAccount, ready.
+async fn jetstream_setup(cuts: &[Perm]) -> (Setup, CallbackServer, HeraldRun) {
+    let setup = Setup::with_values(cuts, JETSTREAM).await;
+    let receiver = CallbackServer::start().await;
+    let mut herald = setup.jetstream_herald();
+    herald.wait_ready().await;
+    (setup, receiver, herald)
+}
+
 /// A subscription on a JetStream herald whose receiver counts what it gets.
 async fn sharded_subscription(setup: &Setup, receiver: &CallbackServer) -> Api<EventSubscription> {
     let api = setup.subscriptions();
@@ -1345,10 +1355,7 @@ async fn assert_queued_not_delivered(herald: &HeraldRun, receiver: &CallbackServ
 #[tokio::test]
 async fn on_jetstream_with_every_rule_shards_are_held_renewed_and_deliver() {
     let _turn = exclusive().await;
-    let setup = Setup::with_values(&[], JETSTREAM).await;
-    let receiver = CallbackServer::start().await;
-    let mut herald = setup.jetstream_herald();
-    herald.wait_ready().await;
+    let (setup, receiver, herald) = jetstream_setup(&[]).await;
     sharded_subscription(&setup, &receiver).await;
     publish(&herald, None).await;
     receiver.wait_for("sharded", 1, WITHIN).await;
@@ -1364,10 +1371,7 @@ async fn on_jetstream_with_every_rule_shards_are_held_renewed_and_deliver() {
 #[tokio::test]
 async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_delivered() {
     let _turn = exclusive().await;
-    let setup = Setup::with_values(&[SHARD_LEASES_GET], JETSTREAM).await;
-    let receiver = CallbackServer::start().await;
-    let mut herald = setup.jetstream_herald();
-    herald.wait_ready().await;
+    let (setup, receiver, herald) = jetstream_setup(&[SHARD_LEASES_GET]).await;
     herald.wait_log(&["renewing this replica's member Lease failed", "cannot get resource", "leases"]).await;
     sharded_subscription(&setup, &receiver).await;
     assert_queued_not_delivered(&herald, &receiver).await;
@@ -1379,10 +1383,7 @@ async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_deliver
 #[tokio::test]
 async fn on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delivered() {
     let _turn = exclusive().await;
-    let setup = Setup::with_values(&[SHARD_LEASES_LIST], JETSTREAM).await;
-    let receiver = CallbackServer::start().await;
-    let mut herald = setup.jetstream_herald();
-    herald.wait_ready().await;
+    let (setup, receiver, herald) = jetstream_setup(&[SHARD_LEASES_LIST]).await;
     herald.wait_log(&["listing shard Leases failed", "cannot list resource", "leases"]).await;
     sharded_subscription(&setup, &receiver).await;
     assert_queued_not_delivered(&herald, &receiver).await;
@@ -1393,10 +1394,7 @@ async fn on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delive
 #[tokio::test]
 async fn on_jetstream_without_leases_update_shards_are_given_up_when_they_need_renewing() {
     let _turn = exclusive().await;
-    let setup = Setup::with_values(&[SHARD_LEASES_UPDATE], JETSTREAM).await;
-    let receiver = CallbackServer::start().await;
-    let mut herald = setup.jetstream_herald();
-    herald.wait_ready().await;
+    let (setup, receiver, herald) = jetstream_setup(&[SHARD_LEASES_UPDATE]).await;
     herald.wait_log(&["renewing a shard Lease failed", "cannot update resource", "leases"]).await;
     let deadline = Instant::now() + WITHIN;
     loop {
