@@ -22,6 +22,8 @@ async fn attempt(store: &dyn EventStore, subscription_id: i64, position: i64, ou
     let attempt = Attempt { subscription_id, position, outcome, at: 1, exchange: Exchange::default() };
     let ticket = store.record_attempt(attempt).unwrap();
     store.committed(ticket).await.unwrap();
+    // What the status projector relies on to keep a change's mark until it lands.
+    assert!(store.settled() >= ticket, "ticket {ticket} committed but settled is {}", store.settled());
 }
 
 /// Distribution ids count from 1 per subscription, queues keep publish order, events

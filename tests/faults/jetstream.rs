@@ -176,14 +176,14 @@ impl SpreadProducer {
 
 /// Three herald replicas on one JetStream store, each serving publish, delivery spread in
 /// shards: events published across all three (fast subset 2,000, full suite 10,000) reach
-/// each of 10 subscriptions while a
-/// replica is SIGKILLed at seeded points (10 rounds), then a NATS node is SIGKILLed for 5 s,
-/// and then all three replicas are rolled one after another; an 11th subscription's
-/// callback hangs throughout. Publishes answer 200 or 503 with Retry-After. Every event answered
-/// 200 arrives at every healthy subscription; ids are 1..n; first receipts are in order
-/// where `maxInFlight` is 1; redeliveries per crash stay within maxInFlight + 64; status
-/// `delivered` equals the receiver's distinct deliveries; the hanging subscription never
-/// holds the others up.
+/// each of 10 subscriptions while a replica is SIGKILLed at seeded points (10 rounds), then
+/// a NATS node is SIGKILLed for 5 s, and then all three replicas are rolled one after
+/// another; an 11th subscription's callback hangs throughout. Publishes answer 200 or 503
+/// with Retry-After. Every event answered 200 arrives at every healthy subscription; ids
+/// are 1..n; first receipts are in order where `maxInFlight` is 1; redeliveries per
+/// disruption stay within maxInFlight + 64; status `delivered` equals the receiver's
+/// distinct deliveries and `pending` is 0; the hanging subscription never holds the others
+/// up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_nats_kills_and_a_roll() {
     let _turn = exclusive().await;
