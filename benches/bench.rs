@@ -234,8 +234,8 @@ impl Engine {
         }
     }
 
-    /// herald's config for this engine: streams of their own per run (a 3-node cluster,
-    /// R3) for JetStream, nothing to add for SQLite.
+    /// herald's config for this engine: streams of their own per run (R3, the default, on
+    /// the 3-node cluster) for JetStream, nothing to add for SQLite.
     fn config(self, settings: &Settings) -> String {
         match self {
             Engine::Sqlite => String::new(),
@@ -244,12 +244,7 @@ impl Engine {
                     .nats_urls
                     .as_deref()
                     .expect("HERALD_BENCH_NATS_URLS is required for JetStream runs (benches/run.sh starts a cluster)");
-                let urls: Vec<&str> = urls.split(',').collect();
-                let stream = format!("HB{:08X}", now_ns() & 0xffff_ffff);
-                format!(
-                    "store:\n  engine: jetstream\n  jetstream:\n    urls: {}\n    stream: {stream}\n    replicas: 3\n",
-                    serde_json::to_string(&urls).expect("URLs as JSON")
-                )
+                launch::jetstream_config_for(urls, &format!("HB{:08X}", now_ns() & 0xffff_ffff))
             }
         }
     }

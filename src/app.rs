@@ -90,12 +90,14 @@ async fn lead_and_serve(
     // store every replica serves; the Lease only makes one of them the controller and the
     // sources' reader, and delivery is spread in shards.
     let shared = config.store.engine == StoreEngine::Jetstream;
+    let leases = kube::Api::<Lease>::namespaced(client.clone(), &config.namespace);
+    let lease_duration = Duration::from_secs(config.leader_election.lease_duration_seconds.max(3));
     let leadership = config.leader_election.enabled.then(|| {
         Leadership::new(
-            kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
+            leases.clone(),
             config.leader_election.lease_name.clone(),
             config.instance.clone(),
-            Duration::from_secs(config.leader_election.lease_duration_seconds.max(3)),
+            lease_duration,
         )
     });
     let leadership = match leadership {
@@ -120,11 +122,11 @@ async fn lead_and_serve(
     };
     let shards = shared.then(|| {
         Arc::new(Shards::new(
-            kube::Api::<Lease>::namespaced(client.clone(), &config.namespace),
+            leases,
             &config.leader_election.lease_name,
             config.instance.clone(),
             config.leader_election.shards,
-            Duration::from_secs(config.leader_election.lease_duration_seconds.max(3)),
+            lease_duration,
         ))
     });
     let outbound = Outbound::new(&config.callback_guard)?;
@@ -210,7 +212,7 @@ async fn lead_and_serve(
         }
     }
     if let Some(shards) = shards {
-        let listener = ShardedDelivery { delivery: delivery.clone(), count: shards.count() };
+        let listener = ShardedDelivery(delivery.clone());
         let stopping = shutdown.clone();
         tasks.spawn("delivery shards", async move {
             shards.run(&listener, stopping).await;

@@ -52,13 +52,14 @@ impl Shards {
         Shards { count: count.max(1), leases, member, member_prefix, api, identity, duration, held: Mutex::default() }
     }
 
-    pub fn count(&self) -> u32 {
-        self.count
+    /// The shard `subscription_id` belongs to.
+    pub fn of(&self, subscription_id: i64) -> u32 {
+        shard_of(subscription_id, self.count)
     }
 
     /// Whether this replica delivers `subscription_id` now.
     pub fn owns(&self, subscription_id: i64) -> bool {
-        self.held.lock().contains_key(&shard_of(subscription_id, self.count))
+        self.held.lock().contains_key(&self.of(subscription_id))
     }
 
     /// Holds, renews and balances shards until `shutdown`, then hands them back.

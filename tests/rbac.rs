@@ -1367,15 +1367,21 @@ async fn on_jetstream_with_every_rule_shards_are_held_renewed_and_deliver() {
     assert!(!log.contains("shard given up") && !log.contains("Lease failed"), "log:\n{log}");
 }
 
+/// Without `cut`, herald logs `logged`, never acquires a shard, and delivers nothing.
+async fn assert_no_shard_is_held(cut: Perm, logged: &[&str]) {
+    let (setup, receiver, herald) = jetstream_setup(&[cut]).await;
+    herald.wait_log(logged).await;
+    sharded_subscription(&setup, &receiver).await;
+    assert_queued_not_delivered(&herald, &receiver).await;
+    assert!(!herald.log_text().contains("shard acquired"), "log:\n{}", herald.log_text());
+}
+
 /// Shards are taken after reading their Leases: without `get` none is held.
 #[tokio::test]
 async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_delivered() {
     let _turn = exclusive().await;
-    let (setup, receiver, herald) = jetstream_setup(&[SHARD_LEASES_GET]).await;
-    herald.wait_log(&["renewing this replica's member Lease failed", "cannot get resource", "leases"]).await;
-    sharded_subscription(&setup, &receiver).await;
-    assert_queued_not_delivered(&herald, &receiver).await;
-    assert!(!herald.log_text().contains("shard acquired"), "log:\n{}", herald.log_text());
+    let logged = ["renewing this replica's member Lease failed", "cannot get resource", "leases"];
+    assert_no_shard_is_held(SHARD_LEASES_GET, &logged).await;
 }
 
 /// The fair share counts the live replicas by listing Leases: without `list` this replica
@@ -1383,10 +1389,8 @@ async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_deliver
 #[tokio::test]
 async fn on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delivered() {
     let _turn = exclusive().await;
-    let (setup, receiver, herald) = jetstream_setup(&[SHARD_LEASES_LIST]).await;
-    herald.wait_log(&["listing shard Leases failed", "cannot list resource", "leases"]).await;
-    sharded_subscription(&setup, &receiver).await;
-    assert_queued_not_delivered(&herald, &receiver).await;
+    assert_no_shard_is_held(SHARD_LEASES_LIST, &["listing shard Leases failed", "cannot list resource", "leases"])
+        .await;
 }
 
 /// A fresh shard Lease is created (`create`), but renewing it is an update: without

@@ -54,17 +54,14 @@ async fn next_wake(wakes: &mut Option<mpsc::UnboundedReceiver<i64>>) -> Option<i
 }
 
 /// Delivery as the shard owner's listener.
-pub struct ShardedDelivery {
-    pub delivery: Arc<Delivery>,
-    pub count: u32,
-}
+pub struct ShardedDelivery(pub Arc<Delivery>);
 
 impl crate::shards::ShardEvents for ShardedDelivery {
     fn gained(&self, shard: u32) {
-        self.delivery.shard_gained(shard, self.count);
+        self.0.shard_gained(shard);
     }
     fn lost(&self, shard: u32) {
-        self.delivery.shard_lost(shard, self.count);
+        self.0.shard_lost(shard);
     }
 }
 
@@ -150,6 +147,11 @@ impl Delivery {
     /// Whether this replica delivers `id` (with a shared store, it holds the id's shard).
     pub fn owns(&self, id: i64) -> bool {
         self.shards.as_ref().is_none_or(|shards| shards.owns(id))
+    }
+
+    /// Whether `id` falls in delivery shard `shard` (never without shards).
+    fn in_shard(&self, id: i64, shard: u32) -> bool {
+        self.shards.as_ref().is_some_and(|shards| shards.of(id) == shard)
     }
 
     /// The supplier account of a subscription delivery knows.
@@ -382,8 +384,8 @@ impl Delivery {
     /// This replica now holds `shard`: its subscriptions get workers, and their status is
     /// projected again (the previous holder may have died between counting its last
     /// outcomes and writing them into status).
-    pub fn shard_gained(self: &Arc<Self>, shard: u32, count: u32) {
-        for id in self.index.ids().into_iter().filter(|id| crate::shards::shard_of(*id, count) == shard) {
+    pub fn shard_gained(self: &Arc<Self>, shard: u32) {
+        for id in self.index.ids().into_iter().filter(|id| self.in_shard(*id, shard)) {
             self.wake(id);
             self.projector.touch(id, 0);
         }
@@ -391,10 +393,10 @@ impl Delivery {
 
     /// This replica gave up `shard`: its workers stop (an attempt in flight may finish;
     /// the new holder may make it again, as after a crash).
-    pub fn shard_lost(&self, shard: u32, count: u32) {
+    pub fn shard_lost(&self, shard: u32) {
         let mut workers = self.workers.lock();
         workers.retain(|id, (handle, _)| {
-            let lost = crate::shards::shard_of(*id, count) == shard;
+            let lost = self.in_shard(*id, shard);
             if lost {
                 handle.stop.cancel();
             }

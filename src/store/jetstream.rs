@@ -649,16 +649,11 @@ impl Shared {
             self.commit_messages(extra).await.map_err(BatchRefusal::into_error)?;
         }
         self.size.lock().1 = None;
-        let woken: Vec<String> = placed
-            .values()
-            .filter(|f| f.queued)
-            .map(|f| f.subscription_id.to_string())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let woken: BTreeSet<i64> = placed.values().filter(|f| f.queued).map(|f| f.subscription_id).collect();
         if !woken.is_empty() {
+            let ids: Vec<String> = woken.iter().map(i64::to_string).collect();
             // Best effort: a replica that misses it finds the entries on its next look.
-            let _ = self.client.publish(self.names.wake(), Bytes::from(woken.join(","))).await;
+            let _ = self.client.publish(self.names.wake(), Bytes::from(ids.join(","))).await;
         }
         Ok(events
             .iter()
@@ -833,7 +828,6 @@ impl Shared {
     /// write on every replica and bounded the engine (BENCHMARKS.md "Store engines"); the
     /// bytes are reclaimed with their block all the same.
     async fn delete(&self, stream: &stream::Stream, sequence: u64) -> Result<(), StoreError> {
-        use async_nats::jetstream::ErrorCode;
         use async_nats::jetstream::response::Response;
         let subject = format!("STREAM.MSG.DELETE.{}", stream.cached_info().config.name);
         let request = serde_json::json!({"seq": sequence, "no_erase": true});
@@ -844,11 +838,7 @@ impl Shared {
             Response::Ok(_) => Ok(()),
             // Already gone (deleted by this subscription's previous owner, a retried
             // outcome, a dropped subscription).
-            Response::Err { error }
-                if [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&error.error_code()) =>
-            {
-                Ok(())
-            }
+            Response::Err { error } if names_nothing(error.error_code()) => Ok(()),
             Response::Err { error } => Err(unavailable(error)),
         }
     }
@@ -931,8 +921,8 @@ impl Shared {
         // finds in `done` and deletes instead of delivering them again.
         self.update_state(subscription, &|state: &mut SubscriptionState| apply_outcomes(state, &found)).await?;
         // An entry whose deletion fails here stays in `done`, and `queued` deletes it later
-        // (so this write, which would count again, is never retried for it).
-        // Deleted in parallel: one at a time, a round trip each, they bounded delivery.
+        // (so this write, which would count again, is never retried for it). In parallel:
+        // one round trip after another, deletions bounded the delivery rate.
         let deletions = settled.into_iter().map(|position| async move {
             self.handed_out.lock().remove(&(subscription, position));
             if let Err(error) = self.delete(&self.queue, position).await {
@@ -1017,14 +1007,17 @@ fn dedup_id(subscription: i64, body: &str) -> String {
 /// Whether a read found nothing: no such message, or a start beyond the stream's last
 /// sequence (JetStream answers that as "sequence not found").
 fn is_absent(error: &stream::RawMessageError) -> bool {
-    use async_nats::jetstream::ErrorCode;
     match error.kind() {
         stream::RawMessageErrorKind::NoMessageFound => true,
-        stream::RawMessageErrorKind::JetStream(error) => {
-            [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&error.error_code())
-        }
+        stream::RawMessageErrorKind::JetStream(error) => names_nothing(error.error_code()),
         _ => false,
     }
+}
+
+/// JetStream's answer for a sequence that holds no message (gone, or never there).
+fn names_nothing(code: async_nats::jetstream::ErrorCode) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    [ErrorCode::SEQUENCE_NOT_FOUND, ErrorCode::NO_MESSAGE_FOUND].contains(&code)
 }
 
 fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {

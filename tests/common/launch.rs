@@ -87,6 +87,13 @@ impl<'a> Launch<'a> {
     }
 }
 
+/// herald's config for the JetStream engine at `urls` (comma-separated), with streams named
+/// `stream` (a run's own: a replayed run must not find an earlier run's streams).
+pub fn jetstream_config_for(urls: &str, stream: &str) -> String {
+    let urls: Vec<String> = urls.split(',').map(|u| format!("'{u}'")).collect();
+    format!("store: {{engine: jetstream, jetstream: {{urls: [{}], stream: {stream}}}}}\n", urls.join(", "))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

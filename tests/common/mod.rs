@@ -411,8 +411,7 @@ pub fn subscription(name: &str, spec: serde_json::Value) -> EventSubscription {
 /// `HERALD_TEST_NATS_URLS`), with streams of its own (`stream`).
 pub fn jetstream_config(stream: &str) -> String {
     let urls = std::env::var("HERALD_TEST_NATS_URLS").expect("HERALD_TEST_NATS_URLS is set by tests/run.sh");
-    let urls: Vec<String> = urls.split(',').map(|u| format!("'{u}'")).collect();
-    format!("store: {{engine: jetstream, jetstream: {{urls: [{}], stream: {stream}}}}}\n", urls.join(", "))
+    launch::jetstream_config_for(&urls, stream)
 }
 
 pub fn basic_spec(subscription_name: &str) -> serde_json::Value {
