@@ -153,8 +153,10 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
     browser.scroll_to("#chart-section").await;
     browser.screenshot("detail-failures").await;
 
-    // Fix the receiver, replay the dead letter from the page: it is delivered.
-    let patch = serde_json::json!({"spec": {"callbackUrl": receiver.url("ok", "failing-fixed")}});
+    // Fix the receiver, replay the dead letter from the page: it is delivered, and the page
+    // shows it without a reload (the fixed receiver answers 1.5 s late, so the outcome lands
+    // well after the replay's answer re-drew the page).
+    let patch = serde_json::json!({"spec": {"callbackUrl": receiver.url("slow-1500", "failing-fixed")}});
     let patched = api.patch("failing", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
     let generation = patched.metadata.generation;
     wait_for(&api, "failing", Duration::from_secs(30), "the fix observed", |s| {

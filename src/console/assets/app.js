@@ -349,8 +349,24 @@ function chart(minutes) {
   return node;
 }
 
-async function detailView(id) {
-  show(el("p", { className: "muted" }, t("loading")));
+// A replayed delivery is attempted a moment after the replay answers; the page reads the
+// subscription again every second until each replayed distribution id has a final attempt
+// above the log the replay started from, or the minute is up.
+const REPLAY_FOLLOW_MS = 60000;
+
+// Whether every replayed id has a delivered or dead-lettered attempt newer than `follow.after`
+// (the log's newest entry when the replay was asked for; entries come newest first).
+function replaySettled(entries, follow) {
+  const newer = [];
+  for (const entry of entries) {
+    if (JSON.stringify(entry) === follow.after) break;
+    newer.push(entry);
+  }
+  return follow.ids.every((d) => newer.some((a) => a.distribution_id === d && a.result !== "failed"));
+}
+
+async function detailView(id, follow) {
+  if (!follow) show(el("p", { className: "muted" }, t("loading")));
   let row, log, minutes, dead;
   try {
     [row, log, minutes, dead] = await Promise.all([
@@ -364,7 +380,11 @@ async function detailView(id) {
     try {
       const answer = await api("POST", `/api/v3/herald/dead_letters/${id}/replay`, ids ? { distribution_ids: ids } : {});
       notice(t("replayed", answer.replayed));
-      detailView(id);
+      detailView(id, {
+        ids: ids || dead.info.map((d) => d.distribution_id),
+        after: log.info.length ? JSON.stringify(log.info[0]) : null,
+        until: Date.now() + REPLAY_FOLLOW_MS,
+      });
     } catch (err) { notice(err.message); }
   };
   const remove = async () => {
@@ -413,6 +433,10 @@ async function detailView(id) {
       el("div", { className: "legend" }, el("span", { className: "attempts" }, t("attempts")), el("span", { className: "failures" }, t("failures")))),
     el("section", { className: "card", id: "log-section" }, el("h3", {}, t("deliveryLog")), el("div", { className: "table-wrap" }, logTable)),
     el("section", { className: "card", id: "dead-section" }, el("h3", {}, t("deadLetters")), el("div", { className: "table-wrap" }, deadTable)));
+  if (follow && !replaySettled(log.info, follow) && Date.now() < follow.until) {
+    const here = location.hash;
+    setTimeout(() => { if (location.hash === here) detailView(id, follow); }, 1000);
+  }
 }
 
 // Routing -------------------------------------------------------------------------------
