@@ -163,7 +163,7 @@ fn values_switch_the_optional_parts() {
     }
 }
 
-/// Several replicas only with JetStream; then no volume, a roll that replaces one pod at a
+/// Several replicas only with JetStream and leader election; then no volume, a roll that replaces one pod at a
 /// time with the new one up first, a PodDisruptionBudget, and the NATS Secret mounted.
 #[test]
 fn jetstream_replicas_roll_keep_a_disruption_budget_and_need_no_volume() {
@@ -202,6 +202,16 @@ fn jetstream_replicas_roll_keep_a_disruption_budget_and_need_no_volume() {
     let config = herald::config::Config::from_yaml(&chart_config(&jetstream)).expect("herald's config");
     let settings = config.store.jetstream.settings().expect("JetStream settings");
     assert_eq!(settings.urls, ["nats://nats:4222"]);
+
+    let unled = run(Command::new(tools().join("helm")).args(["template", "herald", CHART]).args(jetstream).args([
+        "--set",
+        "replicaCount=3",
+        "--set",
+        "config.leaderElection.enabled=false",
+    ]));
+    assert!(!unled.ok && unled.stderr.contains("/replicaCount"), "3 replicas with no leader would all write: {unled}");
+    let one_unled = render(&[&jetstream[..], &["--set", "config.leaderElection.enabled=false"]].concat());
+    assert!(one_unled.contains("replicas: 1"), "one replica needs no leader: {one_unled}");
 
     let one = render(&jetstream);
     assert!(one.contains("type: RollingUpdate") && !one.contains("kind: PodDisruptionBudget"), "{one}");
