@@ -7,6 +7,7 @@
 //! are taken over once their Leases expire.
 
 use crate::leader::Leadership;
+use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use parking_lot::Mutex;
@@ -26,6 +27,11 @@ pub trait ShardEvents: Send + Sync {
     /// This replica no longer holds `shard` (or can no longer be sure it does): stop its
     /// workers before anyone else may take it.
     fn lost(&self, shard: u32);
+    /// Resolves once the workers `lost(shard)` stopped have ended and their outcomes are
+    /// durable (each wait bounded by `within`, or at shutdown by delivery's own drain).
+    /// A shard handed back on purpose stays this replica's until then, so its next holder
+    /// finds those outcomes and makes none of the attempts again.
+    fn stopped(&self, shard: u32, within: Duration) -> BoxFuture<'_, ()>;
 }
 
 pub struct Shards {
@@ -40,6 +46,8 @@ pub struct Shards {
     duration: Duration,
     /// Held shards and when each was last renewed.
     held: Mutex<HashMap<u32, Instant>>,
+    /// Held shards being handed back: no new attempts, but outcomes are still recorded.
+    leaving: Mutex<HashSet<u32>>,
 }
 
 impl Shards {
@@ -49,7 +57,17 @@ impl Shards {
             .collect();
         let member_prefix = format!("{lease_prefix}-member-");
         let member = Leadership::new(api.clone(), format!("{member_prefix}{identity}"), identity.clone(), duration);
-        Shards { count: count.max(1), leases, member, member_prefix, api, identity, duration, held: Mutex::default() }
+        Shards {
+            count: count.max(1),
+            leases,
+            member,
+            member_prefix,
+            api,
+            identity,
+            duration,
+            held: Mutex::default(),
+            leaving: Mutex::default(),
+        }
     }
 
     /// The shard `subscription_id` belongs to.
@@ -57,14 +75,23 @@ impl Shards {
         shard_of(subscription_id, self.count)
     }
 
-    /// Whether this replica delivers `subscription_id` now.
+    /// Whether this replica delivers `subscription_id` now: it holds the shard and is not
+    /// handing it back.
     pub fn owns(&self, subscription_id: i64) -> bool {
+        let shard = self.of(subscription_id);
+        self.held.lock().contains_key(&shard) && !self.leaving.lock().contains(&shard)
+    }
+
+    /// Whether this replica still holds `subscription_id`'s shard, handing it back or not:
+    /// an attempt that ends now is this replica's to record.
+    pub fn holds(&self, subscription_id: i64) -> bool {
         self.held.lock().contains_key(&self.of(subscription_id))
     }
 
-    /// Holds, renews and balances shards until `shutdown`, then hands them back.
+    /// Holds, renews and balances shards until `shutdown`, then hands them back once
+    /// delivery has drained, renewing them meanwhile.
     pub async fn run(&self, events: &dyn ShardEvents, shutdown: CancellationToken) {
-        let period = (self.duration / 3).max(Duration::from_millis(300));
+        let period = self.period();
         loop {
             self.round(events).await;
             tokio::select! {
@@ -72,17 +99,53 @@ impl Shards {
                 _ = shutdown.cancelled() => break,
             }
         }
-        let held: Vec<u32> = self.held.lock().drain().map(|(shard, _)| shard).collect();
-        for shard in held {
-            events.lost(shard);
-            self.leases[shard as usize].release().await;
+        let held: Vec<u32> = self.held.lock().keys().copied().collect();
+        let handing_back = self.hand_back(held, events, "shutting down");
+        tokio::pin!(handing_back);
+        loop {
+            tokio::select! {
+                () = &mut handing_back => break,
+                () = tokio::time::sleep(period) => self.renew(events).await,
+            }
         }
         self.member.release().await;
+    }
+
+    /// How often held Leases are renewed: a third of their duration.
+    fn period(&self) -> Duration {
+        (self.duration / 3).max(Duration::from_millis(300))
+    }
+
+    /// Stops delivering `shards`, waits until their last outcomes are durable (at most a
+    /// quarter of the Lease duration, so renewing the others never falls behind; at
+    /// shutdown, delivery's drain), then releases their Leases.
+    async fn hand_back(&self, shards: Vec<u32>, events: &dyn ShardEvents, why: &str) {
+        for &shard in &shards {
+            self.leaving.lock().insert(shard);
+            tracing::info!(shard, why, "handing the shard back");
+            events.lost(shard);
+        }
+        let within = self.duration / 4;
+        futures::future::join_all(shards.iter().map(|&shard| events.stopped(shard, within))).await;
+        for shard in shards {
+            self.leaving.lock().remove(&shard);
+            if self.held.lock().remove(&shard).is_some() {
+                self.leases[shard as usize].release().await;
+            }
+        }
     }
 
     /// Renews what is held (dropping what cannot be renewed in time), then moves towards
     /// this replica's fair share.
     async fn round(&self, events: &dyn ShardEvents) {
+        self.renew(events).await;
+        self.balance(events).await;
+    }
+
+    /// Renews this replica's member Lease and every held shard's, giving up a shard whose
+    /// Lease another replica holds or that could not be renewed for two thirds of its
+    /// duration.
+    async fn renew(&self, events: &dyn ShardEvents) {
         if let Err(error) = self.member.try_hold().await {
             tracing::warn!(%error, "renewing this replica's member Lease failed");
         }
@@ -104,6 +167,11 @@ impl Shards {
                 }
             }
         }
+    }
+
+    /// Takes free shards up to this replica's fair share among the live members, or
+    /// hands its extras back.
+    async fn balance(&self, events: &dyn ShardEvents) {
         let replicas = match self.live_holders().await {
             Ok(holders) => holders,
             Err(error) => {
@@ -115,10 +183,7 @@ impl Shards {
         let held = self.held.lock().len();
         if held > fair {
             let extra: Vec<u32> = self.held.lock().keys().copied().take(held - fair).collect();
-            for shard in extra {
-                self.drop_shard(shard, events, "handed to another replica (fair share)");
-                self.leases[shard as usize].release().await;
-            }
+            self.hand_back(extra, events, "another replica's fair share").await;
             return;
         }
         let mut wanted = fair - held;

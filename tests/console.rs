@@ -119,8 +119,14 @@ async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chro
     browser.click("#save").await;
     browser.wait_text("h2", "console-made").await;
     let made_id: i64 = browser.find("#fact-id").await.text().await.parse().expect("a number");
-    let (ok, listed, err) = esub_with_id(&cluster, &ns, made_id, "jsonpath={.items[*].spec.subscriptionName}");
-    assert!(ok && listed == "console-made", "kubectl get esub shows it with its id: {listed}{err}");
+    // The id label follows the status write that gave the id.
+    common::helm::eventually(Duration::from_secs(30), "kubectl get esub shows it with its id", || {
+        match esub_with_id(&cluster, &ns, made_id, "jsonpath={.items[*].spec.subscriptionName}") {
+            (true, listed, _) if listed == "console-made" => Ok(()),
+            (_, listed, err) => Err(format!("{listed}{err}")),
+        }
+    })
+    .await;
 
     // Edit.
     browser.click("#edit").await;

@@ -37,12 +37,17 @@ async fn examples_apply_and_become_ready_with_distinct_ids() {
     assert_eq!(header, ["NAME", "ID", "EVENTS", "CALLBACK", "READY", "TOTAL", "FAILURE", "AGE"], "{table}");
     assert!(table.contains("host-changes") && table.contains("True"), "{table}");
 
-    let subs = cluster.subscriptions(&ns).list(&ListParams::default()).await.unwrap();
+    let api = cluster.subscriptions(&ns);
+    let subs = api.list(&ListParams::default()).await.unwrap();
     assert_eq!(subs.items.len(), 2);
     let ids: BTreeSet<i64> = subs.items.iter().filter_map(id).collect();
     assert_eq!(ids.len(), 2, "distinct ids: {ids:?}");
+    // The id label is written by the API call after the status that made it Ready.
     for sub in &subs.items {
-        assert_eq!(sub.labels().get(SUBSCRIPTION_ID_LABEL), Some(&id(sub).unwrap().to_string()));
+        wait_for(&api, &sub.name_any(), Duration::from_secs(30), "the id label", |s| {
+            id(s).is_some_and(|id| s.labels().get(SUBSCRIPTION_ID_LABEL) == Some(&id.to_string()))
+        })
+        .await;
     }
     // The short name and label selection work as documented.
     let first = ids.iter().next().unwrap().to_string();

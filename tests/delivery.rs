@@ -107,8 +107,10 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
     for key in ["other-event", "other-account", "broken"] {
         assert!(server.received(key).is_empty(), "{key} must receive nothing");
     }
-    let a_status = wait_statistics(&api, "a", 5, 0).await;
-    assert_eq!(a_status.status.unwrap().statistics.unwrap().delivered, 5);
+    for key in ["a", "b"] {
+        let status = wait_statistics(&api, key, 5, 0).await;
+        assert_eq!(status.status.unwrap().statistics.unwrap().delivered, 5, "{key}");
+    }
 
     // Metrics are aggregate by default: no per-subscription series.
     let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
@@ -167,13 +169,14 @@ async fn confirm_modes_gone_and_throttling() {
     wait_statistics(&api, "body-ok", 1, 0).await;
     wait_statistics(&api, "body-no", 1, 1).await;
 
-    let gone = wait_for(&api, "gone", Duration::from_secs(30), "CallbackHealthy=False Gone", |s| {
-        s.status.as_ref().is_some_and(|st| {
-            st.conditions.iter().any(|c| c.type_ == "CallbackHealthy" && c.status == "False" && c.reason == "Gone")
-        })
+    // The condition may be written before the counters of the attempt reach the status.
+    wait_for(&api, "gone", Duration::from_secs(30), "CallbackHealthy=False Gone after one failed attempt", |s| {
+        statistics(s) == (1, 1)
+            && s.status.as_ref().is_some_and(|st| {
+                st.conditions.iter().any(|c| c.type_ == "CallbackHealthy" && c.status == "False" && c.reason == "Gone")
+            })
     })
     .await;
-    assert_eq!(statistics(&gone), (1, 1));
     // Delivery stopped: a second event is queued, not attempted.
     publish(&herald, host_event("0", 2)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -334,22 +337,27 @@ async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
     let server = CallbackServer::start().await;
     let herald = Herald::start(&cluster, &ns, "").await;
     let api = cluster.subscriptions(&ns);
-    subscribe(
+    let id = subscribe(
         &api,
         "slow",
         &server.url("hang", "slow"),
         serde_json::json!({"timeoutSeconds": 2, "retry": {"maxAttempts": 1}}),
     )
     .await;
-    let started = Instant::now();
     publish(&herald, host_event("0", 1)).await;
     let sub = wait_statistics(&api, "slow", 1, 1).await;
-    let observed = started.elapsed();
-    // Bound: timeoutSeconds plus 2 s for the attempt, plus the status write budget's
-    // scheduling and the watch that shows it.
-    assert!(observed < Duration::from_secs(2 + 2 + 3), "observed after {observed:?}");
     let error = sub.status.unwrap().statistics.unwrap().last_error.unwrap_or_default();
     assert!(error.contains("timed out"), "{error}");
+    // The attempt's own latency, as herald logged it: cut at timeoutSeconds (the callback
+    // never answers), give or take scheduling; not the wall clock of status writes and watches.
+    let log: serde_json::Value = reqwest::get(herald.url(&format!("/api/v3/herald/deliveries/{id}")))
+        .await
+        .expect("GET the delivery log")
+        .json()
+        .await
+        .expect("JSON");
+    let latency = log["data"]["info"][0]["latency_ms"].as_u64().unwrap_or_default();
+    assert!((2_000..4_000).contains(&latency), "the attempt took {latency} ms: {log}");
 }
 
 #[tokio::test]
@@ -361,16 +369,17 @@ async fn a_hanging_callback_never_delays_another_subscription() {
     let herald = Herald::start(&cluster, &ns, "").await;
     let api = cluster.subscriptions(&ns);
     subscribe(&api, "fast", &server.url("ok", "fast"), serde_json::json!({})).await;
-    subscribe(&api, "hung", &server.url("hang", "hung"), serde_json::json!({"timeoutSeconds": 30})).await;
+    // B's first attempt hangs for its whole timeout; A must get everything well before it.
+    subscribe(&api, "hung", &server.url("hang", "hung"), serde_json::json!({"timeoutSeconds": 120})).await;
     let started = Instant::now();
     for chunk in 0..10 {
         let events: Vec<serde_json::Value> = (1..=100).map(|i| host_event("0", chunk * 100 + i)).collect();
         publish(&herald, serde_json::Value::Array(events)).await;
     }
-    let fast = server.wait_for("fast", 1000, Duration::from_secs(29)).await;
+    let fast = server.wait_for("fast", 1000, Duration::from_secs(110)).await;
     let took = started.elapsed();
     assert!(
-        took < Duration::from_secs(30),
+        took < Duration::from_secs(120),
         "A got all 1,000 events before B's first attempt could time out ({took:?})"
     );
     assert_eq!(
@@ -460,11 +469,11 @@ async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
     // Status statistics equal what the callbacks counted.
     for i in 0..SUBSCRIPTIONS {
         let key = format!("s{i}");
-        let received = i64::try_from(server.received(&key).len()).unwrap();
         let sub = wait_for(&api, &key, Duration::from_secs(60), "statistics caught up", |s| {
             s.status.as_ref().and_then(|st| st.statistics.as_ref()).is_some_and(|st| st.pending == 0)
         })
         .await;
+        let received = i64::try_from(server.received(&key).len()).unwrap();
         let stats = sub.status.unwrap().statistics.unwrap();
         assert_eq!(stats.failure, 0);
         // Attempts whose outcome the crash lost are delivered again but counted once.

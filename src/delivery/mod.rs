@@ -63,6 +63,9 @@ impl crate::shards::ShardEvents for ShardedDelivery {
     fn lost(&self, shard: u32) {
         self.0.shard_lost(shard);
     }
+    fn stopped(&self, shard: u32, within: Duration) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.0.shard_stopped(shard, within))
+    }
 }
 
 /// How long shutdown waits for in-flight attempts (the chart's termination grace period
@@ -107,6 +110,13 @@ pub struct DeliveryParts {
 /// The running worker of each subscription that has one.
 type Workers = HashMap<i64, (Arc<WorkerHandle>, JoinHandle<()>)>;
 
+/// A stopped worker that may still be finishing an attempt.
+struct Stopping {
+    id: i64,
+    handle: Arc<WorkerHandle>,
+    task: JoinHandle<()>,
+}
+
 pub struct Delivery {
     store: Arc<dyn EventStore>,
     index: Arc<SubscriptionIndex>,
@@ -119,9 +129,13 @@ pub struct Delivery {
     subscriptions: Store<EventSubscription>,
     tenancy: Tenancy,
     workers: Mutex<Workers>,
+    /// Workers of shards given up, per shard, until `shard_stopped` has seen them end.
+    stopping: Mutex<HashMap<u32, Vec<Stopping>>>,
     dead_letter_retention: Duration,
     shards: Option<Arc<Shards>>,
     shutdown: CancellationToken,
+    /// Cancelled when the dispatcher's shutdown drain is over.
+    drained: CancellationToken,
 }
 
 impl Delivery {
@@ -138,15 +152,23 @@ impl Delivery {
             subscriptions: parts.subscriptions,
             tenancy: parts.tenancy,
             workers: Mutex::default(),
+            stopping: Mutex::default(),
             dead_letter_retention: parts.dead_letter_retention,
             shards: parts.shards,
             shutdown: parts.shutdown,
+            drained: CancellationToken::new(),
         })
     }
 
     /// Whether this replica delivers `id` (with a shared store, it holds the id's shard).
     pub fn owns(&self, id: i64) -> bool {
         self.shards.as_ref().is_none_or(|shards| shards.owns(id))
+    }
+
+    /// Whether an attempt at `id` that ends now is this replica's to record: it still
+    /// holds the shard, even while handing it back.
+    fn holds(&self, id: i64) -> bool {
+        self.shards.as_ref().is_none_or(|shards| shards.holds(id))
     }
 
     /// Whether `id` falls in delivery shard `shard` (never without shards).
@@ -334,6 +356,8 @@ impl Delivery {
     /// Runs the dispatcher until shutdown: reacts to subscription changes, sweeps, and
     /// at the end waits for the workers' in-flight attempts.
     pub async fn run(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<i64>) {
+        // Shards are handed back after this, however it ends.
+        let _drained = self.drained.clone().drop_guard();
         let mut wakes = self.store.wakes();
         self.sweep().await;
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
@@ -358,12 +382,23 @@ impl Delivery {
                 _ = self.shutdown.cancelled() => break,
             }
         }
-        // In-flight attempts may finish within the drain; the rest are dropped without an
-        // outcome and delivered again after the restart (at-least-once).
-        let tasks: Vec<(i64, JoinHandle<()>)> = self.workers.lock().drain().map(|(id, (_, task))| (id, task)).collect();
-        let aborts: Vec<_> = tasks.iter().map(|(_, task)| task.abort_handle()).collect();
-        let joined = futures::future::join_all(tasks.into_iter().map(|(id, task)| async move { (id, task.await) }));
-        match tokio::time::timeout(SHUTDOWN_DRAIN, joined).await {
+        let workers: Vec<Stopping> =
+            self.workers.lock().drain().map(|(id, (handle, task))| Stopping { id, handle, task }).collect();
+        self.settle(workers, SHUTDOWN_DRAIN).await;
+        tracing::info!("delivery stopped");
+    }
+
+    /// Waits up to `bound` for stopped workers to end: attempts in flight may finish; the
+    /// rest are aborted without an outcome and delivered again later (at least once). Then
+    /// waits up to `bound` again for the outcomes they recorded to be durable.
+    async fn settle(&self, workers: Vec<Stopping>, bound: Duration) {
+        if workers.is_empty() {
+            return;
+        }
+        let aborts: Vec<_> = workers.iter().map(|w| w.task.abort_handle()).collect();
+        let handles: Vec<Arc<WorkerHandle>> = workers.iter().map(|w| w.handle.clone()).collect();
+        let joined = futures::future::join_all(workers.into_iter().map(|w| async move { (w.id, w.task.await) }));
+        match tokio::time::timeout(bound, joined).await {
             Ok(results) => {
                 for (id, result) in results {
                     if let Err(error) = result {
@@ -372,13 +407,18 @@ impl Delivery {
                 }
             }
             Err(_) => {
-                tracing::warn!(drain = ?SHUTDOWN_DRAIN, "in-flight attempts did not finish; they will be delivered again after restart");
+                tracing::warn!(drain = ?bound, "in-flight attempts did not finish; they will be delivered again");
                 for abort in aborts {
                     abort.abort();
                 }
             }
         }
-        tracing::info!("delivery stopped");
+        let last_ticket = handles.iter().map(|h| h.last_ticket()).max().unwrap_or(0);
+        match tokio::time::timeout(bound, self.store.committed(last_ticket)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "the last outcomes did not commit; they will be delivered again"),
+            Err(_) => tracing::warn!(wait = ?bound, "the last outcomes did not commit in time"),
+        }
     }
 
     /// This replica now holds `shard`: its subscriptions get workers, and their status is
@@ -394,14 +434,36 @@ impl Delivery {
     /// This replica gave up `shard`: its workers stop (an attempt in flight may finish;
     /// the new holder may make it again, as after a crash).
     pub fn shard_lost(&self, shard: u32) {
-        let mut workers = self.workers.lock();
-        workers.retain(|id, (handle, _)| {
-            let lost = self.in_shard(*id, shard);
-            if lost {
-                handle.stop.cancel();
-            }
-            !lost
+        let stopped: Vec<Stopping> = {
+            let mut workers = self.workers.lock();
+            let ids: Vec<i64> = workers.keys().copied().filter(|id| self.in_shard(*id, shard)).collect();
+            ids.into_iter()
+                .filter_map(|id| workers.remove(&id).map(|(handle, task)| Stopping { id, handle, task }))
+                .collect()
+        };
+        for worker in &stopped {
+            worker.handle.stop.cancel();
+        }
+        let mut stopping = self.stopping.lock();
+        // A shard lost because its Lease could not be renewed is never waited for: forget
+        // what has ended.
+        stopping.retain(|_, workers| {
+            workers.retain(|w| !w.task.is_finished());
+            !workers.is_empty()
         });
+        stopping.entry(shard).or_default().extend(stopped);
+    }
+
+    /// Resolves once the workers `shard_lost(shard)` stopped have ended and their outcomes
+    /// are durable (see `settle`, bounded by `within`; at shutdown by the drain, which it
+    /// also waits for).
+    pub async fn shard_stopped(&self, shard: u32, within: Duration) {
+        let stopped = self.stopping.lock().remove(&shard).unwrap_or_default();
+        let shutting_down = self.shutdown.is_cancelled();
+        self.settle(stopped, if shutting_down { SHUTDOWN_DRAIN } else { within }).await;
+        if shutting_down {
+            self.drained.cancelled().await;
+        }
     }
 
     /// Writes statistics into status until shutdown (see `projector`).

@@ -39,6 +39,11 @@ impl WorkerHandle {
             gone_generation: AtomicI64::new(-1),
         }
     }
+
+    /// The newest ticket of an outcome this worker recorded (0: none).
+    pub fn last_ticket(&self) -> u64 {
+        self.last_ticket.load(Ordering::Acquire)
+    }
 }
 
 /// How handling one queue entry ended.
@@ -289,7 +294,7 @@ async fn record_outcome(
     outcome: Outcome,
     exchange: Exchange,
 ) {
-    if handle.stop.is_cancelled() && !delivery.owns(item.subscription_id) {
+    if handle.stop.is_cancelled() && !delivery.holds(item.subscription_id) {
         // The shard moved while this attempt was out: its new holder delivers the entry
         // again and records that.
         return;

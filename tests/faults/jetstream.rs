@@ -167,6 +167,10 @@ impl SpreadProducer {
         self.targets.lock().unwrap()[replica] = url;
     }
 
+    fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     async fn finish(self) -> (Vec<i64>, usize) {
         let result = self.task.await.expect("producer");
         self.stop.store(true, Ordering::Release);
@@ -174,24 +178,44 @@ impl SpreadProducer {
     }
 }
 
+/// What happens to the three replicas while the producer streams.
+enum Disruption {
+    /// A seeded replica SIGKILLed and started again, `rounds` times; then NATS node nats-2
+    /// SIGKILLed for 5 s and started again.
+    KillsThenNatsNode { rounds: usize },
+    /// All three SIGTERMed and started again one after another, as a Deployment's rolling
+    /// update does.
+    Roll,
+}
+
 /// Three herald replicas on one JetStream store, each serving publish, delivery spread in
 /// shards: events published across all three (fast subset 2,000, full suite 10,000) reach
-/// each of 10 subscriptions while a replica is SIGKILLed at seeded points (10 rounds), then
-/// a NATS node is SIGKILLed for 5 s, and then all three replicas are rolled one after
-/// another; an 11th subscription's callback hangs throughout. Publishes answer 200 or 503
-/// with Retry-After. Every event answered 200 arrives at every healthy subscription; ids
-/// are 1..n; first receipts are in order where `maxInFlight` is 1; redeliveries per
-/// disruption stay within maxInFlight + 64; status `delivered` equals the receiver's
-/// distinct deliveries and `pending` is 0; the hanging subscription never holds the others
-/// up.
+/// each of 10 subscriptions through SIGKILLs of a replica at seeded points (10 rounds) and
+/// of a NATS node. Publishes answer 200 or 503 with Retry-After. Every event answered 200
+/// arrives at every healthy subscription; ids are 1..n; first receipts are in order where
+/// `maxInFlight` is 1; redeliveries per kill stay within maxInFlight + 64; status
+/// `delivered` equals the receiver's distinct deliveries and `pending` is 0; an 11th
+/// subscription's hanging callback holds nobody up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_nats_kills_and_a_roll() {
+async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_nats_node_kills() {
+    three_replicas_stream_through(Disruption::KillsThenNatsNode { rounds: 10 }).await;
+}
+
+/// The same stream and checks through a roll of all three replicas, one after another,
+/// while the producer publishes; and nothing is delivered twice: a stopping replica
+/// finishes its attempts in flight and hands its shards back once their outcomes are
+/// durable, and so does one handing shards to the replica that came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_deliver_every_event_once_in_order_through_a_roll_of_all_three() {
+    three_replicas_stream_through(Disruption::Roll).await;
+}
+
+async fn three_replicas_stream_through(disruption: Disruption) {
     let _turn = exclusive().await;
-    let rounds = 10;
     let events = scaled(2_000, 10_000) as i64;
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
-    println!("replica SIGKILL rounds: {rounds}, {events} events, seed {seed} (HERALD_FAULTS_SEED)");
+    println!("three replicas, {events} events, seed {seed} (HERALD_FAULTS_SEED)");
     let cluster = cluster().await;
     let ns = cluster.namespace("f-replicas", &[]).await;
     let ok = CallbackServer::start().await;
@@ -215,36 +239,48 @@ async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_na
     subscribe(&api, "hung", &ok.url("hang", "hung"), json!({"timeoutSeconds": 60})).await;
 
     let urls = |replicas: &[Herald]| replicas.iter().map(|r| r.url("/api/v3/event/publish")).collect::<Vec<_>>();
-    let producer = SpreadProducer::start(urls(&replicas), events, 10, Duration::from_millis(40));
+    // The roll is three graceful stops: the producer goes slower so that it lasts through them.
+    let pause = match disruption {
+        Disruption::KillsThenNatsNode { .. } => Duration::from_millis(40),
+        Disruption::Roll => Duration::from_millis(150),
+    };
+    let producer = SpreadProducer::start(urls(&replicas), events, 10, pause);
     let mut kills = Vec::new();
-    for round in 0..rounds {
-        tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
-        let victim = rng.usize(0..3);
-        producer.set(victim, None);
-        kills.push(Instant::now());
-        replicas[victim].kill();
-        println!("round {round}: replica-{victim} SIGKILL");
-        replicas[victim] = start(victim);
-        replicas[victim].wait_ready(Duration::from_secs(60)).await;
-        producer.set(victim, Some(replicas[victim].url("/api/v3/event/publish")));
-    }
-    // A NATS server dies under all three replicas and comes back.
-    kills.push(Instant::now());
-    kill_nats_node("nats-2");
-    println!("nats-2 SIGKILL");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    cluster.start_component("nats-2");
-    // One after another, as a Deployment's rolling update does.
-    #[allow(clippy::needless_range_loop)] // `start` replaces the element
-    for victim in 0..3 {
-        producer.set(victim, None);
-        kills.push(Instant::now());
-        let (status, took) = tokio::task::block_in_place(|| replicas[victim].terminate());
-        assert!(status.success(), "replica-{victim} exit {status}");
-        println!("roll: replica-{victim} stopped in {took:?}");
-        replicas[victim] = start(victim);
-        replicas[victim].wait_ready(Duration::from_secs(60)).await;
-        producer.set(victim, Some(replicas[victim].url("/api/v3/event/publish")));
+    match disruption {
+        Disruption::KillsThenNatsNode { rounds } => {
+            for round in 0..rounds {
+                tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
+                let victim = rng.usize(0..3);
+                producer.set(victim, None);
+                kills.push(Instant::now());
+                replicas[victim].kill();
+                println!("round {round}: replica-{victim} SIGKILL");
+                replicas[victim] = start(victim);
+                replicas[victim].wait_ready(Duration::from_secs(60)).await;
+                producer.set(victim, Some(replicas[victim].url("/api/v3/event/publish")));
+            }
+            // A NATS server dies under all three replicas and comes back.
+            kills.push(Instant::now());
+            kill_nats_node("nats-2");
+            println!("nats-2 SIGKILL");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            cluster.start_component("nats-2");
+        }
+        Disruption::Roll => {
+            tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
+            #[allow(clippy::needless_range_loop)] // `start` replaces the element
+            for victim in 0..3 {
+                producer.set(victim, None);
+                kills.push(Instant::now());
+                let (status, took) = tokio::task::block_in_place(|| replicas[victim].terminate());
+                assert!(status.success(), "replica-{victim} exit {status}");
+                println!("roll: replica-{victim} stopped in {took:?}");
+                replicas[victim] = start(victim);
+                replicas[victim].wait_ready(Duration::from_secs(60)).await;
+                producer.set(victim, Some(replicas[victim].url("/api/v3/event/publish")));
+            }
+            assert!(!producer.is_finished(), "the producer finished before the roll did: nothing streamed through it");
+        }
     }
     let (acknowledged, refused) = producer.finish().await;
     println!("{} events acknowledged ({refused} publishes refused or failed and sent again)", acknowledged.len());
@@ -262,9 +298,14 @@ async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_na
         // A publish cut off by a SIGKILL may have been stored without its answer; the
         // producer sends those events again, so n can exceed the events, never fall short.
         assert!(distinct as i64 >= events, "{key}: {distinct} distinct deliveries for {events} events");
-        report.insert(key.clone(), (per_epoch.iter().sum::<usize>(), distinct));
+        if let Disruption::Roll = disruption {
+            // A stopping replica, and one handing a shard to the replica that came back,
+            // keeps the shard until its last outcomes are durable.
+            assert!(per_epoch.iter().all(|d| *d == 0), "{key}: the roll delivered again: {per_epoch:?}");
+        }
+        report.insert(key.clone(), (per_epoch, distinct));
     }
-    println!("(redeliveries, distinct deliveries) per subscription over {} disruptions: {report:?}", kills.len());
+    println!("(redeliveries per disruption, distinct deliveries) per subscription: {report:?}");
     for key in &keys {
         let distinct = report[key].1 as i64;
         // Status too: a shard's new holder projects what its previous holder counted.
