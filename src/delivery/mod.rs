@@ -431,8 +431,9 @@ impl Delivery {
         }
     }
 
-    /// This replica gave up `shard`: its workers stop (an attempt in flight may finish;
-    /// the new holder may make it again, as after a crash).
+    /// This replica gave up `shard`, or is handing it back: its workers stop. An attempt in
+    /// flight may finish; `shard_stopped` waits for that before a hand-back releases the
+    /// Lease, while after a lost Lease the new holder may make it again, as after a crash.
     pub fn shard_lost(&self, shard: u32) {
         let stopped: Vec<Stopping> = {
             let mut workers = self.workers.lock();
