@@ -346,15 +346,7 @@ fn cpu_seconds_of(pids: &[u32]) -> f64 {
 
 /// Resident memory now (VmRSS), MB, summed over `pids`.
 fn vm_rss_mb(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|pid| {
-            read(&format!("/proc/{pid}/status"))
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .sum::<f64>()
-        / 1024.0
+    pids.iter().filter_map(|pid| proc_status_mb(*pid, "VmRSS:")).sum()
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -367,12 +359,16 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn vm_hwm_mb(pid: u32) -> f64 {
+    proc_status_mb(pid, "VmHWM:").unwrap_or(f64::NAN)
+}
+
+/// A kB figure of /proc/<pid>/status (`key` with its colon), in MB.
+fn proc_status_mb(pid: u32, key: &str) -> Option<f64> {
     read(&format!("/proc/{pid}/status"))
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1553,7 +1549,8 @@ async fn engine_run(
     create_subscriptions(&api, specs, 32).await;
     let _ = tracker.await;
     if replicas > 1 {
-        wait_shards_spread(cluster, &ns, replicas, 16).await;
+        let shards = herald::config::Config::default().leader_election.shards as usize;
+        wait_shards_spread(cluster, &ns, replicas, shards).await;
     }
     // Let the set-up's status writes settle.
     tokio::time::sleep(Duration::from_secs(3)).await;

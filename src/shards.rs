@@ -27,11 +27,21 @@ pub trait ShardEvents: Send + Sync {
     /// This replica no longer holds `shard` (or can no longer be sure it does): stop its
     /// workers before anyone else may take it.
     fn lost(&self, shard: u32);
-    /// Resolves once the workers `lost(shard)` stopped have ended and their outcomes are
-    /// durable (each wait bounded by `within`, or at shutdown by delivery's own drain).
-    /// A shard handed back on purpose stays this replica's until then, so its next holder
-    /// finds those outcomes and makes none of the attempts again.
-    fn stopped(&self, shard: u32, within: Duration) -> BoxFuture<'_, ()>;
+    /// This replica is handing `shard` back: stop its workers and resolve once their
+    /// attempts in flight have ended and those outcomes are durable (bounded by delivery's
+    /// drain). The shard stays this replica's until then, so its next holder finds them
+    /// settled and makes none of those attempts again.
+    fn handed_back(&self, shard: u32) -> BoxFuture<'_, ()>;
+    /// Resolves once delivery's shutdown drain is over: every worker has ended and its
+    /// outcomes are durable.
+    fn drained(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A shard this replica holds.
+struct Held {
+    renewed: Instant,
+    /// Being handed back: no new attempts, but outcomes are still recorded.
+    leaving: bool,
 }
 
 pub struct Shards {
@@ -44,10 +54,7 @@ pub struct Shards {
     api: Api<Lease>,
     identity: String,
     duration: Duration,
-    /// Held shards and when each was last renewed.
-    held: Mutex<HashMap<u32, Instant>>,
-    /// Held shards being handed back: no new attempts, but outcomes are still recorded.
-    leaving: Mutex<HashSet<u32>>,
+    held: Mutex<HashMap<u32, Held>>,
 }
 
 impl Shards {
@@ -57,17 +64,7 @@ impl Shards {
             .collect();
         let member_prefix = format!("{lease_prefix}-member-");
         let member = Leadership::new(api.clone(), format!("{member_prefix}{identity}"), identity.clone(), duration);
-        Shards {
-            count: count.max(1),
-            leases,
-            member,
-            member_prefix,
-            api,
-            identity,
-            duration,
-            held: Mutex::default(),
-            leaving: Mutex::default(),
-        }
+        Shards { count: count.max(1), leases, member, member_prefix, api, identity, duration, held: Mutex::default() }
     }
 
     /// The shard `subscription_id` belongs to.
@@ -78,8 +75,7 @@ impl Shards {
     /// Whether this replica delivers `subscription_id` now: it holds the shard and is not
     /// handing it back.
     pub fn owns(&self, subscription_id: i64) -> bool {
-        let shard = self.of(subscription_id);
-        self.held.lock().contains_key(&shard) && !self.leaving.lock().contains(&shard)
+        self.held.lock().get(&self.of(subscription_id)).is_some_and(|held| !held.leaving)
     }
 
     /// Whether this replica still holds `subscription_id`'s shard, handing it back or not:
@@ -99,16 +95,24 @@ impl Shards {
                 _ = shutdown.cancelled() => break,
             }
         }
-        let held: Vec<u32> = self.held.lock().keys().copied().collect();
-        let handing_back = self.hand_back(held, events, "shutting down");
-        tokio::pin!(handing_back);
-        loop {
-            tokio::select! {
-                () = &mut handing_back => break,
-                () = tokio::time::sleep(period) => self.renew(events).await,
-            }
+        self.renewing_until(events.drained(), events).await;
+        let held: Vec<u32> = self.held.lock().drain().map(|(shard, _)| shard).collect();
+        for shard in held {
+            self.leases[shard as usize].release().await;
         }
         self.member.release().await;
+    }
+
+    /// Runs `work` while renewing the held Leases, so that waiting for delivery never lets
+    /// one lapse.
+    async fn renewing_until(&self, work: impl Future<Output = ()>, events: &dyn ShardEvents) {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                () = &mut work => return,
+                () = tokio::time::sleep(self.period()) => self.renew(events).await,
+            }
+        }
     }
 
     /// How often held Leases are renewed: a third of their duration.
@@ -116,19 +120,24 @@ impl Shards {
         (self.duration / 3).max(Duration::from_millis(300))
     }
 
-    /// Stops delivering `shards`, waits until their last outcomes are durable (at most a
-    /// quarter of the Lease duration, so renewing the others never falls behind; at
-    /// shutdown, delivery's drain), then releases their Leases.
+    /// Stops delivering `shards` and, once their last outcomes are durable (renewing the
+    /// Leases meanwhile), releases them.
     async fn hand_back(&self, shards: Vec<u32>, events: &dyn ShardEvents, why: &str) {
-        for &shard in &shards {
-            self.leaving.lock().insert(shard);
-            tracing::info!(shard, why, "handing the shard back");
-            events.lost(shard);
+        for shard in &shards {
+            if let Some(held) = self.held.lock().get_mut(shard) {
+                held.leaving = true;
+                tracing::info!(shard, why, "handing the shard back");
+            }
         }
-        let within = self.duration / 4;
-        futures::future::join_all(shards.iter().map(|&shard| events.stopped(shard, within))).await;
+        let settled = futures::future::join_all(shards.iter().map(|&shard| events.handed_back(shard)));
+        self.renewing_until(
+            async {
+                settled.await;
+            },
+            events,
+        )
+        .await;
         for shard in shards {
-            self.leaving.lock().remove(&shard);
             if self.held.lock().remove(&shard).is_some() {
                 self.leases[shard as usize].release().await;
             }
@@ -153,12 +162,14 @@ impl Shards {
         for shard in held {
             match self.leases[shard as usize].try_hold().await {
                 Ok(true) => {
-                    self.held.lock().insert(shard, Instant::now());
+                    if let Some(held) = self.held.lock().get_mut(&shard) {
+                        held.renewed = Instant::now();
+                    }
                 }
                 Ok(false) => self.drop_shard(shard, events, "another replica holds it"),
                 Err(error) => {
                     // Stop well before the Lease can expire and be taken.
-                    let renewed = self.held.lock().get(&shard).copied();
+                    let renewed = self.held.lock().get(&shard).map(|held| held.renewed);
                     if renewed.is_some_and(|at| at.elapsed() > self.duration * 2 / 3) {
                         self.drop_shard(shard, events, "its Lease could not be renewed");
                     } else {
@@ -198,7 +209,7 @@ impl Shards {
                 continue;
             }
             if let Ok(true) = self.leases[shard as usize].try_hold().await {
-                self.held.lock().insert(shard, Instant::now());
+                self.held.lock().insert(shard, Held { renewed: Instant::now(), leaving: false });
                 tracing::info!(shard, identity = %self.identity, "shard acquired");
                 events.gained(shard);
                 wanted -= 1;

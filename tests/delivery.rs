@@ -376,12 +376,9 @@ async fn a_hanging_callback_never_delays_another_subscription() {
         let events: Vec<serde_json::Value> = (1..=100).map(|i| host_event("0", chunk * 100 + i)).collect();
         publish(&herald, serde_json::Value::Array(events)).await;
     }
+    // Fails after 110 s: B's attempt, begun after the publishes, runs until 120 s at least.
     let fast = server.wait_for("fast", 1000, Duration::from_secs(110)).await;
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(120),
-        "A got all 1,000 events before B's first attempt could time out ({took:?})"
-    );
+    println!("A got all 1,000 events {:?} after the first publish", started.elapsed());
     assert_eq!(
         fast.iter().map(common::callback::Received::distribution_id).collect::<Vec<_>>(),
         (1..=1000).collect::<Vec<_>>()

@@ -63,14 +63,18 @@ impl crate::shards::ShardEvents for ShardedDelivery {
     fn lost(&self, shard: u32) {
         self.0.shard_lost(shard);
     }
-    fn stopped(&self, shard: u32, within: Duration) -> futures::future::BoxFuture<'_, ()> {
-        Box::pin(self.0.shard_stopped(shard, within))
+    fn handed_back(&self, shard: u32) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.0.shard_handed_back(shard))
+    }
+    fn drained(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.0.drained.cancelled())
     }
 }
 
-/// How long shutdown waits for in-flight attempts (the chart's termination grace period
-/// leaves room for it).
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+/// How long stopped workers' attempts in flight may take to finish, at shutdown or when a
+/// shard is handed back, and then again their outcomes to commit (the chart's termination
+/// grace period leaves room for both).
+const DRAIN: Duration = Duration::from_secs(10);
 
 /// How often deleted subscriptions' queues are swept and old dead letters expired.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -129,8 +133,6 @@ pub struct Delivery {
     subscriptions: Store<EventSubscription>,
     tenancy: Tenancy,
     workers: Mutex<Workers>,
-    /// Workers of shards given up, per shard, until `shard_stopped` has seen them end.
-    stopping: Mutex<HashMap<u32, Vec<Stopping>>>,
     dead_letter_retention: Duration,
     shards: Option<Arc<Shards>>,
     shutdown: CancellationToken,
@@ -152,7 +154,6 @@ impl Delivery {
             subscriptions: parts.subscriptions,
             tenancy: parts.tenancy,
             workers: Mutex::default(),
-            stopping: Mutex::default(),
             dead_letter_retention: parts.dead_letter_retention,
             shards: parts.shards,
             shutdown: parts.shutdown,
@@ -384,40 +385,36 @@ impl Delivery {
         }
         let workers: Vec<Stopping> =
             self.workers.lock().drain().map(|(id, (handle, task))| Stopping { id, handle, task }).collect();
-        self.settle(workers, SHUTDOWN_DRAIN).await;
+        self.settle(workers).await;
         tracing::info!("delivery stopped");
     }
 
-    /// Waits up to `bound` for stopped workers to end: attempts in flight may finish; the
-    /// rest are aborted without an outcome and delivered again later (at least once). Then
-    /// waits up to `bound` again for the outcomes they recorded to be durable.
-    async fn settle(&self, workers: Vec<Stopping>, bound: Duration) {
-        if workers.is_empty() {
-            return;
-        }
-        let aborts: Vec<_> = workers.iter().map(|w| w.task.abort_handle()).collect();
-        let handles: Vec<Arc<WorkerHandle>> = workers.iter().map(|w| w.handle.clone()).collect();
-        let joined = futures::future::join_all(workers.into_iter().map(|w| async move { (w.id, w.task.await) }));
-        match tokio::time::timeout(bound, joined).await {
-            Ok(results) => {
-                for (id, result) in results {
-                    if let Err(error) = result {
-                        tracing::error!(subscription = id, %error, "a delivery worker failed");
-                    }
+    /// Waits up to `DRAIN` for stopped workers to end: attempts in flight may finish; the
+    /// rest are aborted, and awaited, without an outcome and delivered again later (at
+    /// least once). Then waits up to `DRAIN` again for the outcomes they recorded to be
+    /// durable.
+    async fn settle(&self, mut workers: Vec<Stopping>) {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        for worker in &mut workers {
+            let ended = match tokio::time::timeout_at(deadline, &mut worker.task).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::warn!(subscription = worker.id, drain = ?DRAIN, "an attempt in flight did not finish; it will be made again");
+                    worker.task.abort();
+                    (&mut worker.task).await
                 }
-            }
-            Err(_) => {
-                tracing::warn!(drain = ?bound, "in-flight attempts did not finish; they will be delivered again");
-                for abort in aborts {
-                    abort.abort();
-                }
+            };
+            if let Err(error) = ended
+                && !error.is_cancelled()
+            {
+                tracing::error!(subscription = worker.id, %error, "a delivery worker failed");
             }
         }
-        let last_ticket = handles.iter().map(|h| h.last_ticket()).max().unwrap_or(0);
-        match tokio::time::timeout(bound, self.store.committed(last_ticket)).await {
+        let last_ticket = workers.iter().map(|w| w.handle.last_ticket()).max().unwrap_or(0);
+        match tokio::time::timeout(DRAIN, self.store.committed(last_ticket)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "the last outcomes did not commit; they will be delivered again"),
-            Err(_) => tracing::warn!(wait = ?bound, "the last outcomes did not commit in time"),
+            Err(_) => tracing::warn!(wait = ?DRAIN, "the last outcomes did not commit in time"),
         }
     }
 
@@ -431,40 +428,32 @@ impl Delivery {
         }
     }
 
-    /// This replica gave up `shard`, or is handing it back: its workers stop. An attempt in
-    /// flight may finish; `shard_stopped` waits for that before a hand-back releases the
-    /// Lease, while after a lost Lease the new holder may make it again, as after a crash.
+    /// This replica lost `shard`: its workers stop. An attempt in flight may finish; the
+    /// new holder may make it again, as after a crash.
     pub fn shard_lost(&self, shard: u32) {
-        let stopped: Vec<Stopping> = {
-            let mut workers = self.workers.lock();
-            let ids: Vec<i64> = workers.keys().copied().filter(|id| self.in_shard(*id, shard)).collect();
-            ids.into_iter()
-                .filter_map(|id| workers.remove(&id).map(|(handle, task)| Stopping { id, handle, task }))
-                .collect()
-        };
+        self.stop_shard(shard);
+    }
+
+    /// This replica is handing `shard` back: its workers stop, and this resolves once they
+    /// have ended and their outcomes are durable (`settle`).
+    pub async fn shard_handed_back(&self, shard: u32) {
+        let stopped = self.stop_shard(shard);
+        self.settle(stopped).await;
+    }
+
+    /// Stops the workers of `shard`'s subscriptions and hands them over, still running
+    /// their attempts in flight.
+    fn stop_shard(&self, shard: u32) -> Vec<Stopping> {
+        let mut workers = self.workers.lock();
+        let ids: Vec<i64> = workers.keys().copied().filter(|id| self.in_shard(*id, shard)).collect();
+        let stopped: Vec<Stopping> = ids
+            .into_iter()
+            .filter_map(|id| workers.remove(&id).map(|(handle, task)| Stopping { id, handle, task }))
+            .collect();
         for worker in &stopped {
             worker.handle.stop.cancel();
         }
-        let mut stopping = self.stopping.lock();
-        // A shard lost because its Lease could not be renewed is never waited for: forget
-        // what has ended.
-        stopping.retain(|_, workers| {
-            workers.retain(|w| !w.task.is_finished());
-            !workers.is_empty()
-        });
-        stopping.entry(shard).or_default().extend(stopped);
-    }
-
-    /// Resolves once the workers `shard_lost(shard)` stopped have ended and their outcomes
-    /// are durable (see `settle`, bounded by `within`; at shutdown by the drain, which it
-    /// also waits for).
-    pub async fn shard_stopped(&self, shard: u32, within: Duration) {
-        let stopped = self.stopping.lock().remove(&shard).unwrap_or_default();
-        let shutting_down = self.shutdown.is_cancelled();
-        self.settle(stopped, if shutting_down { SHUTDOWN_DRAIN } else { within }).await;
-        if shutting_down {
-            self.drained.cancelled().await;
-        }
+        stopped
     }
 
     /// Writes statistics into status until shutdown (see `projector`).

@@ -178,11 +178,14 @@ impl SpreadProducer {
     }
 }
 
+/// Replica SIGKILLs in the three-replica kill test, fast and full alike.
+const REPLICA_KILLS: usize = 10;
+
 /// What happens to the three replicas while the producer streams.
 enum Disruption {
-    /// A seeded replica SIGKILLed and started again, `rounds` times; then NATS node nats-2
-    /// SIGKILLed for 5 s and started again.
-    KillsThenNatsNode { rounds: usize },
+    /// A seeded replica SIGKILLed and started again, `REPLICA_KILLS` times; then NATS node
+    /// nats-2 SIGKILLed for 5 s and started again.
+    KillsThenNatsNode,
     /// All three SIGTERMed and started again one after another, as a Deployment's rolling
     /// update does.
     Roll,
@@ -198,7 +201,7 @@ enum Disruption {
 /// subscription's hanging callback holds nobody up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_nats_node_kills() {
-    three_replicas_stream_through(Disruption::KillsThenNatsNode { rounds: 10 }).await;
+    three_replicas_stream_through(Disruption::KillsThenNatsNode).await;
 }
 
 /// The same stream and checks through a roll of all three replicas, one after another,
@@ -241,14 +244,14 @@ async fn three_replicas_stream_through(disruption: Disruption) {
     let urls = |replicas: &[Herald]| replicas.iter().map(|r| r.url("/api/v3/event/publish")).collect::<Vec<_>>();
     // The roll is three graceful stops: the producer goes slower so that it lasts through them.
     let pause = match disruption {
-        Disruption::KillsThenNatsNode { .. } => Duration::from_millis(40),
+        Disruption::KillsThenNatsNode => Duration::from_millis(40),
         Disruption::Roll => Duration::from_millis(150),
     };
     let producer = SpreadProducer::start(urls(&replicas), events, 10, pause);
     let mut kills = Vec::new();
     match disruption {
-        Disruption::KillsThenNatsNode { rounds } => {
-            for round in 0..rounds {
+        Disruption::KillsThenNatsNode => {
+            for round in 0..REPLICA_KILLS {
                 tokio::time::sleep(Duration::from_millis(rng.u64(500..2500))).await;
                 let victim = rng.usize(0..3);
                 producer.set(victim, None);
