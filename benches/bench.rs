@@ -546,6 +546,7 @@ impl RawClient {
             .map(|_| {
                 let (outbound, item, url) = (self.outbound.clone(), self.item.clone(), self.url.clone());
                 let (done, errors) = (done.clone(), errors.clone());
+                let budget = herald::outbound::body::ByteBudget::new(64 << 20);
                 tokio::spawn(async move {
                     while Instant::now() < until {
                         let request = Request {
@@ -555,6 +556,7 @@ impl RawClient {
                             timeout: Duration::from_secs(10),
                             signing_key: None,
                             body_cap: 1 << 20,
+                            answer_budget: &budget,
                             retry_after_cap: Duration::from_secs(300),
                         };
                         let ok = matches!(callback::send(&outbound, request).await, Ok(answer) if answer.status == 200);

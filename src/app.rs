@@ -62,11 +62,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     // Health answers from the start; readiness waits for leadership, store and caches.
     let state = AppState::new(config.clone(), metrics.clone());
-    let router = crate::console::with_console(state.clone(), api::router(state.clone()))
-        .layer(axum::extract::DefaultBodyLimit::max(config.api.max_body_bytes));
+    // Body limits per route, timeouts and the connection bound: `api::limits`.
+    let router = crate::console::with_console(state.clone(), api::router(state.clone()));
     let mut tasks = Supervisor::new(shutdown.clone());
-    let server = api::serve(listener, router, config.api.tls.clone(), shutdown.clone());
+    let limits = api::ServerLimits::from_config(&config.api);
+    let server = api::serve(listener, router, config.api.tls.clone(), limits, shutdown.clone());
     tasks.spawn("HTTP server", async move { server.await.map_err(RunError::Serve) });
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Listen { addr, source })?;
+        let server = api::serve(listener, api::metrics_router(state.clone()), None, limits, shutdown.clone());
+        tasks.spawn("metrics server", async move { server.await.map_err(RunError::Serve) });
+    }
 
     let result = lead_and_serve(&config, client, &state, metrics, &mut tasks).await;
     state.ready.store(false, Ordering::Release);
@@ -116,7 +122,8 @@ async fn lead_and_serve(
         StoreEngine::Sqlite => Arc::new(SqliteStore::open(&config.store.path, limits)?),
         StoreEngine::Jetstream => {
             let settings = config.store.jetstream.settings()?;
-            tracing::info!(urls = ?settings.urls, stream = %settings.stream, "opening the JetStream store");
+            let urls = crate::store::jetstream::redacted_urls(&settings.urls);
+            tracing::info!(%urls, stream = %settings.stream, "opening the JetStream store");
             Arc::new(JetStreamStore::open(&settings, limits).await?)
         }
     };
@@ -155,7 +162,7 @@ async fn lead_and_serve(
         shards: shards.clone(),
         shutdown: shutdown.clone(),
     });
-    let auth = Arc::new(Authenticator::new(client.clone(), &config.api.auth, esb));
+    let auth = Arc::new(Authenticator::new(client.clone(), &config.api.auth, esb, metrics.clone()));
 
     let caches = async {
         // The catalog is fed after the controller's cache, so its being ready covers both.
@@ -185,6 +192,7 @@ async fn lead_and_serve(
         metrics: metrics.clone(),
         recorder: ctx.recorder.clone(),
         status_budget,
+        read_budget: crate::outbound::body::ByteBudget::new(config.sources.read_budget_bytes),
     });
     let stopping = shutdown.clone();
     match leadership {

@@ -35,8 +35,24 @@ pub struct Config {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub auth: AuthConfig,
-    /// Largest request body accepted; larger ones answer 413.
+    /// Largest request body accepted (publish's limit); larger ones answer 413.
     pub max_body_bytes: usize,
+    /// Largest body of every other route (subscription bodies are small); never more than
+    /// `maxBodyBytes`.
+    pub max_body_bytes_except_publish: usize,
+    /// Bytes of publish bodies held at once across all callers. Bodies are read before the
+    /// caller is authorised (its accounts are in the body), so this bounds what callers
+    /// without rights can make herald hold; past it a publish answers 503 + Retry-After.
+    pub publish_buffer_bytes: usize,
+    /// A request's headers, and a TLS handshake, must arrive within this long; a kept-alive
+    /// connection idle this long is closed too.
+    pub header_read_timeout_seconds: u64,
+    /// A request's body must arrive within this long of its headers (else 408).
+    pub body_read_timeout_seconds: u64,
+    /// A response write that makes no progress this long closes the connection.
+    pub write_timeout_seconds: u64,
+    /// Connections served at once; further ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
     /// BlueKing ESB app credentials: `apps: [{appCode, appSecret, accounts: [...]}]`, from a
     /// file or from key `apps.yaml` of a Secret in herald's namespace.
     pub esb_credentials_file: Option<PathBuf>,
@@ -79,6 +95,12 @@ impl Default for ApiConfig {
         ApiConfig {
             auth: AuthConfig::default(),
             max_body_bytes: 4 << 20,
+            max_body_bytes_except_publish: 64 << 10,
+            publish_buffer_bytes: 64 << 20,
+            header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
+            write_timeout_seconds: 30,
+            max_connections: 1024,
             esb_credentials_file: None,
             esb_credentials_secret: None,
             probe_timeout_seconds: 10,
@@ -167,6 +189,12 @@ pub struct DeliveryConfig {
     pub max_age_seconds: u64,
     /// Budget of status writes per second across all subscriptions.
     pub status_writes_per_second: f64,
+    /// Callback attempts in flight across all subscriptions (each one's `maxInFlight`
+    /// still applies); at least 1.
+    pub max_attempts_in_flight: usize,
+    /// Bytes of callback answers held at once across all attempts; an answer it cannot
+    /// hold is cut (a failed `regular` confirmation). Keep it at least `bodyCapBytes`.
+    pub answer_buffer_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -182,12 +210,24 @@ pub struct LeaderElectionConfig {
 }
 
 /// `sources`: event sources (CmdbSource).
-#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct SourcesConfig {
     /// CIDRs that sources in herald's own namespace may reach besides `callbackGuard.allowCidrs`
     /// (an in-cluster bk-cmdb); sources in other namespaces get the callback guard only.
     pub own_namespace_allow_cidrs: Vec<crate::outbound::guard::Cidr>,
+    /// Largest watch answer read. A bk-cmdb page holds at most 201 events; 8 MiB gives each
+    /// 40 KiB, several times a large host's detail.
+    pub max_answer_bytes: usize,
+    /// Answer bytes all sources' watches hold at once. A read that finds it spent gives
+    /// up and retries later (`ReadBudgetExhausted`) rather than grow herald's memory.
+    pub read_budget_bytes: usize,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig { own_namespace_allow_cidrs: Vec::new(), max_answer_bytes: 8 << 20, read_budget_bytes: 64 << 20 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Default)]
@@ -195,6 +235,10 @@ pub struct SourcesConfig {
 pub struct MetricsConfig {
     /// Label delivery metrics with the subscription id (one series per subscription).
     pub per_subscription: bool,
+    /// Serve `/metrics` on this address only (plain HTTP), not on `listen`: the metrics
+    /// name every source and, per subscription, ids and counts, so a NetworkPolicy can
+    /// then open this port to the monitoring namespace alone.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for StoreConfig {
@@ -217,6 +261,8 @@ impl Default for DeliveryConfig {
             retry_after_cap_seconds: 300,
             max_age_seconds: 7 * 24 * 3600,
             status_writes_per_second: 20.0,
+            max_attempts_in_flight: 512,
+            answer_buffer_bytes: 64 << 20,
         }
     }
 }
@@ -243,6 +289,10 @@ pub struct ControllerConfig {
     pub resync_seconds: u64,
     /// Refuse subscriptions in namespaces not allowed for their supplier account.
     pub enforce_tenancy: bool,
+    /// Largest `herald.dev/imported-id` honoured. Ids herald allocates itself continue above
+    /// the highest imported one, so the ceiling keeps that headroom (up to 2^53 - 1, the
+    /// largest id JSON clients read exactly).
+    pub max_imported_id: i64,
 }
 
 impl Default for Config {
@@ -264,6 +314,10 @@ impl Default for Config {
     }
 }
 
+/// Default `controller.maxImportedId`: bk-cmdb's own ids are far below it, and 32-bit
+/// clients still read every imported id.
+pub const DEFAULT_MAX_IMPORTED_ID: i64 = i32::MAX as i64;
+
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
@@ -271,6 +325,7 @@ impl Default for ControllerConfig {
             id_block_size: 10,
             resync_seconds: 600,
             enforce_tenancy: true,
+            max_imported_id: DEFAULT_MAX_IMPORTED_ID,
         }
     }
 }
@@ -330,6 +385,15 @@ impl Config {
         }
         if self.controller.id_block_size == 0 {
             return Err(ConfigError::Invalid("controller.idBlockSize must be at least 1".into()));
+        }
+        if self.sources.max_answer_bytes < 64 << 10 || self.sources.read_budget_bytes < self.sources.max_answer_bytes {
+            return Err(ConfigError::Invalid(
+                "sources.maxAnswerBytes must be at least 64 KiB and sources.readBudgetBytes at least maxAnswerBytes"
+                    .into(),
+            ));
+        }
+        if !(1..=crate::controller::ids::MAX_ID).contains(&self.controller.max_imported_id) {
+            return Err(ConfigError::Invalid("controller.maxImportedId must be 1 to 2^53 - 1".into()));
         }
         if self.store.engine == StoreEngine::Jetstream {
             self.store.jetstream.settings()?;

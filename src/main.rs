@@ -76,6 +76,9 @@ struct ImportArgs {
     /// Print what would be done, write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Proxy for --from-url (HTTP_PROXY and the like are ignored: the reads carry credentials).
+    #[arg(long)]
+    proxy: Option<String>,
 }
 
 fn account_namespace(text: &str) -> Result<(String, String), String> {
@@ -104,6 +107,7 @@ impl ImportArgs {
             account_namespaces: self.account_namespaces.into_iter().collect(),
             existing: self.existing,
             dry_run: self.dry_run,
+            proxy: self.proxy,
         })
     }
 }

@@ -46,8 +46,19 @@ pub struct SourceErrorLabels {
     pub cause: &'static str,
 }
 
+/// Labels of `herald_auth_reviews_total`: TokenReview or SubjectAccessReview, and how it
+/// ended (`busy`: not made, too many in flight).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    pub kind: &'static str,
+    pub outcome: &'static str,
+}
+
 /// Every metric herald exports on `/metrics`.
 pub struct Metrics {
+    pub auth_reviews: Family<ReviewLabels, Counter>,
+    /// Bearer tokens refused before any TokenReview.
+    pub auth_rejected_tokens: Counter,
     registry: Registry,
     per_subscription: bool,
     pub attempts: Family<DeliveryLabels, Counter>,
@@ -57,8 +68,16 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub store_bytes: Gauge<u64, AtomicU64>,
     pub status_writes: Counter,
+    /// Callback attempts holding a slot of `delivery.maxAttemptsInFlight` (set at scrape).
+    pub attempts_in_flight: Gauge,
+    /// Bytes of callback answers held of `delivery.answerBufferBytes` (set at scrape).
+    pub answer_bytes_held: Gauge,
+    /// Callback answers cut because `delivery.answerBufferBytes` was exhausted.
+    pub answers_cut: Counter,
     pub source_events_read: Family<SourceLabels, Counter>,
     pub source_watch_errors: Family<SourceErrorLabels, Counter>,
+    /// Watch events committed without being pushed, by cause (`undecodable`, `too_large`).
+    pub source_events_skipped: Family<SourceErrorLabels, Counter>,
     pub source_lag_seconds: Family<SourceLabels, Gauge>,
     pub source_cursor_expiries: Family<SourceLabels, Counter>,
 }
@@ -84,12 +103,35 @@ impl Metrics {
         registry.register("queue_depth", "Deliveries pending across all subscriptions", queue_depth.clone());
         registry.register("store_bytes", "Size of the embedded store on disk", store_bytes.clone());
         registry.register("status_writes", "Status writes to the Kubernetes API by delivery", status_writes.clone());
+        let (attempts_in_flight, answer_bytes_held, answers_cut) =
+            (Gauge::default(), Gauge::default(), Counter::default());
+        registry.register(
+            "delivery_attempts_in_flight",
+            "Callback attempts in flight across all subscriptions",
+            attempts_in_flight.clone(),
+        );
+        registry.register(
+            "delivery_answer_bytes_held",
+            "Bytes of callback answers held at once across all attempts",
+            answer_bytes_held.clone(),
+        );
+        registry.register(
+            "delivery_answers_cut",
+            "Callback answers cut because the answer buffer budget was exhausted",
+            answers_cut.clone(),
+        );
         let source_events_read = Family::<SourceLabels, Counter>::default();
         let source_watch_errors = Family::<SourceErrorLabels, Counter>::default();
+        let source_events_skipped = Family::<SourceErrorLabels, Counter>::default();
         let source_lag_seconds = Family::<SourceLabels, Gauge>::default();
         let source_cursor_expiries = Family::<SourceLabels, Counter>::default();
         registry.register("source_events_read", "Watch events read from bk-cmdb", source_events_read.clone());
         registry.register("source_watch_errors", "Failed bk-cmdb watch requests by cause", source_watch_errors.clone());
+        registry.register(
+            "source_events_skipped",
+            "Watch events skipped because they can never be pushed, by cause",
+            source_events_skipped.clone(),
+        );
         registry.register(
             "source_lag_seconds",
             "Seconds a watch has been behind the end of bk-cmdb's stream",
@@ -100,7 +142,21 @@ impl Metrics {
             "Times bk-cmdb no longer held a watch's cursor (changes may be missing)",
             source_cursor_expiries.clone(),
         );
+        let auth_reviews = Family::<ReviewLabels, Counter>::default();
+        let auth_rejected_tokens = Counter::default();
+        registry.register(
+            "auth_reviews",
+            "TokenReviews and SubjectAccessReviews by kind and outcome (busy: not made, too many in flight)",
+            auth_reviews.clone(),
+        );
+        registry.register(
+            "auth_rejected_tokens",
+            "Bearer tokens refused before any TokenReview: empty, oversized or malformed",
+            auth_rejected_tokens.clone(),
+        );
         Metrics {
+            auth_reviews,
+            auth_rejected_tokens,
             registry,
             per_subscription,
             attempts,
@@ -110,8 +166,12 @@ impl Metrics {
             queue_depth,
             store_bytes,
             status_writes,
+            attempts_in_flight,
+            answer_bytes_held,
+            answers_cut,
             source_events_read,
             source_watch_errors,
+            source_events_skipped,
             source_lag_seconds,
             source_cursor_expiries,
         }

@@ -1,9 +1,10 @@
 //! The Helm chart and the plain manifests against the real control plane: lint, values
 //! schema, server-side dry runs, drift of the chart's CRD copy and of deploy/herald.yaml,
-//! install/upgrade/uninstall, aggregation of the user roles into view/edit, and herald
-//! running with exactly the chart's permissions. Run through tests/run.sh (helm and
-//! kubectl come from $HERALD_TOOLS_BIN). These releases' pods never start: the one node is
-//! tainted for tests/node.rs, which runs the chart's pod for real.
+//! the NetworkPolicy and the Secrets the Role names, install/upgrade/uninstall, aggregation
+//! of the user roles into view/edit, and herald running with exactly the chart's permissions.
+//! Run through tests/run.sh (helm and kubectl come from $HERALD_TOOLS_BIN). These releases'
+//! pods never start: the one node is tainted for tests/node.rs, which runs the chart's pod
+//! for real.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed test step is a test failure
 
@@ -14,6 +15,8 @@ use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -56,6 +59,42 @@ fn chart_config(values: &[&str]) -> String {
     configmap.data.expect("data")["config.yaml"].clone()
 }
 
+/// The objects of a multi-document YAML stream, as JSON.
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|doc| {
+            let value = serde_yaml::Value::deserialize(doc).expect("rendered YAML");
+            (!value.is_null()).then(|| serde_json::to_value(value).expect("YAML as JSON"))
+        })
+        .collect()
+}
+
+/// The objects `helm template` renders with `values`.
+fn objects(values: &[&str]) -> Vec<Value> {
+    documents(&render(values))
+}
+
+/// The one object of `kind` rendered with `values`, if any.
+fn rendered(values: &[&str], kind: &str) -> Option<Value> {
+    let mut found: Vec<Value> = objects(values).into_iter().filter(|o| o["kind"] == kind).collect();
+    assert!(found.len() <= 1, "{values:?}: more than one {kind}: {found:?}");
+    found.pop()
+}
+
+/// The rules of the Role rendered with `values` that grant anything on Secrets.
+fn role_secrets_rules(values: &[&str]) -> Vec<Value> {
+    let role = rendered(values, "Role").expect("a Role");
+    role["rules"].as_array().expect("rules").iter().filter(|r| grants_secrets(r)).cloned().collect()
+}
+
+/// Whether an RBAC rule reaches Secrets (core group, or any group, and secrets or any resource).
+fn grants_secrets(rule: &Value) -> bool {
+    let has = |field: &str, wanted: &[&str]| {
+        rule[field].as_array().into_iter().flatten().any(|v| v.as_str().is_some_and(|v| wanted.contains(&v)))
+    };
+    has("apiGroups", &["", "*"]) && has("resources", &["secrets", "*"])
+}
+
 #[test]
 fn the_chart_passes_helm_lint_strict() {
     for strict in [false, true] {
@@ -87,6 +126,189 @@ fn the_values_schema_rejects_wrong_types() {
     }
     let typo = run(Command::new(tools().join("helm")).args(["template", "herald", CHART, "--set", "replicas=1"]));
     assert!(!typo.ok && typo.stderr.contains("replicas"), "an unknown top-level key is refused: {typo}");
+}
+
+#[test]
+fn the_values_schema_checks_network_policy_rules_and_secret_names() {
+    let cases: [(&str, &str); 8] = [
+        (r#"networkPolicy.enabled="yes""#, "/networkPolicy/enabled"),
+        (r#"networkPolicy.ingresFrom=[]"#, "/networkPolicy"),
+        (r#"networkPolicy.ingressFrom=[{"podSelecter": {}}]"#, "/networkPolicy/ingressFrom/0"),
+        (r#"networkPolicy.ingressFrom=[{}]"#, "/networkPolicy/ingressFrom/0"),
+        // The API server refuses an ipBlock together with a selector in one peer.
+        (
+            r#"networkPolicy.egress=[{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": {}}]}]"#,
+            "/networkPolicy/egress/0/to/0",
+        ),
+        (r#"networkPolicy.egress=[{"ports": [{"protocol": "ICMP"}]}]"#, "/networkPolicy/egress/0/ports/0/protocol"),
+        (r#"signingSecrets=["Webhook_Key"]"#, "/signingSecrets/0"),
+        (r#"sourceCredentialsSecrets="cmdb-credentials""#, "/sourceCredentialsSecrets"),
+    ];
+    for (value, field) in cases {
+        let out = run(Command::new(tools().join("helm")).args(["template", "herald", CHART, "--set-json", value]));
+        assert!(!out.ok, "{value} must be refused: {out}");
+        assert!(
+            out.stderr.contains("schema") && out.stderr.contains(field),
+            "{value}: the error should name {field}: {out}"
+        );
+    }
+}
+
+/// By default herald's pods take connections on the HTTP port alone, from anywhere (or
+/// from `networkPolicy.ingressFrom`), and may connect anywhere (callbacks).
+#[test]
+fn a_network_policy_opens_only_the_http_port_by_default() {
+    let defaults = objects(&[]);
+    let of_kind = |kind: &str| defaults.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
+    let (policy, deployment) = (of_kind("NetworkPolicy"), of_kind("Deployment"));
+    assert_eq!(policy["metadata"]["name"], "herald", "{policy}");
+    assert_eq!(
+        policy["spec"]["podSelector"], deployment["spec"]["selector"],
+        "the policy selects herald's pods: {policy}"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "{policy}");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["ports"],
+        json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}]),
+        "herald has one port"
+    );
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"protocol": "TCP", "port": 8080}]}]),
+        "that port only, from anywhere: {policy}"
+    );
+    assert_eq!(policy["spec"]["egress"], json!([{}]), "egress open: {policy}");
+
+    let moved = rendered(&["--set", "containerPort=9443"], "NetworkPolicy").expect("a NetworkPolicy");
+    assert_eq!(moved["spec"]["ingress"], json!([{"ports": [{"protocol": "TCP", "port": 9443}]}]), "{moved}");
+
+    let peers = json!([
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cmdb"}},
+         "podSelector": {"matchLabels": {"app": "cmdb-sync"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        {"ipBlock": {"cidr": "10.20.0.0/16"}},
+    ]);
+    let from = format!("networkPolicy.ingressFrom={peers}");
+    let restricted = rendered(&["--set-json", &from], "NetworkPolicy").expect("a NetworkPolicy");
+    assert_eq!(
+        restricted["spec"]["ingress"],
+        json!([{"ports": [{"protocol": "TCP", "port": 8080}], "from": peers}]),
+        "the HTTP port from those peers only: {restricted}"
+    );
+    assert_eq!(restricted["spec"]["egress"], json!([{}]), "{restricted}");
+
+    assert_eq!(rendered(&["--set", "networkPolicy.enabled=false"], "NetworkPolicy"), None);
+
+    let plain = documents(&std::fs::read_to_string(format!("{ROOT}/deploy/herald.yaml")).expect("deploy/herald.yaml"));
+    let plain_policy = plain.iter().find(|o| o["kind"] == "NetworkPolicy").expect("deploy/herald.yaml's NetworkPolicy");
+    assert_eq!(plain_policy["spec"], policy["spec"], "deploy/herald.yaml has the default policy");
+}
+
+/// `networkPolicy.egress` replaces the open egress with its rules, and DNS stays allowed.
+#[test]
+fn restricted_egress_keeps_dns() {
+    let rules = json!([
+        {"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]},
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "nats"}}}],
+         "ports": [{"protocol": "TCP", "port": 4222}]},
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}], "ports": [{"protocol": "TCP", "port": 443}]},
+    ]);
+    let egress = format!("networkPolicy.egress={rules}");
+    let policy = rendered(&["--set-json", &egress], "NetworkPolicy").expect("a NetworkPolicy");
+    let dns = json!({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]});
+    let mut wanted = vec![dns];
+    wanted.extend(rules.as_array().expect("rules").iter().cloned());
+    assert_eq!(policy["spec"]["egress"], Value::Array(wanted), "DNS, then the given rules, nothing open: {policy}");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "{policy}");
+    assert_eq!(policy["spec"]["ingress"], json!([{"ports": [{"protocol": "TCP", "port": 8080}]}]), "{policy}");
+}
+
+/// The Role reads Secrets by name only, and exactly those named in the values; with none
+/// named it has no rule on Secrets at all.
+#[test]
+fn the_roles_secrets_rule_names_exactly_the_named_secrets() {
+    let rule =
+        |names: &[&str]| json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": names, "verbs": ["get"]});
+    assert_eq!(role_secrets_rules(&[]), Vec::<Value>::new(), "no Secret named: no rule on Secrets");
+    let jetstream = ["--set", "config.store.engine=jetstream", "--set", "nats.secretName=herald-nats"];
+    assert_eq!(role_secrets_rules(&jetstream), Vec::<Value>::new(), "a mounted Secret needs no rule");
+    let tls = ["--set", "tls.enabled=true", "--set", "tls.secretName=herald-tls"];
+    assert_eq!(role_secrets_rules(&tls), Vec::<Value>::new(), "a mounted Secret needs no rule");
+
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["--set", "config.api.esbCredentialsSecret=esb-apps"], &["esb-apps"]),
+        (&["--set-json", r#"signingSecrets=["webhook-key", "team-key"]"#], &["webhook-key", "team-key"]),
+        (&["--set-json", r#"sourceCredentialsSecrets=["cmdb-credentials"]"#], &["cmdb-credentials"]),
+        (
+            &[
+                "--set",
+                "config.api.esbCredentialsSecret=esb-apps",
+                "--set-json",
+                r#"signingSecrets=["webhook-key", "esb-apps"]"#,
+                "--set-json",
+                r#"sourceCredentialsSecrets=["cmdb-credentials", "webhook-key"]"#,
+            ],
+            &["esb-apps", "webhook-key", "cmdb-credentials"],
+        ),
+    ];
+    for (values, names) in cases {
+        assert_eq!(role_secrets_rules(values), vec![rule(names)], "{values:?}");
+        for cluster_role in objects(values).iter().filter(|o| o["kind"] == "ClusterRole") {
+            let rules = cluster_role["rules"].as_array().expect("rules");
+            assert!(!rules.iter().any(grants_secrets), "{values:?}: no Secrets cluster-wide: {cluster_role}");
+        }
+    }
+}
+
+/// No role the chart or deploy/herald.yaml makes grants Secrets without naming them (nor
+/// through a wildcard), whatever the values.
+#[test]
+fn no_rule_grants_secrets_without_resource_names() {
+    let variants: [&[&str]; 7] = [
+        &[],
+        &["--set", "config.api.esbCredentialsSecret=esb-apps", "--set-json", r#"signingSecrets=["webhook-key"]"#],
+        &["--set-json", r#"sourceCredentialsSecrets=["cmdb-credentials"]"#],
+        &["--set", "config.store.engine=jetstream", "--set", "replicaCount=3", "--set", "nats.secretName=herald-nats"],
+        &["--set", "api.auth.kubernetes=false"],
+        &["--set-json", r#"accountRoles=["0", "tenant-b"]"#],
+        &[
+            "--set",
+            "serviceAccount.create=false",
+            "--set",
+            "serviceAccount.name=herald-sa",
+            "--set",
+            "tls.enabled=true",
+            "--set",
+            "tls.secretName=herald-tls",
+        ],
+    ];
+    let plain = std::fs::read_to_string(format!("{ROOT}/deploy/herald.yaml")).expect("deploy/herald.yaml");
+    let renders = variants.iter().map(|values| (format!("{values:?}"), objects(values)));
+    let mut roles_seen = 0;
+    for (what, objects) in renders.chain([("deploy/herald.yaml".to_string(), documents(&plain))]) {
+        for role in objects.iter().filter(|o| o["kind"] == "Role" || o["kind"] == "ClusterRole") {
+            roles_seen += 1;
+            let name = format!("{what}: {} {}", role["kind"], role["metadata"]["name"]);
+            for rule in role["rules"].as_array().expect("rules") {
+                for field in ["apiGroups", "resources", "verbs"] {
+                    assert!(!rule[field].as_array().expect(field).contains(&json!("*")), "{name}: a wildcard: {rule}");
+                }
+                if grants_secrets(rule) {
+                    assert_eq!(role["kind"], "Role", "{name}: Secrets outside herald's namespace: {rule}");
+                    let names = rule["resourceNames"].as_array().map_or(0, Vec::len);
+                    assert!(names > 0, "{name}: Secrets without resourceNames: {rule}");
+                    assert_eq!(rule["verbs"], json!(["get"]), "{name}: Secrets are only read by name: {rule}");
+                }
+            }
+        }
+    }
+    assert!(roles_seen >= 2 * (variants.len() + 1), "every render has a ClusterRole and a Role");
+    let plain_role = documents(&plain).into_iter().find(|o| o["kind"] == "Role").expect("deploy/herald.yaml's Role");
+    let reads_secrets = plain_role["rules"].as_array().expect("rules").iter().any(grants_secrets);
+    assert!(
+        !reads_secrets,
+        "deploy/herald.yaml (default values) names no Secret, so its Role reads none: {plain_role}"
+    );
 }
 
 #[test]
@@ -298,8 +520,16 @@ async fn install_upgrade_and_uninstall_leave_nothing_behind() {
     let full = release.name.as_str();
     let view = format!("{full}-view");
     let edit = format!("{full}-edit");
-    let namespaced =
-        ["serviceaccount", "role", "rolebinding", "configmap", "persistentvolumeclaim", "service", "deployment"];
+    let namespaced = [
+        "serviceaccount",
+        "role",
+        "rolebinding",
+        "configmap",
+        "persistentvolumeclaim",
+        "service",
+        "deployment",
+        "networkpolicy",
+    ];
     let cluster_scoped =
         [("clusterrole", full), ("clusterrolebinding", full), ("clusterrole", &view), ("clusterrole", &edit)];
     for kind in namespaced {
@@ -484,7 +714,12 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-sa", &[]).await;
-    let release = Release::install(&cluster, &ns, &["--set-json", r#"accountRoles=["0"]"#]);
+    // The signing Secret below is the one Secret herald may read (signingSecrets).
+    let release = Release::install(
+        &cluster,
+        &ns,
+        &["--set-json", r#"accountRoles=["0"]"#, "--set-json", r#"signingSecrets=["webhook-key"]"#],
+    );
     let service_account = release.name.clone();
     let token = token(&cluster, &ns, &service_account);
     let kubeconfig = cluster.kubeconfig_with_token(&temp_file(&ns, "herald.kubeconfig"), &token);
@@ -535,7 +770,8 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     })
     .await;
 
-    // Signing keys: a Secret read by name in herald's namespace (the publish below delivers).
+    // Signing keys: the Secret named in signingSecrets, read by name in herald's namespace (the
+    // publish below delivers).
     let receiver = callback::CallbackServer::start().await;
     let secret = serde_json::json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "webhook-key"},
@@ -608,10 +844,12 @@ async fn herald_runs_with_exactly_the_charts_permissions() {
     let log = herald.log_text();
     assert!(!log.contains("is forbidden: User"), "herald hit an RBAC refusal:\n{log}");
 
-    // Outside the chart's rules: other namespaces' Secrets, listing its own Secrets and
-    // ConfigMaps (it reads them by name only).
+    // Outside the chart's rules: other namespaces' Secrets, a Secret of its own namespace
+    // not named in the values, listing its own Secrets and ConfigMaps (it reads them by
+    // name only).
     for (args, what) in [
         (["get", "secrets", "-n", "kube-system"], "Secrets in kube-system"),
+        (["get", "secret/not-named", "-n", ns.name.as_str()], "a Secret not named in signingSecrets"),
         (["get", "secrets", "-n", ns.name.as_str()], "listing Secrets"),
         (["get", "configmaps", "-n", ns.name.as_str()], "listing ConfigMaps"),
     ] {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Subscriptions of one account beyond the first page of search_subscription (200).
 const PAGED: usize = 230;
@@ -128,17 +128,6 @@ fn carried(record: &Value) -> Value {
         "statistics",
     ];
     Value::Object(keys.iter().map(|k| (k.to_string(), record[*k].clone())).collect())
-}
-
-async fn wait_until(within: Duration, what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + within;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(last) => assert!(Instant::now() < deadline, "{what} within {within:?}: {last}"),
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,8 +294,11 @@ async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics
          "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"},
     ]);
     std::fs::write(&file, records.to_string()).unwrap();
-    // Account 9's subscriptions go to a namespace of their own, one that allows account 9.
-    let team = cluster.namespace("import-team", &[("herald.dev/supplier-accounts", "9")]).await;
+    // Account 9's subscriptions go to a namespace of their own, one that receives account 9
+    // and that a cluster admin trusts to import its ids.
+    let team = cluster
+        .namespace("import-team", &[("herald.dev/supplier-accounts", "9"), ("herald.dev/import-accounts", "9")])
+        .await;
     let elsewhere = format!("9={}", team.name);
     let from_file =
         ["--file", file.to_str().unwrap(), "--namespace", ns.name.as_str(), "--account-namespace", &elsewhere];
@@ -379,4 +371,69 @@ async fn two_imports_racing_over_the_same_records_give_each_record_one_object_wi
     let refused = wait_reason(&api, "squatter", "ImportedIdTaken").await;
     assert_ne!(id(&refused), Some(7000));
     assert_eq!(id(&api.get("cmdb-imported-7000").await.unwrap()), Some(7000));
+}
+
+/// A team-a member (the namespace receives account 0; the member holds namespace edit
+/// rights on herald's resources there and nothing else) annotates subscriptions with
+/// imported ids: 2^53 (past what JSON clients read exactly) and 5000 (an id a migration
+/// will need). Neither is honoured: each gets a fresh id, `ImportNotAllowed` and a Warning
+/// Event, and the counter records no import, so the next REST create in herald's
+/// namespace gets an ordinary id and the migration still gets 5000. Where import is
+/// trusted, an id above `controller.maxImportedId` is refused too. (Before: the 2^53
+/// import was honoured and the next REST create was answered 9007199254740993.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_editor_cannot_claim_imported_ids_or_break_id_allocation() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("import-trust", &[]).await;
+    let team = cluster.namespace("team-a", &[("herald.dev/supplier-accounts", "0")]).await;
+    let herald = Herald::start(&cluster, &ns, "controller: {maxImportedId: 1000000}\n").await;
+    let member = cluster.namespace_editor(&team).await;
+    let member_api: Api<EventSubscription> = Api::namespaced(member, &team);
+    for (name, wanted) in [("huge", "9007199254740992"), ("squat", "5000")] {
+        let mut sub = subscription(name, basic_spec(name));
+        sub.metadata.annotations = Some([("herald.dev/imported-id".to_string(), wanted.to_string())].into());
+        member_api.create(&PostParams::default(), &sub).await.expect("the member may create subscriptions");
+    }
+    for name in ["huge", "squat"] {
+        let refused = wait_reason(&cluster.subscriptions(&team), name, "ImportNotAllowed").await;
+        let given = id(&refused).expect("a fresh id");
+        assert!((1..1000).contains(&given), "{name}: {given}");
+        let message = refused.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap().message;
+        assert!(message.contains("herald.dev/import-accounts"), "{message}");
+    }
+    let counter =
+        Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns).get("herald-subscription-ids").await.unwrap();
+    let data = counter.data.unwrap_or_default();
+    assert_eq!(data.get("imported").map(String::as_str), Some(""), "no import was recorded: {data:?}");
+
+    // The next REST create in herald's namespace gets an ordinary id.
+    let created: Value = reqwest::Client::new()
+        .post(herald.url("/api/v3/event/subscribe/0/3"))
+        .json(&json!({"subscription_name": "next", "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let next = created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("{created}"));
+    assert!((1..1000).contains(&next), "{created}");
+
+    // Where import is trusted (herald's namespace), the migration gets 5000; an id above
+    // the ceiling is refused and recorded nowhere.
+    let api = cluster.subscriptions(&ns);
+    for (name, wanted) in [("migrated", "5000"), ("beyond", "1000001")] {
+        let mut sub = subscription(name, basic_spec(name));
+        sub.metadata.annotations = Some([("herald.dev/imported-id".to_string(), wanted.to_string())].into());
+        api.create(&PostParams::default(), &sub).await.unwrap();
+    }
+    assert_eq!(id(&wait_ready(&api, "migrated").await), Some(5000));
+    let beyond = wait_reason(&api, "beyond", "ImportedIdOutOfRange").await;
+    assert!(id(&beyond).is_some_and(|given| given != 1000001));
+    let counter =
+        Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns).get("herald-subscription-ids").await.unwrap();
+    let imported = counter.data.unwrap_or_default().remove("imported").unwrap_or_default();
+    assert!(imported.starts_with("5000=") && !imported.contains(','), "{imported}");
+    drop(herald);
 }

@@ -87,7 +87,7 @@ const CONFIGMAPS_CREATE: Perm = role_perm("", "configmaps", false, "create");
 const LEASE_GET: Perm = role_perm("coordination.k8s.io", "leases", true, "get");
 const LEASE_UPDATE: Perm = role_perm("coordination.k8s.io", "leases", true, "update");
 const LEASES_CREATE: Perm = role_perm("coordination.k8s.io", "leases", false, "create");
-const SECRETS_GET: Perm = role_perm("", "secrets", false, "get");
+const SECRETS_GET: Perm = role_perm("", "secrets", true, "get");
 // Granted only with the JetStream engine (`JETSTREAM`): the shard and member Leases.
 const SHARD_LEASES_GET: Perm = role_perm("coordination.k8s.io", "leases", false, "get");
 const SHARD_LEASES_UPDATE: Perm = role_perm("coordination.k8s.io", "leases", false, "update");
@@ -95,6 +95,10 @@ const SHARD_LEASES_LIST: Perm = role_perm("coordination.k8s.io", "leases", false
 
 /// The chart's values for the JetStream engine, whose Role adds the shard Leases' rule.
 const JETSTREAM: &[&str] = &["--set", "config.store.engine=jetstream"];
+
+/// The Secrets these tests use, named in the values: the chart's Role reads only those.
+const SECRETS: &[&str] =
+    &["--set", "config.api.esbCredentialsSecret=esb-apps", "--set-json", r#"signingSecrets=["webhook-key"]"#];
 
 /// Every permission the chart grants herald, with the test that takes it away alone.
 const CASES: &[(Perm, &str)] = &[
@@ -245,7 +249,7 @@ struct Setup {
 
 impl Setup {
     async fn new(cuts: &[Perm]) -> Setup {
-        Setup::with_values(cuts, &[]).await
+        Setup::with_values(cuts, SECRETS).await
     }
 
     /// As `new`, with the chart rendered with `values`.
@@ -330,6 +334,7 @@ impl Setup {
         let name = match (perm.resource.as_str(), perm.named) {
             ("configmaps", true) => Some(COUNTER.to_string()),
             ("leases", true) => Some(LEASE.to_string()),
+            ("secrets", true) => Some("webhook-key".to_string()),
             _ => None,
         };
         let (resource, subresource) = match perm.resource.split_once('/') {
@@ -1424,7 +1429,7 @@ async fn on_jetstream_without_leases_update_shards_are_given_up_when_they_need_r
 fn every_verb_of_every_rule_has_a_test() {
     // The default render, and the JetStream one with its extra rule.
     let mut all: Vec<Grant> =
-        [&[][..], JETSTREAM].iter().flat_map(|values| granted(&render("herald", values))).collect();
+        [&[][..], SECRETS, JETSTREAM].iter().flat_map(|values| granted(&render("herald", values))).collect();
     all.sort();
     all.dedup();
     let granted = all;

@@ -815,3 +815,98 @@ async fn the_api_is_served_over_tls_when_a_certificate_is_configured() {
     let untrusting = reqwest::Client::new().get(herald.url("/readyz")).send().await;
     assert!(untrusting.is_err(), "an unknown certificate is refused by a verifying client");
 }
+
+/// The sum of the API server's `apiserver_request_total` for TokenReviews (every code).
+fn token_reviews_served(cluster: &common::Cluster) -> u64 {
+    let (ok, metrics, err) = cluster.kubectl(&["get", "--raw", "/metrics"]);
+    assert!(ok, "{err}");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{") && l.contains(r#"resource="tokenreviews""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Seconds from creating a subscription to its Ready=True: herald's own API-server
+/// traffic (watch, counter, status write).
+async fn seconds_to_ready(api: &Api<EventSubscription>, name: &str) -> f64 {
+    let started = std::time::Instant::now();
+    api.create(&PostParams::default(), &subscription(name, basic_spec(name))).await.unwrap();
+    wait_ready(api, name).await;
+    started.elapsed().as_secs_f64()
+}
+
+/// An unauthenticated client floods herald with random, well-formed bearer tokens (64 at
+/// a time for 10 s). TokenReviews reaching the API server stay within herald's bound
+/// (100 a second after a burst of 200, at most 8 in flight); the flood is answered 401 or
+/// 503 (never 500); herald's own API-server traffic goes on (a subscription becomes Ready
+/// about as fast as without the flood), and a caller with a valid token is still served.
+/// Prints the figures.
+#[tokio::test]
+async fn a_flood_of_random_bearer_tokens_keeps_token_reviews_bounded() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("rest-flood", &[]).await;
+    let herald = Herald::start(&cluster, &ns, "api:\n  auth:\n    anonymous: false\n").await;
+    let api = cluster.subscriptions(&ns);
+    let quiet = seconds_to_ready(&api, "quiet").await;
+    let token = cluster.service_account_token(&ns, "caller", "herald");
+    cluster.grant_accounts(&ns, "caller", &["list"], &["0"]);
+    let rest = Rest::with_token(&herald, &token);
+    wait_until(Duration::from_secs(30), "the caller's grant", async || {
+        let (status, answer) = rest.post("/api/v3/event/subscribe/search/0/0", json!({})).await;
+        if status == 200 { Ok(()) } else { Err(format!("{status} {answer}")) }
+    })
+    .await;
+
+    const FLOOD: Duration = Duration::from_secs(10);
+    let before = token_reviews_served(&cluster);
+    let url = herald.url("/api/v3/event/subscribe/search/0/0");
+    let started = std::time::Instant::now();
+    let flooders: Vec<_> = (0..64)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut answers = std::collections::BTreeMap::<u16, u64>::new();
+                let segment = |n: usize| -> String { (0..n).map(|_| fastrand::alphanumeric()).collect() };
+                while started.elapsed() < FLOOD {
+                    // Shaped like a real JWT (segment lengths base64 can have), so herald's
+                    // local check passes it on to a TokenReview.
+                    let forged = format!("eyJ{}.{}.{}", segment(29), segment(120), segment(86));
+                    let status = match http.post(&url).bearer_auth(forged).body("{}").send().await {
+                        Ok(answer) => answer.status().as_u16(),
+                        Err(_) => 0,
+                    };
+                    *answers.entry(status).or_default() += 1;
+                }
+                answers
+            })
+        })
+        .collect();
+    let during = seconds_to_ready(&api, "flooded").await;
+    let (status, answer) = rest.post("/api/v3/event/subscribe/search/0/0", json!({})).await;
+    assert_eq!(status, 200, "a caller whose token is cached is served during the flood: {answer}");
+    let mut answers = std::collections::BTreeMap::<u16, u64>::new();
+    for flooder in flooders {
+        for (status, n) in flooder.await.unwrap() {
+            *answers.entry(status).or_default() += n;
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    let reviews = token_reviews_served(&cluster) - before;
+    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
+    let herald_reviews: Vec<&str> = metrics.lines().filter(|l| l.starts_with("herald_auth_")).collect();
+    let requests: u64 = answers.values().sum();
+    println!(
+        "random-token flood: {requests} requests in {took:.1} s ({:.0}/s) answered {answers:?}; TokenReviews at the API server {reviews} ({:.0}/s; bound 100/s after a burst of 200); subscription Ready in {quiet:.2} s quiet, {during:.2} s during the flood (ratio {:.2}); machine {} cores; herald: {herald_reviews:?}",
+        requests as f64 / took,
+        reviews as f64 / took,
+        during / quiet,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    assert!(answers.keys().all(|status| [401, 503].contains(status)), "{answers:?}");
+    assert!(reviews >= 100, "the flood reached the TokenReview path: {reviews}");
+    assert!(reviews as f64 <= 200.0 + 100.0 * took + 50.0, "{reviews} TokenReviews in {took:.1} s");
+    drop(herald);
+}

@@ -514,7 +514,7 @@ async fn a_source_in_a_namespace_not_allowed_for_its_account_is_refused() {
     // one in herald's namespace may, by `sources.ownNamespaceAllowCidrs`.
     let guarded = "callbackGuard: {allowCidrs: []}\nsources: {ownNamespaceAllowCidrs: ['127.0.0.0/8']}\n";
     let herald = Herald::start(&cluster, &ns, guarded).await;
-    let allowed = cluster.namespace("src-tenant", &[("herald.dev/supplier-accounts", "0")]).await;
+    let allowed = cluster.namespace("src-tenant", &[("herald.dev/publish-accounts", "0")]).await;
     let tenant_sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &allowed);
     let spec =
         json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "set"}]});
@@ -523,6 +523,240 @@ async fn a_source_in_a_namespace_not_allowed_for_its_account_is_refused() {
     own_sources.create(&PostParams::default(), &source("own", spec)).await.unwrap();
     wait_source(&own_sources, "own", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
     wait_source(&tenant_sources, "tenant", Duration::from_secs(30), "refused", refused("DestinationRefused")).await;
+    drop(herald);
+}
+
+/// A member of team-a, whose namespace receives account 0 and who holds nothing but
+/// namespace edit rights on herald's resources there, runs a CmdbSource against a server
+/// of their own and emits a host delete: it must not reach account 0's subscription in
+/// herald's namespace (someone else's production consumer). Receiving an account is not
+/// publishing into it, and the member cannot grant themselves the publish grant; once a
+/// cluster admin labels the namespace `herald.dev/publish-accounts`, the same source
+/// publishes. (Before the publish grant existed, the forged delete was delivered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_receiving_an_account_cannot_publish_into_it_without_the_publish_grant() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-prod", &[]).await;
+    let team = cluster.namespace("team-a", &[("herald.dev/supplier-accounts", "0")]).await;
+    let emulator = Emulator::start(&test_dir("forged"), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let herald = Herald::start(&cluster, &ns, CONFIG).await;
+    subscribe(&ns, &cluster, &receiver, "production", &["hostdelete"], json!({})).await;
+
+    let member = cluster.namespace_editor(&team).await;
+    let member_sources: Api<CmdbSource> = Api::namespaced(member.clone(), &team);
+    let spec =
+        json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host"}]});
+    member_sources
+        .create(&PostParams::default(), &source("forger", spec))
+        .await
+        .expect("the member may create sources");
+    let refusal =
+        wait_source(&member_sources, "forger", Duration::from_secs(30), "refused", refused("AccountNotAllowed")).await;
+    let (_, _, message) = condition(&refusal, "Ready").unwrap();
+    assert!(message.contains("herald.dev/publish-accounts"), "the condition names the grant: {message}");
+    emulator.emit("host", &[("delete", json!({"bk_host_id": 13, "bk_supplier_account": "0"}))]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(receiver.received("production").is_empty(), "a forged delete reached account 0's subscription");
+    assert_eq!(emulator.stats().await["requests"]["direct"], 0, "a source without the grant never reads");
+
+    // The member cannot give themselves the grant: Namespaces are cluster-scoped.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(member.clone());
+    let label = json!({"metadata": {"labels": {"herald.dev/publish-accounts": "0"}}});
+    let patched = namespaces.patch(&team, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await;
+    assert!(matches!(patched, Err(kube::Error::Api(ref s)) if s.code == 403), "{patched:?}");
+
+    // A cluster admin grants it: the same source publishes.
+    let admin_namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.client.clone());
+    admin_namespaces.patch(&team, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await.unwrap();
+    wait_source(&member_sources, "forger", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    emulator.emit("host", &[("delete", json!({"bk_host_id": 14, "bk_supplier_account": "0"}))]).await;
+    let got = receiver.wait_for("production", 1, Duration::from_secs(30)).await;
+    assert_eq!(got[0].body["data"][0]["pre_data"]["bk_host_id"], 14, "{got:?}");
+    drop(herald);
+}
+
+/// A server of the team's own on 127.0.0.1 that answers every request with `answer` (a
+/// JSON text streamed from the same buffer `repeat` times, then `tail`), counting requests.
+struct HostileServer {
+    url: String,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HostileServer {
+    async fn start(head: &'static str, body: Vec<u8>, repeat: usize, tail: &'static str) -> HostileServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
+        let body = std::sync::Arc::new(body);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let (counted, body) = (counted.clone(), body.clone());
+                tokio::spawn(async move {
+                    let mut request = vec![0; 64 << 10];
+                    let _ = socket.read(&mut request).await;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let length = head.len() + body.len() * repeat + tail.len();
+                    let header = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = socket.write_all(header.as_bytes()).await;
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    for _ in 0..repeat {
+                        if socket.write_all(&body).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = socket.write_all(tail.as_bytes()).await;
+                });
+            }
+        });
+        HostileServer { url, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A team-a member (publishing granted for account 0, namespace edit rights only) points
+/// CmdbSources at a server that answers every watch with a 60 MB JSON array, and one that
+/// answers with a page of 5,000 events. herald reads at most `sources.maxAnswerBytes` of
+/// an answer, all sources together at most `sources.readBudgetBytes`, refuses the page
+/// with too many events (condition, Warning Event, metric) and retries both slowly; its
+/// peak RSS stays far below the chart's 512 Mi limit. (Before: 42 MB -> 4,066 MB in 30 s
+/// with one such source.) Prints the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_watch_server_cannot_take_herald_s_memory() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-hostile", &[]).await;
+    let team = cluster
+        .namespace("team-a", &[("herald.dev/supplier-accounts", "0"), ("herald.dev/publish-accounts", "0")])
+        .await;
+    // 60 MB: "[0,0,...,0]".
+    let huge = HostileServer::start("[", b"0,".repeat(1 << 20), 30, "0]").await;
+    let event = |i: usize| {
+        format!(
+            r#"{{"bk_cursor":"c{i}","bk_resource":"host","bk_event_type":"create","bk_detail":{{"bk_host_id":{i},"bk_supplier_account":"0"}}}},"#
+        )
+    };
+    let crowded: String = (0..5000).map(event).collect();
+    let page = HostileServer::start(
+        r#"{"result":true,"bk_error_code":0,"data":{"bk_watched":true,"bk_events":["#,
+        crowded.into_bytes(),
+        1,
+        r#"{"bk_cursor":"last","bk_resource":"host","bk_event_type":"create","bk_detail":{}}]}}"#,
+    )
+    .await;
+    let herald = Herald::start(&cluster, &ns, CONFIG).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_before = common::proc_kb(herald.pid(), "VmHWM");
+
+    let member = cluster.namespace_editor(&team).await;
+    let sources: Api<CmdbSource> = Api::namespaced(member, &team);
+    let every_resource =
+        json!([{"resource": "host"}, {"resource": "biz"}, {"resource": "set"}, {"resource": "module"}]);
+    for i in 0..4 {
+        let spec = json!({"url": huge.url, "api": "direct", "supplierAccount": "0", "resources": every_resource});
+        sources.create(&PostParams::default(), &source(&format!("huge-{i}"), spec)).await.unwrap();
+    }
+    let spec = json!({"url": page.url, "api": "direct", "supplierAccount": "0", "resources": [{"resource": "host"}]});
+    sources.create(&PostParams::default(), &source("crowded", spec)).await.unwrap();
+    for i in 0..4 {
+        wait_source(&sources, &format!("huge-{i}"), Duration::from_secs(60), "refused", refused("AnswerTooLarge"))
+            .await;
+    }
+    let crowded = wait_source(&sources, "crowded", Duration::from_secs(60), "refused", refused("PageTooLarge")).await;
+    let (_, _, message) = condition(&crowded, "Ready").unwrap();
+    assert!(message.contains("201"), "{message}");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let peak = common::proc_kb(herald.pid(), "VmHWM");
+    println!(
+        "hostile watch servers: 16 watches of 60 MB answers + 1 of a 5,000-event page for 30 s: herald peak RSS {} MB -> {} MB (chart limit 512 MB; machine {} MB); requests: {} huge, {} crowded",
+        rss_before / 1024,
+        peak / 1024,
+        common::machine_memory_mb(),
+        huge.requests(),
+        page.requests()
+    );
+    assert!(peak < rss_before + 160 * 1024, "peak RSS {rss_before} kB -> {peak} kB");
+    // Slow retries (30 s and more after an oversized answer), not a loop. A watch that found
+    // the shared budget spent retries sooner, a few times.
+    assert!(huge.requests() <= 16 * 6 && page.requests() <= 2, "{} {}", huge.requests(), page.requests());
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), &team);
+    let reasons: HashSet<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.contains("AnswerTooLarge") && reasons.contains("PageTooLarge"), "{reasons:?}");
+    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
+    for cause in ["answer_too_large", "page_too_large"] {
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("herald_source_watch_errors_total{") && l.contains(&format!("cause=\"{cause}\""))
+            ),
+            "{cause}: {metrics}"
+        );
+    }
+    drop(herald);
+}
+
+/// On JetStream a message holds at most the NATS server's `max_payload` (1 MiB here). A
+/// publish of a larger event is refused at once with 413 / 1199006, not answered 503 for
+/// ever; a watch page holding one such change skips it visibly (status `lastSkipped`, a
+/// Warning Event, a metric) and pushes the changes around it, instead of reading the page
+/// again for ever. (Before: the publish answered 503 on every retry, and the watch never
+/// got past the large change.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_an_event_larger_than_nats_holds_is_refused_at_publish_and_skipped_from_a_watch() {
+    let _turn = exclusive().await;
+    let cluster = cluster().await;
+    let ns = cluster.namespace("src-large", &[]).await;
+    let emulator = Emulator::start(&test_dir("large"), &[]).await;
+    let receiver = CallbackServer::start().await;
+    let config = format!("{CONFIG}{}", common::jetstream_config(&format!("LARGE{}", std::process::id())));
+    let herald = Herald::start(&cluster, &ns, &config).await;
+    subscribe(&ns, &cluster, &receiver, "hosts", &["hostcreate"], json!({})).await;
+    let large = "x".repeat(1_500_000);
+
+    let event = json!({"event_type": "instdata", "action": "create", "obj_type": "host",
+        "data": [{"cur_data": {"bk_host_id": 1, "bk_comment": large}, "pre_data": null}]});
+    let answer = reqwest::Client::new().post(herald.url("/api/v3/event/publish")).json(&event).send().await.unwrap();
+    let status = answer.status().as_u16();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!((status, body["bk_error_code"].as_i64()), (413, Some(1199006)), "{body}");
+
+    let sources: Api<CmdbSource> = Api::namespaced(cluster.client.clone(), &ns);
+    let spec = json!({"url": emulator.url(), "api": "direct", "supplierAccount": "0",
+        "resources": [{"resource": "host", "fields": ["bk_host_id", "bk_comment"]}]});
+    sources.create(&PostParams::default(), &source("cmdb", spec)).await.unwrap();
+    wait_source(&sources, "cmdb", Duration::from_secs(30), "Ready", is("Ready", "True")).await;
+    let host = |id: i64, comment: &str| {
+        ("create", json!({"bk_host_id": id, "bk_comment": comment, "bk_supplier_account": "0"}))
+    };
+    let cursors = emulator.emit("host", &[host(2, "small"), host(3, &large), host(4, "small")]).await;
+    let got = receiver.wait_for("hosts", 2, Duration::from_secs(60)).await;
+    let ids: Vec<i64> = got.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [2, 4], "the changes around the large one are pushed");
+    let skipped = wait_source(&sources, "cmdb", Duration::from_secs(30), "showing the skipped change", |s| {
+        s.status.as_ref().is_some_and(|st| st.resources.iter().any(|r| r.events_skipped == 1))
+    })
+    .await;
+    let last = skipped.status.unwrap().resources[0].last_skipped.clone().unwrap_or_default();
+    assert!(last.contains(&cursors[1]) && last.contains("larger than the event store holds"), "{last}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), &ns);
+    let warnings = events.list(&ListParams::default()).await.unwrap();
+    assert!(warnings.items.iter().any(|e| e.reason.as_deref() == Some("EventSkipped")), "a Warning Event");
+    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("herald_source_events_skipped_total{")
+            && l.contains("too_large")
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
     drop(herald);
 }
 

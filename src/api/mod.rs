@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cmdb;
 pub mod deliveries;
 pub mod esb;
+pub mod limits;
 pub mod publish;
 pub mod subscriptions;
 
@@ -28,6 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use limits::ServerLimits;
 
 /// What the handlers need once herald is leader and its caches are synced.
 pub struct Services {
@@ -62,16 +65,34 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    use limits::{BodyBound, Flavour, bounded_body};
+    // Publish takes batches of events; every other body is a small request (or none).
+    let api = &state.config.api;
+    let (direct, esb) = (BodyBound::small(api, Flavour::Direct), BodyBound::small(api, Flavour::Esb));
+    let mut own = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
-        .merge(cmdb::routes())
-        .merge(esb::routes())
-        .merge(publish::routes())
-        .merge(admin::routes())
-        .merge(deliveries::routes())
+        .route("/openapi.json", get(openapi));
+    if state.config.metrics.listen.is_none() {
+        own = own.route("/metrics", get(metrics));
+    }
+    Router::new()
+        .merge(bounded_body(own, direct.clone()))
+        .merge(bounded_body(cmdb::routes(), direct.clone()))
+        .merge(bounded_body(esb::routes(), esb))
+        .merge(bounded_body(publish::routes(), BodyBound::publish(api)))
+        .merge(bounded_body(admin::routes(), direct.clone()))
+        .merge(bounded_body(deliveries::routes(), direct))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(state)
+}
+
+/// `/metrics` alone, for `metrics.listen`.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    use limits::{BodyBound, Flavour, bounded_body};
+    let direct = BodyBound::small(&state.config.api, Flavour::Direct);
+    bounded_body(Router::new().route("/metrics", get(metrics)), direct)
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
@@ -263,6 +284,10 @@ impl Refusal {
 
 impl From<auth::AuthError> for Refusal {
     fn from(error: auth::AuthError) -> Self {
+        // Reviews are bounded in flight: a caller that found no turn retries shortly.
+        if error.is_busy() {
+            return Refusal::unavailable(&error.to_string());
+        }
         let (error, permission) = error.to_api();
         Refusal { error, status: None, permission, retry_after: None }
     }
@@ -330,28 +355,38 @@ pub fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refu
 /// How long in-flight requests may take to finish after shutdown begins.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves (HTTPS when `tls` is set) until `shutdown` is cancelled, then lets in-flight
-/// requests finish.
+/// Serves HTTP/1.1 (HTTPS when `tls` is set) within `limits` (see `limits`) until
+/// `shutdown` is cancelled, then lets in-flight requests finish for up to 10 s.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<TlsConfig>,
+    limits: ServerLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let Some(tls) = tls else {
-        return axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    // Loaded first: a bad certificate fails the start, not the first handshake.
+    let tls = match tls {
+        Some(tls) => Some(limits::tls_config(&tls).await?),
+        None => None,
     };
-    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file).await?;
-    let handle = axum_server::Handle::new();
+    let service = limits::server_wide(router, &limits).into_make_service();
+    let handle = axum_server::Handle::<limits::SlotAddr>::new();
     let stopper = handle.clone();
     tokio::spawn(async move {
         shutdown.cancelled().await;
         stopper.graceful_shutdown(Some(DRAIN));
     });
-    axum_server::tls_rustls::from_tcp_rustls(listener.into_std()?, config)?
-        .handle(handle)
-        .serve(router.into_make_service())
-        .await
+    let mut server =
+        axum_server::Server::from_listener(limits::SlotListener::new(listener, &limits)).http1_only().handle(handle);
+    server.http_builder().http1().header_read_timeout(limits.header_read_timeout);
+    match tls {
+        None => server.serve(service).await,
+        Some(config) => {
+            let acceptor =
+                axum_server::tls_rustls::RustlsAcceptor::new(config).handshake_timeout(limits.header_read_timeout);
+            server.acceptor(acceptor).serve(service).await
+        }
+    }
 }
 
 #[cfg(test)]
@@ -360,11 +395,33 @@ mod tests {
 
     /// The router on a loopback port, as `herald run` serves it before it is ready.
     async fn serve_unready() -> String {
-        let state = AppState::new(Arc::new(Config::default()), Arc::new(Metrics::new(false)));
+        let config = Config::default();
+        let limits = ServerLimits::from_config(&config.api);
+        let state = AppState::new(Arc::new(config), Arc::new(Metrics::new(false)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(axum::serve(listener, router(state)).into_future());
+        tokio::spawn(serve(listener, router(state), None, limits, CancellationToken::new()));
         url
+    }
+
+    #[tokio::test]
+    async fn with_metrics_listen_the_metrics_leave_the_api_port_for_their_own() {
+        let mut config = Config::default();
+        config.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let limits = ServerLimits::from_config(&config.api);
+        let state = AppState::new(Arc::new(config), Arc::new(Metrics::new(false)));
+        let (api, own) =
+            (TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let (api_url, own_url) =
+            (format!("http://{}", api.local_addr().unwrap()), format!("http://{}", own.local_addr().unwrap()));
+        tokio::spawn(serve(api, router(state.clone()), None, limits, CancellationToken::new()));
+        tokio::spawn(serve(own, metrics_router(state), None, limits, CancellationToken::new()));
+        assert_eq!(reqwest::get(format!("{api_url}/metrics")).await.unwrap().status(), 404);
+        assert_eq!(reqwest::get(format!("{api_url}/healthz")).await.unwrap().status(), 200);
+        let metrics = reqwest::get(format!("{own_url}/metrics")).await.unwrap();
+        assert_eq!(metrics.status(), 200);
+        assert!(metrics.text().await.unwrap().contains("# EOF"));
+        assert_eq!(reqwest::get(format!("{own_url}/healthz")).await.unwrap().status(), 404, "metrics only");
     }
 
     #[tokio::test]

@@ -94,6 +94,12 @@ async fn accept(
             permission: None,
             retry_after: Some(30),
         },
+        StoreError::TooLarge { .. } => Refusal {
+            error: ApiError::new(ErrorCode::FieldInvalid).with_detail(error.to_string()),
+            status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+            permission: None,
+            retry_after: None,
+        },
         other => {
             tracing::error!(error = %other, "publish failed");
             Refusal::from(ApiError::new(ErrorCode::Internal).with_detail("the event store failed"))

@@ -6,7 +6,6 @@ use super::Error;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::Mutex;
@@ -17,8 +16,9 @@ pub const NEXT_ID_KEY: &str = "next";
 pub const RESERVED_KEY: &str = "reserved";
 /// Key listing the imported ids and the object (uid) each went to (`100=<uid>,101=<uid>`).
 pub const IMPORTED_KEY: &str = "imported";
-/// Largest id accepted anywhere: ids are JSON numbers for bk-cmdb clients, exact up to 2^53.
-pub const MAX_ID: i64 = 1 << 53;
+/// Largest id accepted anywhere: ids are JSON numbers for bk-cmdb clients, and a double
+/// holds every integer exactly only up to 2^53 - 1 (JavaScript's `MAX_SAFE_INTEGER`).
+pub const MAX_ID: i64 = (1 << 53) - 1;
 
 /// Most ids one counter write reserves for a burst of new subscriptions.
 pub const MAX_BLOCK_SIZE: i64 = 1000;
@@ -109,23 +109,27 @@ impl Counter {
 
     /// Reserves `[start, start + block_size)`, at least `floor` (one above the highest id
     /// seen on any subscription: a deleted or rolled-back counter then never repeats an
-    /// id). Imported ids are all below `next`, so a new block never covers one.
-    pub fn reserve(&mut self, floor: i64, block_size: i64) -> Range<i64> {
+    /// id). Imported ids are all below `next`, so a new block never covers one. A block
+    /// is cut at `MAX_ID`; past it nothing is reserved and the counter is left as it was.
+    pub fn reserve(&mut self, floor: i64, block_size: i64) -> Result<Range<i64>, IdsExhausted> {
         let start = self.next.max(floor).max(1);
+        if start > MAX_ID {
+            return Err(IdsExhausted { next: start });
+        }
         let block = start..start.saturating_add(block_size).min(MAX_ID + 1);
         self.next = block.end;
         match self.reserved.last_mut() {
             Some(last) if last.end == block.start => last.end = block.end,
             _ => self.reserved.push(block.clone()),
         }
-        block
+        Ok(block)
     }
 
     /// Records `wanted` as the imported id of `uid`. Refused when herald reserved it (it
     /// may have handed it out, to an object since deleted too) or it went to another
     /// object. Returns whether the counter changed.
-    pub fn claim(&mut self, wanted: i64, uid: &str) -> Result<bool, String> {
-        if !(1..=MAX_ID).contains(&wanted) {
+    pub fn claim(&mut self, wanted: i64, uid: &str, ceiling: i64) -> Result<bool, String> {
+        if !(1..=ceiling.min(MAX_ID)).contains(&wanted) {
             return Err(format!("id {wanted} is out of range"));
         }
         if self.reserved.iter().any(|r| r.contains(&wanted)) {
@@ -141,6 +145,13 @@ impl Counter {
             }
         }
     }
+}
+
+/// No id is left below `MAX_ID` to reserve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no subscription id is left: the next would be {next}, past {MAX_ID} (the largest JSON clients read exactly)")]
+pub struct IdsExhausted {
+    pub next: i64,
 }
 
 /// `1-20,104-113` (inclusive ends) into sorted ranges.
@@ -178,23 +189,23 @@ impl IdAllocator {
         drop(waiter);
         if block.is_empty() || block.start < floor {
             let block_size = reservation_size(self.block_size, waiting);
-            *block =
-                match self.update(|counter| Ok::<_, Infallible>((counter.reserve(floor, block_size), true))).await? {
-                    Ok(reserved) => reserved,
-                    Err(never) => match never {},
-                };
+            *block = self
+                .update(|counter| counter.reserve(floor, block_size).map(|reserved| (reserved, true)))
+                .await?
+                .map_err(|source| Error::IdsExhausted { name: self.name.clone(), source })?;
         }
         let id = block.start;
         block.start += 1;
         Ok(id)
     }
 
-    /// Takes `wanted` (an imported id) for the object `uid`, recorded in the counter so
-    /// that no other object ever gets it. None when it is refused (see `Counter::claim`).
-    pub async fn claim_imported(&self, wanted: i64, uid: &str) -> Result<Option<i64>, Error> {
+    /// Takes `wanted` (an imported id, at most `ceiling`) for the object `uid`, recorded in
+    /// the counter so that no other object ever gets it. None when it is refused (see
+    /// `Counter::claim`).
+    pub async fn claim_imported(&self, wanted: i64, uid: &str, ceiling: i64) -> Result<Option<i64>, Error> {
         // Serialised with allocation: the in-memory block is below every imported id.
         let _block = self.state.lock().await;
-        match self.update(|counter| counter.claim(wanted, uid).map(|changed| (wanted, changed))).await? {
+        match self.update(|counter| counter.claim(wanted, uid, ceiling).map(|changed| (wanted, changed))).await? {
             Ok(id) => Ok(Some(id)),
             Err(reason) => {
                 tracing::info!(id = wanted, %reason, "imported id refused");
@@ -270,12 +281,12 @@ mod tests {
     #[test]
     fn blocks_start_at_one_follow_the_counter_and_respect_the_floor() {
         let mut fresh = Counter::parse(None).unwrap();
-        assert_eq!(fresh.reserve(0, 10), 1..11);
-        assert_eq!(fresh.reserve(0, 10), 11..21);
+        assert_eq!(fresh.reserve(0, 10), Ok(1..11));
+        assert_eq!(fresh.reserve(0, 10), Ok(11..21));
         assert_eq!(fresh.reserved, vec![1..21], "adjacent blocks merge");
         // Ids up to 99 exist on subscriptions; a recreated counter says 1.
-        assert_eq!(counter("1", None).reserve(100, 5), 100..105);
-        assert_eq!(counter("41", None).reserve(0, 10), 41..51);
+        assert_eq!(counter("1", None).reserve(100, 5), Ok(100..105));
+        assert_eq!(counter("41", None).reserve(0, 10), Ok(41..51));
     }
 
     #[test]
@@ -292,14 +303,21 @@ mod tests {
     #[test]
     fn an_imported_id_goes_to_one_object_once_and_never_where_herald_allocated() {
         let mut c = Counter::parse(None).unwrap();
-        assert_eq!(c.reserve(0, 10), 1..11);
-        assert_eq!(c.claim(5, "a"), Err("id 5 was handed out by herald".into()), "also after its object is deleted");
-        assert_eq!(c.claim(103, "a"), Ok(true));
-        assert_eq!(c.claim(102, "b"), Ok(true), "imports in any order");
-        assert_eq!(c.claim(103, "a"), Ok(false), "the same object again");
-        assert_eq!(c.claim(103, "c"), Err("id 103 was imported for another subscription".into()));
-        assert_eq!(c.reserve(0, 10), 104..114, "new ids above every imported one");
-        assert!(c.claim(MAX_ID + 1, "d").is_err() && c.claim(0, "d").is_err() && c.claim(-1, "d").is_err());
+        assert_eq!(c.reserve(0, 10), Ok(1..11));
+        assert_eq!(
+            c.claim(5, "a", MAX_ID),
+            Err("id 5 was handed out by herald".into()),
+            "also after its object is deleted"
+        );
+        assert_eq!(c.claim(103, "a", MAX_ID), Ok(true));
+        assert_eq!(c.claim(102, "b", MAX_ID), Ok(true), "imports in any order");
+        assert_eq!(c.claim(103, "a", MAX_ID), Ok(false), "the same object again");
+        assert_eq!(c.claim(103, "c", MAX_ID), Err("id 103 was imported for another subscription".into()));
+        assert_eq!(c.reserve(0, 10), Ok(104..114), "new ids above every imported one");
+        for outside in [MAX_ID + 1, 0, -1] {
+            assert!(c.claim(outside, "d", MAX_ID).is_err(), "{outside}");
+        }
+        assert!(c.claim(1000, "d", 999).is_err(), "above the configured ceiling");
         let round_trip = Counter::parse(Some(&c.to_data())).unwrap();
         assert_eq!(round_trip, c);
     }
@@ -307,8 +325,21 @@ mod tests {
     #[test]
     fn a_counter_from_before_the_reserved_key_counts_everything_below_next_as_handed_out() {
         let mut old = counter("21", None);
-        assert!(old.claim(20, "a").is_err());
-        assert_eq!(old.claim(21, "a"), Ok(true));
-        assert!(counter("21", Some("")).claim(20, "a").is_ok(), "an explicit empty list is believed");
+        assert!(old.claim(20, "a", MAX_ID).is_err());
+        assert_eq!(old.claim(21, "a", MAX_ID), Ok(true));
+        assert!(counter("21", Some("")).claim(20, "a", MAX_ID).is_ok(), "an explicit empty list is believed");
+    }
+
+    #[test]
+    fn ids_end_at_the_largest_exact_json_integer_and_past_it_nothing_is_reserved() {
+        assert_eq!(MAX_ID, 9_007_199_254_740_991);
+        let mut near = counter(&(MAX_ID - 2).to_string(), Some(""));
+        assert_eq!(near.reserve(0, 10), Ok(MAX_ID - 2..MAX_ID + 1), "the last block is cut at the maximum");
+        let before = near.clone();
+        assert_eq!(near.reserve(0, 10), Err(IdsExhausted { next: MAX_ID + 1 }));
+        assert_eq!(near, before, "a refused reservation changes nothing");
+        let mut fresh = Counter::parse(None).unwrap();
+        assert!(fresh.reserve(MAX_ID + 1, 10).is_err(), "a floor past the maximum reserves nothing");
+        assert_eq!(fresh, Counter::parse(None).unwrap());
     }
 }

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::crd::{EventSubscription, IMPORTED_STATISTICS_ANNOTATION, SUBSCRIPTION_ID_LABEL, apply_body};
 use crate::delivery::index::{ImportedCounts, Subscriber, SubscriptionIndex};
 use crate::effective::{Effective, Invalid, name_key};
-use crate::tenancy::Tenancy;
+use crate::tenancy::{Grant, Tenancy};
 use catalog::Catalog;
 use futures::{StreamExt, TryStreamExt, future::BoxFuture};
 use ids::IdAllocator;
@@ -38,6 +38,8 @@ pub enum Error {
     CorruptIdCounter { name: String, reason: String },
     #[error("reserving ids from counter {name}: {source}")]
     ReserveIds { name: String, source: kube::Error },
+    #[error("reserving ids from counter {name}: {source}")]
+    IdsExhausted { name: String, source: ids::IdsExhausted },
     #[error("writing status of {name}: {source}")]
     WriteStatus { name: String, source: kube::Error },
     #[error("re-reading {name} after a conflicting status write: {source}")]
@@ -55,6 +57,7 @@ impl Error {
             Error::ReadIdCounter { .. } => "read_id_counter",
             Error::CorruptIdCounter { .. } => "corrupt_id_counter",
             Error::ReserveIds { .. } => "reserve_ids",
+            Error::IdsExhausted { .. } => "ids_exhausted",
             Error::WriteStatus { .. } => "write_status",
             Error::Reread { .. } => "reread",
             Error::WriteLabel { .. } => "write_label",
@@ -277,14 +280,28 @@ fn validate<'a>(
 ) -> Result<(), Invalid> {
     let allowed = |account: &str, namespace: &str| ctx.tenancy.allows(account, namespace);
     validation::check(sub, effective, contenders, &ctx.config.namespace, allowed)?;
-    validation::check_imported_id(sub, id)
+    validation::check_imported_id(sub, id, |wanted| import_refusal(ctx, sub, wanted))
 }
 
-/// The id to decide for an object that has none yet: its imported id when no other object
-/// holds it, otherwise (and for every object not imported) a fresh one.
+/// Why `sub`'s imported id `wanted` may not be claimed: its namespace holds no import
+/// grant for the account, or the id is above `controller.maxImportedId`.
+fn import_refusal(ctx: &Context, sub: &EventSubscription, wanted: i64) -> Option<Invalid> {
+    let account = Effective::from_spec(&sub.spec).supplier_account;
+    let namespace = sub.namespace().unwrap_or_default();
+    let trusted = ctx.tenancy.grants(Grant::Import, &account, &namespace);
+    validation::import_refusal(wanted, trusted, ctx.config.controller.max_imported_id, &account, &namespace)
+}
+
+/// The id to decide for an object that has none yet: its imported id when its namespace
+/// may import for the account, the id is below the ceiling and no other object holds it;
+/// otherwise (and for every object not imported) a fresh one.
 async fn decide_id(sub: &EventSubscription, ctx: &Context) -> Result<i64, Error> {
     if let Some(wanted) = validation::imported_id(sub)
-        && let Some(id) = ctx.ids.claim_imported(wanted, &sub.uid().unwrap_or_default()).await?
+        && import_refusal(ctx, sub, wanted).is_none()
+        && let Some(id) = ctx
+            .ids
+            .claim_imported(wanted, &sub.uid().unwrap_or_default(), ctx.config.controller.max_imported_id)
+            .await?
     {
         return Ok(id);
     }

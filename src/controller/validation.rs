@@ -4,31 +4,57 @@
 //! functions over what the caches hold, so they are unit-tested without a cluster.
 
 use crate::controller::ids::MAX_ID;
-use crate::crd::{EventSubscription, IMPORTED_ID_ANNOTATION, SUPPLIER_ACCOUNTS_LABEL};
+use crate::crd::{EventSubscription, IMPORT_ACCOUNTS_LABEL, IMPORTED_ID_ANNOTATION, SUPPLIER_ACCOUNTS_LABEL};
 use crate::effective::{Effective, Invalid, name_key};
 use kube::ResourceExt;
 
 pub const REASON_DUPLICATE_NAME: &str = "DuplicateName";
 pub const REASON_NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
 pub const REASON_IMPORTED_ID_TAKEN: &str = "ImportedIdTaken";
+pub const REASON_IMPORT_NOT_ALLOWED: &str = "ImportNotAllowed";
+pub const REASON_IMPORTED_ID_OUT_OF_RANGE: &str = "ImportedIdOutOfRange";
 
-/// The id an imported subscription asks to keep (its `herald.dev/imported-id`), when
-/// it is a positive integer.
+/// The id an imported subscription asks to keep (its `herald.dev/imported-id`), when it
+/// is an integer; whether it is one herald may give is `import_refusal`'s to say.
 pub fn imported_id(sub: &EventSubscription) -> Option<i64> {
-    sub.annotations().get(IMPORTED_ID_ANNOTATION)?.trim().parse().ok().filter(|id| (1..=MAX_ID).contains(id))
+    sub.annotations().get(IMPORTED_ID_ANNOTATION)?.trim().parse().ok()
+}
+
+/// Why an imported id is not honoured before any counter is read: the namespace is not
+/// trusted to import for the account (`herald.dev/import-accounts`), or the id is above
+/// the ceiling (`controller.maxImportedId`).
+pub fn import_refusal(wanted: i64, trusted: bool, ceiling: i64, account: &str, namespace: &str) -> Option<Invalid> {
+    if !trusted {
+        return Some(Invalid {
+            reason: REASON_IMPORT_NOT_ALLOWED,
+            message: format!(
+                "namespace {namespace} may not import ids for supplier account {account:?}: import into herald's namespace, or have a cluster admin add the account to the namespace label {IMPORT_ACCOUNTS_LABEL}; it receives nothing"
+            ),
+        });
+    }
+    (!(1..=ceiling.min(MAX_ID)).contains(&wanted)).then(|| Invalid {
+        reason: REASON_IMPORTED_ID_OUT_OF_RANGE,
+        message: format!(
+            "the imported id {wanted} is outside 1 to controller.maxImportedId ({ceiling}); it receives nothing"
+        ),
+    })
 }
 
 /// An imported subscription receives events only under the id it came with: its
-/// receivers key on `subscription_id`. It got another id only because another object
-/// held that one.
-pub fn check_imported_id(sub: &EventSubscription, id: i64) -> Result<(), Invalid> {
+/// receivers key on `subscription_id`. It got another id because it was not allowed that
+/// one (`refusal`) or another object held it.
+pub fn check_imported_id(
+    sub: &EventSubscription,
+    id: i64,
+    refusal: impl Fn(i64) -> Option<Invalid>,
+) -> Result<(), Invalid> {
     match imported_id(sub) {
-        Some(wanted) if wanted != id => Err(Invalid {
+        Some(wanted) if wanted != id => Err(refusal(wanted).unwrap_or_else(|| Invalid {
             reason: REASON_IMPORTED_ID_TAKEN,
             message: format!(
                 "the imported id {wanted} was not free when this subscription's id was decided (herald had handed it out, or imported it for another subscription), or the annotation was added later; it has id {id} and receives nothing"
             ),
-        }),
+        })),
         _ => Ok(()),
     }
 }
@@ -102,9 +128,23 @@ pub fn check<'a>(
 mod tests {
     use super::*;
     use crate::crd::EventSubscriptionSpec;
-    use crate::tenancy::namespace_allows;
+    use crate::tenancy::{Grant, namespace_grants};
     use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    #[test]
+    fn an_imported_id_is_honoured_only_where_trusted_and_within_the_ceiling() {
+        assert!(import_refusal(5000, true, 1_000_000, "0", "herald-system").is_none());
+        let untrusted = import_refusal(5000, false, 1_000_000, "0", "team-a").expect("refused");
+        assert_eq!(untrusted.reason, REASON_IMPORT_NOT_ALLOWED);
+        assert!(untrusted.message.contains("herald.dev/import-accounts"), "{}", untrusted.message);
+        for wanted in [1_000_001, 9_007_199_254_740_992, 0, -3] {
+            let refused = import_refusal(wanted, true, 1_000_000, "0", "herald-system").expect("refused");
+            assert_eq!(refused.reason, REASON_IMPORTED_ID_OUT_OF_RANGE, "{wanted}");
+        }
+        assert!(import_refusal(MAX_ID, true, i64::MAX, "0", "herald-system").is_none(), "the ceiling stops at MAX_ID");
+        assert!(import_refusal(MAX_ID + 1, true, i64::MAX, "0", "herald-system").is_some());
+    }
 
     fn sub(ns: &str, name: &str, uid: &str, created: i64, account: Option<&str>, sub_name: &str) -> EventSubscription {
         let mut s = EventSubscription::new(
@@ -179,7 +219,9 @@ mod tests {
     fn namespace_check_comes_before_the_name_check() {
         let s = sub("team", "s", "u1", 100, Some("5"), "hosts");
         let ns = namespace(Some("0"), None);
-        let allowed = |account: &str, namespace: &str| namespace_allows(account, namespace, "herald-system", Some(&ns));
+        let allowed = |account: &str, namespace: &str| {
+            namespace_grants(Grant::Receive, account, namespace, "herald-system", Some(&ns))
+        };
         let err = check(&s, &Effective::from_spec(&s.spec), [], "herald-system", allowed).unwrap_err();
         assert_eq!(err.reason, REASON_NAMESPACE_NOT_ALLOWED);
     }

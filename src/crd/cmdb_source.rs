@@ -267,6 +267,13 @@ pub struct ResourceStatus {
     pub last_event_time: Option<String>,
     /// Changes read from bk-cmdb, whether or not they were pushed.
     pub events_read: i64,
+    /// Changes herald went past without pushing them, because they can never be: they do
+    /// not decode, or the event store cannot hold them (since herald's last start).
+    #[serde(default)]
+    pub events_skipped: i64,
+    /// The last change skipped: when, its cursor, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skipped: Option<String>,
     /// Seconds herald has been behind the end of the watch stream (0 when it is caught up).
     pub lag_seconds: i64,
 }

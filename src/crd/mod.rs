@@ -31,6 +31,12 @@ pub const IMPORTED_STATISTICS_ANNOTATION: &str = "herald.dev/imported-statistics
 /// Namespace label (accounts separated by `.`) and annotation (separated by `,`) listing
 /// the supplier accounts whose events may reach subscriptions in that namespace.
 pub const SUPPLIER_ACCOUNTS_LABEL: &str = "herald.dev/supplier-accounts";
+/// Namespace label and annotation (same format) listing the supplier accounts that
+/// CmdbSources in that namespace may publish into (`crate::tenancy`).
+pub const PUBLISH_ACCOUNTS_LABEL: &str = "herald.dev/publish-accounts";
+/// Namespace label and annotation (same format) listing the supplier accounts whose
+/// subscriptions in that namespace may keep an imported id (`crate::tenancy`).
+pub const IMPORT_ACCOUNTS_LABEL: &str = "herald.dev/import-accounts";
 
 /// A subscription to BlueKing CMDB events: herald POSTs each matching event to
 /// `callbackUrl` and confirms the delivery by HTTP status or by a regex over the response.

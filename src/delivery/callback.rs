@@ -1,10 +1,11 @@
 //! One delivery attempt: the callback request (docs/design.md §4) and its answer, read up
-//! to the body cap.
+//! to the body cap and paid for from the global answer budget.
 
 use super::confirm::retry_after;
 use crate::event::callback_body;
+use crate::outbound::body::{BodyEnd, ByteBudget, HeldBytes, read_body};
 use crate::outbound::guard::GuardError;
-use crate::outbound::{Outbound, describe, read_capped};
+use crate::outbound::{Outbound, describe};
 use crate::store::Queued;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use std::time::Duration;
@@ -19,7 +20,13 @@ pub const HEADER_ATTEMPT: &str = "herald-attempt";
 pub struct Answer {
     pub status: u16,
     pub retry_after: Option<Duration>,
+    /// As read: at most the body cap, and only what the answer budget could hold.
     pub body: Vec<u8>,
+    /// The answer budget ran out before the answer (up to the body cap) was read, so
+    /// `body` is only its start.
+    pub cut: bool,
+    /// The budget bytes `body` holds, given back when the answer is dropped.
+    pub held: HeldBytes,
 }
 
 /// The `webhook-id`: stable for one event and one subscription across retries, replays
@@ -36,6 +43,7 @@ pub struct Request<'a> {
     pub timeout: Duration,
     pub signing_key: Option<&'a [u8]>,
     pub body_cap: usize,
+    pub answer_budget: &'a ByteBudget,
     pub retry_after_cap: Duration,
 }
 
@@ -80,8 +88,17 @@ pub async fn send(outbound: &Outbound, request: Request<'_>) -> Result<Answer, C
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| retry_after(v, jiff::Timestamp::now(), request.retry_after_cap));
-        let body = read_capped(&mut response, request.body_cap).await.map_err(CallbackError::ReadBody)?;
-        Ok(Answer { status, retry_after, body })
+        // The answer budget cuts an answer rather than wait (`outbound::body`).
+        read_body(&mut response, request.body_cap, Some(request.answer_budget))
+            .await
+            .map(|body| Answer {
+                status,
+                retry_after,
+                body: body.bytes,
+                cut: body.end == BodyEnd::BudgetSpent,
+                held: body.held,
+            })
+            .map_err(CallbackError::ReadBody)
     };
     // reqwest's timeout covers the exchange too; this outer one also bounds the body read.
     match tokio::time::timeout(request.timeout, exchange).await {

@@ -1,12 +1,14 @@
 //! What delivery knows about subscriptions, fed by the controller's verdicts: the
 //! effective spec of each, whether it is Ready, and the (account, event name) index
-//! that publish matches against.
+//! that publish matches against; and each subscription's `regular` confirm pattern,
+//! compiled once per generation.
 
-use crate::crd::SecretKeyRef;
-use crate::effective::Effective;
+use crate::crd::{ConfirmMode, SecretKeyRef};
+use crate::effective::{Effective, compile_confirm_regex};
 use parking_lot::RwLock;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
 /// One subscription as delivery sees it.
@@ -40,16 +42,42 @@ struct Entries {
     by_event: HashMap<(String, String), BTreeSet<i64>>,
 }
 
+/// A `regular` confirm pattern as one generation of a subscription has it.
+struct CompiledConfirm {
+    generation: i64,
+    pattern: String,
+    /// Compiled by the first attempt that needs it. None: it does not compile (validation
+    /// keeps such a subscription from being Ready, so only a race would see that).
+    regex: OnceLock<Option<Arc<regex::Regex>>>,
+}
+
+impl CompiledConfirm {
+    fn is_for(&self, sub: &Subscriber) -> bool {
+        self.generation == sub.generation && self.pattern == sub.effective.confirm_pattern
+    }
+}
+
 pub struct SubscriptionIndex {
     entries: RwLock<Entries>,
     /// Ids whose entry changed, for the dispatcher.
     changes: mpsc::UnboundedSender<i64>,
+    /// Compiled confirm patterns by subscription id, apart from `entries` so compiling never
+    /// holds up publish's matching.
+    confirms: RwLock<HashMap<i64, Arc<CompiledConfirm>>>,
+    /// Patterns compiled so far (tests show attempts share them).
+    compilations: AtomicU64,
 }
 
 impl SubscriptionIndex {
     pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<i64>) {
         let (changes, receiver) = mpsc::unbounded_channel();
-        (Arc::new(SubscriptionIndex { entries: RwLock::default(), changes }), receiver)
+        let index = SubscriptionIndex {
+            entries: RwLock::default(),
+            changes,
+            confirms: RwLock::default(),
+            compilations: AtomicU64::new(0),
+        };
+        (Arc::new(index), receiver)
     }
 
     /// Records the controller's latest view of a subscription.
@@ -67,8 +95,14 @@ impl SubscriptionIndex {
                     entries.by_event.entry(key).or_default().insert(id);
                 }
             }
-            entries.by_id.insert(id, subscriber);
+            entries.by_id.insert(id, subscriber.clone());
         }
+        // A pattern the new spec no longer has is not kept around until the next attempt.
+        let mut confirms = self.confirms.write();
+        if confirms.get(&id).is_some_and(|c| !c.is_for(&subscriber)) {
+            confirms.remove(&id);
+        }
+        drop(confirms);
         self.announce(id);
     }
 
@@ -78,6 +112,7 @@ impl SubscriptionIndex {
             remove_keys(&mut entries, id);
             entries.by_id.remove(&id);
         }
+        self.confirms.write().remove(&id);
         self.announce(id);
     }
 
@@ -94,6 +129,46 @@ impl SubscriptionIndex {
 
     pub fn ids(&self) -> Vec<i64> {
         self.entries.read().by_id.keys().copied().collect()
+    }
+
+    /// The compiled `regular` confirm pattern of `sub` (None in `httpstatus` mode, or when it
+    /// does not compile). Compiled once per generation and shared by its attempts: a regex
+    /// compiled per attempt cost CPU and up to 1 MiB each time.
+    pub fn confirm_regex(&self, sub: &Subscriber) -> Option<Arc<regex::Regex>> {
+        if sub.effective.confirm_mode != ConfirmMode::Regular {
+            return None;
+        }
+        let known = self.confirms.read().get(&sub.id).filter(|c| c.is_for(sub)).cloned();
+        let compiled = known.unwrap_or_else(|| {
+            let mut confirms = self.confirms.write();
+            match confirms.get(&sub.id) {
+                // Another attempt got here first.
+                Some(current) if current.is_for(sub) => current.clone(),
+                _ => {
+                    let fresh = Arc::new(CompiledConfirm {
+                        generation: sub.generation,
+                        pattern: sub.effective.confirm_pattern.clone(),
+                        regex: OnceLock::new(),
+                    });
+                    confirms.insert(sub.id, fresh.clone());
+                    fresh
+                }
+            }
+        });
+        // Compiled outside the map's lock; concurrent attempts of this generation wait for
+        // the one compiling instead of compiling again.
+        compiled
+            .regex
+            .get_or_init(|| {
+                self.compilations.fetch_add(1, Ordering::Relaxed);
+                compile_confirm_regex(&compiled.pattern).ok().map(Arc::new)
+            })
+            .clone()
+    }
+
+    /// How many confirm patterns have been compiled.
+    pub fn confirm_compilations(&self) -> u64 {
+        self.compilations.load(Ordering::Relaxed)
     }
 
     /// Ready subscriptions of `account` that list `event`, in id order.
@@ -162,5 +237,42 @@ mod tests {
         index.remove(1);
         assert!(index.matching("0", "setcreate").is_empty());
         assert!(index.get(1).is_none());
+    }
+
+    fn regular(mut sub: Subscriber, generation: i64, pattern: &str) -> Subscriber {
+        let mut effective = (*sub.effective).clone();
+        effective.confirm_mode = ConfirmMode::Regular;
+        effective.confirm_pattern = pattern.into();
+        sub.effective = Arc::new(effective);
+        sub.generation = generation;
+        sub
+    }
+
+    #[test]
+    fn a_regular_pattern_is_compiled_once_per_generation() {
+        let (index, _changes) = SubscriptionIndex::new();
+        let first = regular(subscriber(1, "0", &["hostcreate"], true), 1, "ok");
+        index.upsert(first.clone());
+        let compiled = index.confirm_regex(&first).expect("compiles");
+        let again = index.confirm_regex(&first).expect("compiles");
+        assert!(Arc::ptr_eq(&compiled, &again), "the same generation shares one regex");
+        assert_eq!(index.confirm_compilations(), 1);
+        // A readiness change alone keeps it.
+        let mut paused = first.clone();
+        paused.ready = false;
+        index.upsert(paused.clone());
+        assert!(Arc::ptr_eq(&compiled, &index.confirm_regex(&paused).expect("compiles")));
+
+        let second = regular(first.clone(), 2, "done");
+        index.upsert(second.clone());
+        let recompiled = index.confirm_regex(&second).expect("compiles");
+        assert!(!Arc::ptr_eq(&compiled, &recompiled), "a new generation compiles its own");
+        assert!(recompiled.is_match("all done") && !recompiled.is_match("ok"));
+        assert_eq!(index.confirm_compilations(), 2);
+
+        assert!(index.confirm_regex(&subscriber(2, "0", &["hostcreate"], true)).is_none(), "httpstatus: none");
+        index.remove(1);
+        assert!(index.confirms.read().is_empty(), "a removed subscription's pattern goes with it");
+        assert_eq!(index.confirm_compilations(), 2);
     }
 }

@@ -3,8 +3,10 @@
 //! back into status. Module map: `index` (what delivery knows of subscriptions), `worker`
 //! (order, retries, dead letters), `callback` (one HTTP attempt), `confirm` (httpstatus /
 //! regular), `retry` (the backoff schedule), `signing` (Standard Webhooks), `projector`
-//! (statistics into status under a write budget). Requests leave through `crate::outbound`.
+//! (statistics into status under a write budget), `budget` (attempts in flight and answer
+//! bytes held across all subscriptions). Requests leave through `crate::outbound`.
 
+pub mod budget;
 pub mod callback;
 pub mod confirm;
 pub mod index;
@@ -127,6 +129,8 @@ pub struct Delivery {
     outbound: Outbound,
     client: kube::Client,
     config: DeliveryConfig,
+    /// Bounds on attempts in flight and answer bytes held, across all subscriptions.
+    budgets: budget::Budgets,
     metrics: Arc<Metrics>,
     projector: StatusProjector,
     secrets: signing::SecretCache,
@@ -149,6 +153,7 @@ impl Delivery {
             index: parts.index,
             outbound: parts.outbound,
             client: parts.client,
+            budgets: budget::Budgets::new(&parts.config),
             config: parts.config,
             metrics: parts.metrics,
             subscriptions: parts.subscriptions,
@@ -198,8 +203,12 @@ impl Delivery {
         self.store.attempts_per_minute(id, now - MINUTES_KEPT + 1..=now).await
     }
 
-    /// Refreshes the store gauges (`store_bytes`, `queue_depth`) for a scrape.
+    /// Refreshes the gauges (`store_bytes`, `queue_depth`, attempts in flight, answer bytes
+    /// held) for a scrape.
     pub async fn measure(&self) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.attempts_in_flight.set(gauge(self.budgets.attempts_in_flight()));
+        self.metrics.answer_bytes_held.set(gauge(self.budgets.answers().held()));
         self.metrics.store_bytes.set(self.store.size_bytes());
         if let Ok(pending) = self.store.pending_total().await {
             self.metrics.queue_depth.set(pending);
@@ -208,21 +217,37 @@ impl Delivery {
 
     /// Matches each event (with its name) against the Ready subscriptions of its
     /// account, stores events and fan-out durably, and wakes the workers.
+    /// Refused whole (`StoreError::TooLarge`) when one of the events can never be stored.
     pub async fn publish(self: &Arc<Self>, events: Vec<(StoredEvent, String)>) -> Result<Published, StoreError> {
-        let fanouts = self.store.publish(self.matched(&events)).await?;
+        let matched = self.matched(&events);
+        if let Some(index) = matched.iter().position(|event| !self.store.fits(&event.body)) {
+            return Err(StoreError::TooLarge { index, bytes: matched[index].body.len() });
+        }
+        let fanouts = self.store.publish(matched).await?;
         Ok(self.queued(events.len(), fanouts))
     }
 
     /// Publishes a watch page's events as `publish` does, in one transaction with the
-    /// page's cursor and pre-images (`page.events` is filled here).
+    /// page's cursor and pre-images (`page.events` is filled here). An event the store can
+    /// never hold is left out, so that it cannot hold up the watch; its index in `events`
+    /// is returned with the outcome for the caller to report.
     pub async fn ingest(
         self: &Arc<Self>,
         mut page: WatchPage,
         events: Vec<(StoredEvent, String)>,
-    ) -> Result<Published, StoreError> {
-        page.events = self.matched(&events);
+    ) -> Result<(Published, Vec<usize>), StoreError> {
+        let mut too_large = Vec::new();
+        let mut kept = Vec::with_capacity(events.len());
+        for (index, event) in self.matched(&events).into_iter().enumerate() {
+            if self.store.fits(&event.body) {
+                kept.push(event);
+            } else {
+                too_large.push(index);
+            }
+        }
+        page.events = kept;
         let fanouts = self.store.ingest(page).await?;
-        Ok(self.queued(events.len(), fanouts))
+        Ok((self.queued(events.len() - too_large.len(), fanouts), too_large))
     }
 
     fn matched(&self, events: &[(StoredEvent, String)]) -> Vec<NewEvent> {

@@ -20,6 +20,7 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use parking_lot::Mutex;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -41,18 +42,32 @@ struct Receiver {
     url: String,
     received: Arc<Mutex<Vec<Received>>>,
     script: Arc<Mutex<Arc<Script>>>,
+    /// The most requests it was answering at once.
+    most_at_once: Arc<AtomicUsize>,
 }
 
 impl Receiver {
     async fn start(
         script: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static,
     ) -> Self {
+        Self::holding(Duration::ZERO, script).await
+    }
+
+    /// As `start`, holding each request `hold` before answering it.
+    async fn holding(
+        hold: Duration,
+        script: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static,
+    ) -> Self {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(script)));
-        let (log, answers) = (received.clone(), script.clone());
+        let (at_once, most_at_once) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (log, answers, most) = (received.clone(), script.clone(), most_at_once.clone());
         let handler = move |headers: HeaderMap, body: axum::body::Bytes| {
-            let (log, answers) = (log.clone(), answers.clone());
+            let (log, answers, at_once, most) = (log.clone(), answers.clone(), at_once.clone(), most.clone());
             async move {
+                most.fetch_max(at_once.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::time::sleep(hold).await;
+                at_once.fetch_sub(1, Ordering::SeqCst);
                 let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let attempt = headers.get("herald-attempt").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
                 let n = {
@@ -75,7 +90,7 @@ impl Receiver {
         let url = format!("http://{}/callback", listener.local_addr().expect("bound address"));
         let app = axum::Router::new().fallback(handler);
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, received, script }
+        Receiver { url, received, script, most_at_once }
     }
 
     fn answer(&self, script: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync + 'static) {
@@ -399,4 +414,130 @@ async fn a_re_created_object_with_the_same_name_is_not_the_subscription_delivery
     successor.metadata.uid = Some("uid-of-a-new-object".into());
     harness.cache.apply_watcher_event(&watcher::Event::Apply(successor));
     assert!(harness.delivery.live_object(&harness.subscriber).is_none(), "statistics must not reach the new object");
+}
+
+/// A second subscription (id 8) beside `ID`, same account and event, pointed at the same
+/// receiver: publish queues every event for both.
+fn add_second_subscription(harness: &mut Harness) -> i64 {
+    let mut object = EventSubscription::new("hosts-2", EventSubscriptionSpec::default());
+    object.metadata.namespace = Some("team".into());
+    object.metadata.uid = Some("uid-8".into());
+    harness.cache.apply_watcher_event(&watcher::Event::Apply(object));
+    let mut second = harness.subscriber.clone();
+    (second.id, second.uid, second.name) = (8, "uid-8".into(), "hosts-2".into());
+    harness.index.upsert(second);
+    8
+}
+
+#[tokio::test]
+async fn attempts_in_flight_across_subscriptions_never_exceed_the_global_budget() {
+    let receiver = Receiver::holding(Duration::from_millis(300), |_| status(200)).await;
+    // Two subscriptions of `maxInFlight` 2 could have 4 attempts out; the budget is 3.
+    let config = DeliveryConfig { max_attempts_in_flight: 3, ..DeliveryConfig::default() };
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+    let mut harness = Harness::new(&receiver, config, limits, "team", |e| e.max_in_flight = 2);
+    let second = add_second_subscription(&mut harness);
+    let published = harness.publish(6).await;
+    assert_eq!(published.queued, 12);
+    harness.wait_for("the first subscription's deliveries", |c| c.delivered == 6).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while harness.store.counters(second).await.expect("counters").delivered < 6 {
+        assert!(Instant::now() < deadline, "the second subscription's deliveries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(receiver.most_at_once.load(Ordering::SeqCst), 3, "at most the budget at once, and all of it used");
+    assert_eq!(harness.delivery.budgets.attempts_in_flight(), 0, "every slot given back");
+}
+
+#[tokio::test]
+async fn an_attempt_waiting_for_a_slot_ends_at_shutdown_without_sending() {
+    let receiver = Receiver::start(|_| status(200)).await;
+    let config = DeliveryConfig { max_attempts_in_flight: 1, ..DeliveryConfig::default() };
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+    let harness = Harness::new(&receiver, config, limits, "team", |_| {});
+    let taken = harness.delivery.budgets.attempt_slot(&CancellationToken::new()).await.expect("the only slot");
+    harness.publish(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.received().is_empty(), "no slot, no attempt");
+
+    harness.shutdown.cancel();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let ended = harness.delivery.workers.lock().get(&ID).is_none_or(|(_, task)| task.is_finished());
+        if ended {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiting worker did not end at shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(taken);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(receiver.received().is_empty(), "nothing sent after shutdown");
+    assert_eq!(harness.counters().await.pending, 1, "the entry stays queued");
+}
+
+#[tokio::test]
+async fn an_answer_larger_than_the_byte_budget_is_cut_fails_regular_and_is_retried() {
+    // Would confirm if read whole (it is under the 1 MiB body cap), but the budget is 4 KiB.
+    let long = format!("{}{{\"result\": true}}", " ".repeat(64 << 10));
+    let receiver = Receiver::start(move |n| match n {
+        0 => (200, Vec::new(), long.clone()),
+        _ => (200, Vec::new(), r#"{"result": true}"#.into()),
+    })
+    .await;
+    let config = DeliveryConfig { answer_buffer_bytes: 4 << 10, ..DeliveryConfig::default() };
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+    let harness = Harness::new(&receiver, config, limits, "team", |e| {
+        e.confirm_mode = ConfirmMode::Regular;
+        e.confirm_pattern = r#""result":\s*true"#.into();
+    });
+    harness.publish(1).await;
+    let counters = harness.wait_for("the retried delivery", |c| c.delivered == 1).await;
+    assert_eq!((counters.total, counters.failure), (2, 1));
+    assert_eq!(
+        counters.last_error.as_deref(),
+        Some("status 200: answer not read: herald's answer buffer budget is exhausted")
+    );
+    assert_eq!(harness.delivery.metrics.answers_cut.get(), 1);
+    assert_eq!(harness.delivery.budgets.answers().held(), 0, "the cut answer's bytes were given back");
+}
+
+#[tokio::test]
+async fn in_httpstatus_mode_a_cut_answer_is_still_judged_by_its_status() {
+    let receiver = Receiver::start(|_| (200, Vec::new(), "x".repeat(64 << 10))).await;
+    let config = DeliveryConfig { answer_buffer_bytes: 1 << 10, ..DeliveryConfig::default() };
+    let limits = Limits { quota_bytes: u64::MAX, backlog_cap: 1000 };
+    let harness = Harness::new(&receiver, config, limits, "team", |_| {});
+    harness.publish(1).await;
+    let counters = harness.wait_for("the delivery", |c| c.delivered == 1).await;
+    assert_eq!((counters.total, counters.failure), (1, 0));
+    assert_eq!(harness.delivery.metrics.answers_cut.get(), 1);
+    assert_eq!(harness.delivery.budgets.answers().held(), 0);
+}
+
+#[tokio::test]
+async fn a_regular_pattern_is_compiled_once_per_generation_not_per_attempt() {
+    let receiver = Receiver::start(|n| match n {
+        0 | 1 => (200, Vec::new(), r#"{"result": false}"#.into()),
+        _ => (200, Vec::new(), r#"{"result": true}"#.into()),
+    })
+    .await;
+    let harness = Harness::with_defaults(&receiver, |e| {
+        e.confirm_mode = ConfirmMode::Regular;
+        e.confirm_pattern = r#""result":\s*true"#.into();
+    });
+    harness.publish(2).await;
+    let counters = harness.wait_for("both deliveries", |c| c.delivered == 2).await;
+    assert_eq!(counters.total, 4, "two failed attempts, then two confirmed");
+    assert_eq!(harness.index.confirm_compilations(), 1, "four attempts of two entries, one compile");
+
+    let mut changed = harness.subscriber.clone();
+    changed.generation = 2;
+    let mut effective = (*changed.effective).clone();
+    effective.confirm_pattern = r#""result":\s*(true|1)"#.into();
+    changed.effective = Arc::new(effective);
+    harness.index.upsert(changed);
+    harness.publish(1).await;
+    harness.wait_for("the delivery under the new spec", |c| c.delivered == 3).await;
+    assert_eq!(harness.index.confirm_compilations(), 2, "the new generation compiled its own");
 }

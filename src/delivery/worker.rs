@@ -1,13 +1,14 @@
 //! The per-subscription worker: delivers the subscription's queue in order,
 //! `maxInFlight` at a time, retries with backoff, dead-letters, and stops for deletion,
-//! pause, 410 Gone and shutdown. One slow callback only ever holds its own worker.
+//! pause, 410 Gone and shutdown. One slow callback only ever holds its own worker (and one
+//! slot of the global attempt budget).
 
 use super::Delivery;
+use super::budget::ANSWER_BUDGET_EXHAUSTED;
 use super::callback::{self, Request};
 use super::confirm::{Confirmation, judge};
 use super::index::Subscriber;
 use super::retry::backoff;
-use crate::effective::compile_confirm_regex;
 use crate::store::{Attempt, Exchange, Outcome, Queued, UNCOMMITTED_OUTCOMES_PER_SUBSCRIPTION, now_millis};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -145,116 +146,141 @@ fn deliverable(delivery: &Delivery, sub: &Subscriber, handle: &WorkerHandle) -> 
         && delivery.tenancy.allows(&sub.effective.supplier_account, &sub.namespace)
 }
 
-/// Attempts one entry until it is delivered, dead-lettered or interrupted. The spec is
-/// read again before every attempt, so an update applies from the next attempt.
+/// Attempts one entry until it is delivered, dead-lettered or interrupted. Each attempt
+/// first waits for a slot of the global attempt budget (or for the worker to stop), then
+/// reads the spec, so an update applies from the next attempt. The slot is given back when
+/// the attempt has its answer judged, before the outcome is recorded or a backoff waited.
 async fn deliver(delivery: &Delivery, handle: &WorkerHandle, mut item: Queued) -> Handled {
     let id = item.subscription_id;
-    let mut regex: Option<(String, regex::Regex)> = None;
     loop {
         if handle.stop.is_cancelled() {
             return Handled::Interrupted;
         }
-        let Some(sub) = delivery.index.get(id) else { return Handled::Interrupted };
-        if !deliverable(delivery, &sub, handle) || !delivery.exists(&sub) {
-            return Handled::Interrupted;
-        }
-        let effective = &sub.effective;
-        if now_millis().saturating_sub(item.enqueued_at) > delivery.config.max_age_millis() {
-            let error = format!("not delivered within {} s", delivery.config.max_age_seconds);
-            record_outcome(
-                delivery,
-                handle,
-                &item,
-                Outcome::DeadLettered { error, reason: "Expired".into(), attempted: false },
-                Exchange::default(),
-            )
-            .await;
-            return Handled::Done;
-        }
-        if regex.as_ref().is_none_or(|(pattern, _)| pattern != &effective.confirm_pattern) {
-            regex = match effective.confirm_mode {
-                crate::crd::ConfirmMode::Regular => compile_confirm_regex(&effective.confirm_pattern)
-                    .ok()
-                    .map(|r| (effective.confirm_pattern.clone(), r)),
-                crate::crd::ConfirmMode::Httpstatus => None,
-            };
-        }
-        let signing_key = match &sub.signing {
-            Some(secret) => match delivery.secrets.key(&sub.namespace, secret).await {
-                Ok(key) => Some(key),
-                Err(error) => {
-                    let (error, exchange) = (error.to_string(), Exchange::default());
-                    if fail(delivery, handle, &sub, &mut item, error, None, exchange).await {
-                        return Handled::Done;
-                    }
-                    continue;
-                }
-            },
-            None => None,
-        };
-        let attempt = item.attempts + 1;
-        let started = Instant::now();
-        let answer = callback::send(
-            &delivery.outbound,
-            Request {
-                url: effective.callback.as_ref(),
-                item: &item,
-                attempt,
-                timeout: effective.timeout,
-                signing_key: signing_key.as_deref(),
-                body_cap: delivery.config.body_cap_bytes,
-                retry_after_cap: Duration::from_secs(delivery.config.retry_after_cap_seconds),
-            },
-        )
-        .await;
-        let took = started.elapsed();
-        let elapsed = took.as_secs_f64();
-        let latency_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
-        let exchange = match &answer {
-            Ok(answer) => Exchange::answered(answer.status, latency_ms, &answer.body),
-            Err(_) => Exchange::unanswered(latency_ms),
-        };
-        let confirmation = match answer {
-            Ok(answer) => judge(
-                effective.confirm_mode,
-                &effective.confirm_pattern,
-                regex.as_ref().map(|(_, r)| r),
-                answer.status,
-                answer.retry_after,
-                &answer.body,
-            ),
-            Err(error) => Confirmation::Failed(error.to_string()),
-        };
-        match confirmation {
-            Confirmation::Confirmed => {
-                delivery.metrics.attempt("delivered", id, elapsed);
-                record_outcome(delivery, handle, &item, Outcome::Delivered, exchange).await;
+        let Some(slot) = delivery.budgets.attempt_slot(&handle.stop).await else { return Handled::Interrupted };
+        let step = attempt(delivery, handle, &item).await;
+        drop(slot);
+        let (sub, error, retry_after, exchange) = match step {
+            Step::Interrupted => return Handled::Interrupted,
+            Step::Expired => {
+                let error = format!("not delivered within {} s", delivery.config.max_age_seconds);
+                let outcome = Outcome::DeadLettered { error, reason: "Expired".into(), attempted: false };
+                record_outcome(delivery, handle, &item, outcome, Exchange::default()).await;
                 return Handled::Done;
             }
-            Confirmation::Gone => {
-                delivery.metrics.attempt("gone", id, elapsed);
-                let outcome = Outcome::Failed { error: "410 Gone".into() };
-                record_outcome(delivery, handle, &item, outcome, exchange).await;
-                handle.gone_generation.store(sub.generation, Ordering::Release);
-                delivery.projector.set_gone(id, true);
-                tracing::warn!(subscription = id, "callback answered 410 Gone; delivery stops until the spec changes");
-                return Handled::Interrupted;
-            }
-            Confirmation::Throttled { retry_after } => {
-                delivery.metrics.attempt("throttled", id, elapsed);
-                let error = "429 Too Many Requests".to_string();
-                if fail(delivery, handle, &sub, &mut item, error, retry_after, exchange).await {
+            Step::Unsent { sub, error } => (sub, error, None, Exchange::default()),
+            Step::Judged { sub, confirmation, exchange, elapsed } => match confirmation {
+                Confirmation::Confirmed => {
+                    delivery.metrics.attempt("delivered", id, elapsed);
+                    record_outcome(delivery, handle, &item, Outcome::Delivered, exchange).await;
                     return Handled::Done;
                 }
-            }
-            Confirmation::Failed(error) => {
-                delivery.metrics.attempt("failed", id, elapsed);
-                if fail(delivery, handle, &sub, &mut item, error, None, exchange).await {
-                    return Handled::Done;
+                Confirmation::Gone => {
+                    delivery.metrics.attempt("gone", id, elapsed);
+                    let outcome = Outcome::Failed { error: "410 Gone".into() };
+                    record_outcome(delivery, handle, &item, outcome, exchange).await;
+                    handle.gone_generation.store(sub.generation, Ordering::Release);
+                    delivery.projector.set_gone(id, true);
+                    tracing::warn!(
+                        subscription = id,
+                        "callback answered 410 Gone; delivery stops until the spec changes"
+                    );
+                    return Handled::Interrupted;
                 }
-            }
+                Confirmation::Throttled { retry_after } => {
+                    delivery.metrics.attempt("throttled", id, elapsed);
+                    (sub, "429 Too Many Requests".to_string(), retry_after, exchange)
+                }
+                Confirmation::Failed(error) => {
+                    delivery.metrics.attempt("failed", id, elapsed);
+                    (sub, error, None, exchange)
+                }
+            },
+        };
+        if fail(delivery, handle, &sub, &mut item, error, retry_after, exchange).await {
+            return Handled::Done;
         }
     }
+}
+
+/// What one attempt came to.
+enum Step {
+    /// Not to be attempted now (deleted, paused, gone, tenancy, shutting down).
+    Interrupted,
+    /// Too old: dead-lettered without an attempt.
+    Expired,
+    /// Could not be sent (the signing key is missing): a failed attempt.
+    Unsent {
+        sub: Subscriber,
+        error: String,
+    },
+    Judged {
+        sub: Subscriber,
+        confirmation: Confirmation,
+        exchange: Exchange,
+        elapsed: f64,
+    },
+}
+
+/// One attempt at `item` under the spec as it is now, its answer judged. The answer (and
+/// the answer budget bytes it holds) is dropped before this returns.
+async fn attempt(delivery: &Delivery, handle: &WorkerHandle, item: &Queued) -> Step {
+    let id = item.subscription_id;
+    if handle.stop.is_cancelled() {
+        return Step::Interrupted;
+    }
+    let Some(sub) = delivery.index.get(id) else { return Step::Interrupted };
+    if !deliverable(delivery, &sub, handle) || !delivery.exists(&sub) {
+        return Step::Interrupted;
+    }
+    if now_millis().saturating_sub(item.enqueued_at) > delivery.config.max_age_millis() {
+        return Step::Expired;
+    }
+    let effective = sub.effective.clone();
+    let signing_key = match &sub.signing {
+        Some(secret) => match delivery.secrets.key(&sub.namespace, secret).await {
+            Ok(key) => Some(key),
+            Err(error) => return Step::Unsent { sub, error: error.to_string() },
+        },
+        None => None,
+    };
+    let regex = delivery.index.confirm_regex(&sub);
+    let started = Instant::now();
+    let answer = callback::send(
+        &delivery.outbound,
+        Request {
+            url: effective.callback.as_ref(),
+            item,
+            attempt: item.attempts + 1,
+            timeout: effective.timeout,
+            signing_key: signing_key.as_deref(),
+            body_cap: delivery.config.body_cap_bytes,
+            answer_budget: delivery.budgets.answers(),
+            retry_after_cap: Duration::from_secs(delivery.config.retry_after_cap_seconds),
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    let latency_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
+    let (confirmation, exchange) = match answer {
+        Ok(answer) => {
+            if answer.cut {
+                delivery.metrics.answers_cut.inc();
+                tracing::debug!(subscription = id, read = answer.body.len(), "{ANSWER_BUDGET_EXHAUSTED}");
+            }
+            let body = (!answer.cut).then_some(answer.body.as_slice());
+            let confirmation = judge(
+                effective.confirm_mode,
+                &effective.confirm_pattern,
+                regex.as_deref(),
+                answer.status,
+                answer.retry_after,
+                body,
+            );
+            (confirmation, Exchange::answered(answer.status, latency_ms, &answer.body))
+        }
+        Err(error) => (Confirmation::Failed(error.to_string()), Exchange::unanswered(latency_ms)),
+    };
+    Step::Judged { sub, confirmation, exchange, elapsed: took.as_secs_f64() }
 }
 
 /// Records a failed attempt; dead-letters the entry when it was the last allowed one

@@ -1,8 +1,9 @@
 //! Everything herald sends to a destination that a user chose: callbacks (built in
 //! `delivery::callback`), the `ping` and `telnet` diagnostics (`probe`), and what they all
 //! share: the callback guard (`guard`), the one HTTP client whose resolver applies it, the
-//! capped response-body read, and error text without secrets (docs/design.md §7).
+//! bounded response-body read (`body`), and error text without secrets (docs/design.md §7).
 
+pub mod body;
 pub mod guard;
 pub mod probe;
 
@@ -104,18 +105,6 @@ impl Outbound {
 /// The host of `url` when it is an IP address (IPv6 in brackets or not).
 fn literal_host(url: &reqwest::Url) -> Option<IpAddr> {
     url.host_str()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
-}
-
-/// Reads a response body up to `cap` bytes: a huge answer costs at most the cap.
-pub async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while body.len() < cap {
-        match response.chunk().await? {
-            Some(chunk) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
-            None => break,
-        }
-    }
-    Ok(body)
 }
 
 /// Error text without secrets: reqwest errors name the URL, which may carry

@@ -6,19 +6,26 @@
 
 use super::convert::WatchEvent;
 use crate::crd::SourceApi;
+use crate::outbound::body::{BodyEnd, ByteBudget, read_body};
 use crate::outbound::guard::GuardError;
-use crate::outbound::{Outbound, describe, read_capped};
-use serde_json::{Value, json};
+use crate::outbound::{Outbound, describe};
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, SeqAccess, Visitor};
+use serde_json::json;
+use serde_json::value::RawValue;
+use std::fmt;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 /// bk-cmdb answers a long poll within 20 s (25 s before 3.10); the rest is slack.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Largest watch answer read: 200 events of large hosts fit many times over.
-pub const MAX_ANSWER_BYTES: usize = 64 << 20;
-
 /// bk-cmdb's page of a watch answer; a full page means more is waiting.
 pub const FULL_PAGE: usize = 200;
+
+/// Most events a bk-cmdb watch answer holds: a full page, and one more when bk-cmdb adds
+/// the event its cursor pointed at. A page with more is refused before it is decoded.
+pub const MAX_PAGE_EVENTS: usize = FULL_PAGE + 1;
 
 /// Where a watch request starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +54,10 @@ pub struct Endpoint {
     pub supplier_account: String,
     pub user: String,
     pub app: Option<AppCredentials>,
+    /// Largest answer read (`sources.maxAnswerBytes`).
+    pub max_answer_bytes: usize,
+    /// Shared by every watch of every source (`sources.readBudgetBytes`).
+    pub read_budget: ByteBudget,
 }
 
 /// A watch answer: the events after the position (oldest first, empty when bk-cmdb had
@@ -55,6 +66,15 @@ pub struct Endpoint {
 pub struct Page {
     pub events: Vec<WatchEvent>,
     pub cursor: String,
+    /// Events of the page that do not decode as watch events: skipped, not retried.
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// A watch event that does not decode (its cursor when that much could be read).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Undecodable {
+    pub cursor: Option<String>,
+    pub error: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +87,14 @@ pub enum WatchError {
     Unavailable { status: u16 },
     #[error("bk-cmdb's answer is not a watch answer: {0}")]
     Malformed(String),
+    #[error("bk-cmdb's answer is larger than {cap} bytes, more than a watch page of {MAX_PAGE_EVENTS} events needs")]
+    AnswerTooLarge { cap: usize },
+    #[error("bk-cmdb's page holds more than the {MAX_PAGE_EVENTS} events a watch page holds at most")]
+    PageTooLarge,
+    #[error(
+        "not read now: the watches being read hold herald's whole budget of {budget} bytes (sources.readBudgetBytes)"
+    )]
+    ReadBudgetExhausted { budget: usize },
     #[error("bk-cmdb no longer holds the cursor ({code}: {message})")]
     CursorExpired { code: i64, message: String },
     #[error("the start time is outside what bk-cmdb holds ({code}: {message})")]
@@ -85,6 +113,9 @@ impl WatchError {
             WatchError::Unreachable(_) => "unreachable",
             WatchError::Unavailable { .. } => "unavailable",
             WatchError::Malformed(_) => "malformed",
+            WatchError::AnswerTooLarge { .. } => "answer_too_large",
+            WatchError::PageTooLarge => "page_too_large",
+            WatchError::ReadBudgetExhausted { .. } => "read_budget",
             WatchError::CursorExpired { .. } => "cursor_expired",
             WatchError::StartOutOfRange { .. } => "start_out_of_range",
             WatchError::Unauthorized { .. } => "unauthorized",
@@ -94,8 +125,16 @@ impl WatchError {
 
     /// Failures that waiting alone does not fix: the spec, the credentials or bk-cmdb's
     /// configuration must change. They make the source not Ready and are retried slowly.
+    /// An oversized answer or page is not a bk-cmdb's: its url points elsewhere.
     pub fn needs_a_change(&self) -> bool {
-        matches!(self, WatchError::Guard(_) | WatchError::Unauthorized { .. } | WatchError::Rejected { .. })
+        matches!(
+            self,
+            WatchError::Guard(_)
+                | WatchError::Unauthorized { .. }
+                | WatchError::Rejected { .. }
+                | WatchError::AnswerTooLarge { .. }
+                | WatchError::PageTooLarge
+        )
     }
 }
 
@@ -146,13 +185,92 @@ impl Endpoint {
         };
         let mut response = request.json(&body).send().await.map_err(|e| WatchError::Unreachable(describe(&e)))?;
         let status = response.status().as_u16();
-        let answer = read_capped(&mut response, MAX_ANSWER_BYTES + 1)
+        let answer = read_body(&mut response, self.max_answer_bytes, Some(&self.read_budget))
             .await
             .map_err(|e| WatchError::Unreachable(describe(&e)))?;
-        if answer.len() > MAX_ANSWER_BYTES {
-            return Err(WatchError::Malformed(format!("the answer is larger than {MAX_ANSWER_BYTES} bytes")));
+        match answer.end {
+            BodyEnd::Whole => {}
+            BodyEnd::Capped => return Err(WatchError::AnswerTooLarge { cap: self.max_answer_bytes }),
+            BodyEnd::BudgetSpent => {
+                return Err(WatchError::ReadBudgetExhausted { budget: self.read_budget.capacity() });
+            }
         }
-        parse_answer(status, &answer, matches!(position, Position::StartFrom(_)))
+        // The answer's bytes stay counted against the budget until the page is decoded.
+        parse_answer(status, &answer.bytes, matches!(position, Position::StartFrom(_)))
+    }
+}
+
+/// The envelope of every answer, typed: `data` is kept as raw text and decoded only for
+/// a successful answer, and no JSON tree of the whole answer is ever built. The code and
+/// message are read leniently (a field of another type counts as absent), as before.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default, borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    bk_error_code: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    code: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    bk_error_msg: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    message: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// The first of `fields` present that reads as a `T`.
+fn lenient<T: DeserializeOwned>(fields: [Option<&RawValue>; 2]) -> Option<T> {
+    fields.into_iter().flatten().find_map(|raw| serde_json::from_str(raw.get()).ok())
+}
+
+#[derive(Deserialize)]
+struct WatchData {
+    bk_watched: bool,
+    bk_events: PageEvents,
+}
+
+/// `data.bk_events`, refused as soon as it holds more than `MAX_PAGE_EVENTS` events. Each
+/// event decodes on its own: one that does not is set aside with its cursor, so that a
+/// single odd event cannot hold up the whole watch.
+struct PageEvents(Vec<Result<WatchEvent, Undecodable>>);
+
+/// Just the cursor of an event that does not decode whole.
+#[derive(Deserialize)]
+struct CursorOnly {
+    bk_cursor: String,
+}
+
+fn decode_event(raw: &RawValue) -> Result<WatchEvent, Undecodable> {
+    serde_json::from_str(raw.get()).map_err(|error| Undecodable {
+        cursor: serde_json::from_str::<CursorOnly>(raw.get()).ok().map(|c| c.bk_cursor),
+        error: clip(error.to_string()),
+    })
+}
+
+/// Marks the decode error of a page with too many events, to tell it from malformed JSON.
+const TOO_MANY_EVENTS: &str = "herald: too many events in one page";
+
+impl<'de> Deserialize<'de> for PageEvents {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Events(PhantomData<Box<RawValue>>);
+        impl<'de> Visitor<'de> for Events {
+            type Value = PageEvents;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a list of at most {MAX_PAGE_EVENTS} watch events")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PageEvents, A::Error> {
+                let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_PAGE_EVENTS));
+                while let Some(event) = seq.next_element::<&'de RawValue>()? {
+                    if events.len() == MAX_PAGE_EVENTS {
+                        return Err(serde::de::Error::custom(TOO_MANY_EVENTS));
+                    }
+                    events.push(decode_event(event));
+                }
+                Ok(PageEvents(events))
+            }
+        }
+        deserializer.deserialize_seq(Events(PhantomData))
     }
 }
 
@@ -160,11 +278,11 @@ impl Endpoint {
 /// fields `bk_error_code`/`bk_error_msg`, ESB and the API gateway `code`/`message`; the
 /// gateway refuses credentials with HTTP 400 and 1640001.
 pub fn parse_answer(status: u16, body: &[u8], started_from_time: bool) -> Result<Page, WatchError> {
-    let value: Option<Value> = serde_json::from_slice(body).ok();
-    let field = |names: [&str; 2]| value.as_ref().and_then(|v| names.iter().find_map(|n| v.get(*n).cloned()));
-    let code = field(["bk_error_code", "code"]).and_then(|c| c.as_i64()).unwrap_or(0);
-    let message = field(["bk_error_msg", "message"]).and_then(|m| m.as_str().map(str::to_string)).unwrap_or_default();
-    let result = field(["result", "result"]).and_then(|r| r.as_bool());
+    let envelope: Option<Envelope<'_>> = serde_json::from_slice(body).ok();
+    let e = envelope.as_ref();
+    let code: i64 = e.and_then(|e| lenient([e.bk_error_code, e.code])).unwrap_or(0);
+    let message = clip(e.and_then(|e| lenient::<String>([e.bk_error_msg, e.message])).unwrap_or_default());
+    let result: Option<bool> = e.and_then(|e| lenient([e.result, None]));
     let auth = matches!(code, HEADER_MISSING | ESB_AUTH_FAILED | APIGW_INVALID_ARGS | NO_PERMISSION);
     if !(200..300).contains(&status) {
         return Err(match status {
@@ -173,7 +291,7 @@ pub fn parse_answer(status: u16, body: &[u8], started_from_time: bool) -> Result
             _ => WatchError::Unavailable { status },
         });
     }
-    let Some(value) = value else { return Err(WatchError::Malformed("not JSON".into())) };
+    let Some(envelope) = envelope else { return Err(WatchError::Malformed("not JSON".into())) };
     if result != Some(true) {
         return Err(match code {
             CURSOR_NOT_EXIST => WatchError::CursorExpired { code, message },
@@ -184,13 +302,41 @@ pub fn parse_answer(status: u16, body: &[u8], started_from_time: bool) -> Result
             _ => WatchError::Rejected { code, message },
         });
     }
-    let data = &value["data"];
-    let watched = data["bk_watched"].as_bool().ok_or_else(|| WatchError::Malformed("no data.bk_watched".into()))?;
-    let events: Vec<WatchEvent> = serde_json::from_value(data["bk_events"].clone())
-        .map_err(|e| WatchError::Malformed(format!("data.bk_events: {e}")))?;
-    let cursor = events.last().map(|e| e.bk_cursor.clone()).filter(|c| !c.is_empty());
+    let data = envelope.data.ok_or_else(|| WatchError::Malformed("no data".into()))?;
+    let WatchData { bk_watched: watched, bk_events: PageEvents(events) } =
+        serde_json::from_str(data.get()).map_err(|e| match e.to_string().starts_with(TOO_MANY_EVENTS) {
+            true => WatchError::PageTooLarge,
+            false => WatchError::Malformed(format!("data: {}", clip(e.to_string()))),
+        })?;
+    let cursor = match events.last() {
+        Some(Ok(last)) => Some(last.bk_cursor.clone()),
+        Some(Err(last)) => last.cursor.clone(),
+        None => None,
+    }
+    .filter(|c| !c.is_empty());
     let Some(cursor) = cursor else { return Err(WatchError::Malformed("no cursor in data.bk_events".into())) };
-    Ok(Page { events: if watched { events } else { Vec::new() }, cursor })
+    if !watched {
+        return Ok(Page { events: Vec::new(), cursor, undecodable: Vec::new() });
+    }
+    let (mut decoded, mut undecodable) = (Vec::with_capacity(events.len()), Vec::new());
+    for event in events {
+        match event {
+            Ok(event) => decoded.push(event),
+            Err(odd) => undecodable.push(odd),
+        }
+    }
+    Ok(Page { events: decoded, cursor, undecodable })
+}
+
+/// bk-cmdb's message as herald repeats it in logs, conditions and Events: a server's
+/// text of any size must not grow them.
+fn clip(mut message: String) -> String {
+    const MAX_MESSAGE_CHARS: usize = 256;
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 #[cfg(test)]
@@ -204,6 +350,14 @@ mod tests {
                          {"bk_cursor":"b","bk_resource":"host","bk_event_type":"delete","bk_detail":{"bk_host_id":1}}]}}"#;
         let parsed = parse_answer(200, page, false).unwrap();
         assert_eq!((parsed.events.len(), parsed.cursor.as_str()), (2, "b"));
+        let odd = br#"{"result":true,"bk_error_code":0,"data":{"bk_watched":true,
+            "bk_events":[{"bk_cursor":"a","bk_resource":"host","bk_event_type":"create","bk_detail":{"bk_host_id":1}},
+                         {"bk_cursor":"b","bk_event_type":7},
+                         {"bk_cursor":"c","bk_resource":"host","bk_event_type":"delete","bk_detail":{"bk_host_id":1}}]}}"#;
+        let parsed = parse_answer(200, odd, false).unwrap();
+        assert_eq!((parsed.events.len(), parsed.cursor.as_str()), (2, "c"), "the odd event does not hold up the page");
+        assert_eq!(parsed.undecodable.len(), 1);
+        assert_eq!(parsed.undecodable[0].cursor.as_deref(), Some("b"));
         let placeholder = br#"{"result":true,"code":0,"message":"success","data":{"bk_watched":false,
             "bk_events":[{"bk_cursor":"c","bk_resource":"host","bk_event_type":"","bk_detail":null}]}}"#;
         let parsed = parse_answer(200, placeholder, false).unwrap();
@@ -229,5 +383,37 @@ mod tests {
             br#"{"result":false,"bk_error_code":1199998,"bk_error_msg":"host event must have fields","data":null}"#;
         assert!(matches!(parse_answer(200, fields, false), Err(WatchError::Rejected { code: 1199998, .. })));
         assert!(matches!(parse_answer(200, b"<html>", false), Err(WatchError::Malformed(_))));
+    }
+
+    fn page_of(events: usize) -> Vec<u8> {
+        let event = |i: usize| json!({"bk_cursor": format!("c{i}"), "bk_resource": "host", "bk_event_type": "create", "bk_detail": {"bk_host_id": i}});
+        let events: Vec<_> = (0..events).map(event).collect();
+        serde_json::to_vec(
+            &json!({"result": true, "bk_error_code": 0, "data": {"bk_watched": true, "bk_events": events}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_page_with_more_events_than_bk_cmdb_ever_sends_is_refused() {
+        assert_eq!(parse_answer(200, &page_of(MAX_PAGE_EVENTS), false).unwrap().events.len(), 201);
+        assert!(matches!(parse_answer(200, &page_of(MAX_PAGE_EVENTS + 1), false), Err(WatchError::PageTooLarge)));
+        assert!(matches!(parse_answer(200, &page_of(100_000), false), Err(WatchError::PageTooLarge)));
+        assert!(WatchError::PageTooLarge.needs_a_change(), "retried slowly, not in a loop");
+        let array = serde_json::to_vec(&vec![0; 100_000]).unwrap();
+        assert!(matches!(parse_answer(200, &array, false), Err(WatchError::Malformed(_))), "a bare array is no answer");
+    }
+
+    #[test]
+    fn a_servers_message_of_any_size_is_clipped_and_odd_field_types_are_ignored() {
+        let long =
+            json!({"result": false, "bk_error_code": 1199998, "bk_error_msg": "x".repeat(100_000), "data": null});
+        let Err(WatchError::Rejected { code, message }) = parse_answer(200, &serde_json::to_vec(&long).unwrap(), false)
+        else {
+            panic!("a rejection")
+        };
+        assert_eq!((code, message.chars().count()), (1199998, 257));
+        let odd = br#"{"result":"yes","bk_error_code":"7","bk_error_msg":12,"data":[]}"#;
+        assert!(matches!(parse_answer(200, odd, false), Err(WatchError::Rejected { code: 0, .. })));
     }
 }

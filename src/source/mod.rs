@@ -13,12 +13,13 @@ pub mod watch;
 
 use crate::conditions::{WriteBudget, now};
 use crate::config::Config;
-use crate::crd::{CmdbSource, CmdbSourceSpec, ExpiryPolicy, StartFrom};
+use crate::crd::{CmdbSource, CmdbSourceSpec, ExpiryPolicy, PUBLISH_ACCOUNTS_LABEL, StartFrom};
 use crate::delivery::Delivery;
+use crate::outbound::body::ByteBudget;
 use crate::outbound::{GuardConfig, Outbound};
 use crate::store::EventStore;
 use crate::telemetry::Metrics;
-use crate::tenancy::Tenancy;
+use crate::tenancy::{Grant, Tenancy};
 use client::{AppCredentials, Endpoint, Position};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -58,6 +59,8 @@ pub struct SourceContext {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub status_budget: Arc<WriteBudget>,
+    /// Answer bytes every watch of every source holds at once (`sources.readBudgetBytes`).
+    pub read_budget: ByteBudget,
 }
 
 /// One running source.
@@ -144,7 +147,7 @@ async fn sync(
         }
         live.insert(uid.clone());
         let namespace = source.namespace().unwrap_or_default();
-        let allowed = ctx.tenancy.allows(&source.spec.supplier_account, &namespace);
+        let allowed = ctx.tenancy.grants(Grant::Publish, &source.spec.supplier_account, &namespace);
         let Some(current) = running.get(&uid) else {
             running.insert(uid.clone(), start(ctx, &source, &uid, allowed, shutdown).spawn(ctx));
             continue;
@@ -256,16 +259,16 @@ fn start(
     let namespace = source.namespace().unwrap_or_default();
     let name = format!("{namespace}/{}", source.name_any());
     if !allowed {
-        tracing::warn!(source = %name, "source refused: its namespace is not allowed for its account");
+        tracing::warn!(source = %name, "source refused: its namespace may not publish its account");
         return starting.refused(Problem::new(
             "AccountNotAllowed",
             format!(
-                "namespace {namespace} may not publish supplier account {}'s events (herald.dev/supplier-accounts)",
+                "namespace {namespace} may not publish into supplier account {}: a cluster admin grants that with the namespace label {PUBLISH_ACCOUNTS_LABEL} (receiving the account's events is not enough)",
                 source.spec.supplier_account
             ),
         ));
     }
-    let endpoint = match endpoint(&ctx.config, &source.spec, &namespace) {
+    let endpoint = match endpoint(ctx, &source.spec, &namespace) {
         Ok(endpoint) => endpoint,
         Err(problem) => return starting.refused(problem),
     };
@@ -309,7 +312,8 @@ fn start(
 
 /// The HTTP endpoint of a source: its URL, CA bundle and the guard's allowances (herald's
 /// own namespace may reach `sources.ownNamespaceAllowCidrs` besides the callback guard's).
-fn endpoint(config: &Config, spec: &CmdbSourceSpec, namespace: &str) -> Result<Endpoint, Problem> {
+fn endpoint(ctx: &SourceContext, spec: &CmdbSourceSpec, namespace: &str) -> Result<Endpoint, Problem> {
+    let config = &ctx.config;
     let base = reqwest::Url::parse(&spec.url).map_err(|e| Problem::new("InvalidSpec", format!("spec.url: {e}")))?;
     let mut guard: GuardConfig = config.callback_guard.clone();
     if namespace == config.namespace {
@@ -324,6 +328,8 @@ fn endpoint(config: &Config, spec: &CmdbSourceSpec, namespace: &str) -> Result<E
         supplier_account: spec.supplier_account.clone(),
         user: spec.user.clone().unwrap_or_else(|| "admin".into()),
         app: None,
+        max_answer_bytes: config.sources.max_answer_bytes,
+        read_budget: ctx.read_budget.clone(),
     })
 }
 

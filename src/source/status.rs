@@ -40,6 +40,9 @@ pub struct Health {
     pub problem: Option<Problem>,
     /// The last gap: bk-cmdb lost the cursor (`CursorExpired`).
     pub gap: Option<String>,
+    /// Watch events this process skipped because they can never be pushed, and the last.
+    pub events_skipped: i64,
+    pub last_skipped: Option<String>,
 }
 
 /// The status a source should show. `refusal` keeps the whole source from running.
@@ -116,6 +119,8 @@ pub fn desired_status(
             cursor: health.cursor.clone(),
             last_event_time: health.last_event_at.map(|t| t.to_string()),
             events_read: health.events_read,
+            events_skipped: health.events_skipped,
+            last_skipped: health.last_skipped.clone(),
             lag_seconds: health.behind_since.map(|since| (at - since).get_seconds().max(0)).unwrap_or(0),
         })
         .collect();

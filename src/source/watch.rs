@@ -14,6 +14,7 @@ use crate::effective::RetryPolicy;
 use crate::event::StoredEvent;
 use crate::store::{StoreError, WatchPage};
 use crate::telemetry::{SourceErrorLabels, SourceLabels};
+use crate::tenancy::Grant;
 use kube::runtime::events::{Event, EventType};
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -165,7 +166,7 @@ impl Watch {
     /// Whether the namespace may publish the account; while it may not, waits (false once
     /// stopped).
     async fn allowed_now(&mut self) -> bool {
-        while !self.ctx.tenancy.allows(&self.plan.supplier_account, &self.plan.namespace) {
+        while !self.ctx.tenancy.grants(Grant::Publish, &self.plan.supplier_account, &self.plan.namespace) {
             self.set_problem(Some(Problem::new(
                 "AccountNotAllowed",
                 "the namespace may no longer publish this account",
@@ -216,10 +217,16 @@ impl Watch {
 
     /// Converts and commits a page; returns the cursor to continue after.
     async fn commit(&mut self, page: Page, marker: bool) -> Result<String, StoreError> {
-        let Page { events, cursor } = page;
-        let read = i64::try_from(events.len()).unwrap_or(i64::MAX);
-        let full = events.len() >= FULL_PAGE;
+        let Page { events, cursor, undecodable } = page;
+        let read = i64::try_from(events.len() + undecodable.len()).unwrap_or(i64::MAX);
+        let full = events.len() + undecodable.len() >= FULL_PAGE;
         let (converted, pre_images) = if marker { (Vec::new(), Vec::new()) } else { self.convert(&events).await? };
+        let mut skipped: Vec<(String, String, &'static str)> = if marker {
+            Vec::new()
+        } else {
+            let unknown = || "(unknown)".to_string();
+            undecodable.into_iter().map(|odd| (odd.cursor.unwrap_or_else(unknown), odd.error, "undecodable")).collect()
+        };
         let unchanged = events.is_empty()
             && !self.forget_pre_images
             && self.health.lock().cursor.as_deref() == Some(cursor.as_str());
@@ -233,9 +240,17 @@ impl Watch {
                 pre_image_limit: self.plan.pre_image_limit,
                 forget_pre_images: self.forget_pre_images,
             };
-            self.ctx.delivery.ingest(page, converted).await?;
+            let cursors: Vec<String> = converted.iter().map(|(_, _, cursor)| cursor.clone()).collect();
+            let events = converted.into_iter().map(|(event, name, _)| (event, name)).collect();
+            let (_, too_large) = self.ctx.delivery.ingest(page, events).await?;
             self.forget_pre_images = false;
+            skipped.extend(
+                too_large.into_iter().map(|index| {
+                    (cursors[index].clone(), "larger than the event store holds".to_string(), "too_large")
+                }),
+            );
         }
+        self.report_skipped(skipped).await;
         let now = jiff::Timestamp::now();
         let mut health = self.health.lock();
         health.connected = Some(true);
@@ -261,7 +276,7 @@ impl Watch {
     async fn convert(
         &self,
         events: &[WatchEvent],
-    ) -> Result<(Vec<(StoredEvent, String)>, Vec<(String, Option<String>)>), StoreError> {
+    ) -> Result<(Vec<(StoredEvent, String, String)>, Vec<(String, Option<String>)>), StoreError> {
         let plan = &self.plan;
         let keys: Vec<Option<String>> = events.iter().map(|e| instance_key(plan.resource, &e.bk_detail)).collect();
         // What earlier pages left; changes within this page are seen through `latest`.
@@ -284,7 +299,7 @@ impl Watch {
         for (event, key) in events.iter().zip(keys) {
             let previous = key.as_ref().and_then(|k| latest.get(k)).and_then(Option::as_ref);
             match convert(&rules, event, previous, &now) {
-                Ok(c) => converted.push((c.event, c.name)),
+                Ok(c) => converted.push((c.event, c.name, event.bk_cursor.clone())),
                 Err(skipped) => {
                     tracing::debug!(source = %plan.source, reason = skipped.as_str(), "watch event not pushed");
                 }
@@ -296,6 +311,26 @@ impl Watch {
             }
         }
         Ok((converted, pre_images))
+    }
+
+    /// Watch events committed without being pushed because they can never be (they do not
+    /// decode, or the store cannot hold them): each is logged, counted, recorded in the
+    /// source's status (`eventsSkipped`, `lastSkipped`) and announced by a Warning Event,
+    /// so that one such event never holds up the watch and is never lost silently.
+    async fn report_skipped(&self, skipped: Vec<(String, String, &'static str)>) {
+        let resource = resource_name(self.plan.resource);
+        for (cursor, why, cause) in skipped {
+            let what = format!("{resource}: the watch event at cursor {cursor} was skipped: {why}");
+            tracing::warn!(source = %self.plan.source, resource, %cursor, cause, %why, "watch event skipped");
+            let labels = SourceErrorLabels { source: self.plan.source.clone(), resource, cause };
+            self.ctx.metrics.source_events_skipped.get_or_create(&labels).inc();
+            {
+                let mut health = self.health.lock();
+                health.events_skipped += 1;
+                health.last_skipped = Some(format!("{}: {what}", jiff::Timestamp::now()));
+            }
+            self.warn("EventSkipped", &what).await;
+        }
     }
 
     /// Reports a failed request and decides where to go on from.
@@ -358,6 +393,9 @@ impl Watch {
                     health.unreachable = Some(error.to_string());
                     health.problem = needs_a_change.then(|| Problem::new(problem_reason(&error), error.to_string()));
                 }
+                if matches!(error, WatchError::AnswerTooLarge { .. } | WatchError::PageTooLarge) {
+                    self.warn(problem_reason(&error), &format!("{resource}: {error}")).await;
+                }
                 let policy = if needs_a_change { &NEEDS_A_CHANGE } else { &TRANSIENT };
                 if !self.pause(policy).await {
                     return Next::Park;
@@ -412,6 +450,8 @@ fn problem_reason(error: &WatchError) -> &'static str {
     match error {
         WatchError::Guard(_) => "DestinationRefused",
         WatchError::Unauthorized { .. } => "CredentialsRefused",
+        WatchError::AnswerTooLarge { .. } => "AnswerTooLarge",
+        WatchError::PageTooLarge => "PageTooLarge",
         _ => "WatchRefused",
     }
 }

@@ -415,7 +415,7 @@ async fn set_up(context: &jetstream::Context, config: &stream::Config) -> Result
 
 async fn connect(settings: &JetStreamSettings) -> Result<async_nats::Client, StoreError> {
     let open_failed =
-        |source: EngineError| StoreError::Open { path: format!("NATS at {}", settings.urls.join(",")), source };
+        |source: EngineError| StoreError::Open { path: format!("NATS at {}", redacted_urls(&settings.urls)), source };
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map(|text| text.trim().to_string())
@@ -445,6 +445,21 @@ async fn connect(settings: &JetStreamSettings) -> Result<async_nats::Client, Sto
         .map_err(|source| open_failed(Box::new(source)))?;
     let client = options.connect(addresses).await.map_err(|source| open_failed(Box::new(source)))?;
     Ok(client)
+}
+
+/// NATS URLs as they may be logged: a user, password or token in one is replaced by `***`
+/// (`nats://***@nats:4222`).
+pub fn redacted_urls(urls: &[String]) -> String {
+    let redact = |url: &String| {
+        let (scheme, rest) = url.split_once("://").map_or(("", url.as_str()), |(scheme, rest)| (scheme, rest));
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        match authority.rfind('@') {
+            Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
+            Some(at) => format!("{scheme}://***{}", &rest[at..]),
+            None => url.clone(),
+        }
+    };
+    urls.iter().map(redact).collect::<Vec<_>>().join(",")
 }
 
 impl Shared {
@@ -1125,7 +1140,19 @@ async fn write_outcomes(
     }
 }
 
+/// Bytes a stored message needs beside its event body: the entry's other fields, a dead
+/// letter's reason and error, the batch and dedup headers.
+const ENVELOPE_ALLOWANCE: usize = 4096;
+
 impl EventStore for JetStreamStore {
+    fn fits(&self, body: &str) -> bool {
+        // The entry wraps the body as a JSON string (escaped) beside a few numbers; dead
+        // letters and headers add a little more.
+        let entry = serde_json::to_string(body).map_or(usize::MAX, |quoted| quoted.len());
+        let max_payload = self.shared.client.server_info().max_payload;
+        entry.saturating_add(ENVELOPE_ALLOWANCE) <= max_payload
+    }
+
     fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
         Box::pin(bounded(async move {
             if events.iter().any(|e| !e.subscriptions.is_empty()) {
@@ -1511,6 +1538,16 @@ async fn forward_wakes(mut woken: async_nats::Subscriber, wake: mpsc::UnboundedS
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn credentials_in_nats_urls_never_reach_the_log() {
+        let urls =
+            ["nats://alice:s3cret@nats-0:4222".to_string(), "tls://tok3n@nats-1:4222/x@y".into(), "nats-2:4222".into()];
+        let shown = redacted_urls(&urls);
+        assert_eq!(shown, "nats://***@nats-0:4222,tls://***@nats-1:4222/x@y,nats-2:4222");
+        assert!(!shown.contains("s3cret") && !shown.contains("tok3n") && !shown.contains("alice"));
+    }
+
     use super::*;
     use crate::store::conformance::conformance_suite;
 

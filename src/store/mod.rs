@@ -291,6 +291,9 @@ pub enum StoreError {
     /// callers answer 503 and retry later (whether the write landed is unknown).
     #[error("the store is unavailable: {detail}")]
     Unavailable { detail: String },
+    /// An event the store can never hold (`EventStore::fits`); nothing was written.
+    #[error("event {index} ({bytes} bytes) is larger than the event store holds")]
+    TooLarge { index: usize, bytes: usize },
 }
 
 /// The operations herald needs from a store. Writes that answer a caller (publish,
@@ -364,6 +367,12 @@ pub trait EventStore: Send + Sync {
     /// do (taken once; None for an engine only one process uses).
     fn wakes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<i64>> {
         None
+    }
+    /// Whether an event with this body can be stored at all (a JetStream message holds at
+    /// most the server's `max_payload`). An event that cannot is refused before anything
+    /// is written, never retried into the same refusal.
+    fn fits(&self, _body: &str) -> bool {
+        true
     }
 }
 

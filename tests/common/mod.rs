@@ -176,6 +176,31 @@ impl Cluster {
         file.to_path_buf()
     }
 
+    /// A client acting as a team member who holds nothing but namespace edit rights on
+    /// herald's resources in `namespace` (the rules of the chart's `<fullname>-edit`, in a
+    /// Role there): a ServiceAccount's token, nothing cluster-wide.
+    pub async fn namespace_editor(&self, namespace: &str) -> Client {
+        let manifest = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "herald-editor", "namespace": namespace},
+             "rules": [{"apiGroups": ["herald.dev"], "resources": ["eventsubscriptions", "cmdbsources"],
+                        "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "herald-editor", "namespace": namespace},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "herald-editor"},
+             "subjects": [{"kind": "ServiceAccount", "name": "editor", "namespace": namespace}]},
+        ]});
+        let file = std::env::temp_dir().join(format!("{namespace}-editor.json"));
+        std::fs::write(&file, manifest.to_string()).expect("write editor role");
+        let (ok, _, err) = self.kubectl(&["apply", "-f", file.to_str().expect("path")]);
+        assert!(ok, "editor role: {err}");
+        let token = self.service_account_token(namespace, "editor", "https://kubernetes.default.svc");
+        let kubeconfig =
+            self.kubeconfig_with_token(&std::env::temp_dir().join(format!("{namespace}-editor.kubeconfig")), &token);
+        let kc = Kubeconfig::read_from(&kubeconfig).expect("editor kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("editor kubeconfig");
+        Client::try_from(config).expect("editor client")
+    }
+
     pub fn subscriptions(&self, namespace: &str) -> Api<EventSubscription> {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -381,6 +406,18 @@ pub async fn wait_for(
                 current.map(|c| c.status)
             )
         }
+    }
+}
+
+/// Retries `check` every 300 ms until it passes, failing after `within` with its last word.
+pub async fn wait_until(within: Duration, what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(last) => assert!(Instant::now() < deadline, "{what} within {within:?}: {last}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

@@ -69,6 +69,22 @@ certificate paths when TLS is on.
 {{- dig "controller" "idCounter" "herald-subscription-ids" (fromYaml (include "herald.config" .)) -}}
 {{- end -}}
 
+{{/*
+The Secrets of the release namespace herald reads through the API, as a JSON list, each
+once: the ESB app credentials (config key api.esbCredentialsSecret), the signing keys
+(signingSecrets) and the CmdbSource credentials (sourceCredentialsSecrets). The chart
+itself creates no Secret; the TLS and NATS Secrets are mounted by the kubelet, which
+herald's ServiceAccount needs no rule for.
+*/}}
+{{- define "herald.readSecrets" -}}
+{{- $names := list -}}
+{{- with dig "api" "esbCredentialsSecret" "" (fromYaml (include "herald.config" .)) -}}
+{{- $names = append $names . -}}
+{{- end -}}
+{{- $names = concat $names (.Values.signingSecrets | default list) (.Values.sourceCredentialsSecrets | default list) -}}
+{{- toJson (uniq $names) -}}
+{{- end -}}
+
 {{/* The leader Lease herald holds (config key leaderElection.leaseName). */}}
 {{- define "herald.leaseName" -}}
 {{- dig "leaderElection" "leaseName" "herald-leader" (fromYaml (include "herald.config" .)) -}}
