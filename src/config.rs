@@ -97,7 +97,7 @@ impl Default for ApiConfig {
             max_body_bytes: 4 << 20,
             max_body_bytes_except_publish: 64 << 10,
             publish_buffer_bytes: 64 << 20,
-            header_read_timeout_seconds: 10,
+            header_read_timeout_seconds: 30,
             body_read_timeout_seconds: 30,
             write_timeout_seconds: 30,
             max_connections: 1024,

@@ -96,6 +96,7 @@ fn grants_secrets(rule: &Value) -> bool {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn the_chart_passes_helm_lint_strict() {
     for strict in [false, true] {
         let mut args = vec!["lint", CHART];
@@ -108,6 +109,7 @@ fn the_chart_passes_helm_lint_strict() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn the_values_schema_rejects_wrong_types() {
     let cases: [(&[&str], &str); 5] = [
         (&["--set", "replicaCount=two"], "/replicaCount"),
@@ -129,6 +131,7 @@ fn the_values_schema_rejects_wrong_types() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn the_values_schema_checks_network_policy_rules_and_secret_names() {
     let cases: [(&str, &str); 8] = [
         (r#"networkPolicy.enabled="yes""#, "/networkPolicy/enabled"),
@@ -157,6 +160,7 @@ fn the_values_schema_checks_network_policy_rules_and_secret_names() {
 /// By default herald's pods take connections on the HTTP port alone, from anywhere (or
 /// from `networkPolicy.ingressFrom`), and may connect anywhere (callbacks).
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn a_network_policy_opens_only_the_http_port_by_default() {
     let defaults = objects(&[]);
     let of_kind = |kind: &str| defaults.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
@@ -206,6 +210,7 @@ fn a_network_policy_opens_only_the_http_port_by_default() {
 
 /// `networkPolicy.egress` replaces the open egress with its rules, and DNS stays allowed.
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn restricted_egress_keeps_dns() {
     let rules = json!([
         {"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]},
@@ -226,6 +231,7 @@ fn restricted_egress_keeps_dns() {
 /// The Role reads Secrets by name only, and exactly those named in the values; with none
 /// named it has no rule on Secrets at all.
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn the_roles_secrets_rule_names_exactly_the_named_secrets() {
     let rule =
         |names: &[&str]| json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": names, "verbs": ["get"]});
@@ -263,6 +269,7 @@ fn the_roles_secrets_rule_names_exactly_the_named_secrets() {
 /// No role the chart or deploy/herald.yaml makes grants Secrets without naming them (nor
 /// through a wildcard), whatever the values.
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn no_rule_grants_secrets_without_resource_names() {
     let variants: [&[&str]; 7] = [
         &[],
@@ -312,6 +319,7 @@ fn no_rule_grants_secrets_without_resource_names() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn the_charts_crd_and_deploy_manifests_are_not_stale() {
     for file in ["eventsubscriptions.herald.dev.yaml", "cmdbsources.herald.dev.yaml"] {
         let committed = std::fs::read_to_string(format!("{ROOT}/crds/{file}")).expect("crds/");
@@ -344,6 +352,7 @@ fn the_charts_crd_and_deploy_manifests_are_not_stale() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn values_switch_the_optional_parts() {
     let defaults = render(&[]);
     assert!(!defaults.contains("kind: ServiceMonitor") && !defaults.contains("/etc/herald/tls"), "{defaults}");
@@ -388,6 +397,7 @@ fn values_switch_the_optional_parts() {
 /// Several replicas only with JetStream and leader election; then no volume, a roll that replaces one pod at a
 /// time with the new one up first, a PodDisruptionBudget, and the NATS Secret mounted.
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn jetstream_replicas_roll_keep_a_disruption_budget_and_need_no_volume() {
     let sqlite = run(Command::new(tools().join("helm")).args(["template", "herald", CHART, "--set", "replicaCount=3"]));
     assert!(!sqlite.ok && sqlite.stderr.contains("/replicaCount"), "3 replicas on one SQLite file: {sqlite}");
@@ -445,6 +455,7 @@ fn jetstream_replicas_roll_keep_a_disruption_budget_and_need_no_volume() {
 /// herald refuses unknown config keys, so a key the chart writes and herald does not know
 /// would stop the pod at start-up.
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn herald_accepts_the_config_the_chart_writes() {
     let variants: [&[&str]; 2] = [&[], &["--set", "tls.enabled=true", "--set", "tls.secretName=herald-tls"]];
     for values in variants {
@@ -458,6 +469,7 @@ fn herald_accepts_the_config_the_chart_writes() {
 /// The store quota stays under the volume it lives on, so publishes answer 503 over quota
 /// before the disk fills (with a full disk they would fail as a whole).
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn the_store_quota_follows_the_volume_size() {
     let quota = |values: &[&str]| {
         let config = herald::config::Config::from_yaml(&chart_config(values)).expect("herald's config");
@@ -472,6 +484,7 @@ fn the_store_quota_follows_the_volume_size() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn rendered_and_plain_manifests_pass_a_server_side_dry_run() {
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-dryrun", &[]).await;
@@ -510,6 +523,7 @@ async fn rendered_and_plain_manifests_pass_a_server_side_dry_run() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn install_upgrade_and_uninstall_leave_nothing_behind() {
     let cluster = cluster().await;
     // The pod must pass the restricted Pod Security Standard to be created at all.
@@ -605,6 +619,7 @@ async fn install_upgrade_and_uninstall_leave_nothing_behind() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn the_user_roles_aggregate_into_view_and_edit() {
     let cluster = cluster().await;
     let ns = cluster.namespace("herald-roles", &[]).await;
@@ -710,6 +725,7 @@ async fn the_user_roles_aggregate_into_view_and_edit() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn herald_runs_with_exactly_the_charts_permissions() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

@@ -56,6 +56,7 @@ async fn with_cookie(
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn the_console_signs_in_manages_subscriptions_and_shows_deliveries_in_chromium() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -282,6 +283,7 @@ fn session_of(response: &reqwest::Response) -> Option<String> {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -390,6 +392,7 @@ async fn esb_app_credentials_sign_in_for_the_apps_accounts_only() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn with_the_development_switch_an_empty_sign_in_is_anonymous() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

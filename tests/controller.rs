@@ -18,6 +18,7 @@ use std::time::Duration;
 const CONFIG: &str = "controller:\n  resyncSeconds: 600\n";
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn examples_apply_and_become_ready_with_distinct_ids() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -57,6 +58,7 @@ async fn examples_apply_and_become_ready_with_distinct_ids() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -133,6 +135,7 @@ async fn two_racing_allocators_give_fifty_distinct_ids_that_never_change() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_forged_id_label_is_replaced_by_a_fresh_id() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -159,6 +162,7 @@ async fn a_forged_id_label_is_replaced_by_a_fresh_id() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn invalid_specs_are_refused_at_apply_time_naming_the_field() {
     let cluster = cluster().await;
     let ns = cluster.namespace("schema", &[]).await;
@@ -243,6 +247,7 @@ async fn invalid_specs_are_refused_at_apply_time_naming_the_field() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_regex_that_does_not_compile_gives_invalid_pattern_and_a_warning_event() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -280,6 +285,7 @@ async fn a_regex_that_does_not_compile_gives_invalid_pattern_and_a_warning_event
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_second_subscription_with_the_same_account_and_name_is_a_duplicate_until_the_first_goes() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -306,20 +312,25 @@ async fn a_second_subscription_with_the_same_account_and_name_is_a_duplicate_unt
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_namespace_not_allowed_for_the_account_is_refused_until_labelled() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
     let herald_ns = cluster.namespace("tenancy-herald", &[]).await;
     let team_ns = cluster.namespace("tenancy-team", &[(SUPPLIER_ACCOUNTS_LABEL, "1")]).await;
     let _herald = Herald::start(&cluster, &herald_ns, CONFIG).await;
-    let api = cluster.subscriptions(&team_ns);
+    // A team member with namespace edit rights on herald's resources only.
+    let member = cluster.namespace_editor(&team_ns).await;
+    let api: Api<herald::crd::EventSubscription> = Api::namespaced(member.clone(), &team_ns);
     let mut spec = basic_spec("tenant-sub");
     spec["supplierAccount"] = "2".into();
     api.create(&PostParams::default(), &subscription("tenant", spec)).await.unwrap();
     wait_reason(&api, "tenant", "NamespaceNotAllowed").await;
 
-    // A cluster admin allows account 2 in that namespace.
+    // The member cannot grant it; a cluster admin allows account 2 in that namespace.
     let label = serde_json::json!({"metadata": {"labels": {SUPPLIER_ACCOUNTS_LABEL: "1.2"}}});
+    let refused = Api::<Namespace>::all(member).patch(&team_ns, &PatchParams::default(), &Patch::Merge(&label)).await;
+    assert!(matches!(refused, Err(kube::Error::Api(ref s)) if s.code == 403), "{refused:?}");
     Api::<Namespace>::all(cluster.client.clone())
         .patch(&team_ns, &PatchParams::default(), &Patch::Merge(&label))
         .await
@@ -328,6 +339,7 @@ async fn a_namespace_not_allowed_for_the_account_is_refused_until_labelled() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_spec_change_moves_generation_and_last_time_and_the_spec_stays_as_applied() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -377,6 +389,7 @@ async fn a_spec_change_moves_generation_and_last_time_and_the_spec_stays_as_appl
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn after_sigkill_and_restart_ids_are_kept_and_unchanged_objects_are_not_written() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -428,6 +441,7 @@ async fn after_sigkill_and_restart_ids_are_kept_and_unchanged_objects_are_not_wr
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn sigterm_shuts_herald_down_cleanly() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

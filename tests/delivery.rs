@@ -56,6 +56,7 @@ async fn wait_statistics(
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -132,6 +133,7 @@ async fn published_events_reach_exactly_the_matching_ready_subscriptions() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn confirm_modes_gone_and_throttling() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -198,6 +200,7 @@ async fn confirm_modes_gone_and_throttling() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn retries_dead_letters_and_replay() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -266,6 +269,7 @@ async fn get_data(herald: &Herald, path: &str) -> serde_json::Value {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn the_delivery_log_shows_each_attempt_and_the_minutes_count_them() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -330,6 +334,7 @@ async fn the_delivery_log_shows_each_attempt_and_the_minutes_count_them() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -361,6 +366,7 @@ async fn a_callback_past_its_timeout_is_a_failed_attempt_within_the_deadline() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_hanging_callback_never_delays_another_subscription() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -387,6 +393,7 @@ async fn a_hanging_callback_never_delays_another_subscription() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -483,6 +490,7 @@ async fn sigkill_during_a_stream_loses_nothing_and_keeps_order() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn status_writes_stay_within_the_budget_whatever_the_event_rate() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -525,6 +533,7 @@ async fn status_writes_stay_within_the_budget_whatever_the_event_rate() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_100_mb_response_body_costs_at_most_the_body_cap_in_memory() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -549,6 +558,7 @@ async fn a_100_mb_response_body_costs_at_most_the_body_cap_in_memory() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn only_the_lease_holder_is_ready_and_a_successor_takes_over() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

@@ -131,6 +131,7 @@ fn carried(record: &Value) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -315,6 +316,7 @@ async fn an_import_from_another_herald_keeps_ids_fields_operators_and_statistics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn two_imports_racing_over_the_same_records_give_each_record_one_object_with_its_id() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -382,6 +384,7 @@ async fn two_imports_racing_over_the_same_records_give_each_record_one_object_wi
 /// trusted, an id above `controller.maxImportedId` is refused too. (Before: the 2^53
 /// import was honoured and the next REST create was answered 9007199254740993.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_namespace_editor_cannot_claim_imported_ids_or_break_id_allocation() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -408,16 +411,13 @@ async fn a_namespace_editor_cannot_claim_imported_ids_or_break_id_allocation() {
     assert_eq!(data.get("imported").map(String::as_str), Some(""), "no import was recorded: {data:?}");
 
     // The next REST create in herald's namespace gets an ordinary id.
-    let created: Value = reqwest::Client::new()
-        .post(herald.url("/api/v3/event/subscribe/0/3"))
-        .json(&json!({"subscription_name": "next", "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let next = created["data"]["subscription_id"].as_i64().unwrap_or_else(|| panic!("{created}"));
+    let created = rest(
+        &herald,
+        "/api/v3/event/subscribe/0/3",
+        json!({"subscription_name": "next", "callback_url": "http://127.0.0.1:9/", "subscription_form": "hostcreate"}),
+    )
+    .await;
+    let next = created["subscription_id"].as_i64().unwrap_or_else(|| panic!("{created}"));
     assert!((1..1000).contains(&next), "{created}");
 
     // Where import is trusted (herald's namespace), the migration gets 5000; an id above

@@ -145,6 +145,7 @@ fn host_ids(received: &[common::callback::Received]) -> HashSet<i64> {
 }
 
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn helm_install_runs_herald_as_a_pod_that_delivers_and_keeps_accepted_events_across_pods() {
     let cluster = cluster().await;
     let node = Node::from_env();

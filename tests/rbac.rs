@@ -676,6 +676,7 @@ const ESB_APPS: &str = "apps:\n- appCode: cmdb\n  appSecret: s3cret\n  accounts:
 
 /// Every observation the tests below take away, with all of the chart's rules.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn with_every_rule_each_path_works() {
     let _turn = exclusive().await;
     let mut setup = Setup::new(&[]).await;
@@ -807,6 +808,7 @@ async fn with_every_rule_each_path_works() {
 /// The controller's subscription cache is filled by a list: without it herald never
 /// syncs its caches, so it never reports ready.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_list_herald_never_becomes_ready() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_LIST]).await;
@@ -817,6 +819,7 @@ async fn without_eventsubscriptions_list_herald_never_becomes_ready() {
 /// The cache is kept current by a watch: without it herald becomes ready on the initial
 /// list, but a subscription created afterwards is never seen, so never gets an id.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_watch_new_subscriptions_are_never_seen() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_WATCH]).await;
@@ -839,6 +842,7 @@ async fn without_eventsubscriptions_watch_new_subscriptions_are_never_seen() {
 /// Without `get` the re-read is refused and the reconcile fails (it succeeds on the retry
 /// from the cache).
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_get_a_lost_id_race_cannot_be_reread() {
     let _turn = exclusive().await;
     let mut setup = Setup::new(&[ESUB_GET, NAMESPACES_LIST, NAMESPACES_WATCH]).await;
@@ -866,6 +870,7 @@ async fn without_eventsubscriptions_get_a_lost_id_race_cannot_be_reread() {
 /// `patch` is every server-side apply on subscriptions: the controller's id label, and
 /// the REST API's update and create. Status (its own subresource) is still written.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_patch_no_id_label_and_no_rest_writes() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_PATCH]).await;
@@ -896,6 +901,7 @@ async fn without_eventsubscriptions_patch_no_id_label_and_no_rest_writes() {
 
 /// `delete` is the REST API's delete.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_delete_rest_deletes_fail() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_DELETE]).await;
@@ -915,6 +921,7 @@ async fn without_eventsubscriptions_delete_rest_deletes_fail() {
 
 /// `eventsubscriptions/status` `patch` is every status write: no id, no Ready condition.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_status_patch_no_status_is_written() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[STATUS_PATCH]).await;
@@ -956,6 +963,7 @@ async fn wait_source_status(api: &Api<herald::crd::CmdbSource>, name: &str) {
 /// `cmdbsources` `list` is the sources' cache: without it no source is read (herald itself
 /// still serves), and none gets a status.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_cmdbsources_list_no_source_is_read() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[CSRC_LIST]).await;
@@ -971,6 +979,7 @@ async fn without_cmdbsources_list_no_source_is_read() {
 /// The cache is kept current by a watch: without it a source created after the first list
 /// is never seen.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_cmdbsources_watch_new_sources_are_never_seen() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[CSRC_WATCH]).await;
@@ -987,6 +996,7 @@ async fn without_cmdbsources_watch_new_sources_are_never_seen() {
 
 /// `cmdbsources/status` `patch` is every source status write.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_cmdbsources_status_patch_no_source_status_is_written() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[CSRC_STATUS_PATCH]).await;
@@ -1005,6 +1015,7 @@ async fn without_cmdbsources_status_patch_no_source_status_is_written() {
 /// `events` `create` records the Warning Event of an invalid subscription; without it the
 /// subscription still becomes Ready=False, but no Event appears.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_events_create_no_warning_event_is_recorded() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[EVENTS_CREATE]).await;
@@ -1021,6 +1032,7 @@ async fn without_events_create_no_warning_event_is_recorded() {
 /// `events` `patch`: the event recorder counts a repeat of the same warning on the same
 /// subscription in the existing Event's series. Without it the repeat is lost.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_events_patch_a_repeated_warning_is_not_counted() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[EVENTS_PATCH]).await;
@@ -1046,6 +1058,7 @@ async fn without_events_patch_a_repeated_warning_is_not_counted() {
 /// Tenancy reads every namespace's label from one cache filled by a list: without it the
 /// cache never syncs and herald never becomes ready.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_namespaces_list_herald_never_becomes_ready() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[NAMESPACES_LIST]).await;
@@ -1056,6 +1069,7 @@ async fn without_namespaces_list_herald_never_becomes_ready() {
 /// The tenancy cache is kept current by a watch: without it herald starts, but a namespace
 /// labelled for an account afterwards stays refused.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_namespaces_watch_tenancy_label_changes_are_never_seen() {
     let _turn = exclusive().await;
     let mut setup = Setup::new(&[NAMESPACES_WATCH]).await;
@@ -1086,6 +1100,7 @@ async fn without_namespaces_watch_tenancy_label_changes_are_never_seen() {
 /// A REST call with a bearer token is first a TokenReview: without it the call answers
 /// 500 with 1199999 (herald cannot tell who is calling).
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_tokenreviews_create_bearer_tokens_cannot_be_checked() {
     let _turn = exclusive().await;
     let mut setup = Setup::new(&[TOKENREVIEWS_CREATE]).await;
@@ -1101,6 +1116,7 @@ async fn without_tokenreviews_create_bearer_tokens_cannot_be_checked() {
 /// Then a SubjectAccessReview on the supplier account: without it the call answers 500
 /// with 1199999 (herald cannot tell whether the caller may).
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_subjectaccessreviews_create_bearer_tokens_cannot_be_authorised() {
     let _turn = exclusive().await;
     let mut setup = Setup::new(&[SARS_CREATE]).await;
@@ -1119,6 +1135,7 @@ async fn without_subjectaccessreviews_create_bearer_tokens_cannot_be_authorised(
 /// A REST create is a server-side apply of a new object in herald's namespace, which
 /// needs `create` as well as `patch`; updating an existing one does not.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_eventsubscriptions_create_rest_creates_fail() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[ESUB_CREATE]).await;
@@ -1140,6 +1157,7 @@ async fn without_eventsubscriptions_create_rest_creates_fail() {
 
 /// Ids are reserved from the counter ConfigMap, read first.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_counter_get_no_subscription_gets_an_id() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[COUNTER_GET]).await;
@@ -1155,6 +1173,7 @@ async fn without_counter_get_no_subscription_gets_an_id() {
 /// Once the counter exists, every reservation is an update of it (with the
 /// resourceVersion read): without `update` no subscription gets an id.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_counter_update_no_id_once_the_counter_exists() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[COUNTER_UPDATE]).await;
@@ -1177,6 +1196,7 @@ async fn without_counter_update_no_id_once_the_counter_exists() {
 
 /// On a fresh install the first reservation creates the counter.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_configmaps_create_the_first_id_is_never_reserved() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[CONFIGMAPS_CREATE]).await;
@@ -1193,6 +1213,7 @@ async fn without_configmaps_create_the_first_id_is_never_reserved() {
 
 /// Leadership starts by reading the Lease; herald serves only as leader.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_lease_get_herald_never_becomes_ready() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[LEASE_GET]).await;
@@ -1202,6 +1223,7 @@ async fn without_lease_get_herald_never_becomes_ready() {
 
 /// An existing Lease (every restart after the first start) is taken by an update.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_lease_update_an_existing_lease_is_never_taken() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[LEASE_UPDATE]).await;
@@ -1217,6 +1239,7 @@ async fn without_lease_update_an_existing_lease_is_never_taken() {
 
 /// On a fresh install the first start creates the Lease.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_leases_create_herald_never_becomes_ready_on_a_fresh_install() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[LEASES_CREATE]).await;
@@ -1227,6 +1250,7 @@ async fn without_leases_create_herald_never_becomes_ready_on_a_fresh_install() {
 /// Delivery reads a signed subscription's key from its Secret: without `get` every
 /// attempt fails, and the status says which Secret could not be read.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_secrets_get_signed_subscriptions_cannot_be_delivered() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[SECRETS_GET]).await;
@@ -1251,6 +1275,7 @@ async fn without_secrets_get_signed_subscriptions_cannot_be_delivered() {
 /// The ESB app credentials Secret is read at start-up: without `get` herald stops with an
 /// error that names the Secret.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn without_secrets_get_esb_credentials_cannot_be_read() {
     let _turn = exclusive().await;
     let setup = Setup::new(&[SECRETS_GET]).await;
@@ -1270,6 +1295,7 @@ async fn without_secrets_get_esb_credentials_cannot_be_read() {
 /// in its own. herald itself, delivering for a subscription whose signing Secret lives in
 /// the subscription's (tenant) namespace, is refused that Secret.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn herald_is_refused_secrets_outside_its_namespace() {
     let _turn = exclusive().await;
     let mut setup = Setup::new(&[]).await;
@@ -1358,6 +1384,7 @@ async fn assert_queued_not_delivered(herald: &HeraldRun, receiver: &CallbackServ
 
 /// With every rule: the one replica holds every shard, renews them, and delivers.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn on_jetstream_with_every_rule_shards_are_held_renewed_and_deliver() {
     let _turn = exclusive().await;
     let (setup, receiver, herald) = jetstream_setup(&[]).await;
@@ -1383,6 +1410,7 @@ async fn assert_no_shard_is_held(cut: Perm, logged: &[&str]) {
 
 /// Shards are taken after reading their Leases: without `get` none is held.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_delivered() {
     let _turn = exclusive().await;
     let logged = ["renewing this replica's member Lease failed", "cannot get resource", "leases"];
@@ -1392,6 +1420,7 @@ async fn on_jetstream_without_leases_get_no_shard_is_held_and_nothing_is_deliver
 /// The fair share counts the live replicas by listing Leases: without `list` this replica
 /// never knows its share, so it takes none.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delivered() {
     let _turn = exclusive().await;
     assert_no_shard_is_held(SHARD_LEASES_LIST, &["listing shard Leases failed", "cannot list resource", "leases"])
@@ -1401,6 +1430,7 @@ async fn on_jetstream_without_leases_list_no_shard_is_held_and_nothing_is_delive
 /// A fresh shard Lease is created (`create`), but renewing it is an update: without
 /// `update` every shard is given up before its Lease can expire, and none is taken again.
 #[tokio::test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn on_jetstream_without_leases_update_shards_are_given_up_when_they_need_renewing() {
     let _turn = exclusive().await;
     let (setup, receiver, herald) = jetstream_setup(&[SHARD_LEASES_UPDATE]).await;
@@ -1426,6 +1456,7 @@ async fn on_jetstream_without_leases_update_shards_are_given_up_when_they_need_r
 /// alone, and docs/rbac.md names that test; no test takes away a verb the chart no longer
 /// grants.
 #[test]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 fn every_verb_of_every_rule_has_a_test() {
     // The default render, and the JetStream one with its extra rule.
     let mut all: Vec<Grant> =

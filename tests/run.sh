@@ -15,10 +15,10 @@ cd "$root"
 if [ -z "${HERALD_TEST_NETNS:-}" ]; then
   # Format and lint first: they are the cheapest failures.
   cargo fmt --check
-  cargo clippy --locked --all-targets -- -D warnings
+  cargo clippy --locked --all-targets --all-features -- -D warnings
 
   bin=$(tests/controlplane/build-tools.sh)
-  cargo build --locked --bins --tests
+  cargo build --locked --bins --tests --features cluster,nats
   images=$(mktemp -d "${HERALD_STATE_ROOT:-/dev/shm}/herald-images.XXXXXX")
   trap 'rm -rf "$images"' EXIT
   tests/node/prepare.sh "$images" target/debug/herald
@@ -48,4 +48,8 @@ kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev crd/c
 tests/node/up.sh "$state" "$HERALD_NODE_IMAGES"
 source "$state/env"
 
-cargo test --locked "$@"
+# Both tiers: what plain `cargo test` runs anywhere, and what needs all of the above.
+listed=$(cargo test --locked --features cluster,nats -q -- --list 2>/dev/null | grep -c ': test$' || true)
+cluster_tier=$(grep -rhoE 'ignore = "(cluster tier|needs NATS)' tests src | wc -l)
+echo "test tiers: $((listed - cluster_tier)) run anywhere (cargo test), $cluster_tier need the cluster tier (turned on here: --features cluster,nats)"
+cargo test --locked --features cluster,nats "$@"

@@ -418,9 +418,11 @@ impl<K: Clone + Eq + Hash, V: Clone> BoundedCache<K, V> {
 /// Callers waiting on the same question, by digest: one review answers them all.
 type Asking = Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>;
 
-/// A caller's claim on a question while it waits for, or makes, the review. Dropping it
-/// forgets the question unless another caller has since put a newer one in its place, so
-/// the map holds only questions being asked, whatever path the caller leaves by.
+/// A caller's claim on a question while it waits for, or makes, the review. The last
+/// caller to drop its claim forgets the question (the map's own reference and this one
+/// are all that is left), so later callers of the same question keep sharing one turn even
+/// when the first review failed, and the map holds only questions being asked, whatever
+/// path the callers leave by.
 struct Question<'a> {
     asking: &'a Asking,
     key: Digest,
@@ -437,7 +439,8 @@ impl<'a> Question<'a> {
 impl Drop for Question<'_> {
     fn drop(&mut self) {
         let mut asking = self.asking.lock();
-        if asking.get(&self.key).is_some_and(|turn| Arc::ptr_eq(turn, &self.turn)) {
+        // Counted under the map's lock, which every `join` takes: no claim can appear meanwhile.
+        if asking.get(&self.key).is_some_and(|turn| Arc::ptr_eq(turn, &self.turn) && Arc::strong_count(turn) == 2) {
             asking.remove(&self.key);
         }
     }
@@ -817,12 +820,9 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_bearer_token_is_refused_without_a_token_review() {
         let (listener, client) = silent_api_server();
-        let auth = Authenticator::new(
-            client,
-            &crate::config::AuthConfig::default(),
-            EsbApps::default(),
-            Arc::new(Metrics::new(false)),
-        );
+        let metrics = Arc::new(Metrics::new(false));
+        let auth =
+            Authenticator::new(client, &crate::config::AuthConfig::default(), EsbApps::default(), metrics.clone());
         let oversized = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
         for header in ["Bearer abc def", "Bearer abc\u{1}", oversized.as_str(), "Bearer eyJhbGciOiJIUzI1NiJ9.eyJ=.x"] {
             let refused = auth.bearer(Some(header)).await;
@@ -832,8 +832,8 @@ mod tests {
         }
         tokio::task::yield_now().await;
         assert!(listener.accept().is_err(), "the API server was never contacted");
-        let metrics = crate::telemetry::Metrics::new(false).encode();
-        assert!(metrics.contains("herald_auth_rejected_tokens_total"), "{metrics}");
+        let metrics = metrics.encode();
+        assert!(metrics.lines().any(|l| l == "herald_auth_rejected_tokens_total 4"), "{metrics}");
         // The contrast: a well-formed token is sent for review (which this server never answers).
         let token = format!("Bearer {JWT}");
         let reviewed = tokio::time::timeout(Duration::from_millis(500), auth.bearer(Some(&token))).await;

@@ -221,7 +221,10 @@ fn read_error(error: axum::Error) -> BodyError {
 
 fn refuse(headers: &HeaderMap, flavour: Flavour, error: &BodyError) -> Response {
     let call = Call::from_headers(headers);
-    let refusal = ApiError::new(ErrorCode::JsonDecode).with_detail(error.to_string());
+    // A body refused for its size or pace is a bad request; one refused because herald is
+    // holding too many is an overload, answered as every other (1199999).
+    let code = if matches!(error, BodyError::Busy(_)) { ErrorCode::Internal } else { ErrorCode::JsonDecode };
+    let refusal = ApiError::new(code).with_detail(error.to_string());
     let mut response = match flavour {
         Flavour::Direct => call.direct_error(error.status(), &refusal, None),
         Flavour::Esb => call.direct(StatusCode::OK, envelope::esb_err(&refusal, call.lang, None, &call.request_id)),

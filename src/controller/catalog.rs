@@ -150,7 +150,11 @@ impl Catalog {
         }
         let id = subscription_id(&sub);
         if let Some(id) = id {
-            state.highest_id = state.highest_id.max(id);
+            // An id past MAX_ID (one forged before ids were bounded) must not drag every
+            // later allocation past it; that subscription is refused instead.
+            if id <= super::ids::MAX_ID {
+                state.highest_id = state.highest_id.max(id);
+            }
             state.by_id.insert(id, uid.clone());
         }
         let holders = state.by_name.entry(key.clone()).or_default();

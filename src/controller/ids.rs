@@ -128,8 +128,8 @@ impl Counter {
     /// Records `wanted` as the imported id of `uid`. Refused when herald reserved it (it
     /// may have handed it out, to an object since deleted too) or it went to another
     /// object. Returns whether the counter changed.
-    pub fn claim(&mut self, wanted: i64, uid: &str, ceiling: i64) -> Result<bool, String> {
-        if !(1..=ceiling.min(MAX_ID)).contains(&wanted) {
+    pub fn claim(&mut self, wanted: i64, uid: &str) -> Result<bool, String> {
+        if !(1..=MAX_ID).contains(&wanted) {
             return Err(format!("id {wanted} is out of range"));
         }
         if self.reserved.iter().any(|r| r.contains(&wanted)) {
@@ -199,13 +199,12 @@ impl IdAllocator {
         Ok(id)
     }
 
-    /// Takes `wanted` (an imported id, at most `ceiling`) for the object `uid`, recorded in
-    /// the counter so that no other object ever gets it. None when it is refused (see
-    /// `Counter::claim`).
-    pub async fn claim_imported(&self, wanted: i64, uid: &str, ceiling: i64) -> Result<Option<i64>, Error> {
+    /// Takes `wanted` (an imported id) for the object `uid`, recorded in the counter so
+    /// that no other object ever gets it. None when it is refused (see `Counter::claim`).
+    pub async fn claim_imported(&self, wanted: i64, uid: &str) -> Result<Option<i64>, Error> {
         // Serialised with allocation: the in-memory block is below every imported id.
         let _block = self.state.lock().await;
-        match self.update(|counter| counter.claim(wanted, uid, ceiling).map(|changed| (wanted, changed))).await? {
+        match self.update(|counter| counter.claim(wanted, uid).map(|changed| (wanted, changed))).await? {
             Ok(id) => Ok(Some(id)),
             Err(reason) => {
                 tracing::info!(id = wanted, %reason, "imported id refused");
@@ -304,20 +303,15 @@ mod tests {
     fn an_imported_id_goes_to_one_object_once_and_never_where_herald_allocated() {
         let mut c = Counter::parse(None).unwrap();
         assert_eq!(c.reserve(0, 10), Ok(1..11));
-        assert_eq!(
-            c.claim(5, "a", MAX_ID),
-            Err("id 5 was handed out by herald".into()),
-            "also after its object is deleted"
-        );
-        assert_eq!(c.claim(103, "a", MAX_ID), Ok(true));
-        assert_eq!(c.claim(102, "b", MAX_ID), Ok(true), "imports in any order");
-        assert_eq!(c.claim(103, "a", MAX_ID), Ok(false), "the same object again");
-        assert_eq!(c.claim(103, "c", MAX_ID), Err("id 103 was imported for another subscription".into()));
+        assert_eq!(c.claim(5, "a"), Err("id 5 was handed out by herald".into()), "also after its object is deleted");
+        assert_eq!(c.claim(103, "a"), Ok(true));
+        assert_eq!(c.claim(102, "b"), Ok(true), "imports in any order");
+        assert_eq!(c.claim(103, "a"), Ok(false), "the same object again");
+        assert_eq!(c.claim(103, "c"), Err("id 103 was imported for another subscription".into()));
         assert_eq!(c.reserve(0, 10), Ok(104..114), "new ids above every imported one");
         for outside in [MAX_ID + 1, 0, -1] {
-            assert!(c.claim(outside, "d", MAX_ID).is_err(), "{outside}");
+            assert!(c.claim(outside, "d").is_err(), "{outside}");
         }
-        assert!(c.claim(1000, "d", 999).is_err(), "above the configured ceiling");
         let round_trip = Counter::parse(Some(&c.to_data())).unwrap();
         assert_eq!(round_trip, c);
     }
@@ -325,9 +319,9 @@ mod tests {
     #[test]
     fn a_counter_from_before_the_reserved_key_counts_everything_below_next_as_handed_out() {
         let mut old = counter("21", None);
-        assert!(old.claim(20, "a", MAX_ID).is_err());
-        assert_eq!(old.claim(21, "a", MAX_ID), Ok(true));
-        assert!(counter("21", Some("")).claim(20, "a", MAX_ID).is_ok(), "an explicit empty list is believed");
+        assert!(old.claim(20, "a").is_err());
+        assert_eq!(old.claim(21, "a"), Ok(true));
+        assert!(counter("21", Some("")).claim(20, "a").is_ok(), "an explicit empty list is believed");
     }
 
     #[test]

@@ -298,10 +298,7 @@ fn import_refusal(ctx: &Context, sub: &EventSubscription, wanted: i64) -> Option
 async fn decide_id(sub: &EventSubscription, ctx: &Context) -> Result<i64, Error> {
     if let Some(wanted) = validation::imported_id(sub)
         && import_refusal(ctx, sub, wanted).is_none()
-        && let Some(id) = ctx
-            .ids
-            .claim_imported(wanted, &sub.uid().unwrap_or_default(), ctx.config.controller.max_imported_id)
-            .await?
+        && let Some(id) = ctx.ids.claim_imported(wanted, &sub.uid().unwrap_or_default()).await?
     {
         return Ok(id);
     }

@@ -13,6 +13,7 @@ pub const REASON_NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
 pub const REASON_IMPORTED_ID_TAKEN: &str = "ImportedIdTaken";
 pub const REASON_IMPORT_NOT_ALLOWED: &str = "ImportNotAllowed";
 pub const REASON_IMPORTED_ID_OUT_OF_RANGE: &str = "ImportedIdOutOfRange";
+pub const REASON_ID_OUT_OF_RANGE: &str = "IdOutOfRange";
 
 /// The id an imported subscription asks to keep (its `herald.dev/imported-id`), when it
 /// is an integer; whether it is one herald may give is `import_refusal`'s to say.
@@ -40,23 +41,37 @@ pub fn import_refusal(wanted: i64, trusted: bool, ceiling: i64, account: &str, n
     })
 }
 
-/// An imported subscription receives events only under the id it came with: its
-/// receivers key on `subscription_id`. It got another id because it was not allowed that
-/// one (`refusal`) or another object held it.
+/// Whether `sub` may receive under `id`. An id past `MAX_ID` (decided before ids were
+/// bounded) never may. An imported subscription receives only under the id it came with
+/// (its receivers key on `subscription_id`), and only while its import is allowed
+/// (`refusal`), checked on every reconcile like every other grant: one that took its id
+/// before the import grant existed, or after it was withdrawn, receives nothing.
 pub fn check_imported_id(
     sub: &EventSubscription,
     id: i64,
     refusal: impl Fn(i64) -> Option<Invalid>,
 ) -> Result<(), Invalid> {
-    match imported_id(sub) {
-        Some(wanted) if wanted != id => Err(refusal(wanted).unwrap_or_else(|| Invalid {
+    if id > MAX_ID {
+        return Err(Invalid {
+            reason: REASON_ID_OUT_OF_RANGE,
+            message: format!(
+                "id {id} is past {MAX_ID}, the largest a JSON client reads exactly; delete this subscription (docs/migration.md)"
+            ),
+        });
+    }
+    let Some(wanted) = imported_id(sub) else { return Ok(()) };
+    if let Some(refused) = refusal(wanted) {
+        return Err(refused);
+    }
+    if wanted != id {
+        return Err(Invalid {
             reason: REASON_IMPORTED_ID_TAKEN,
             message: format!(
                 "the imported id {wanted} was not free when this subscription's id was decided (herald had handed it out, or imported it for another subscription), or the annotation was added later; it has id {id} and receives nothing"
             ),
-        })),
-        _ => Ok(()),
+        });
     }
+    Ok(())
 }
 
 /// Order of age: the older subscription keeps a contested name. Ties on the
@@ -131,6 +146,21 @@ mod tests {
     use crate::tenancy::{Grant, namespace_grants};
     use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    #[test]
+    fn an_id_decided_before_the_bounds_is_refused_on_every_reconcile() {
+        let mut imported = sub("team-a", "forged", "u1", 1, None, "forged");
+        imported.metadata.annotations =
+            Some([(IMPORTED_ID_ANNOTATION.to_string(), "5000".to_string())].into_iter().collect());
+        let untrusted = |wanted| import_refusal(wanted, false, 1_000_000, "0", "team-a");
+        let refused = check_imported_id(&imported, 5000, untrusted).expect_err("its import was never allowed");
+        assert_eq!(refused.reason, REASON_IMPORT_NOT_ALLOWED, "although it holds the id it asked for");
+        assert!(check_imported_id(&imported, 5000, |_| None).is_ok(), "allowed: it receives");
+        let plain = sub("team-a", "plain", "u2", 1, None, "plain");
+        let past = check_imported_id(&plain, MAX_ID + 1, |_| None).expect_err("past MAX_ID");
+        assert_eq!(past.reason, REASON_ID_OUT_OF_RANGE);
+        assert!(check_imported_id(&plain, MAX_ID, |_| None).is_ok());
+    }
 
     #[test]
     fn an_imported_id_is_honoured_only_where_trusted_and_within_the_ceiling() {

@@ -220,7 +220,10 @@ impl Delivery {
     /// Refused whole (`StoreError::TooLarge`) when one of the events can never be stored.
     pub async fn publish(self: &Arc<Self>, events: Vec<(StoredEvent, String)>) -> Result<Published, StoreError> {
         let matched = self.matched(&events);
-        if let Some(index) = matched.iter().position(|event| !self.store.fits(&event.body)) {
+        // An event no subscription matches is acknowledged and never stored, whatever its size.
+        if let Some(index) =
+            matched.iter().position(|event| !event.subscriptions.is_empty() && !self.store.fits(&event.body))
+        {
             return Err(StoreError::TooLarge { index, bytes: matched[index].body.len() });
         }
         let fanouts = self.store.publish(matched).await?;
@@ -239,7 +242,7 @@ impl Delivery {
         let mut too_large = Vec::new();
         let mut kept = Vec::with_capacity(events.len());
         for (index, event) in self.matched(&events).into_iter().enumerate() {
-            if self.store.fits(&event.body) {
+            if event.subscriptions.is_empty() || self.store.fits(&event.body) {
                 kept.push(event);
             } else {
                 too_large.push(index);

@@ -129,7 +129,11 @@ mod tests {
 
         let direct = Outbound::new(&allowed).unwrap();
         direct.telnet("127.0.0.1", target.port(), timeout).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The connection was made when telnet returned; the listener counts it when it runs.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dialled.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(dialled.load(Ordering::SeqCst), 1, "without a proxy telnet dials the target");
 
         let config = GuardConfig { proxy: Some(format!("http://{proxy}")), ..allowed };

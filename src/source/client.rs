@@ -6,7 +6,7 @@
 
 use super::convert::WatchEvent;
 use crate::crd::SourceApi;
-use crate::outbound::body::{BodyEnd, ByteBudget, read_body};
+use crate::outbound::body::{BodyEnd, ByteBudget, HeldBytes, read_body};
 use crate::outbound::guard::GuardError;
 use crate::outbound::{Outbound, describe};
 use serde::Deserialize;
@@ -62,12 +62,15 @@ pub struct Endpoint {
 
 /// A watch answer: the events after the position (oldest first, empty when bk-cmdb had
 /// none) and the cursor to continue after.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Page {
     pub events: Vec<WatchEvent>,
     pub cursor: String,
     /// Events of the page that do not decode as watch events: skipped, not retried.
     pub undecodable: Vec<Undecodable>,
+    /// The answer's bytes, still counted against the read budget: the decoded page takes
+    /// their place until it is committed (`sources.readBudgetBytes`).
+    pub held: HeldBytes,
 }
 
 /// A watch event that does not decode (its cursor when that much could be read).
@@ -195,8 +198,9 @@ impl Endpoint {
                 return Err(WatchError::ReadBudgetExhausted { budget: self.read_budget.capacity() });
             }
         }
-        // The answer's bytes stay counted against the budget until the page is decoded.
-        parse_answer(status, &answer.bytes, matches!(position, Position::StartFrom(_)))
+        let mut page = parse_answer(status, &answer.bytes, matches!(position, Position::StartFrom(_)))?;
+        page.held = answer.held;
+        Ok(page)
     }
 }
 
@@ -316,7 +320,7 @@ pub fn parse_answer(status: u16, body: &[u8], started_from_time: bool) -> Result
     .filter(|c| !c.is_empty());
     let Some(cursor) = cursor else { return Err(WatchError::Malformed("no cursor in data.bk_events".into())) };
     if !watched {
-        return Ok(Page { events: Vec::new(), cursor, undecodable: Vec::new() });
+        return Ok(Page { events: Vec::new(), cursor, undecodable: Vec::new(), held: HeldBytes::default() });
     }
     let (mut decoded, mut undecodable) = (Vec::with_capacity(events.len()), Vec::new());
     for event in events {
@@ -325,7 +329,7 @@ pub fn parse_answer(status: u16, body: &[u8], started_from_time: bool) -> Result
             Err(odd) => undecodable.push(odd),
         }
     }
-    Ok(Page { events: decoded, cursor, undecodable })
+    Ok(Page { events: decoded, cursor, undecodable, held: HeldBytes::default() })
 }
 
 /// bk-cmdb's message as herald repeats it in logs, conditions and Events: a server's

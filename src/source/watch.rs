@@ -8,7 +8,7 @@ use super::SourceContext;
 use super::client::{Endpoint, FULL_PAGE, Page, Position, WatchError};
 use super::convert::{Rules, WatchEvent, convert, instance_key, resource_name};
 use super::status::{Health, Problem};
-use crate::crd::{ExpiryPolicy, WatchEventType, WatchResource};
+use crate::crd::{ExpiryPolicy, PUBLISH_ACCOUNTS_LABEL, WatchEventType, WatchResource};
 use crate::delivery::retry::backoff;
 use crate::effective::RetryPolicy;
 use crate::event::StoredEvent;
@@ -169,7 +169,9 @@ impl Watch {
         while !self.ctx.tenancy.grants(Grant::Publish, &self.plan.supplier_account, &self.plan.namespace) {
             self.set_problem(Some(Problem::new(
                 "AccountNotAllowed",
-                "the namespace may no longer publish this account",
+                format!(
+                    "the namespace may no longer publish into this account: its {PUBLISH_ACCOUNTS_LABEL} grant was withdrawn"
+                ),
             )));
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -217,7 +219,8 @@ impl Watch {
 
     /// Converts and commits a page; returns the cursor to continue after.
     async fn commit(&mut self, page: Page, marker: bool) -> Result<String, StoreError> {
-        let Page { events, cursor, undecodable } = page;
+        // `_held` keeps the answer's share of the read budget until the page is committed.
+        let Page { events, cursor, undecodable, held: _held } = page;
         let read = i64::try_from(events.len() + undecodable.len()).unwrap_or(i64::MAX);
         let full = events.len() + undecodable.len() >= FULL_PAGE;
         let (converted, pre_images) = if marker { (Vec::new(), Vec::new()) } else { self.convert(&events).await? };
@@ -314,23 +317,29 @@ impl Watch {
     }
 
     /// Watch events committed without being pushed because they can never be (they do not
-    /// decode, or the store cannot hold them): each is logged, counted, recorded in the
-    /// source's status (`eventsSkipped`, `lastSkipped`) and announced by a Warning Event,
-    /// so that one such event never holds up the watch and is never lost silently.
+    /// decode, or the store cannot hold them): each is logged and counted, the last is
+    /// recorded in the source's status (`eventsSkipped`, `lastSkipped`), and one Warning
+    /// Event a page says how many, so that such an event never holds up the watch, is never
+    /// lost silently, and costs the API server one write a page at most.
     async fn report_skipped(&self, skipped: Vec<(String, String, &'static str)>) {
         let resource = resource_name(self.plan.resource);
-        for (cursor, why, cause) in skipped {
-            let what = format!("{resource}: the watch event at cursor {cursor} was skipped: {why}");
+        let Some((cursor, why, _)) = skipped.last().cloned() else { return };
+        for (cursor, why, cause) in &skipped {
             tracing::warn!(source = %self.plan.source, resource, %cursor, cause, %why, "watch event skipped");
             let labels = SourceErrorLabels { source: self.plan.source.clone(), resource, cause };
             self.ctx.metrics.source_events_skipped.get_or_create(&labels).inc();
-            {
-                let mut health = self.health.lock();
-                health.events_skipped += 1;
-                health.last_skipped = Some(format!("{}: {what}", jiff::Timestamp::now()));
-            }
-            self.warn("EventSkipped", &what).await;
         }
+        let last = format!("{resource}: the watch event at cursor {cursor} was skipped: {why}");
+        {
+            let mut health = self.health.lock();
+            health.events_skipped += i64::try_from(skipped.len()).unwrap_or(i64::MAX);
+            health.last_skipped = Some(format!("{}: {last}", jiff::Timestamp::now()));
+        }
+        let note = match skipped.len() {
+            1 => last,
+            n => format!("{n} watch events of one page were skipped; the last: {last}"),
+        };
+        self.warn("EventSkipped", &note).await;
     }
 
     /// Reports a failed request and decides where to go on from.
@@ -383,6 +392,16 @@ impl Watch {
                 }
                 self.warn("CursorExpired", &format!("{resource}: {note}")).await;
                 Next::Retry(Position::Now)
+            }
+            // Other watches hold the shared read budget: bk-cmdb is fine and so is this watch,
+            // so nothing is reported as wrong; it asks again in a second or so.
+            WatchError::ReadBudgetExhausted { .. } => {
+                tracing::debug!(source = %self.plan.source, resource, "read budget spent; reading again shortly");
+                let delay = Duration::from_millis(500 + fastrand::u64(..1000));
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => Next::Retry(position.clone()),
+                    () = self.stop.cancelled() => Next::Park,
+                }
             }
             error => {
                 let needs_a_change = error.needs_a_change();

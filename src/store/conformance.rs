@@ -219,38 +219,47 @@ pub async fn watch_pages_commit_together_with_bounded_pre_images(open: Opener<'_
     assert_eq!(store.queued(1, 0, 10).await.unwrap().len(), 1, "the page's event stays queued");
 }
 
-/// One `#[tokio::test]` per conformance case for the engine `open` builds.
+/// One `#[tokio::test]` per conformance case for the engine `open` builds, each with the
+/// extra attributes given (the JetStream engine's need NATS: `ignore` without the `nats`
+/// feature).
 macro_rules! conformance_suite {
-    ($open:expr) => {
+    ($open:expr $(, #[$extra:meta])*) => {
         mod conformance {
             use super::*;
             use crate::store::conformance as suite;
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn fan_out_keeps_order_per_subscription() {
                 suite::fan_out_keeps_order_per_subscription(&$open).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn outcomes_move_counters_and_dead_letters_replay() {
                 suite::outcomes_move_counters_and_dead_letters_replay(&$open).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn a_committed_ticket_shows_its_outcome_and_every_earlier_one() {
                 suite::a_committed_ticket_shows_its_outcome_and_every_earlier_one(&$open).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn a_full_backlog_dead_letters_new_events() {
                 suite::a_full_backlog_dead_letters_new_events(&$open).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn over_the_quota_growth_is_refused_whole() {
                 suite::over_the_quota_growth_is_refused_whole(&$open).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn dropping_a_subscription_keeps_the_others() {
                 suite::dropping_a_subscription_keeps_the_others(&$open).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$extra])*
             async fn watch_pages_commit_together_with_bounded_pre_images() {
                 suite::watch_pages_commit_together_with_bounded_pre_images(&$open).await;
             }

@@ -1539,15 +1539,6 @@ async fn forward_wakes(mut woken: async_nats::Subscriber, wake: mpsc::UnboundedS
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn credentials_in_nats_urls_never_reach_the_log() {
-        let urls =
-            ["nats://alice:s3cret@nats-0:4222".to_string(), "tls://tok3n@nats-1:4222/x@y".into(), "nats-2:4222".into()];
-        let shown = redacted_urls(&urls);
-        assert_eq!(shown, "nats://***@nats-0:4222,tls://***@nats-1:4222/x@y,nats-2:4222");
-        assert!(!shown.contains("s3cret") && !shown.contains("tok3n") && !shown.contains("alice"));
-    }
-
     use super::*;
     use crate::store::conformance::conformance_suite;
 
@@ -1589,6 +1580,7 @@ mod tests {
     /// Two replicas publishing to the same subscriptions at once: each subscription's ids
     /// run 1..=n with no gap or repeat, in queue order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(not(feature = "nats"), ignore = "needs NATS: tests/run.sh starts it (--features nats)")]
     async fn replicas_publishing_at_once_keep_ids_contiguous() {
         let settings = settings();
         let limits = crate::store::conformance::limits;
@@ -1627,6 +1619,7 @@ mod tests {
     /// A watch page whose entries were committed before a crash, but not its position, is
     /// read again: its entries are not queued twice and the position lands.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(not(feature = "nats"), ignore = "needs NATS: tests/run.sh starts it (--features nats)")]
     async fn a_page_read_again_after_a_crash_is_queued_once() {
         let store = JetStreamStore::open(&settings(), crate::store::conformance::limits()).await.unwrap();
         // The same watch events read twice differ in `request_time`, not in `request_id`;
@@ -1656,7 +1649,16 @@ mod tests {
         assert_eq!(store.watch_position("w").await.unwrap().map(|p| p.cursor), Some("c".into()));
     }
 
-    conformance_suite!(open);
+    #[test]
+    fn credentials_in_nats_urls_never_reach_the_log() {
+        let urls =
+            ["nats://alice:s3cret@nats-0:4222".to_string(), "tls://tok3n@nats-1:4222/x@y".into(), "nats-2:4222".into()];
+        let shown = redacted_urls(&urls);
+        assert_eq!(shown, "nats://***@nats-0:4222,tls://***@nats-1:4222/x@y,nats-2:4222");
+        assert!(!shown.contains("s3cret") && !shown.contains("tok3n") && !shown.contains("alice"));
+    }
+
+    conformance_suite!(open, #[cfg_attr(not(feature = "nats"), ignore = "needs NATS: tests/run.sh starts it (--features nats)")]);
 
     #[test]
     fn tokens_round_trip() {

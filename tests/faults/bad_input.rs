@@ -223,6 +223,7 @@ fn judge_answer(esb: bool, status: u16, text: &str) -> Result<(), String> {
 /// from docs/design.md §3's table and that code's HTTP status. Fast subset: 600 requests;
 /// full suite: 6,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
     let _turn = exclusive().await;
     let requests = scaled(600, 6000);
@@ -334,6 +335,7 @@ async fn random_and_mutated_requests_to_every_route_never_get_a_5xx() {
 /// 1199006 "names the field" (docs/design.md §3) also where the refusal has a reason to give:
 /// invalid events at publish, and ping/telnet targets the callback guard refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn field_validation_errors_name_the_field() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -374,6 +376,7 @@ async fn field_validation_errors_name_the_field() {
 /// server's apply-patch parser, and herald answered that bad input with 500 / 1103000.
 /// Accepted (200) or refused as invalid (400 / 1199006) are both fine; 500 is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn control_characters_in_subscription_fields_are_bad_input_not_a_server_fault() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

@@ -10,6 +10,7 @@ use super::*;
 /// (429 with Retry-After and 410 Gone: tests/delivery.rs `confirm_modes_gone_and_throttling`;
 /// a 100 MB body: tests/delivery.rs `a_100_mb_response_body_costs_at_most_the_body_cap_in_memory`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn hostile_callbacks_fail_their_own_attempts_and_never_slow_a_healthy_subscription() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

@@ -140,6 +140,7 @@ async fn control_plane_outage(component: &'static str, prefix: &str, outage: Dur
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn kube_apiserver_outage_keeps_delivery_going_and_herald_recovers_without_restart() {
     control_plane_outage("kube-apiserver", "f-apiserver", Duration::from_secs(8)).await;
 }

@@ -53,6 +53,7 @@ fn check_receipts(ok: &CallbackServer, key: &str, max_in_flight: usize, kills: &
 /// status counts each delivery once.
 /// Fast subset: 3 herald rounds; full suite: 10.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn on_jetstream_sigkills_of_herald_and_of_a_nats_node_lose_nothing() {
     let _turn = exclusive().await;
     let rounds = scaled(3, 10);
@@ -200,6 +201,7 @@ enum Disruption {
 /// `delivered` equals the receiver's distinct deliveries and `pending` is 0; an 11th
 /// subscription's hanging callback holds nobody up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_nats_node_kills() {
     three_replicas_stream_through(Disruption::KillsThenNatsNode).await;
 }
@@ -209,6 +211,7 @@ async fn three_replicas_deliver_every_event_once_in_order_through_replica_and_na
 /// finishes its attempts in flight and hands its shards back once their outcomes are
 /// durable, and so does one handing shards to the replica that came back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn three_replicas_deliver_every_event_once_in_order_through_a_roll_of_all_three() {
     three_replicas_stream_through(Disruption::Roll).await;
 }

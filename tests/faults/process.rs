@@ -9,6 +9,7 @@ use super::*;
 /// costs at most `maxInFlight` + 64 redeliveries per subscription.
 /// Fast subset: 3 rounds; full suite: 24.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn sigkill_at_seeded_random_points_loses_nothing_and_bounds_duplicates() {
     let _turn = exclusive().await;
     let rounds = scaled(3, 24);
@@ -117,6 +118,7 @@ async fn sigkill_at_seeded_random_points_loses_nothing_and_bounds_duplicates() {
 /// must still exit 0 within Kubernetes' default grace period of 30 s, and the abandoned
 /// attempt is made again after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn sigterm_finishes_or_redelivers_the_attempt_in_flight_and_exits_0() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

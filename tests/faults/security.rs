@@ -9,6 +9,7 @@ use super::*;
 /// `loopback_targets_are_refused_before_connecting_unless_allowed`; a 301 to a refused
 /// address is not followed: `hostile_callbacks_...` above.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn deliveries_to_refused_addresses_are_refused_before_connecting() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -42,6 +43,7 @@ async fn deliveries_to_refused_addresses_are_refused_before_connecting() {
 /// appears in herald's log, in any subscription's status, in the namespace's Events or in
 /// any answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn every_route_needs_credentials_and_rights_and_no_secret_leaks() {
     let _turn = exclusive().await;
     let cluster = cluster().await;

@@ -6,6 +6,7 @@ use super::*;
 /// request; everything accepted before is still delivered; and once the backlog has
 /// drained, publishing is accepted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_store_over_quota_refuses_publishes_with_503_and_loses_nothing_accepted() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
@@ -130,6 +131,7 @@ fn tear_wal_tail(store: &Path, partial: bool, rng: &mut fastrand::Rng) -> String
 /// random garbage): herald opens the store each time and every acknowledged event is
 /// still delivered; the database passes `PRAGMA integrity_check`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_torn_wal_tail_after_sigkill_opens_and_loses_nothing_acknowledged() {
     let _turn = exclusive().await;
     let mut rng = fastrand::Rng::with_seed(seed());
@@ -180,6 +182,7 @@ async fn a_torn_wal_tail_after_sigkill_opens_and_loses_nothing_acknowledged() {
 /// non-zero naming the lock. (With leader election on, a second instance in the same
 /// namespace never gets as far: it waits for the Lease and stays not ready.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "cluster"), ignore = "cluster tier: tests/run.sh (--features cluster)")]
 async fn a_second_herald_on_the_same_store_directory_refuses_to_start() {
     let _turn = exclusive().await;
     let cluster = cluster().await;
