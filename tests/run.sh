@@ -48,8 +48,12 @@ kubectl wait --for condition=Established crd/eventsubscriptions.herald.dev crd/c
 tests/node/up.sh "$state" "$HERALD_NODE_IMAGES"
 source "$state/env"
 
-# Both tiers: what plain `cargo test` runs anywhere, and what needs all of the above.
-listed=$(cargo test --locked --features cluster,nats -q -- --list 2>/dev/null | grep -c ': test$' || true)
-cluster_tier=$(grep -rhoE 'ignore = "(cluster tier|needs NATS)' tests src | wc -l)
-echo "test tiers: $((listed - cluster_tier)) run anywhere (cargo test), $cluster_tier need the cluster tier (turned on here: --features cluster,nats)"
+# Both tiers: what plain `cargo test` runs anywhere, and what needs all of the above (the
+# test binaries whose tests carry the `cluster` ignore, and the JetStream store's tests).
+cluster_files=$(grep -l 'feature = "cluster"' tests/*.rs tests/faults/*.rs | sed 's|^tests/faults/.*|tests/faults/main.rs|' | sort -u | tr '\n' ' ')
+cargo test --locked --features cluster,nats -- --list 2>&1 | awk -v files="$cluster_files" '
+  BEGIN { n = split(files, f, " "); for (i = 1; i <= n; i++) gated[f[i]] = 1 }
+  /^ *Running / { cluster = ($2 in gated) }
+  /: test$/ { if (cluster || $0 ~ /^store::jetstream::tests::/) c++; else u++ }
+  END { printf "test tiers: %d run anywhere (cargo test), %d need the cluster tier (turned on here: --features cluster,nats)\n", u, c }'
 cargo test --locked --features cluster,nats "$@"

@@ -1536,6 +1536,30 @@ async fn forward_wakes(mut woken: async_nats::Subscriber, wake: mpsc::UnboundedS
     }
 }
 
+/// Tests without NATS (the unit tier).
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_nats_urls_never_reach_the_log() {
+        let urls =
+            ["nats://alice:s3cret@nats-0:4222".to_string(), "tls://tok3n@nats-1:4222/x@y".into(), "nats-2:4222".into()];
+        let shown = redacted_urls(&urls);
+        assert_eq!(shown, "nats://***@nats-0:4222,tls://***@nats-1:4222/x@y,nats-2:4222");
+        assert!(!shown.contains("s3cret") && !shown.contains("tok3n") && !shown.contains("alice"));
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        for text in ["", "uid-1/host", "a.b c*>", "主机"] {
+            assert_eq!(untoken(&token(text)).as_deref(), Some(text));
+        }
+        assert_eq!(Names::subscription_of("herald.q.42"), Some(42));
+    }
+}
+
+/// Tests against the NATS cluster tests/run.sh starts (the `nats` tier).
 #[cfg(test)]
 mod tests {
 
@@ -1649,22 +1673,5 @@ mod tests {
         assert_eq!(store.watch_position("w").await.unwrap().map(|p| p.cursor), Some("c".into()));
     }
 
-    #[test]
-    fn credentials_in_nats_urls_never_reach_the_log() {
-        let urls =
-            ["nats://alice:s3cret@nats-0:4222".to_string(), "tls://tok3n@nats-1:4222/x@y".into(), "nats-2:4222".into()];
-        let shown = redacted_urls(&urls);
-        assert_eq!(shown, "nats://***@nats-0:4222,tls://***@nats-1:4222/x@y,nats-2:4222");
-        assert!(!shown.contains("s3cret") && !shown.contains("tok3n") && !shown.contains("alice"));
-    }
-
     conformance_suite!(open, #[cfg_attr(not(feature = "nats"), ignore = "needs NATS: tests/run.sh starts it (--features nats)")]);
-
-    #[test]
-    fn tokens_round_trip() {
-        for text in ["", "uid-1/host", "a.b c*>", "主机"] {
-            assert_eq!(untoken(&token(text)).as_deref(), Some(text));
-        }
-        assert_eq!(Names::subscription_of("herald.q.42"), Some(42));
-    }
 }
