@@ -50,6 +50,22 @@ async fn wait_source(
     }
 }
 
+/// The reasons of the Events recorded in `namespace`.
+async fn event_reasons(cluster: &common::Cluster, namespace: &str) -> HashSet<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), namespace);
+    events.list(&ListParams::default()).await.expect("list Events").items.into_iter().filter_map(|e| e.reason).collect()
+}
+
+/// The lines of herald's `/metrics` that start with `name{` and hold every one of `parts`.
+async fn metric_lines(herald: &Herald, name: &str, parts: &[&str]) -> Vec<String> {
+    let metrics = reqwest::get(herald.url("/metrics")).await.expect("metrics").text().await.expect("metrics text");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && parts.iter().all(|p| l.contains(p)))
+        .map(str::to_string)
+        .collect()
+}
+
 fn is(type_: &'static str, status: &'static str) -> impl Fn(&CmdbSource) -> bool {
     move |s| condition(s, type_).is_some_and(|(st, _, _)| st == status)
 }
@@ -475,14 +491,9 @@ async fn an_expired_cursor_is_reported_and_the_watch_resumes() {
     let got = receiver.wait_for("hosts", 2, Duration::from_secs(30)).await;
     let ids: Vec<i64> = got.iter().map(|r| r.body["data"][0]["cur_data"]["bk_host_id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [1, 4], "resumed from the oldest event bk-cmdb holds; 2 and 3 are the reported gap");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), &ns);
-    let warnings = events.list(&ListParams::default()).await.unwrap();
-    assert!(warnings.items.iter().any(|e| e.reason.as_deref() == Some("CursorExpired")), "a Warning Event");
-    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.lines().any(|l| l.starts_with("herald_source_cursor_expiries_total{") && l.ends_with(" 1")),
-        "{metrics}"
-    );
+    assert!(event_reasons(&cluster, &ns).await.contains("CursorExpired"), "a Warning Event");
+    let expiries = metric_lines(&herald, "herald_source_cursor_expiries_total", &[]).await;
+    assert!(expiries.iter().any(|l| l.ends_with(" 1")), "{expiries:?}");
     // Still watching: later changes arrive.
     emulator.emit("host", &[host(5)]).await;
     receiver.wait_for("hosts", 3, Duration::from_secs(30)).await;
@@ -695,18 +706,11 @@ async fn a_hostile_watch_server_cannot_take_herald_s_memory() {
     // the shared budget spent retries sooner, a few times.
     assert!(huge.requests() <= 16 * 6 && page.requests() <= 2, "{} {}", huge.requests(), page.requests());
 
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), &team);
-    let reasons: HashSet<String> =
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    let reasons = event_reasons(&cluster, &team).await;
     assert!(reasons.contains("AnswerTooLarge") && reasons.contains("PageTooLarge"), "{reasons:?}");
-    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
     for cause in ["answer_too_large", "page_too_large"] {
-        assert!(
-            metrics.lines().any(
-                |l| l.starts_with("herald_source_watch_errors_total{") && l.contains(&format!("cause=\"{cause}\""))
-            ),
-            "{cause}: {metrics}"
-        );
+        let cause = format!("cause=\"{cause}\"");
+        assert!(!metric_lines(&herald, "herald_source_watch_errors_total", &[&cause]).await.is_empty(), "{cause}");
     }
     drop(herald);
 }
@@ -755,16 +759,9 @@ async fn on_jetstream_an_event_larger_than_nats_holds_is_refused_at_publish_and_
     .await;
     let last = skipped.status.unwrap().resources[0].last_skipped.clone().unwrap_or_default();
     assert!(last.contains(&cursors[1]) && last.contains("larger than the event store holds"), "{last}");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), &ns);
-    let warnings = events.list(&ListParams::default()).await.unwrap();
-    assert!(warnings.items.iter().any(|e| e.reason.as_deref() == Some("EventSkipped")), "a Warning Event");
-    let metrics = reqwest::get(herald.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.lines().any(|l| l.starts_with("herald_source_events_skipped_total{")
-            && l.contains("too_large")
-            && l.ends_with(" 1")),
-        "{metrics}"
-    );
+    assert!(event_reasons(&cluster, &ns).await.contains("EventSkipped"), "a Warning Event");
+    let skipped = metric_lines(&herald, "herald_source_events_skipped_total", &["too_large"]).await;
+    assert!(skipped.iter().any(|l| l.ends_with(" 1")), "{skipped:?}");
     drop(herald);
 }
 

@@ -311,6 +311,9 @@ struct Shared {
     size: Mutex<(u64, Option<Instant>)>,
     pending: Mutex<Option<(HashMap<i64, i64>, Instant)>>,
     lost_outcomes: Mutex<HashSet<i64>>,
+    /// The largest message the servers take, read once at connect (a cluster's servers
+    /// share their configuration).
+    max_payload: usize,
 }
 
 pub struct JetStreamStore {
@@ -362,7 +365,9 @@ impl JetStreamStore {
         };
         let (queue, state, log) =
             (set_up(&context, &queue).await?, set_up(&context, &state).await?, set_up(&context, &log).await?);
+        let max_payload = client.server_info().max_payload;
         let shared = Arc::new(Shared {
+            max_payload,
             queue,
             state,
             log,
@@ -1140,6 +1145,17 @@ async fn write_outcomes(
     }
 }
 
+/// The length of `text` as a JSON string, quotes and escapes included, as serde_json
+/// writes it: counted on every publish, so without writing a copy.
+fn json_string_len(text: &str) -> usize {
+    let escaped = |c: char| match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if u32::from(c) < 0x20 => 6,
+        c => c.len_utf8(),
+    };
+    2 + text.chars().map(escaped).sum::<usize>()
+}
+
 /// Bytes a stored message needs beside its event body: the entry's other fields, a dead
 /// letter's reason and error, the batch and dedup headers.
 const ENVELOPE_ALLOWANCE: usize = 4096;
@@ -1148,9 +1164,7 @@ impl EventStore for JetStreamStore {
     fn fits(&self, body: &str) -> bool {
         // The entry wraps the body as a JSON string (escaped) beside a few numbers; dead
         // letters and headers add a little more.
-        let entry = serde_json::to_string(body).map_or(usize::MAX, |quoted| quoted.len());
-        let max_payload = self.shared.client.server_info().max_payload;
-        entry.saturating_add(ENVELOPE_ALLOWANCE) <= max_payload
+        json_string_len(body).saturating_add(ENVELOPE_ALLOWANCE) <= self.shared.max_payload
     }
 
     fn publish(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Vec<Fanout>>, StoreError>> {
@@ -1548,6 +1562,13 @@ mod unit_tests {
         let shown = redacted_urls(&urls);
         assert_eq!(shown, "nats://***@nats-0:4222,tls://***@nats-1:4222/x@y,nats-2:4222");
         assert!(!shown.contains("s3cret") && !shown.contains("tok3n") && !shown.contains("alice"));
+    }
+
+    #[test]
+    fn the_json_length_of_a_body_is_what_serde_json_writes() {
+        for text in ["", "plain", "\"quoted\" \\ slash", "tab\tline\nfeed\r\u{8}\u{c}", "\u{1}\u{1f}", "主机 ✓"] {
+            assert_eq!(json_string_len(text), serde_json::to_string(text).unwrap().len(), "{text:?}");
+        }
     }
 
     #[test]
